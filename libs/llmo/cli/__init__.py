@@ -1,0 +1,1 @@
+"""The `llmo` command line."""
