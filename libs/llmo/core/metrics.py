@@ -1,0 +1,45 @@
+"""Prometheus metrics shared by every server and consumer, and the /metrics endpoint."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+GRPC_REQUESTS = Counter(
+    "llmo_grpc_requests_total", "gRPC calls handled", ["service", "method", "code"]
+)
+GRPC_LATENCY = Histogram(
+    "llmo_grpc_request_duration_seconds",
+    "gRPC call duration",
+    ["service", "method"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+GRPC_IN_FLIGHT = Gauge("llmo_grpc_in_flight", "gRPC calls being served", ["service"])
+EVENTS_PUBLISHED = Counter("llmo_events_published_total", "Events published", ["subject"])
+EVENTS_HANDLED = Counter(
+    "llmo_events_handled_total", "Events handled by consumers", ["consumer", "outcome"]
+)
+EVENTS_DEAD_LETTERED = Counter(
+    "llmo_events_dead_lettered_total", "Events sent to a dead-letter subject", ["consumer", "reason"]
+)
+
+_servers: list[Any] = []
+_lock = threading.Lock()
+
+
+def start_metrics_server(port: int, host: str = "127.0.0.1") -> int:
+    """Serve /metrics on a background thread; returns the bound port (0 picks one)."""
+    server, _thread = start_http_server(port, addr=host)
+    with _lock:
+        _servers.append(server)
+    return int(server.server_address[1])
+
+
+def stop_metrics_servers() -> None:
+    with _lock:
+        servers, _servers[:] = list(_servers), []
+    for server in servers:
+        server.shutdown()
+        server.server_close()

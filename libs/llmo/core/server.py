@@ -1,0 +1,259 @@
+"""The gRPC server every service runs.
+
+`GrpcServer` wires grpc.aio with `grpc.health.v1`, reflection and one
+interceptor that, for every call: authenticates the API key (tenant), binds
+request id / tenant / trace ids / deadline to the context and the logs,
+records Prometheus metrics, and maps errors to a status with
+`google.rpc.ErrorInfo` (never a stack trace to the client). `stop()` drains:
+health flips to NOT_SERVING, new calls are refused, in-flight calls get
+`drain_seconds` to finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from llmo.core import context as ctx
+from llmo.core.auth import tenant_for
+from llmo.core.errors import STATUS_DETAILS_KEY, ServiceError
+from llmo.core.logging import get_logger
+from llmo.core.metrics import GRPC_IN_FLIGHT, GRPC_LATENCY, GRPC_REQUESTS
+from llmo.core.settings import PlatformSettings, ServiceSettings
+
+log = get_logger(__name__)
+
+# Calls that must work without an API key (probes, grpcurl discovery).
+PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+class LlmoServerInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, domain: str, platform: PlatformSettings) -> None:
+        self.domain = domain
+        self.platform = platform
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        if method.startswith(PUBLIC_PREFIXES):
+            return handler
+        return self._wrap(handler, method)
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        kwargs = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(self._unary(handler.unary_unary, method), **kwargs)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(self._unary(handler.stream_unary, method), **kwargs)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(self._stream(handler.unary_stream, method), **kwargs)
+        return grpc.stream_stream_rpc_method_handler(self._stream(handler.stream_stream, method), **kwargs)
+
+    def _unary(self, behavior: Callable[..., Any], method: str) -> Callable[..., Awaitable[Any]]:
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async with self._call(method, context):
+                return await behavior(request, context)
+
+        return call
+
+    def _stream(self, behavior: Callable[..., Any], method: str) -> Callable[..., AsyncIterator[Any]]:
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async with self._call(method, context):
+                result = behavior(request, context)
+                if inspect.isasyncgen(result):
+                    async for item in result:
+                        yield item
+                else:
+                    await result
+
+        return call
+
+    def _call(self, method: str, context: grpc.aio.ServicerContext) -> _CallScope:
+        return _CallScope(self, method, context)
+
+
+class _CallScope:
+    """Everything the interceptor does around one call, as an async context manager."""
+
+    def __init__(self, owner: LlmoServerInterceptor, method: str, context: grpc.aio.ServicerContext) -> None:
+        self.owner = owner
+        self.method = method
+        self.context = context
+        self.code = grpc.StatusCode.OK
+        self._bound: Any = None
+
+    async def __aenter__(self) -> None:
+        self.started = time.perf_counter()
+        GRPC_IN_FLIGHT.labels(self.owner.domain).inc()
+        metadata = {k: v for k, v in self.context.invocation_metadata() or () if isinstance(v, str)}
+        request_id = metadata.get("x-request-id") or ctx.new_request_id()
+        incoming = ctx.TraceContext.parse(metadata.get("traceparent"))
+        trace = incoming.child() if incoming else ctx.TraceContext.new()
+        remaining = self.context.time_remaining()
+        self._bound = ctx.bind(request_id=request_id, trace=trace, timeout=remaining, method=self.method)
+        self._bound.__enter__()
+        try:
+            platform = self.owner.platform
+            tenant = tenant_for(metadata, platform.api_keys, default_tenant=platform.default_tenant)
+        except ServiceError as error:
+            try:
+                await self._finish_with(error)
+            finally:
+                self._cleanup()
+        self._tenant = ctx.bind(tenant=tenant)
+        self._tenant.__enter__()
+
+    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        try:
+            if exc is None:
+                return False
+            if isinstance(exc, ServiceError):
+                await self._finish_with(exc)
+            if isinstance(exc, asyncio.CancelledError):
+                self.code = grpc.StatusCode.CANCELLED
+                return False
+            if isinstance(exc, grpc.aio.AbortError) or _is_abort(exc):
+                self.code = _context_code(self.context) or grpc.StatusCode.UNKNOWN
+                return False
+            log.exception("unhandled error", method=self.method)
+            request_id = ctx.current_request_id()
+            await self._finish_with(
+                ServiceError(
+                    grpc.StatusCode.INTERNAL,
+                    "INTERNAL",
+                    f"internal error (request id {request_id})",
+                    {"request_id": request_id or ""},
+                )
+            )
+            return False
+        finally:
+            self._cleanup()
+
+    def _cleanup(self) -> None:
+        self._record()
+        if hasattr(self, "_tenant"):
+            self._tenant.__exit__(None, None, None)
+        self._bound.__exit__(None, None, None)
+
+    async def _finish_with(self, error: ServiceError) -> None:
+        self.code = error.code
+        status = error.to_status(f"llmo.{self.owner.domain}")
+        level = "warning" if error.code == grpc.StatusCode.INTERNAL else "info"
+        getattr(log, level)("call failed", code=error.code.name, reason=error.reason, error=error.message)
+        await self.context.abort(
+            error.code,
+            error.message,
+            trailing_metadata=((STATUS_DETAILS_KEY, status.SerializeToString()),),
+        )
+
+    def _record(self) -> None:
+        elapsed = time.perf_counter() - self.started
+        domain = self.owner.domain
+        GRPC_IN_FLIGHT.labels(domain).dec()
+        GRPC_REQUESTS.labels(domain, self.method, self.code.name).inc()
+        GRPC_LATENCY.labels(domain, self.method).observe(elapsed)
+        log.debug("call", code=self.code.name, duration_ms=round(elapsed * 1000, 3))
+
+
+def _is_abort(exc: BaseException) -> bool:
+    return type(exc).__name__ == "AbortError"
+
+
+def _context_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode | None:
+    code = getattr(context, "code", None)
+    value = code() if callable(code) else None
+    return value if isinstance(value, grpc.StatusCode) else None
+
+
+class GrpcServer:
+    """A grpc.aio server with health, reflection, the LLMO interceptor and drain."""
+
+    def __init__(
+        self,
+        domain: str,
+        settings: ServiceSettings,
+        *,
+        port: int | None = None,
+        extra_interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    ) -> None:
+        self.domain = domain
+        self.settings = settings
+        self._port = settings.resolved_grpc_port() if port is None else port
+        self.server = grpc.aio.server(
+            interceptors=[LlmoServerInterceptor(domain, settings.platform), *extra_interceptors],
+            options=[
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        self.health = health.aio.HealthServicer()
+        self.service_names: list[str] = []
+        self.bound_port = 0
+
+    def add_service(self, add_to_server: Callable[[Any, grpc.aio.Server], None], servicer: Any, full_name: str) -> None:
+        """Register a servicer, e.g. `add_service(pb2_grpc.add_CostServiceServicer_to_server, s, "llmo.cost.v1.CostService")`."""
+        add_to_server(servicer, self.server)
+        self.service_names.append(full_name)
+
+    async def start(self) -> int:
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [*self.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            self.server,
+        )
+        address = f"{self.settings.host}:{self._port}"
+        self.bound_port = self.server.add_insecure_port(address)
+        if self.bound_port == 0:
+            raise OSError(f"cannot bind gRPC port {address}")
+        await self.server.start()
+        for name in ["", *self.service_names]:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("grpc server started", address=f"{self.settings.host}:{self.bound_port}", services=self.service_names)
+        return self.bound_port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: report NOT_SERVING, refuse new calls, give in-flight calls `grace` seconds."""
+        grace = self.settings.platform.drain_seconds if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        log.info("draining", grace_seconds=grace)
+        await self.server.stop(grace)
+        log.info("grpc server stopped")
+
+
+async def wait_for_shutdown_signal() -> None:
+    """Return on SIGTERM or SIGINT (or when the surrounding task is cancelled)."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    installed = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+            installed.append(sig)
+        except (NotImplementedError, RuntimeError):
+            pass
+    try:
+        await stop.wait()
+        log.info("shutdown signal received")
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)

@@ -1,0 +1,95 @@
+"""SQL storage: SQLAlchemy 2 engines for SQLite (WAL, the embedded default) and
+PostgreSQL (by URL), and Alembic migrations run at start-up.
+
+Each service keeps its migrations in its own folder (`services/<name>/migrations`)
+with an `env.py` that calls `run_alembic_env()`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+
+from llmo.core.logging import get_logger
+
+log = get_logger(__name__)
+
+
+def normalize_url(url: str) -> str:
+    """Use the psycopg 3 driver for plain `postgresql://` / `postgres://` URLs."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url
+
+
+def is_sqlite(url: str) -> bool:
+    return url.startswith("sqlite")
+
+
+def create_engine(url: str, **kwargs: Any) -> Engine:
+    """An engine tuned per backend: WAL + busy timeout for SQLite, a pool for PostgreSQL."""
+    url = normalize_url(url)
+    if is_sqlite(url):
+        database = sa.engine.make_url(url).database
+        if database and database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **kwargs)
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    kwargs.setdefault("pool_size", 10)
+    kwargs.setdefault("max_overflow", 10)
+    kwargs.setdefault("pool_pre_ping", True)
+    return sa.create_engine(url, **kwargs)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def alembic_config(script_location: Path, engine: Engine) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(script_location))
+    config.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False).replace("%", "%%"))
+    config.attributes["engine"] = engine
+    return config
+
+
+def migrate(engine: Engine, script_location: Path, revision: str = "head") -> None:
+    """Upgrade the database to `revision` (blocking: call it off the event loop)."""
+    with engine.begin() as connection:
+        config = alembic_config(script_location, engine)
+        config.attributes["connection"] = connection
+        command.upgrade(config, revision)
+    log.info("database migrated", url=engine.url.render_as_string(hide_password=True), revision=revision)
+
+
+def run_alembic_env(target_metadata: sa.MetaData | None = None) -> None:
+    """Body of a service's `migrations/env.py`."""
+    from alembic import context
+
+    config = context.config
+    connection = config.attributes.get("connection")
+    if connection is None:
+        engine = config.attributes.get("engine") or create_engine(config.get_main_option("sqlalchemy.url") or "")
+        with engine.begin() as conn:
+            _run(context, conn, target_metadata)
+    else:
+        _run(context, connection, target_metadata)
+
+
+def _run(context: Any, connection: sa.Connection, metadata: sa.MetaData | None) -> None:
+    context.configure(connection=connection, target_metadata=metadata, render_as_batch=connection.dialect.name == "sqlite")
+    with context.begin_transaction():
+        context.run_migrations()
