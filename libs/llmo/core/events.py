@@ -96,8 +96,11 @@ class EventBus:
 
     async def close(self) -> None:
         if self._nc and not self._nc.is_closed:
+            # Consumers ack before they stop, so flushing pending publishes is all
+            # that is left; drain() would wait out its timeout on pull subscriptions.
             with contextlib.suppress(Exception):
-                await self._nc.drain()
+                await self._nc.flush(timeout=2)
+            await self._nc.close()
         self._nc = None
         self._js = None
 

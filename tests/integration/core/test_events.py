@@ -1,0 +1,157 @@
+"""The event bus against a real nats-server: exactly-once consumption,
+dead letters with reasons, and surviving a server restart."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llmo.core.events import Delivery, EventBus, subject_of
+from llmo.core.natsd import NatsServer
+from llmo.protos.common.v1 import common_pb2
+from llmo.protos.events.v1 import events_pb2
+
+from .ledger_consumer import open_ledger
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def completed(i: int) -> events_pb2.InferenceCompleted:
+    return events_pb2.InferenceCompleted(
+        event_id=f"evt-{i:05d}", model="llmo-demo", usage=common_pb2.Usage(input_tokens=3, output_tokens=i)
+    )
+
+
+async def wait_until(predicate, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.05)
+
+
+def test_subject_comes_from_the_message_option() -> None:
+    assert subject_of(events_pb2.InferenceCompleted) == "llmo.inference.v1.completed"
+    assert subject_of(events_pb2.BudgetThresholdCrossed) == "llmo.cost.v1.budget_threshold_crossed"
+
+
+async def test_exactly_once_despite_crash_before_ack_and_publisher_retries(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    events = [completed(i) for i in range(200)]
+    async with EventBus(nats_server.url) as bus:
+        fresh = [await bus.publish(e) for e in events]
+        # A publisher retrying after a lost ack re-sends the same ids: JetStream drops them.
+        retried = [await bus.publish(e) for e in events[:50]]
+    assert all(fresh) and not any(retried)
+
+    db_path = tmp_path / "ledger.db"
+    crashed = subprocess.run(
+        [sys.executable, "-m", "tests.integration.core.ledger_consumer", nats_server.url, str(db_path),
+         "--expected", "200", "--crash-after-commit"],
+        cwd=ROOT, timeout=60,
+    )
+    assert crashed.returncode == 3, "the consumer should have died after its first commit"
+    db = open_ledger(str(db_path))
+    committed_before_crash = db.execute("SELECT COUNT(*) FROM ledger").fetchone()[0]
+    assert 0 < committed_before_crash < 200
+
+    subprocess.run(
+        [sys.executable, "-m", "tests.integration.core.ledger_consumer", nats_server.url, str(db_path),
+         "--expected", "200"],
+        cwd=ROOT, timeout=60, check=True,
+    )
+    rows = db.execute("SELECT COUNT(*), SUM(tokens) FROM ledger").fetchone()
+    assert rows == (200, sum(range(200)))
+
+
+async def test_poison_and_failing_messages_go_to_the_dead_letter_subject(nats_server: NatsServer) -> None:
+    handled: list[str] = []
+
+    async def handle(batch: list[Delivery[events_pb2.InferenceCompleted]]) -> None:
+        for delivery in batch:
+            if delivery.event.model == "unknown-model":
+                delivery.reject("unknown_model", f"no price for {delivery.event.model}")
+            elif delivery.event.model == "always-fails":
+                raise RuntimeError("handler bug")
+        handled.extend(d.event_id for d in batch if d.rejection is None)
+
+    async with EventBus(nats_server.url) as bus:
+        await bus.ensure_stream("inference")
+        await bus.ensure_dlq()
+        dead = await bus.js.pull_subscribe("llmo.dlq.inference", durable="dlq-reader", stream="LLMO_DLQ")
+        await bus.publish(completed(1))
+        await bus.nc.publish(  # plain NATS publish of garbage bytes on the event subject
+            "llmo.inference.v1.completed", b"\xff\xff not protobuf",
+            headers={"Nats-Msg-Id": "garbage-1", "llmo-type": "llmo.events.v1.InferenceCompleted"},
+        )
+        await bus.nc.flush()
+        await bus.publish(events_pb2.InferenceCompleted(event_id="unknown-1", model="unknown-model"))
+        await bus.publish(events_pb2.InferenceCompleted(event_id="fails-1", model="always-fails"))
+        await bus.publish(completed(2))
+
+        consumer = bus.consumer(
+            events_pb2.InferenceCompleted, "dlq-test", handle, max_deliver=3, backoff=(0.05,), ack_wait=2.0
+        )
+        consumer.start()
+        letters: dict[str, events_pb2.DeadLetter] = {}
+
+        async def read_letters() -> None:
+            while len(letters) < 3:
+                try:
+                    for msg in await dead.fetch(10, timeout=0.5):
+                        letter = events_pb2.DeadLetter.FromString(msg.data)
+                        letters[letter.reason] = letter
+                        await msg.ack()
+                except Exception:  # fetch timeout while letters are on their way
+                    await asyncio.sleep(0.05)
+
+        await asyncio.wait_for(read_letters(), timeout=30)
+        await wait_until(lambda: {"evt-00001", "evt-00002"} <= set(handled))
+        await consumer.stop()
+
+    assert set(letters) == {"malformed_payload", "unknown_model", "max_deliveries_exceeded"}
+    assert letters["malformed_payload"].payload == b"\xff\xff not protobuf"
+    assert letters["unknown_model"].event_id == "unknown-1"
+    assert "no price" in letters["unknown_model"].detail
+    assert letters["max_deliveries_exceeded"].event_id == "fails-1"
+    assert letters["max_deliveries_exceeded"].deliveries == 3
+    assert letters["max_deliveries_exceeded"].original_subject == "llmo.inference.v1.completed"
+    assert handled.count("evt-00001") == 1 and handled.count("evt-00002") == 1
+
+
+async def test_consumer_resumes_after_server_restart_without_losing_messages(nats_server: NatsServer) -> None:
+    received: set[str] = set()
+
+    async def handle(batch: list[Delivery[events_pb2.InferenceCompleted]]) -> None:
+        received.update(d.event_id for d in batch)
+
+    async with EventBus(nats_server.url) as bus:
+        consumer = bus.consumer(events_pb2.InferenceCompleted, "restart-test", handle, fetch_timeout=0.3)
+        consumer.start()
+        for i in range(20):
+            await bus.publish(completed(i))
+        await wait_until(lambda: len(received) == 20)
+
+        await asyncio.to_thread(nats_server.stop)
+        await asyncio.sleep(0.5)
+        await asyncio.to_thread(nats_server.start)
+        await wait_until(lambda: bus.nc.is_connected, timeout=30)
+
+        for i in range(20, 40):
+            await bus.publish(completed(i))
+        await wait_until(lambda: len(received) == 40, timeout=30)
+        await consumer.stop()
+    assert received == {f"evt-{i:05d}" for i in range(40)}
+
+
+@pytest.mark.parametrize("bad", ["", "llmo", "other.cost.v1.x"])
+def test_bad_subjects_are_rejected(bad: str) -> None:
+    from llmo.core.events import domain_of
+
+    with pytest.raises(ValueError):
+        domain_of(bad)
