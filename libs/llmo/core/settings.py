@@ -74,6 +74,16 @@ class PlatformSettings(BaseSettings):
     default_tenant: str = "default"
     # Seconds a stopping server waits for in-flight calls before cancelling them.
     drain_seconds: float = 10.0
+    # Where the other services are (host:port for gRPC, base URL for HTTP); empty
+    # means "not deployed". `llmo up` sets them; in Kubernetes they are Service DNS names.
+    router_address: str = ""
+    inference_address: str = ""
+    retrieval_address: str = ""
+    evaluation_address: str = ""
+    visibility_address: str = ""
+    cost_address: str = ""
+    router_http_url: str = ""
+    inference_http_url: str = ""
 
     @field_validator("api_keys", mode="before")
     @classmethod
