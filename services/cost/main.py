@@ -1,0 +1,85 @@
+"""Run the cost service: gRPC CostService, NATS usage consumers, budget refresh, alerts."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+
+from llmo.core.events import Consumer, EventBus
+from llmo.core.logging import configure_logging, get_logger
+from llmo.core.metrics import start_metrics_server
+from llmo.core.server import GrpcServer, wait_for_shutdown_signal
+from llmo.cost.engine import CostEngine
+from llmo.cost.prices import load_catalog
+from llmo.cost.servicer import CostServicer
+from llmo.cost.settings import CostSettings
+from llmo.cost.storage import CostStore
+from llmo.protos.cost.v1 import cost_service_pb2_grpc
+from llmo.protos.events.v1 import events_pb2
+
+log = get_logger(__name__)
+
+SERVICE_NAME = "llmo.cost.v1.CostService"
+
+
+@dataclass
+class RunningCost:
+    settings: CostSettings
+    engine: CostEngine
+    server: GrpcServer
+    port: int
+    bus: EventBus | None = None
+    consumers: list[Consumer[events_pb2.InferenceCompleted] | Consumer[events_pb2.RouterCompleted]] = field(default_factory=list)
+
+    async def stop(self) -> None:
+        await self.server.stop()
+        for consumer in self.consumers:
+            await consumer.stop()
+        await self.engine.stop()
+        if self.bus is not None:
+            await self.bus.close()
+        await asyncio.to_thread(self.engine.store.close)
+
+
+async def start(settings: CostSettings, *, port: int | None = None, metrics: bool = True) -> RunningCost:
+    """Start everything and return a handle; ``port=0`` binds a free port."""
+    catalog = load_catalog(settings.price_files)
+    store = await asyncio.to_thread(CostStore.open, settings.resolved_database_url())
+    bus: EventBus | None = None
+    if settings.consume_events:
+        bus = await EventBus(settings.platform.nats_url, name="llmo-cost").connect()
+    engine = CostEngine(store, catalog, bus, reservation_ttl_s=settings.reservation_ttl_s)
+    await engine.start(refresh_s=settings.budget_refresh_s, alert_retry_s=settings.alert_retry_s)
+    consumers: list[Consumer[events_pb2.InferenceCompleted] | Consumer[events_pb2.RouterCompleted]] = []
+    if bus is not None:
+        options = {"batch": settings.ingest_batch, "ack_wait": settings.ack_wait_s, "max_deliver": settings.max_deliver}
+        inference = bus.consumer(events_pb2.InferenceCompleted, f"{settings.consumer_name}-inference", engine.handle_inference, **options)
+        router = bus.consumer(events_pb2.RouterCompleted, f"{settings.consumer_name}-router", engine.handle_router, **options)
+        consumers = [inference, router]
+        for consumer in consumers:
+            consumer.start()
+    server = GrpcServer("cost", settings, port=port)
+    server.add_service(cost_service_pb2_grpc.add_CostServiceServicer_to_server, CostServicer(engine), SERVICE_NAME)
+    bound = await server.start()
+    metrics_port = settings.resolved_metrics_port()
+    if metrics and metrics_port is not None:
+        with contextlib.suppress(OSError):
+            start_metrics_server(metrics_port, settings.host)
+    log.info("cost service started", grpc_port=bound, database=store.engine.url.render_as_string(hide_password=True), events=bus is not None)
+    return RunningCost(settings, engine, server, bound, bus, consumers)
+
+
+async def serve(settings: CostSettings | None = None) -> None:
+    """Run until SIGTERM/SIGINT or cancellation, then drain."""
+    settings = settings or CostSettings()
+    configure_logging("cost", env=settings.platform.env, level=settings.platform.log_level)
+    running = await start(settings)
+    try:
+        await wait_for_shutdown_signal()
+    finally:
+        await running.stop()
+
+
+if __name__ == "__main__":
+    asyncio.run(serve())

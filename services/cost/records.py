@@ -1,0 +1,241 @@
+"""Ledger records and their construction from usage events.
+
+A ledger record is one priced model call. It is keyed by ``event_id`` (exactly
+once per event) and by ``request_key`` (``<request_id>/<model>``, or the event
+id when the request id is empty) so the router's and the inference service's
+events about the same model call are charged once: whichever arrives first is
+recorded and the other only fills in attribution it lacked.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from llmo.cost.prices import NoPriceAtTimeError, PriceCatalog, UnknownModelError
+from llmo.protos.events.v1 import events_pb2
+
+MAX_ID_LEN = 128
+MAX_LABEL_LEN = 256
+
+
+class Source(enum.StrEnum):
+    INFERENCE = "inference"
+    ROUTER = "router"
+    API = "api"
+
+
+class RejectReason(enum.StrEnum):
+    MALFORMED = "malformed_payload"
+    UNKNOWN_MODEL = "unknown_model"
+    NO_PRICE = "no_price_at_time"
+
+
+class RecordRejected(ValueError):
+    def __init__(self, reason: RejectReason, detail: str, field_name: str = "") -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+        self.field = field_name
+
+
+@functools.lru_cache(maxsize=4096)
+def _labels_of_hour(hour_index: int) -> tuple[str, str]:
+    ts = datetime.fromtimestamp(hour_index * 3600, tz=UTC)
+    return ts.strftime("%Y-%m-%d"), ts.strftime("%Y-%m-%dT%H")
+
+
+def hour_labels(occurred_at_us: int) -> tuple[str, str]:
+    """("YYYY-MM-DD", "YYYY-MM-DDTHH") of a UTC timestamp, the day/hour report groups."""
+    return _labels_of_hour(occurred_at_us // 3_600_000_000)
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerRecord:
+    event_id: str
+    request_key: str
+    request_id: str
+    source: str
+    occurred_at_us: int
+    tenant: str
+    application: str
+    user: str
+    model: str
+    provider: str
+    prompt_version: str
+    route_reason: str
+    input_tokens: int
+    cached_input_tokens: int
+    output_tokens: int
+    cost_micros: int
+    ttft_ms: float | None
+    latency_ms: float | None
+
+    @property
+    def occurred_at(self) -> datetime:
+        return datetime.fromtimestamp(self.occurred_at_us / 1_000_000, tz=UTC)
+
+    def row(self) -> dict[str, object]:
+        day, hour = hour_labels(self.occurred_at_us)
+        return {
+            "event_id": self.event_id,
+            "request_key": self.request_key,
+            "request_id": self.request_id,
+            "source": self.source,
+            "occurred_at_us": self.occurred_at_us,
+            "day": day,
+            "hour": hour,
+            "tenant": self.tenant,
+            "application": self.application,
+            "user_id": self.user,
+            "model": self.model,
+            "provider": self.provider,
+            "prompt_version": self.prompt_version,
+            "route_reason": self.route_reason,
+            "input_tokens": self.input_tokens,
+            "cached_input_tokens": self.cached_input_tokens,
+            "output_tokens": self.output_tokens,
+            "cost_micros": self.cost_micros,
+            "ttft_ms": self.ttft_ms,
+            "latency_ms": self.latency_ms,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class UsageInput:
+    """The fields every usage source provides, before pricing."""
+
+    event_id: str
+    request_id: str
+    source: Source
+    occurred_at_us: int
+    tenant: str
+    application: str
+    user: str
+    model: str
+    provider: str
+    prompt_version: str
+    route_reason: str
+    input_tokens: int
+    cached_input_tokens: int
+    output_tokens: int
+    ttft_ms: float | None
+    latency_ms: float | None
+    free: bool = False
+
+
+def _check_text(value: str, name: str, limit: int) -> None:
+    if len(value) > limit:
+        raise RecordRejected(RejectReason.MALFORMED, f"{name} longer than {limit} characters", name)
+
+
+def price_usage(usage: UsageInput, catalog: PriceCatalog) -> LedgerRecord:
+    """Validate one usage and price it with the version in force at its timestamp."""
+    if not usage.event_id:
+        raise RecordRejected(RejectReason.MALFORMED, "event_id is required", "event_id")
+    _check_text(usage.event_id, "event_id", MAX_ID_LEN)
+    _check_text(usage.request_id, "request_id", MAX_ID_LEN)
+    for name in ("tenant", "application", "user", "model", "provider", "prompt_version", "route_reason"):
+        _check_text(getattr(usage, name), name, MAX_LABEL_LEN)
+    if not usage.model:
+        raise RecordRejected(RejectReason.MALFORMED, "model is required", "model")
+    if usage.occurred_at_us <= 0:
+        raise RecordRejected(RejectReason.MALFORMED, "occurred_at is required", "occurred_at")
+    for name in ("input_tokens", "cached_input_tokens", "output_tokens"):
+        if getattr(usage, name) < 0:
+            raise RecordRejected(RejectReason.MALFORMED, f"{name} must not be negative", name)
+    provider = usage.provider
+    if usage.free:
+        cost = 0
+    else:
+        try:
+            version = catalog.lookup_us(usage.model, usage.occurred_at_us)
+        except UnknownModelError as exc:
+            raise RecordRejected(RejectReason.UNKNOWN_MODEL, str(exc), "model") from exc
+        except NoPriceAtTimeError as exc:
+            raise RecordRejected(RejectReason.NO_PRICE, str(exc), "occurred_at") from exc
+        cost = version.cost_micros(usage.input_tokens, usage.output_tokens, usage.cached_input_tokens)
+        provider = provider or version.provider
+    request_key = f"{usage.request_id}/{usage.model}" if usage.request_id else usage.event_id
+    return LedgerRecord(
+        event_id=usage.event_id,
+        request_key=request_key,
+        request_id=usage.request_id,
+        source=usage.source.value,
+        occurred_at_us=usage.occurred_at_us,
+        tenant=usage.tenant,
+        application=usage.application,
+        user=usage.user,
+        model=usage.model,
+        provider=provider,
+        prompt_version=usage.prompt_version,
+        route_reason=usage.route_reason,
+        input_tokens=usage.input_tokens,
+        cached_input_tokens=usage.cached_input_tokens,
+        output_tokens=usage.output_tokens,
+        cost_micros=cost,
+        ttft_ms=usage.ttft_ms,
+        latency_ms=usage.latency_ms,
+    )
+
+
+def _latency(latency: object, has: bool) -> tuple[float | None, float | None]:
+    if not has:
+        return None, None
+    ttft = float(getattr(latency, "ttft_ms", 0.0))
+    e2e = float(getattr(latency, "e2e_ms", 0.0))
+    return (ttft if ttft > 0 else None), (e2e if e2e > 0 else None)
+
+
+def usage_from_inference(event: events_pb2.InferenceCompleted) -> UsageInput:
+    ttft, e2e = _latency(event.latency, event.HasField("latency"))
+    return UsageInput(
+        event_id=event.event_id,
+        request_id=event.request_id,
+        source=Source.INFERENCE,
+        occurred_at_us=_timestamp_us(event),
+        tenant=event.attribution.tenant,
+        application=event.attribution.application,
+        user=event.attribution.user,
+        model=event.model,
+        provider=event.provider,
+        prompt_version="",
+        route_reason="",
+        input_tokens=event.usage.input_tokens,
+        cached_input_tokens=event.usage.cached_input_tokens,
+        output_tokens=event.usage.output_tokens,
+        ttft_ms=ttft,
+        latency_ms=e2e,
+    )
+
+
+def usage_from_router(event: events_pb2.RouterCompleted) -> UsageInput:
+    """A router completion; a cache hit made no model call and costs nothing."""
+    ttft, e2e = _latency(event.latency, event.HasField("latency"))
+    return UsageInput(
+        event_id=event.event_id,
+        request_id=event.request_id,
+        source=Source.ROUTER,
+        occurred_at_us=_timestamp_us(event),
+        tenant=event.attribution.tenant,
+        application=event.attribution.application,
+        user=event.attribution.user,
+        model=event.model,
+        provider=event.provider,
+        prompt_version=event.prompt_version,
+        route_reason=event.route_reason,
+        input_tokens=event.usage.input_tokens,
+        cached_input_tokens=event.usage.cached_input_tokens,
+        output_tokens=event.usage.output_tokens,
+        ttft_ms=ttft,
+        latency_ms=e2e,
+        free=event.cache_hit,
+    )
+
+
+def _timestamp_us(event: events_pb2.InferenceCompleted | events_pb2.RouterCompleted) -> int:
+    if not event.HasField("occurred_at"):
+        return 0
+    return int(event.occurred_at.seconds) * 1_000_000 + int(event.occurred_at.nanos) // 1000
