@@ -159,6 +159,8 @@ def int8_gemm(
     if out_dtype not in OUT_DTYPES:
         raise TypeError(f"out_dtype must be one of {OUT_DTYPES}, got {out_dtype}")
     checks.same_device(a=a, b=b, a_scales=a_scales, b_scales=b_scales, bias=bias)
+    if checks.host_checked(a) and a.numel() and int(a.min()) == -128:
+        raise ValueError("a (activations) must lie in [-127, 127]; quantize_per_token guarantees this")
     return _int8_gemm(  # type: ignore[no-any-return]
         a.contiguous(), b.contiguous(), a_scales.contiguous(), b_scales.contiguous(), bias, out_dtype
     )

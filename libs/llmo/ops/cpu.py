@@ -1,0 +1,194 @@
+"""``cpu`` backend: the ``llmo_native`` C++ kernels (AVX2 / AVX-512 VNNI / portable).
+
+Tensors reach C++ as raw addresses; these wrappers make them contiguous, convert
+activations to fp32 where the kernels expect it, and keep every buffer alive
+for the duration of the call. Arguments were validated by :mod:`llmo.ops.api`.
+"""
+
+from __future__ import annotations
+
+import functools
+from types import ModuleType
+
+import torch
+
+from llmo.ops import reference
+from llmo.ops.registry import register
+
+# From this many activation rows on, dequantize + dense GEMM (torch's BLAS)
+# beats the decode-shaped INT4 kernel on CPU (see `llmo bench kernels`).
+INT4_DENSE_MIN_ROWS = 48
+
+_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+@functools.cache
+def native() -> ModuleType | None:
+    try:
+        import llmo_native
+    except ImportError:
+        return None
+    llmo_native.set_num_threads(max(1, torch.get_num_threads()))
+    return llmo_native
+
+
+def available() -> bool:
+    return native() is not None
+
+
+def _lib() -> ModuleType:
+    lib = native()
+    if lib is None:
+        raise RuntimeError("llmo_native is not installed (build it with `make native`)")
+    return lib
+
+
+def _attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    row_seq: torch.Tensor,
+    row_len: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    q = query.to(torch.float32).contiguous()
+    out = torch.empty_like(q)
+    tables = block_tables.to(torch.int32).contiguous()
+    seqs = row_seq.to(torch.int32).contiguous()
+    lens = row_len.to(torch.int32).contiguous()
+    _, block_size, kv_heads, head_dim = key_cache.shape
+    _lib().attention_rows(
+        q.data_ptr(), out.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(), _DTYPE_CODE[key_cache.dtype],
+        tables.data_ptr(), seqs.data_ptr(), lens.data_ptr(), q.shape[0], q.shape[1], kv_heads, head_dim,
+        block_size, tables.shape[1], scale,
+    )
+    return out.to(query.dtype)
+
+
+def paged_attention_decode(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    seqs = torch.arange(query.shape[0], dtype=torch.int32)
+    return _attention(query, key_cache, value_cache, block_tables, seqs, context_lens, scale)
+
+
+def chunked_prefill_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    seqs, lengths = reference.prefill_rows(query_start_loc, context_lens)
+    return _attention(query, key_cache, value_cache, block_tables, seqs, lengths, scale)
+
+
+def write_kv_cache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    slots = slot_mapping.to(torch.int64).contiguous()
+    num_blocks, block_size, kv_heads, head_dim = key_cache.shape
+    row_bytes = kv_heads * head_dim * key_cache.element_size()
+    _lib().write_kv_cache(
+        key.data_ptr(), value.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(), slots.data_ptr(),
+        key.shape[0], row_bytes, num_blocks * block_size,
+    )
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    xf = x.to(torch.float32).contiguous()
+    m, k = xf.shape
+    q = torch.empty(m, k, dtype=torch.int8)
+    scales = torch.empty(m, dtype=torch.float32)
+    _lib().quantize_rows(xf.data_ptr(), q.data_ptr(), scales.data_ptr(), m, k)
+    return q, scales
+
+
+def _bias32(bias: torch.Tensor | None) -> torch.Tensor | None:
+    return None if bias is None else bias.to(torch.float32).contiguous()
+
+
+def int8_gemm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    a_scales: torch.Tensor,
+    b_scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    m, k = a.shape
+    n = b.shape[0]
+    out = torch.empty(m, n, dtype=torch.float32)
+    bias32 = _bias32(bias)
+    _lib().int8_gemm(
+        a.data_ptr(), b.data_ptr(), a_scales.data_ptr(), b_scales.data_ptr(),
+        0 if bias32 is None else bias32.data_ptr(), out.data_ptr(), m, n, k,
+    )
+    return out if out_dtype == torch.float32 else out.to(out_dtype)
+
+
+def int4_dequantize(
+    packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Dense ``[N, K]`` weight in fp32 or bf16 from the packed layout (multithreaded)."""
+    n = packed.shape[0]
+    k = packed.shape[1] * 2
+    out_dtype = dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32
+    w = torch.empty(n, k, dtype=out_dtype)
+    _lib().int4_dequantize(
+        packed.data_ptr(), scales.data_ptr(), _DTYPE_CODE[scales.dtype], zeros.data_ptr(), w.data_ptr(),
+        _DTYPE_CODE[out_dtype], n, k, group_size,
+    )
+    return w if out_dtype == dtype else w.to(dtype)
+
+
+def int4_gemm(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    m, k = x.shape
+    n = packed.shape[0]
+    if m >= INT4_DENSE_MIN_ROWS:
+        w = int4_dequantize(packed, scales, zeros, group_size, x.dtype)
+        out_dense = x @ w.t()
+        return out_dense if bias is None else out_dense + bias.to(x.dtype)
+    xf = x.to(torch.float32).contiguous()
+    out = torch.empty(m, n, dtype=torch.float32)
+    bias32 = _bias32(bias)
+    _lib().int4_gemm(
+        xf.data_ptr(), packed.data_ptr(), scales.data_ptr(), _DTYPE_CODE[scales.dtype], zeros.data_ptr(),
+        0 if bias32 is None else bias32.data_ptr(), out.data_ptr(), m, n, k, group_size,
+    )
+    return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+
+def _on_cpu(*args: object, **kwargs: object) -> bool:
+    return all(t.device.type == "cpu" for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor))
+
+
+def register_cpu() -> None:
+    for name, fn in (
+        ("paged_attention_decode", paged_attention_decode),
+        ("chunked_prefill_attention", chunked_prefill_attention),
+        ("write_kv_cache", write_kv_cache),
+        ("quantize_per_token", quantize_per_token),
+        ("int8_gemm", int8_gemm),
+        ("int4_gemm", int4_gemm),
+    ):
+        register(name, "cpu", fn, available, _on_cpu)

@@ -1,0 +1,107 @@
+// pybind11 surface of the CPU kernels. Arguments are raw addresses (uintptr)
+// and sizes already validated by llmo.ops; the GIL is released while kernels run.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <stdexcept>
+
+#include "common.h"
+#include "cpu/dispatch.h"
+
+namespace py = pybind11;
+using llmo::AttnArgs;
+using llmo::Int4GemmArgs;
+using llmo::Int8GemmArgs;
+
+namespace {
+
+template <typename T>
+T* ptr(uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+void check_dtype(int dtype) {
+  if (dtype != llmo::kF32 && dtype != llmo::kBF16 && dtype != llmo::kF16)
+    throw std::invalid_argument("unknown dtype code");
+}
+
+void attention_rows(uintptr_t q, uintptr_t out, uintptr_t key_cache, uintptr_t value_cache, int kv_dtype,
+                    uintptr_t block_tables, uintptr_t row_seq, uintptr_t row_len, int64_t rows, int heads,
+                    int kv_heads, int head_dim, int block_size, int max_blocks, float scale) {
+  check_dtype(kv_dtype);
+  if (kv_heads <= 0 || heads % kv_heads != 0 || head_dim <= 0 || block_size <= 0 || rows < 0)
+    throw std::invalid_argument("attention_rows: inconsistent shape arguments");
+  AttnArgs a{ptr<const float>(q), ptr<float>(out), ptr<const void>(key_cache), ptr<const void>(value_cache),
+             kv_dtype, ptr<const int32_t>(block_tables), ptr<const int32_t>(row_seq), ptr<const int32_t>(row_len),
+             rows, heads, kv_heads, head_dim, block_size, max_blocks, scale};
+  py::gil_scoped_release release;
+  // The SIMD paths walk head_dim in 8-float steps.
+  const auto& k = head_dim % 8 == 0 ? llmo::kernels() : llmo::generic_kernels();
+  k.attention(a);
+}
+
+void quantize_rows(uintptr_t x, uintptr_t q, uintptr_t scales, int64_t M, int64_t K) {
+  py::gil_scoped_release release;
+  llmo::kernels().quantize_rows(ptr<const float>(x), ptr<int8_t>(q), ptr<float>(scales), M, K);
+}
+
+void int8_gemm(uintptr_t a, uintptr_t b, uintptr_t a_scales, uintptr_t b_scales, uintptr_t bias, uintptr_t out,
+               int64_t M, int64_t N, int64_t K) {
+  Int8GemmArgs p{ptr<const int8_t>(a), ptr<const int8_t>(b), ptr<const float>(a_scales), ptr<const float>(b_scales),
+                 ptr<const float>(bias), ptr<float>(out), M, N, K};
+  py::gil_scoped_release release;
+  llmo::kernels().int8_gemm(p);
+}
+
+void check_int4(int64_t K, int group) {
+  if (group != 32 && group != 64 && group != 128) throw std::invalid_argument("group must be 32, 64 or 128");
+  if (K % 64 != 0 || K % group != 0) throw std::invalid_argument("K must be a multiple of 64 and of group");
+}
+
+void int4_gemm(uintptr_t x, uintptr_t packed, uintptr_t scales, int scale_dtype, uintptr_t zeros, uintptr_t bias,
+               uintptr_t out, int64_t M, int64_t N, int64_t K, int group) {
+  check_dtype(scale_dtype);
+  check_int4(K, group);
+  Int4GemmArgs p{ptr<const float>(x), ptr<const uint8_t>(packed), ptr<const void>(scales), scale_dtype,
+                 ptr<const uint8_t>(zeros), ptr<const float>(bias), ptr<float>(out), M, N, K, group};
+  py::gil_scoped_release release;
+  llmo::kernels().int4_gemm(p);
+}
+
+void int4_dequantize(uintptr_t packed, uintptr_t scales, int scale_dtype, uintptr_t zeros, uintptr_t out,
+                     int out_dtype, int64_t N, int64_t K, int group) {
+  check_dtype(scale_dtype);
+  check_int4(K, group);
+  if (out_dtype != llmo::kF32 && out_dtype != llmo::kBF16) throw std::invalid_argument("out dtype must be f32 or bf16");
+  py::gil_scoped_release release;
+  llmo::kernels().int4_dequant(ptr<const uint8_t>(packed), ptr<const void>(scales), scale_dtype,
+                               ptr<const uint8_t>(zeros), ptr<void>(out), out_dtype, N, K, group);
+}
+
+void write_kv_cache(uintptr_t key, uintptr_t value, uintptr_t key_cache, uintptr_t value_cache, uintptr_t slots,
+                    int64_t tokens, int64_t row_bytes, int64_t num_slots) {
+  py::gil_scoped_release release;
+  llmo::write_kv_cache(ptr<const char>(key), ptr<const char>(value), ptr<char>(key_cache), ptr<char>(value_cache),
+                       ptr<const int64_t>(slots), tokens, row_bytes, num_slots);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "LLMO CPU kernels (AVX2 / AVX-512 VNNI / portable, OpenMP)";
+  m.attr("DTYPE_F32") = static_cast<int>(llmo::kF32);
+  m.attr("DTYPE_BF16") = static_cast<int>(llmo::kBF16);
+  m.attr("DTYPE_F16") = static_cast<int>(llmo::kF16);
+  m.def("isa", [] { return std::string(llmo::kernels().name); }, "Instruction set of the active kernels.");
+  m.def("available_isas", &llmo::available_isas, "Kernel instruction sets this CPU can run, best first.");
+  m.def("force_isa", &llmo::force_isa, py::arg("name"), "Use the given instruction set (tests, benchmarks).");
+  m.def("get_num_threads", &llmo::num_threads);
+  m.def("set_num_threads", &llmo::set_num_threads, py::arg("n"));
+  m.def("attention_rows", &attention_rows, "Paged attention for query rows (see llmo.ops).");
+  m.def("quantize_rows", &quantize_rows, "Symmetric per-row int8 quantization.");
+  m.def("int8_gemm", &int8_gemm, "W8A8 GEMM with per-row / per-column scales.");
+  m.def("int4_gemm", &int4_gemm, "Weight-only INT4 GEMM (llmo-int4-v1 layout).");
+  m.def("int4_dequantize", &int4_dequantize, "Dequantize llmo-int4-v1 weights to f32 or bf16.");
+  m.def("write_kv_cache", &write_kv_cache, "Copy K/V rows into cache slots.");
+}
