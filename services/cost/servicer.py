@@ -200,7 +200,17 @@ class CostServicer(pb_grpc.CostServiceServicer):
         )
 
     async def GetCostReport(self, request: pb.GetCostReportRequest, context: grpc.aio.ServicerContext) -> pb.GetCostReportResponse:
+        filters = {k: getattr(request, k) for k in ("tenant", "application", "model", "provider") if getattr(request, k)}
+        explicit = (
+            request.start_time.ToJsonString() if request.HasField("start_time") else "",
+            request.end_time.ToJsonString() if request.HasField("end_time") else "",
+        )
+        fingerprint = f"{explicit}|{list(request.group_by)}|{sorted(filters.items())}"
+        position = decode_page_token(request.page_token, query=fingerprint) or {}
+        # Later pages keep the range of the first one, even where it defaulted to "now".
         end = from_timestamp(request.end_time) if request.HasField("end_time") else datetime.now(UTC)
+        if "end_us" in position:
+            end = datetime.fromtimestamp(int(position["end_us"]) / 1_000_000, tz=UTC)
         start = from_timestamp(request.start_time) if request.HasField("start_time") else end - timedelta(days=30)
         if end <= start:
             raise invalid_argument("INVALID_TIME_RANGE", "end_time must be after start_time")
@@ -214,10 +224,7 @@ class CostServicer(pb_grpc.CostServiceServicer):
             if name in group_by:
                 raise invalid_argument("INVALID_GROUP_BY", f"dimension {name} given twice", dimension=name)
             group_by.append(name)
-        filters = {k: getattr(request, k) for k in ("tenant", "application", "model", "provider") if getattr(request, k)}
         size = page_size(request.page_size)
-        fingerprint = f"{start.isoformat()}|{end.isoformat()}|{','.join(group_by)}|{sorted(filters.items())}"
-        position = decode_page_token(request.page_token, query=fingerprint) or {}
         offset = position.get("offset", 0)
         if not isinstance(offset, int) or offset < 0:
             raise invalid_argument("INVALID_PAGE_TOKEN", "page_token is malformed")
@@ -230,7 +237,7 @@ class CostServicer(pb_grpc.CostServiceServicer):
         if totals:
             response.total.CopyFrom(report_row(totals[0]))
         if more:
-            response.next_page_token = encode_page_token({"offset": offset + size}, query=fingerprint)
+            response.next_page_token = encode_page_token({"offset": offset + size, "end_us": end_us}, query=fingerprint)
         return response
 
     async def ListPrices(self, request: pb.ListPricesRequest, context: grpc.aio.ServicerContext) -> pb.ListPricesResponse:

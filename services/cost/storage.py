@@ -293,8 +293,13 @@ class CostStore:
         Returns (created, alerts); created is False when the id is taken.
         """
         with self.engine.begin() as conn:
-            stmt = self._insert(budgets_table).values(**_budget_row(budget)).on_conflict_do_nothing()
-            if conn.execute(stmt).rowcount == 0:
+            stmt = (
+                self._insert(budgets_table)
+                .values(**_budget_row(budget))
+                .on_conflict_do_nothing()
+                .returning(budgets_table.c.budget_id)
+            )
+            if conn.execute(stmt).first() is None:
                 return False, []
             window = budget.window_at(now)
             if window is None:
