@@ -1,6 +1,8 @@
 # Two commands on a fresh machine: `make demo` and `make test`.
 # Needs only Python 3.11, pip and a C++ compiler (npm is used for `buf` when present).
 
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -8,6 +10,8 @@ PIP := $(PY) -m pip
 LLMO := $(VENV)/bin/llmo
 BUF := .tools/node_modules/.bin/buf
 STAMP := $(VENV)/.installed
+# pip's local-mirror configuration warns once per package; keep the output readable.
+QUIET := 2>&1 | { grep -v -e 'is ignored: it is neither' -e '^ *$$' || true; }
 REQS := $(wildcard requirements/*.txt) pyproject.toml setup.py
 NATIVE_SRC := $(shell find native -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' -o -name 'CMakeLists.txt' -o -name 'pyproject.toml' -o -name '*.py' \) -not -path 'native/build/*' 2>/dev/null)
 
@@ -18,17 +22,17 @@ all: install
 $(VENV)/bin/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (set PYTHON=/path/to/python3.11)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
+	$(PIP) install -q --upgrade pip "setuptools>=77" wheel $(QUIET)
 
 $(STAMP): $(VENV)/bin/python $(REQS)
-	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -r requirements/dev.txt
-	$(PIP) install -q -e . --no-build-isolation
+	$(PIP) install -q torch==2.13.0 $(QUIET)
+	$(PIP) install -q -r requirements/dev.txt $(QUIET)
+	$(PIP) install -q -e . --no-build-isolation $(QUIET)
 	touch $@
 
 $(VENV)/.native: $(STAMP) $(NATIVE_SRC)
 	@if [ -f native/pyproject.toml ]; then \
-		$(PIP) install -q --no-build-isolation ./native || exit 1; \
+		$(PIP) install -q --no-build-isolation ./native $(QUIET) || exit 1; \
 	fi
 	touch $@
 
@@ -50,9 +54,9 @@ $(BUF):
 
 buf: $(BUF)
 	@if [ -x $(BUF) ]; then \
-		$(BUF) lint && \
+		echo "buf lint" && $(BUF) lint && \
 		if git rev-parse -q --verify HEAD~1 >/dev/null 2>&1 && git ls-tree -d HEAD~1 protos >/dev/null 2>&1 && [ -n "$$(git ls-tree HEAD~1 protos)" ]; then \
-			$(BUF) breaking --against '.git#ref=HEAD~1'; \
+			echo "buf breaking (against HEAD~1)" && $(BUF) breaking --against '.git#ref=HEAD~1'; \
 		else echo "buf breaking: no earlier protos to compare against"; fi; \
 	else echo "buf: skipped (npm not available to install @bufbuild/buf)"; fi
 
