@@ -238,6 +238,16 @@ def test_dockerfile_runtime_is_non_root_and_built_natively() -> None:
     assert 'ENTRYPOINT ["/usr/bin/tini", "--", "llmo"]' in stages["runtime"]
 
 
+@pytest.mark.skipif(shutil.which("sh") is None, reason="no POSIX shell")
+def test_dockerfile_run_steps_are_valid_shell() -> None:
+    text = (DEPLOY / "Dockerfile").read_text().replace("\\\n", " ")
+    runs = [line.strip()[4:] for line in text.splitlines() if line.strip().startswith("RUN ")]
+    assert len(runs) >= 6
+    for run in runs:
+        result = subprocess.run(["sh", "-n", "-c", run], capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0, f"{run[:80]}: {result.stderr}"
+
+
 def _stream_files() -> dict[str, Manifest]:
     return {p.stem: json.loads(p.read_text()) for p in sorted((DEPLOY / "nats" / "streams").glob("*.json"))}
 
