@@ -29,5 +29,11 @@ setup(
     packages=packages,
     package_dir=package_dir,
     include_package_data=True,
-    package_data={"": ["*.yaml", "*.json", "*.ini", "*.mako", "*.pyi", "py.typed", "*.safetensors", "*.txt"]},
+    # Data files ship with their package; Alembic folders are not packages, so name them.
+    package_data={
+        "": [
+            "*.yaml", "*.json", "*.ini", "*.mako", "*.pyi", "py.typed", "*.safetensors", "*.txt",
+            "migrations/*.py", "migrations/*.mako", "migrations/versions/*.py",
+        ]
+    },
 )

@@ -19,6 +19,8 @@ def retry_service_config(*, max_attempts: int = 4) -> str:
     """
     return json.dumps(
         {
+            # Spread calls over every address a name resolves to (headless Services).
+            "loadBalancingConfig": [{"round_robin": {}}],
             "methodConfig": [
                 {
                     "name": [{}],
@@ -47,7 +49,10 @@ def create_channel(target: str, *, max_attempts: int = 4) -> grpc.aio.Channel:
             ("grpc.service_config", retry_service_config(max_attempts=max_attempts)),
         ]
     else:
-        options.append(("grpc.enable_retries", 0))
+        options += [
+            ("grpc.enable_retries", 0),
+            ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})),
+        ]
     return grpc.aio.insecure_channel(target, options=options)
 
 

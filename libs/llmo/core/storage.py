@@ -7,6 +7,7 @@ with an `env.py` that calls `run_alembic_env()`.
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -67,8 +68,15 @@ def alembic_config(script_location: Path, engine: Engine) -> Config:
 
 
 def migrate(engine: Engine, script_location: Path, revision: str = "head") -> None:
-    """Upgrade the database to `revision` (blocking: call it off the event loop)."""
+    """Upgrade the database to `revision` (blocking: call it off the event loop).
+
+    On PostgreSQL a transaction-scoped advisory lock serialises replicas that
+    start together, so only one of them runs each migration.
+    """
     with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            key = zlib.crc32(str(script_location.resolve()).encode())
+            connection.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
         config = alembic_config(script_location, engine)
         config.attributes["connection"] = connection
         command.upgrade(config, revision)
