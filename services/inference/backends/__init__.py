@@ -1,0 +1,1 @@
+"""Backends behind the one inference API: native engine, OpenAI-compatible server, vLLM, TensorRT-LLM."""

@@ -1,0 +1,138 @@
+"""The native backend: our engine on a locally loaded checkpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from llmo.core.errors import ServiceError, invalid_argument, resource_exhausted
+from llmo.inference.backends.base import (
+    ChoiceChunk,
+    GenerationChunk,
+    GenerationRequest,
+    ModelInfo,
+    Timings,
+    TokenInfo,
+    Usage,
+)
+from llmo.inference.engine.async_engine import AsyncEngine
+from llmo.inference.engine.engine import ContextLengthError, LLMEngine, QueueFullError
+from llmo.inference.engine.sequence import Request, SequenceDelta
+from llmo.inference.models.loader import LoadedModel
+from llmo.inference.tokenizer import ChatTemplateError
+
+
+def to_service_error(exc: Exception) -> ServiceError:
+    """Engine exceptions as the API's errors (reasons documented in inference_service.proto)."""
+    if isinstance(exc, ServiceError):
+        return exc
+    if isinstance(exc, ContextLengthError):
+        return invalid_argument("CONTEXT_LENGTH_EXCEEDED", str(exc), limit=exc.limit, requested=exc.requested)
+    if isinstance(exc, QueueFullError):
+        return resource_exhausted("QUEUE_FULL", str(exc), limit=exc.limit)
+    if isinstance(exc, ChatTemplateError):
+        return invalid_argument("CHAT_TEMPLATE_ERROR", str(exc))
+    message = str(exc)
+    if "token ids" in message:
+        return invalid_argument("INVALID_TOKEN_ID", message)
+    if "prompt is empty" in message:
+        return invalid_argument("PROMPT_MISSING", message)
+    field = message.split(" ", 1)[0] if message else ""
+    return invalid_argument("INVALID_SAMPLING_PARAMS", message, field=field)
+
+
+class NativeBackend:
+    engine_name = "native"
+
+    def __init__(self, loaded: LoadedModel, engine: LLMEngine, model_id: str | None = None) -> None:
+        self.loaded = loaded
+        self.model_id = model_id or loaded.name
+        self.engine = engine
+        self.async_engine = AsyncEngine(engine)
+        self.tokenizer = loaded.tokenizer
+
+    async def start(self) -> None:
+        await self.async_engine.start()
+
+    async def stop(self) -> None:
+        await self.async_engine.stop()
+
+    def info(self) -> ModelInfo:
+        stats = self.engine.stats()
+        return ModelInfo(
+            model_id=self.model_id, engine=self.engine_name, architecture=self.loaded.config.architecture,
+            quantization=self.loaded.quantization, context_length=self.loaded.context_length,
+            dtype=str(self.loaded.dtype).removeprefix("torch."),
+            parameter_count=sum(p.numel() for p in self.loaded.model.parameters()),
+            kv_block_size=self.engine.config.block_size, kv_blocks_total=stats.kv_blocks_total,
+            kv_blocks_free=stats.kv_blocks_free, num_running=stats.num_running,
+            num_waiting=self.async_engine.num_waiting(), prefix_cache_hit_rate=stats.prefix_hit_rate,
+        )
+
+    def encode(self, text: str | None, messages: list[dict[str, Any]] | None) -> list[int]:
+        try:
+            if messages:
+                return self.tokenizer.encode_chat(messages)
+            return self.tokenizer.encode(text or "")
+        except ChatTemplateError as exc:
+            raise to_service_error(exc) from exc
+
+    async def count_tokens(self, text: str | None, messages: list[dict[str, Any]] | None) -> list[int]:
+        if not text and not messages:
+            raise invalid_argument("PROMPT_MISSING", "set exactly one of text and messages")
+        return await asyncio.to_thread(self.encode, text, messages)
+
+    def _token_info(self, delta: SequenceDelta) -> list[TokenInfo]:
+        decode = self.tokenizer.decode
+        return [
+            TokenInfo(lp.token_id, decode([lp.token_id], False), lp.logprob,
+                      [(t, decode([t], False), v) for t, v in lp.top])
+            for lp in delta.logprobs
+        ]
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        request.check_input()
+        if request.prompt_token_ids:
+            prompt_ids = list(request.prompt_token_ids)
+        else:
+            prompt_ids = await asyncio.to_thread(self.encode, request.prompt, request.messages)
+        try:
+            stream = self.async_engine.generate(request.request_id, prompt_ids, request.params, request.priority)
+            start = time.monotonic()
+            first_token: float | None = None
+            completion = 0
+            last_delta: SequenceDelta | None = None
+            async for result in stream:
+                now = time.monotonic()
+                if first_token is None and result.deltas:
+                    first_token = now
+                choices = []
+                for d in result.deltas:
+                    completion += len(d.token_ids)
+                    last_delta = d
+                    choices.append(ChoiceChunk(d.index, d.text, list(d.token_ids), self._token_info(d),
+                                               d.finish_reason))
+                chunk = GenerationChunk(choices)
+                if result.done:
+                    cached = last_delta.num_cached_tokens if last_delta else 0
+                    chunk.usage = Usage(len(prompt_ids), completion, cached)
+                    chunk.timings = _timings(result.request, start, first_token, now, completion, request.params.n)
+                yield chunk
+        except (ValueError, RuntimeError) as exc:
+            if isinstance(exc, ServiceError):
+                raise
+            raise to_service_error(exc) from exc
+
+
+def _timings(request: Request | None, start: float, first_token: float | None, end: float, completion: int,
+             n: int) -> Timings:
+    arrival = request.arrival_time if request else start
+    scheduled = request.first_scheduled_time if request and request.first_scheduled_time else arrival
+    first = first_token or end
+    per_seq = max(completion // max(n, 1), 1)
+    return Timings(
+        queue_s=max(scheduled - arrival, 0.0), ttft_s=max(first - arrival, 0.0),
+        tpot_s=(end - first) / (per_seq - 1) if per_seq > 1 else 0.0, e2e_s=max(end - arrival, 0.0),
+    )

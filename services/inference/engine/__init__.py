@@ -1,0 +1,1 @@
+"""The native engine: paged KV cache, continuous batching scheduler, sampler."""

@@ -1,0 +1,125 @@
+"""Run the inference service: gRPC InferenceService + OpenAI-compatible HTTP + /metrics + events."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from aiohttp import web
+
+from llmo.core.events import EventBus
+from llmo.core.logging import configure_logging, get_logger
+from llmo.core.metrics import start_metrics_server
+from llmo.core.server import GrpcServer, wait_for_shutdown_signal
+from llmo.inference.backends.base import Backend
+from llmo.inference.http_api import OpenAIApp
+from llmo.inference.registry import ModelRegistry
+from llmo.inference.service import InferenceService
+from llmo.inference.servicer import InferenceServicer
+from llmo.inference.settings import InferenceSettings
+from llmo.protos.inference.v1 import inference_service_pb2_grpc
+
+log = get_logger(__name__)
+
+SERVICE_NAME = "llmo.inference.v1.InferenceService"
+
+
+def build_backend(settings: InferenceSettings) -> Backend:
+    """The configured backend (loading a native model takes seconds; call it off the event loop)."""
+    if settings.backend == "openai":
+        from llmo.inference.backends.openai_backend import OpenAIBackend
+
+        return OpenAIBackend(settings.model_name, settings.openai_base_url, settings.openai_api_key,
+                             settings.openai_model or settings.model_name, settings.openai_timeout_s)
+    if settings.backend == "vllm":
+        from llmo.inference.backends.vllm_backend import VllmBackend
+
+        return VllmBackend(settings.model_name, settings.model_path, settings.dtype or "auto")
+    if settings.backend == "tensorrt_llm":
+        from llmo.inference.backends.trtllm_backend import TensorRTLLMBackend
+
+        return TensorRTLLMBackend(settings.model_name, settings.model_path)
+    from llmo.inference.backends.native import NativeBackend
+    from llmo.inference.engine.engine import EngineConfig, LLMEngine
+    from llmo.inference.models.loader import load_model
+
+    if settings.torch_threads > 0:
+        torch.set_num_threads(settings.torch_threads)
+    loaded = load_model(settings.model_path or None, dtype=settings.dtype or None, name=settings.model_name,
+                        quantization=settings.quantization)
+    engine = LLMEngine(loaded, EngineConfig(
+        block_size=settings.block_size, num_blocks=settings.num_kv_blocks, max_num_seqs=settings.max_num_seqs,
+        max_num_batched_tokens=settings.max_num_batched_tokens, enable_prefix_caching=settings.enable_prefix_caching,
+        max_queue=settings.max_queue,
+    ))
+    return NativeBackend(loaded, engine, settings.model_name)
+
+
+@dataclass
+class RunningInference:
+    settings: InferenceSettings
+    registry: ModelRegistry
+    service: InferenceService
+    server: GrpcServer
+    port: int
+    http_runner: web.AppRunner | None
+    http_port: int | None
+    bus: EventBus | None
+
+    async def stop(self) -> None:
+        await self.server.stop()
+        if self.http_runner is not None:
+            await self.http_runner.cleanup()
+        await self.registry.stop()
+        await self.service.drain()
+        if self.bus is not None:
+            await self.bus.close()
+
+
+async def start(settings: InferenceSettings, *, port: int | None = None, http_port: int | None = None,
+                metrics: bool = True, backends: list[Backend] | None = None) -> RunningInference:
+    """Start everything and return a handle; port=0 / http_port=0 bind free ports."""
+    if backends is None:
+        backends = [await asyncio.to_thread(build_backend, settings)]
+    registry = ModelRegistry(backends)
+    await registry.start()
+    bus: EventBus | None = None
+    if settings.publish_events:
+        try:
+            bus = await EventBus(settings.platform.nats_url, name="llmo-inference").connect()
+        except Exception as exc:
+            log.warning("NATS unavailable; inference events will not be published", error=str(exc))
+    service = InferenceService(registry, bus)
+    server = GrpcServer("inference", settings, port=port)
+    server.add_service(inference_service_pb2_grpc.add_InferenceServiceServicer_to_server,
+                       InferenceServicer(service), SERVICE_NAME)
+    bound = await server.start()
+    runner: web.AppRunner | None = None
+    bound_http: int | None = None
+    wanted_http = settings.resolved_http_port() if http_port is None else http_port
+    if wanted_http is not None and wanted_http >= 0:
+        runner = web.AppRunner(OpenAIApp(service, settings.platform).app)
+        await runner.setup()
+        site = web.TCPSite(runner, settings.host, wanted_http)
+        await site.start()
+        bound_http = runner.addresses[0][1] if runner.addresses else wanted_http
+    metrics_port = settings.resolved_metrics_port()
+    if metrics and metrics_port is not None:
+        with contextlib.suppress(OSError):
+            start_metrics_server(metrics_port, settings.host)
+    log.info("inference service started", grpc_port=bound, http_port=bound_http, models=registry.ids(),
+             backend=settings.backend, events=bus is not None)
+    return RunningInference(settings, registry, service, server, bound, runner, bound_http, bus)
+
+
+async def serve(settings: InferenceSettings | None = None) -> None:
+    """Run until SIGTERM/SIGINT or cancellation, then drain."""
+    settings = settings or InferenceSettings()
+    configure_logging("inference", env=settings.platform.env, level=settings.platform.log_level)
+    running = await start(settings)
+    try:
+        await wait_for_shutdown_signal()
+    finally:
+        await running.stop()

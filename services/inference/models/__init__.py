@@ -1,0 +1,1 @@
+"""Llama-family model definitions and the local checkpoint loader."""

@@ -1,0 +1,102 @@
+"""What gRPC and HTTP share: run a generation on the right backend, record metrics, emit the event."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from google.protobuf import timestamp_pb2
+
+from llmo.core.events import EventBus
+from llmo.core.logging import get_logger
+from llmo.inference import metrics
+from llmo.inference.backends.base import GenerationChunk, GenerationRequest, Timings, Usage
+from llmo.inference.registry import ModelRegistry
+from llmo.protos.common.v1 import common_pb2
+from llmo.protos.events.v1 import events_pb2
+
+log = get_logger(__name__)
+
+
+@dataclass
+class Caller:
+    tenant: str
+    application: str = ""
+    user: str = ""
+
+
+class InferenceService:
+    def __init__(self, registry: ModelRegistry, bus: EventBus | None = None) -> None:
+        self.registry = registry
+        self.bus = bus
+        self._pending: set[asyncio.Task[None]] = set()
+
+    async def generate(self, model: str, request: GenerationRequest,
+                       caller: Caller) -> AsyncIterator[GenerationChunk]:
+        backend = self.registry.get(model)
+        request.check_input()
+        started = time.monotonic()
+        usage: Usage | None = None
+        timings: Timings | None = None
+        finish = "error"
+        reasons: dict[int, str] = {}
+        try:
+            async for chunk in backend.generate(request):
+                for choice in chunk.choices:
+                    if choice.finish_reason:
+                        reasons[choice.index] = choice.finish_reason
+                if chunk.usage is not None:
+                    usage, timings = chunk.usage, chunk.timings
+                    finish = reasons.get(0, "stop")
+                yield chunk
+        except (asyncio.CancelledError, GeneratorExit):
+            finish = "cancelled"
+            raise
+        finally:
+            if usage is None:
+                usage = Usage()
+                timings = Timings(e2e_s=time.monotonic() - started)
+            assert timings is not None
+            if finish != "error" or usage.completion_tokens:
+                metrics.record_request(backend.model_id, usage, timings, finish)
+            info = backend.info()
+            self._emit(request.request_id, backend.model_id, backend.engine_name, info.quantization, caller,
+                       usage, timings, finish)
+
+    def _emit(self, request_id: str, model: str, engine: str, quantization: str, caller: Caller, usage: Usage,
+              timings: Timings, finish: str) -> None:
+        if self.bus is None:
+            return
+        occurred = timestamp_pb2.Timestamp()
+        occurred.GetCurrentTime()
+        event = events_pb2.InferenceCompleted(
+            event_id=str(uuid.uuid4()), request_id=request_id, occurred_at=occurred,
+            attribution=common_pb2.Attribution(tenant=caller.tenant, application=caller.application,
+                                               user=caller.user),
+            model=model, engine=engine, provider="self-hosted" if engine == "native" else engine,
+            usage=common_pb2.Usage(input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens,
+                                   cached_input_tokens=usage.cached_tokens),
+            latency=common_pb2.Latency(queue_ms=timings.queue_s * 1000, ttft_ms=timings.ttft_s * 1000,
+                                       tpot_ms=timings.tpot_s * 1000, e2e_ms=timings.e2e_s * 1000),
+            finish_reason=finish, quantization=quantization,
+        )
+        task = asyncio.get_running_loop().create_task(self._publish(event))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _publish(self, event: events_pb2.InferenceCompleted) -> None:
+        assert self.bus is not None
+        try:
+            await self.bus.publish(event)
+        except Exception as exc:
+            log.warning("publishing inference event failed", error=str(exc), request_id=event.request_id)
+
+    async def drain(self) -> None:
+        """Wait for events still being published (shutdown)."""
+        if self._pending:
+            with contextlib.suppress(Exception):
+                await asyncio.wait(self._pending, timeout=5)

@@ -1,0 +1,48 @@
+"""Every knob of the inference service (`LLMO_INFERENCE_*`)."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic_settings import SettingsConfigDict
+
+from llmo.core.settings import DEFAULT_HTTP_PORTS, ServiceSettings
+
+
+class InferenceSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="LLMO_INFERENCE_", extra="ignore")
+    service: ClassVar[str] = "inference"
+
+    # OpenAI-compatible HTTP; 0 picks 8000, -1 disables it.
+    http_port: int = 0
+    backend: Literal["native", "openai", "vllm", "tensorrt_llm"] = "native"
+    # Served model id (what clients put in `model`).
+    model_name: str = "llmo-demo"
+    # Local Hugging Face directory; empty serves the bundled demo model.
+    model_path: str = ""
+    # float32 / bfloat16 / float16; empty uses the checkpoint's dtype.
+    dtype: str = ""
+    # none / int8 / int4 (native backend; quantized at load time via llmo.quant).
+    quantization: Literal["none", "int8", "int4"] = "none"
+    # Engine: KV cache and batching.
+    block_size: int = 16
+    num_kv_blocks: int = 1024
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    max_queue: int = 256
+    enable_prefix_caching: bool = True
+    # CPU threads torch may use (0 leaves torch's default).
+    torch_threads: int = 0
+    # openai backend: any OpenAI-compatible server.
+    openai_base_url: str = ""
+    openai_api_key: str = ""
+    # Upstream model name; empty uses model_name.
+    openai_model: str = ""
+    openai_timeout_s: float = 120.0
+    # Publish llmo.inference.v1.completed on NATS.
+    publish_events: bool = True
+
+    def resolved_http_port(self) -> int | None:
+        if self.http_port < 0:
+            return None
+        return self.http_port or DEFAULT_HTTP_PORTS["inference"]
