@@ -16,12 +16,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import structlog
 import torch
 
+from llmo.core.logging import get_logger
 from llmo.ops.platform import current_platform
 
-log = structlog.get_logger("llmo.ops")
+log = get_logger("llmo.ops")
 
 REFERENCE = "reference"
 Impl = Callable[..., Any]
