@@ -15,18 +15,11 @@ from datetime import UTC, datetime
 from google.protobuf import timestamp_pb2
 from prometheus_client import Counter
 
-from llmo.core.events import Delivery, EventBus
+from llmo.core.events import EventBus
 from llmo.core.logging import get_logger
 from llmo.cost.budgets import Budget, BudgetGuard, window_key
 from llmo.cost.prices import PriceCatalog
-from llmo.cost.records import (
-    LedgerRecord,
-    RecordRejected,
-    UsageInput,
-    price_usage,
-    usage_from_inference,
-    usage_from_router,
-)
+from llmo.cost.records import LedgerRecord, UsageInput, price_usage
 from llmo.cost.storage import Alert, BatchOutcome, CostStore
 from llmo.protos.common.v1 import common_pb2
 from llmo.protos.events.v1 import events_pb2
@@ -133,23 +126,6 @@ class CostEngine:
         if outcome.alerts:
             await self.publish_alerts(outcome.alerts)
         return outcome
-
-    async def handle_inference(self, deliveries: list[Delivery[events_pb2.InferenceCompleted]]) -> None:
-        await self._handle([(d, usage_from_inference(d.event)) for d in deliveries])
-
-    async def handle_router(self, deliveries: list[Delivery[events_pb2.RouterCompleted]]) -> None:
-        await self._handle([(d, usage_from_router(d.event)) for d in deliveries])
-
-    async def _handle(self, items: Sequence[tuple[Delivery[events_pb2.InferenceCompleted] | Delivery[events_pb2.RouterCompleted], UsageInput]]) -> None:
-        records = []
-        for delivery, usage in items:
-            try:
-                records.append(price_usage(usage, self.catalog))
-            except RecordRejected as rejected:
-                USAGE_REJECTED.labels(rejected.reason.value).inc()
-                delivery.reject(rejected.reason.value, rejected.detail)
-        if records:
-            await self.ingest(records)
 
     async def publish_alerts(self, alerts: Sequence[Alert]) -> int:
         """Publish alerts (deterministic event ids) and mark them published; failures are retried later."""

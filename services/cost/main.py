@@ -6,17 +6,17 @@ import asyncio
 import contextlib
 from dataclasses import dataclass, field
 
-from llmo.core.events import Consumer, EventBus
+from llmo.core.events import EventBus
 from llmo.core.logging import configure_logging, get_logger
 from llmo.core.metrics import start_metrics_server
 from llmo.core.server import GrpcServer, wait_for_shutdown_signal
 from llmo.cost.engine import CostEngine
+from llmo.cost.ingest import INFERENCE, ROUTER, UsageConsumer
 from llmo.cost.prices import load_catalog
 from llmo.cost.servicer import CostServicer
 from llmo.cost.settings import CostSettings
 from llmo.cost.storage import CostStore
 from llmo.protos.cost.v1 import cost_service_pb2_grpc
-from llmo.protos.events.v1 import events_pb2
 
 log = get_logger(__name__)
 
@@ -30,7 +30,7 @@ class RunningCost:
     server: GrpcServer
     port: int
     bus: EventBus | None = None
-    consumers: list[Consumer[events_pb2.InferenceCompleted] | Consumer[events_pb2.RouterCompleted]] = field(default_factory=list)
+    consumers: list[UsageConsumer] = field(default_factory=list)
 
     async def stop(self) -> None:
         await self.server.stop()
@@ -51,14 +51,20 @@ async def start(settings: CostSettings, *, port: int | None = None, metrics: boo
         bus = await EventBus(settings.platform.nats_url, name="llmo-cost").connect()
     engine = CostEngine(store, catalog, bus, reservation_ttl_s=settings.reservation_ttl_s)
     await engine.start(refresh_s=settings.budget_refresh_s, alert_retry_s=settings.alert_retry_s)
-    consumers: list[Consumer[events_pb2.InferenceCompleted] | Consumer[events_pb2.RouterCompleted]] = []
+    consumers: list[UsageConsumer] = []
     if bus is not None:
-        options = {"batch": settings.ingest_batch, "ack_wait": settings.ack_wait_s, "max_deliver": settings.max_deliver}
-        inference = bus.consumer(events_pb2.InferenceCompleted, f"{settings.consumer_name}-inference", engine.handle_inference, **options)
-        router = bus.consumer(events_pb2.RouterCompleted, f"{settings.consumer_name}-router", engine.handle_router, **options)
-        consumers = [inference, router]
-        for consumer in consumers:
-            consumer.start()
+        for source, suffix in ((INFERENCE, "inference"), (ROUTER, "router")):
+            consumer = UsageConsumer(
+                bus,
+                engine,
+                source,
+                f"{settings.consumer_name}-{suffix}",
+                batch=settings.ingest_batch,
+                ack_wait=settings.ack_wait_s,
+                max_deliver=settings.max_deliver,
+            )
+            await consumer.start()
+            consumers.append(consumer)
     server = GrpcServer("cost", settings, port=port)
     server.add_service(cost_service_pb2_grpc.add_CostServiceServicer_to_server, CostServicer(engine), SERVICE_NAME)
     bound = await server.start()

@@ -43,10 +43,10 @@ CRASHING_CONSUMER = r"""
 import asyncio, os, sys
 from llmo.core.events import EventBus
 from llmo.cost.engine import CostEngine
+from llmo.cost.ingest import INFERENCE, UsageConsumer
 from llmo.cost.prices import load_catalog
 from llmo.cost.settings import CostSettings
 from llmo.cost.storage import CostStore
-from llmo.protos.events.v1 import events_pb2
 
 async def main() -> None:
     settings = CostSettings()
@@ -64,8 +64,8 @@ async def main() -> None:
             os._exit(9)
         return outcome
     engine.ingest = crash_after_third_commit
-    bus.consumer(events_pb2.InferenceCompleted, "cost-inference", engine.handle_inference,
-                 batch=settings.ingest_batch, ack_wait=settings.ack_wait_s, max_deliver=settings.max_deliver).start()
+    await UsageConsumer(bus, engine, INFERENCE, "cost-inference", batch=settings.ingest_batch,
+                        ack_wait=settings.ack_wait_s, max_deliver=settings.max_deliver).start()
     await asyncio.Event().wait()
 
 asyncio.run(main())
