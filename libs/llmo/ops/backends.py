@@ -5,5 +5,7 @@ from __future__ import annotations
 
 def register_all() -> None:
     from llmo.ops.cpu import register_cpu
+    from llmo.ops.cuda import register_cuda
 
     register_cpu()
+    register_cuda()

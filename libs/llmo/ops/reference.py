@@ -45,12 +45,13 @@ def attention_rows(
 
 
 def prefill_rows(
-    query_start_loc: torch.Tensor, context_lens: torch.Tensor
+    query_start_loc: torch.Tensor, context_lens: torch.Tensor, total: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Map each packed prefill query token to (sequence index, visible length)."""
+    """Map each packed prefill query token to (sequence index, visible length).
+    ``total`` (the number of query tokens) spares a device sync on GPUs."""
     starts = query_start_loc.long()
     qlens = starts[1:] - starts[:-1]
-    seqs = torch.repeat_interleave(torch.arange(qlens.numel(), device=starts.device), qlens)
+    seqs = torch.repeat_interleave(torch.arange(qlens.numel(), device=starts.device), qlens, output_size=total)
     offset = torch.arange(seqs.numel(), device=starts.device) - starts[:-1][seqs]
     lengths = context_lens.long()[seqs] - qlens[seqs] + offset + 1
     return seqs.to(torch.int32), lengths.to(torch.int32)
