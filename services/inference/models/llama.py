@@ -12,8 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmo import ops
 from llmo.inference.models import layers
 from llmo.inference.models.config import ModelConfig, rope_inv_freq
+
+
+OPS_BLOCK_SIZES = (8, 16, 32)
 
 
 @dataclass
@@ -33,6 +37,18 @@ class PagedBatch:
     block_tables: torch.Tensor  # [S, max_blocks] int64 (padded with 0)
     num_prefills: int  # the first num_prefills sequences go through the prefill path
     logits_indices: torch.Tensor  # [S'] rows of the flattened batch whose logits are wanted
+    context_lens_t: torch.Tensor | None = None  # [S] context_lens as a tensor
+    prefill_start_loc: torch.Tensor | None = None  # [num_prefills + 1] query row offsets of the prefills
+
+    def __post_init__(self) -> None:
+        device = self.token_ids.device
+        if self.context_lens_t is None:
+            self.context_lens_t = torch.tensor(self.context_lens, dtype=torch.int64, device=device)
+        if self.prefill_start_loc is None:
+            starts = [0]
+            for qlen in self.query_lens[: self.num_prefills]:
+                starts.append(starts[-1] + qlen)
+            self.prefill_start_loc = torch.tensor(starts, dtype=torch.int64, device=device)
 
 
 class KVCache:
@@ -90,6 +106,29 @@ class Attention(nn.Module):
     def forward_paged(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: PagedBatch,
                       k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         q, k, v = self._qkv(x, cos, sin)
+        assert batch.context_lens_t is not None and batch.prefill_start_loc is not None
+        n_pre = batch.num_prefills
+        prefill_rows = int(batch.prefill_start_loc[-1])
+        if self.sliding_window is not None or k_cache.shape[1] not in OPS_BLOCK_SIZES:
+            # The op registry's kernels have no sliding window and take block sizes 8/16/32 only.
+            return self.o_proj(self._paged_reference(q, k, v, batch, k_cache, v_cache).reshape(x.shape[0], -1))
+        ops.write_kv_cache(k, v, k_cache, v_cache, batch.slot_mapping)
+        parts = []
+        if n_pre:
+            parts.append(ops.chunked_prefill_attention(
+                q[:prefill_rows], k_cache, v_cache, batch.block_tables[:n_pre], batch.context_lens_t[:n_pre],
+                batch.prefill_start_loc, self.scale,
+            ))
+        if prefill_rows < q.shape[0]:
+            parts.append(ops.paged_attention_decode(
+                q[prefill_rows:], k_cache, v_cache, batch.block_tables[n_pre:], batch.context_lens_t[n_pre:],
+                self.scale,
+            ))
+        out = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return self.o_proj(out.reshape(x.shape[0], -1))
+
+    def _paged_reference(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PagedBatch,
+                         k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         layers.write_kv_cache(k, v, k_cache, v_cache, batch.slot_mapping)
         out = torch.empty_like(q)
         n_pre = batch.num_prefills
@@ -102,12 +141,12 @@ class Attention(nn.Module):
             )
             start += qlen
         if start < q.shape[0]:
+            assert batch.context_lens_t is not None
             out[start:] = layers.paged_attention_decode(
-                q[start:], k_cache, v_cache, batch.block_tables[n_pre:],
-                torch.tensor(batch.context_lens[n_pre:], dtype=torch.int64, device=q.device),
+                q[start:], k_cache, v_cache, batch.block_tables[n_pre:], batch.context_lens_t[n_pre:],
                 self.scale, self.sliding_window,
             )
-        return self.o_proj(out.reshape(x.shape[0], -1))
+        return out
 
 
 class MLP(nn.Module):

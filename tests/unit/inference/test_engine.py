@@ -25,7 +25,7 @@ def loaded(make_checkpoint: CheckpointFactory) -> LoadedModel:
 
 
 def _engine(loaded: LoadedModel, **kw: int | bool) -> LLMEngine:
-    config = {"num_blocks": 128, "block_size": 4, "max_num_batched_tokens": 32, "max_num_seqs": 16}
+    config = {"num_blocks": 64, "block_size": 8, "max_num_batched_tokens": 32, "max_num_seqs": 16}
     config.update(kw)
     return LLMEngine(loaded, EngineConfig(**config))  # type: ignore[arg-type]
 
@@ -95,12 +95,12 @@ def test_preemption_by_recompute_keeps_outputs(loaded: LoadedModel) -> None:
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     roomy = _engine(loaded)
     expected = roomy.generate(prompts, params)
-    # 14 blocks of 4 tokens cannot hold four sequences of ~30-45 tokens at once.
-    tight = _engine(loaded, num_blocks=14, enable_prefix_caching=False)
+    # 7 blocks of 8 tokens cannot hold four sequences of ~30-45 tokens at once.
+    tight = _engine(loaded, num_blocks=7, enable_prefix_caching=False)
     got = tight.generate(prompts, params)
     assert tight.stats().num_preemptions > 0
     assert got == expected
-    assert tight.blocks.num_free_blocks == 14
+    assert tight.blocks.num_free_blocks == 7
 
 
 def test_priority_orders_admission(loaded: LoadedModel) -> None:

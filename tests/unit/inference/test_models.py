@@ -52,7 +52,7 @@ def test_fp32_logits_and_greedy_tokens_match_transformers(make_checkpoint: Check
             expected = hf(torch.tensor([prompt])).logits[0]
             got = ours.model.forward_dense(torch.tensor([prompt]))[0]
             torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
-    engine = LLMEngine(ours, EngineConfig(num_blocks=64, block_size=4, max_num_batched_tokens=8))
+    engine = LLMEngine(ours, EngineConfig(num_blocks=64, block_size=8, max_num_batched_tokens=8))
     outputs = engine.generate(prompts, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
     for prompt, got_ids in zip(prompts, outputs, strict=True):
         expected_ids, _ = _hf_greedy(hf, prompt, 24)
