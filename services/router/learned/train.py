@@ -11,22 +11,29 @@ from llmo.router.learned.data import RoutingDataset, leave_subjects_out_split
 from llmo.router.learned.embed import Embedder
 from llmo.router.learned.features import feature_matrix
 from llmo.router.learned.metrics import RouterMetrics, router_metrics
-from llmo.router.learned.model import KNN_K, ComplexityRouter, fit_head, knn_features, new_version
+from llmo.router.learned.model import (
+    DEFAULT_HEAD_WEIGHT,
+    ComplexityRouter,
+    blend,
+    complexity_prior,
+    design_matrix,
+    fit_head,
+    new_version,
+    percentile_grid,
+)
 
-DEFAULT_C = 0.05
+DEFAULT_C = 0.01
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     c: float = DEFAULT_C
-    knn_k: int = KNN_K
+    head_weight: float = DEFAULT_HEAD_WEIGHT
     seed: int = 0
 
 
-def _labels(data: RoutingDataset) -> np.ndarray:
-    weak_failed = ~data.weak_correct
-    strong_won = data.strong_correct & ~data.weak_correct
-    return np.stack([weak_failed, strong_won], axis=1).astype(np.float64)
+def _strong_wins(data: RoutingDataset) -> np.ndarray:
+    return data.strong_correct & ~data.weak_correct
 
 
 def train_router(
@@ -35,27 +42,27 @@ def train_router(
     cfg = config or TrainConfig()
     if len(data) < 10:
         raise ValueError(f"need at least 10 training prompts, got {len(data)}")
-    labels = _labels(data)
-    if labels[:, 0].min() == labels[:, 0].max() or labels[:, 1].min() == labels[:, 1].max():
+    if not 0.0 <= cfg.head_weight <= 1.0:
+        raise ValueError("head_weight must be in [0, 1]")
+    wins = _strong_wins(data)
+    if wins.all() or not wins.any():
         raise ValueError("training data needs prompts where the weak model fails and the strong model wins, and others")
     emb = embedder.encode(data.prompts)
     feats = feature_matrix(data.prompts)
-    # kNN features on the training set leave each prompt out of its own neighbourhood.
-    knn = knn_features(emb, emb, labels, cfg.knn_k, exclude_self=True)
-    x = np.hstack([emb.astype(np.float64), feats.astype(np.float64), knn])
-    fail_head = fit_head(x, labels[:, 0], cfg.c, cfg.seed)
-    win_head = fit_head(x, labels[:, 1], cfg.c, cfg.seed)
-    scores = 0.5 * (fail_head.predict(x) + win_head.predict(x))
+    head = fit_head(design_matrix(emb, feats), wins, cfg.c, cfg.seed)
+    head_out = head.predict(design_matrix(emb, feats))
+    prior = complexity_prior(feats)
+    head_grid, prior_grid = percentile_grid(head_out), percentile_grid(prior)
+    scores = blend(head_out, prior, head_grid, prior_grid, cfg.head_weight)
     router = ComplexityRouter(
         version=version or new_version(),
         weak_model=data.weak_model,
         strong_model=data.strong_model,
-        fail_head=fail_head,
-        win_head=win_head,
-        train_embeddings=emb,
-        train_labels=labels,
+        head=head,
+        head_quantiles=head_grid,
+        prior_quantiles=prior_grid,
         quantiles=np.percentile(scores, np.linspace(0, 100, 101)),
-        knn_k=cfg.knn_k,
+        head_weight=cfg.head_weight,
         metadata={
             "train_prompts": len(data),
             "train_subjects": sorted(set(data.subjects)),

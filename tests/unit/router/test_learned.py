@@ -106,7 +106,7 @@ def test_embeddings_are_normalised_and_cached(tmp_path: Path) -> None:
 
 def test_learned_router_beats_random_on_held_out_subjects(routing_dir: Path, embedder: Embedder) -> None:
     data = load_routing_data(routing_dir)
-    router, report = holdout_evaluation(data, embedder, 0.25, seed=0, config=TrainConfig(knn_k=10))
+    router, report = holdout_evaluation(data, embedder, 0.25, seed=0, config=TrainConfig())
     assert report.metrics.apgr > 0.75
     assert report.metrics.apgr > report.random_apgr + 0.15
     assert report.metrics.cpt50 < 0.6
@@ -115,7 +115,7 @@ def test_learned_router_beats_random_on_held_out_subjects(routing_dir: Path, emb
 
 def test_artifact_round_trip_and_threshold_calibration(routing_dir: Path, embedder: Embedder, tmp_path: Path) -> None:
     data = load_routing_data(routing_dir)
-    router = train_router(data, embedder, TrainConfig(knn_k=10), version="v-test")
+    router = train_router(data, embedder, TrainConfig(), version="v-test")
     out = router.save(tmp_path / "artifact")
     loaded = ComplexityRouter.load(out)
     assert loaded.version == "v-test"
