@@ -72,6 +72,8 @@ class CostEngine:
         self.guard = BudgetGuard(reservation_ttl_s=reservation_ttl_s)
         self._lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
+        # Records this process committed (new ledger rows), for status and benchmarks.
+        self.records_committed = 0
 
     async def start(self, *, refresh_s: float = 1.0, alert_retry_s: float = 5.0) -> None:
         await self.refresh()
@@ -119,6 +121,7 @@ class CostEngine:
         async with self._lock:
             outcome = await asyncio.to_thread(self.store.record_batch, records)
             self.guard.add_committed(outcome.deltas, (r.request_id for r in records if r.request_id))
+            self.records_committed += len(outcome.inserted)
         for record in outcome.inserted:
             LEDGER_RECORDS.labels(record.source).inc()
         if outcome.duplicates:

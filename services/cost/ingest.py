@@ -64,6 +64,13 @@ class _Pull:
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+@dataclass
+class _Prepared:
+    records: list[LedgerRecord] = field(default_factory=list)
+    owners: list[Msg] = field(default_factory=list)
+    rejected: list[tuple[Msg, str, str, str]] = field(default_factory=list)
+
+
 class UsageConsumer:
     """Durable pull consumer of one usage subject, writing batches to the ledger."""
 
@@ -162,26 +169,36 @@ class UsageConsumer:
         return pull.messages
 
     async def _run(self) -> None:
+        # Two batches overlap: while one commits (SQL in a thread), the next is
+        # collected, decoded and priced on the event loop. Acks are explicit per
+        # message, so batches may finish in any order.
         current: tuple[str, _Pull] | None = None
+        committing: asyncio.Task[None] | None = None
         while not self._stopping:
             try:
                 if current is None:
                     current = await self._request()
                 messages = await self._collect(*current)
                 current = None if self._stopping else await self._request()
-                if messages:
-                    await self._process(messages)
+                if not messages:
+                    continue
+                prepared = self._prepare(messages)
+                if committing is not None:
+                    task, committing = committing, None
+                    await task
+                committing = asyncio.create_task(self._finish(prepared))
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # connection lost, server restarting: requests are simply re-sent
                 log.warning("usage consumer loop failed; retrying", consumer=self.durable, error=repr(error))
                 current = None
                 await asyncio.sleep(0.5)
+        if committing is not None:
+            with contextlib.suppress(Exception):
+                await committing
 
-    async def _process(self, messages: list[Msg]) -> None:
-        records: list[LedgerRecord] = []
-        owners: list[Msg] = []
-        rejected: list[tuple[Msg, str, str, str]] = []
+    def _prepare(self, messages: list[Msg]) -> _Prepared:
+        prepared = _Prepared()
         price = self.engine.price
         for msg in messages:
             headers = msg.headers or {}
@@ -189,16 +206,19 @@ class UsageConsumer:
             try:
                 if declared != self.message_type:
                     raise DecodeError(f"llmo-type is {declared!r}, expected {self.message_type!r}")
-                usage = self.decode(msg.data)
-                records.append(price(usage))
-                owners.append(msg)
+                prepared.records.append(price(self.decode(msg.data)))
+                prepared.owners.append(msg)
             except DecodeError as error:
-                rejected.append((msg, headers.get("Nats-Msg-Id", ""), "malformed_payload", str(error)))
+                prepared.rejected.append((msg, headers.get("Nats-Msg-Id", ""), "malformed_payload", str(error)))
             except RecordRejected as error:
                 USAGE_REJECTED.labels(error.reason.value).inc()
-                rejected.append((msg, headers.get("Nats-Msg-Id", ""), error.reason.value, error.detail))
+                prepared.rejected.append((msg, headers.get("Nats-Msg-Id", ""), error.reason.value, error.detail))
+        return prepared
+
+    async def _finish(self, prepared: _Prepared) -> None:
+        records, owners = prepared.records, prepared.owners
         failed = await self._commit(records, owners) if records else set()
-        for msg, event_id, reason, detail in rejected:
+        for msg, event_id, reason, detail in prepared.rejected:
             await self._dead_letter(msg, event_id, reason, detail)
         for msg, record in zip(owners, records, strict=True):
             if record.event_id not in failed:

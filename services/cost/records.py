@@ -77,6 +77,32 @@ class LedgerRecord:
     def occurred_at(self) -> datetime:
         return datetime.fromtimestamp(self.occurred_at_us / 1_000_000, tz=UTC)
 
+    def params(self) -> tuple[object, ...]:
+        """Column values in ``usage_ledger`` column order."""
+        day, hour = hour_labels(self.occurred_at_us)
+        return (
+            self.event_id,
+            self.request_key,
+            self.request_id,
+            self.source,
+            self.occurred_at_us,
+            day,
+            hour,
+            self.tenant,
+            self.application,
+            self.user,
+            self.model,
+            self.provider,
+            self.prompt_version,
+            self.route_reason,
+            self.input_tokens,
+            self.cached_input_tokens,
+            self.output_tokens,
+            self.cost_micros,
+            self.ttft_ms,
+            self.latency_ms,
+        )
+
     def row(self) -> dict[str, object]:
         day, hour = hour_labels(self.occurred_at_us)
         return {
@@ -126,26 +152,21 @@ class UsageInput:
     free: bool = False
 
 
-def _check_text(value: str, name: str, limit: int) -> None:
-    if len(value) > limit:
-        raise RecordRejected(RejectReason.MALFORMED, f"{name} longer than {limit} characters", name)
-
-
 def price_usage(usage: UsageInput, catalog: PriceCatalog) -> LedgerRecord:
     """Validate one usage and price it with the version in force at its timestamp."""
     if not usage.event_id:
         raise RecordRejected(RejectReason.MALFORMED, "event_id is required", "event_id")
-    _check_text(usage.event_id, "event_id", MAX_ID_LEN)
-    _check_text(usage.request_id, "request_id", MAX_ID_LEN)
-    for name in ("tenant", "application", "user", "model", "provider", "prompt_version", "route_reason"):
-        _check_text(getattr(usage, name), name, MAX_LABEL_LEN)
     if not usage.model:
         raise RecordRejected(RejectReason.MALFORMED, "model is required", "model")
+    if len(usage.event_id) > MAX_ID_LEN or len(usage.request_id) > MAX_ID_LEN:
+        raise RecordRejected(RejectReason.MALFORMED, f"event_id and request_id are limited to {MAX_ID_LEN} characters", "event_id")
+    labels = (usage.tenant, usage.application, usage.user, usage.model, usage.provider, usage.prompt_version, usage.route_reason)
+    if max(map(len, labels)) > MAX_LABEL_LEN:
+        raise RecordRejected(RejectReason.MALFORMED, f"attribution labels are limited to {MAX_LABEL_LEN} characters", "attribution")
     if usage.occurred_at_us <= 0:
         raise RecordRejected(RejectReason.MALFORMED, "occurred_at is required", "occurred_at")
-    for name in ("input_tokens", "cached_input_tokens", "output_tokens"):
-        if getattr(usage, name) < 0:
-            raise RecordRejected(RejectReason.MALFORMED, f"{name} must not be negative", name)
+    if usage.input_tokens < 0 or usage.cached_input_tokens < 0 or usage.output_tokens < 0:
+        raise RecordRejected(RejectReason.MALFORMED, "token counts must not be negative", "usage")
     provider = usage.provider
     if usage.free:
         cost = 0

@@ -91,6 +91,8 @@ budget_alerts = sa.Table(
     sa.Column("published", sa.Boolean, nullable=False, server_default=sa.false()),
 )
 
+_LEDGER_COLUMNS = tuple(c.name for c in usage_ledger.columns)
+
 GROUP_COLUMNS: dict[str, sa.Column[Any]] = {
     "tenant": usage_ledger.c.tenant,
     "application": usage_ledger.c.application,
@@ -190,8 +192,10 @@ class CostStore:
         if not unique:
             return outcome
         with self.engine.begin() as conn:
-            stmt = self._insert(usage_ledger).on_conflict_do_nothing().returning(usage_ledger.c.event_id)
-            inserted_ids = set(conn.execute(stmt, [r.row() for r in unique.values()]).scalars())
+            if self.engine.dialect.name == "sqlite":
+                # take the write lock now: the batch's reads and writes see no other writer
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            inserted_ids = self._insert_ledger_rows(conn, list(unique.values()))
             outcome.inserted = [r for r in unique.values() if r.event_id in inserted_ids]
             outcome.duplicates += len(unique) - len(inserted_ids)
             outcome.enriched = self._enrich(conn, [r for r in unique.values() if r.event_id not in inserted_ids])
@@ -212,6 +216,34 @@ class CostStore:
                 total = self._add_spend(conn, key, delta)
                 outcome.alerts += self._fire_thresholds(conn, by_id[key[0]], key[1], total)
         return outcome
+
+    def _insert_ledger_rows(self, conn: Connection, records: list[LedgerRecord]) -> set[str]:
+        """Insert rows, skipping any whose event id or request key exists; returns the inserted ids.
+
+        Plain DBAPI executemany: SQLAlchemy's per-row fallback for
+        ON CONFLICT ... RETURNING costs a round trip per row on PostgreSQL.
+        """
+        placeholder = "?" if self.engine.dialect.name == "sqlite" else "%s"
+        sql = (
+            f"INSERT INTO usage_ledger ({', '.join(_LEDGER_COLUMNS)}) "
+            f"VALUES ({', '.join([placeholder] * len(_LEDGER_COLUMNS))}) ON CONFLICT DO NOTHING"
+        )
+        params = [r.params() for r in records]
+        if self.engine.dialect.name == "postgresql":
+            cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+            inserted: set[str] = set()
+            cursor.executemany(sql + " RETURNING event_id", params, returning=True)
+            while True:
+                inserted.update(row[0] for row in cursor.fetchall())
+                if not cursor.nextset():
+                    break
+            return inserted
+        # SQLite: this transaction holds the write lock, and rowids of new rows are
+        # assigned above the current maximum, so the rows past it are exactly ours.
+        before = conn.exec_driver_sql("SELECT COALESCE(MAX(rowid), 0) FROM usage_ledger").scalar_one()
+        conn.exec_driver_sql(sql, params)
+        found = conn.exec_driver_sql("SELECT event_id FROM usage_ledger WHERE rowid > ?", (before,))
+        return {row[0] for row in found}
 
     def _enrich(self, conn: Connection, not_inserted: list[LedgerRecord]) -> int:
         """Give a row recorded from the inference event the router's route reason and prompt version."""

@@ -10,7 +10,7 @@ import pytest
 from llmo.cost.budgets import Budget, Window, window_key
 from llmo.cost.prices import load_catalog
 from llmo.cost.records import LedgerRecord, Source, UsageInput, price_usage
-from llmo.cost.storage import CostStore, ReportQuery
+from llmo.cost.storage import _LEDGER_COLUMNS, CostStore, ReportQuery
 
 NOW = datetime.now(UTC).replace(minute=30, second=0, microsecond=0)
 CATALOG = load_catalog()
@@ -69,6 +69,8 @@ def test_each_event_is_recorded_once_and_totals_are_exact(store: CostStore) -> N
     assert store.ledger_totals() == (300, expected)
     # 1000 input + 500 output of gpt-4o-mini: (1000 * 150000 + 500 * 600000) / 1e6 = 450 micros
     assert record("x").cost_micros == 450
+    row = record("x").row()
+    assert tuple(row) == _LEDGER_COLUMNS and tuple(row.values()) == record("x").params()
 
 
 def test_router_and_inference_events_of_one_call_are_charged_once(store: CostStore) -> None:
