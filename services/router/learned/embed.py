@@ -33,29 +33,41 @@ def text_key(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+_MODELS: dict[int, Any] = {}
+_MODELS_LOCK = threading.Lock()
+
+
+def _shared_model(max_seq_length: int) -> Any:
+    """One loaded model per process (and sequence length): loading takes seconds."""
+    with _MODELS_LOCK:
+        model = _MODELS.get(max_seq_length)
+        if model is None:
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+            os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+            os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+            from sentence_transformers import SentenceTransformer
+
+            model = SentenceTransformer(str(model_path()), device="cpu")
+            model.max_seq_length = max_seq_length
+            _MODELS[max_seq_length] = model
+            log.info("router.embedder_loaded", model=EMBEDDING_MODEL)
+        return model
+
+
 class Embedder:
     """Thread-safe lazy wrapper around the SentenceTransformer model (CPU)."""
 
     def __init__(self, cache_dir: Path | None = None, batch_size: int = 64, max_seq_length: int = 256) -> None:
         self._model: Any = None
-        self._lock = threading.Lock()
         self.cache_dir = cache_dir
         self.batch_size = batch_size
         self.max_seq_length = max_seq_length
 
     def _load(self) -> Any:
-        with self._lock:
-            if self._model is None:
-                os.environ.setdefault("HF_HUB_OFFLINE", "1")
-                os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-                os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-                os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-                from sentence_transformers import SentenceTransformer
-
-                self._model = SentenceTransformer(str(model_path()), device="cpu")
-                self._model.max_seq_length = self.max_seq_length
-                log.info("router.embedder_loaded", model=EMBEDDING_MODEL)
-            return self._model
+        if self._model is None:
+            self._model = _shared_model(self.max_seq_length)
+        return self._model
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """L2-normalised float32 embeddings, shape (len(texts), 384)."""

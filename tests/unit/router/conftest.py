@@ -59,3 +59,21 @@ def routing_dir(tmp_path: Path) -> Path:
             rows.append((f"[{s}] {q}", i % 4 == 0, True))
         write_routing_csv(d / f"toy_subject{s}.csv", rows)
     return d
+
+
+@pytest.fixture
+def engine(tmp_path: Path):  # type: ignore[no-untyped-def]
+    from llmo.router.store import open_store
+
+    eng = open_store(f"sqlite:///{tmp_path / 'router.db'}")
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+async def backend():  # type: ignore[no-untyped-def]
+    from llmo.router.fake_backend import FakeBackend
+
+    fb = await FakeBackend(tokens=6, hang_s=30).start()
+    yield fb
+    await fb.stop()

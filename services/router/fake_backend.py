@@ -1,0 +1,124 @@
+"""A local OpenAI-compatible backend with fixed latency and scripted misbehaviour, for
+benchmarks and tests of the gateway's resilience (it is a real HTTP server on a socket).
+
+Behaviours (per model name, so one server can host a healthy and a broken "provider"):
+``ok`` streams `tokens` words; ``error`` answers HTTP 500; ``reject`` answers HTTP 400;
+``hang`` sends headers and one token, then stalls; ``hang_first`` stalls before any token;
+``garbage`` sends two good tokens then a non-JSON event; ``truncate`` closes mid-stream
+without a finish reason; ``flaky`` fails with 503 on every other request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+
+@dataclass
+class FakeBackend:
+    behaviours: dict[str, str] = field(default_factory=dict)
+    latency_s: float = 0.0
+    token_delay_s: float = 0.0
+    tokens: int = 8
+    hang_s: float = 3600.0
+    calls: dict[str, int] = field(default_factory=dict)
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    _runner: web.AppRunner | None = None
+    _released: asyncio.Event = field(default_factory=asyncio.Event)
+    port: int = 0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._chat)
+        return app
+
+    async def start(self, port: int = 0) -> FakeBackend:
+        self._runner = web.AppRunner(self.app(), access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", port)
+        await site.start()
+        server = site._server
+        assert server is not None
+        self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr,attr-defined]
+        return self
+
+    async def stop(self) -> None:
+        self._released.set()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _hang(self) -> None:
+        # Stalls like a stuck upstream, but lets stop() end promptly.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._released.wait(), self.hang_s)
+
+    def _words(self, model: str) -> list[str]:
+        return [f"{model}-w{i} " for i in range(self.tokens)]
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        model = str(body.get("model", ""))
+        self.requests.append(body)
+        n = self.calls[model] = self.calls.get(model, 0) + 1
+        behaviour = self.behaviours.get(model, "ok")
+        if self.latency_s:
+            await asyncio.sleep(self.latency_s)
+        if behaviour == "error" or (behaviour == "flaky" and n % 2 == 1):
+            return web.json_response({"error": {"message": "boom"}}, status=500 if behaviour == "error" else 503)
+        if behaviour == "reject":
+            return web.json_response({"error": {"message": "bad request"}}, status=400)
+        words = self._words(model)
+        prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in body.get("messages", []))
+        if not body.get("stream"):
+            text = "".join(words)
+            return web.json_response(
+                {
+                    "id": f"cmpl-{n}",
+                    "object": "chat.completion",
+                    "created": int(time.time()),
+                    "model": model,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(words), "total_tokens": prompt_tokens + len(words)},
+                }
+            )
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream", "cache-control": "no-cache"})
+        await resp.prepare(request)
+        if behaviour == "hang_first":
+            await self._hang()
+        for i, word in enumerate(words):
+            if behaviour == "garbage" and i == 2:
+                await resp.write(b"data: {this is not json\n\n")
+                return resp
+            if behaviour == "truncate" and i == 2:
+                return resp
+            if behaviour == "hang" and i == 1:
+                await self._hang()
+            await resp.write(_event(model, n, {"content": word}, None))
+            if self.token_delay_s:
+                await asyncio.sleep(self.token_delay_s)
+        await resp.write(_event(model, n, {}, "stop"))
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(words), "total_tokens": prompt_tokens + len(words)}
+        await resp.write(b"data: " + json.dumps({"id": f"cmpl-{n}", "object": "chat.completion.chunk", "model": model, "choices": [], "usage": usage}).encode() + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+
+def _event(model: str, n: int, delta: dict[str, str], finish: str | None) -> bytes:
+    payload = {
+        "id": f"cmpl-{n}",
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
+    return b"data: " + json.dumps(payload).encode() + b"\n\n"

@@ -1,0 +1,572 @@
+"""The gateway: one pipeline behind both the gRPC `Complete`/`Route` RPCs and the
+OpenAI-compatible HTTP front.
+
+For each request: render the prompt template, compress and prune the context, route
+(explicit, experiment, learned, bandit or constraints), look in the semantic cache, check
+the budget with the cost service (before any model call), then stream from the chosen
+model down its fallback chain with per-provider breakers, retries with jitter (only on
+retryable errors and only before any text was sent) and optional hedging. A provider that
+fails mid-stream is cut off and the next model continues the answer from the text already
+sent (the partial answer is passed as a final assistant message), so the client sees one
+unbroken stream. Emits `llmo.router.v1.routed` and `llmo.router.v1.completed`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from llmo.core.errors import ServiceError, invalid_argument, resource_exhausted, unavailable
+from llmo.core.logging import get_logger
+from llmo.router import policies
+from llmo.router.bandit import BanditStore, cost_penalised_reward
+from llmo.router.cache import CachedAnswer, SemanticCache
+from llmo.router.context import Message, compress_text, prune_history
+from llmo.router.experiments import ExperimentStore, parse_experiment_name
+from llmo.router.portfolio import Model, Portfolio, ProviderKind
+from llmo.router.prompts import PromptRegistry, parse_template_name
+from llmo.router.providers.base import ChatRequest, Chunk, ProviderClient, ProviderError, Usage
+from llmo.router.providers.openai_http import OpenAIHttpClient
+from llmo.router.resilience import BreakerBoard, backoff_delay
+from llmo.router.tokens import count_message_tokens, count_tokens
+
+log = get_logger(__name__)
+
+ROLES = frozenset({"system", "user", "assistant", "tool"})
+# Reward scale: a request costing this much loses `cost_weight` of its quality reward.
+COST_SCALE_MICROS = 10_000
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    template: str
+    version: int = 0
+    label: str = ""
+    variables: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GatewayRequest:
+    tenant: str
+    messages: list[Message]
+    prompt: PromptSpec | None = None
+    policy: str = ""  # "", explicit, constraints, learned, bandit
+    model: str = ""
+    constraints: policies.Constraints = field(default_factory=policies.Constraints)
+    strong_share: float | None = None
+    max_prompt_tokens: int = 0
+    compress_message_tokens: int = 0
+    max_tokens: int = 0
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: list[str] = field(default_factory=list)
+    experiment: str = ""
+    user: str = ""
+    application: str = ""
+    skip_cache: bool = False
+    request_id: str = ""
+
+
+@dataclass
+class Prepared:
+    request_id: str
+    messages: list[Message]
+    decision: policies.Decision
+    input_tokens: int
+    tokens_saved: int
+
+
+@dataclass(frozen=True)
+class Started:
+    request_id: str
+    decision: policies.Decision
+    input_tokens: int
+    tokens_saved: int
+
+
+@dataclass(frozen=True)
+class Delta:
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    model: str
+    finish_reason: str
+    usage: Usage
+    cost_micros: int
+    cache_hit: bool
+    fallbacks: int
+
+
+GatewayEvent = Started | Delta | Finished
+
+
+class BudgetChecker(Protocol):
+    async def check(
+        self, tenant: str, application: str, model: str, estimated_cost_micros: int, request_id: str
+    ) -> BudgetVerdict: ...
+
+
+@dataclass(frozen=True)
+class BudgetVerdict:
+    decision: str  # "allow", "downgrade", "deny"
+    reason: str = ""
+    budget: str = ""
+    limit_micros: int = 0
+    spent_micros: int = 0
+    remaining_micros: int = 0
+    downgrade_model: str = ""
+
+
+class EventSink(Protocol):
+    async def routed(self, request: GatewayRequest, prepared: Prepared) -> None: ...
+
+    async def completed(
+        self, request: GatewayRequest, prepared: Prepared, finished: Finished, latency_ms: float, ttft_ms: float, status: str
+    ) -> None: ...
+
+
+LearnedScorer = Callable[[str], Awaitable[tuple[float, float, str]]]
+
+
+def _provider_client(portfolio: Portfolio, model: Model) -> ProviderClient:
+    provider = portfolio.provider_of(model)
+    if provider.kind == ProviderKind.OPENAI:
+        assert provider.base_url is not None
+        return OpenAIHttpClient(
+            provider.base_url,
+            provider.api_key(),
+            connect_timeout_s=provider.connect_timeout_s,
+            first_token_timeout_s=provider.first_token_timeout_s,
+            idle_timeout_s=provider.idle_timeout_s,
+            total_timeout_s=provider.timeout_s,
+        )
+    from llmo.router.providers.inference_grpc import InferenceGrpcClient
+
+    assert provider.target is not None
+    return InferenceGrpcClient(
+        provider.target,
+        first_token_timeout_s=provider.first_token_timeout_s,
+        idle_timeout_s=provider.idle_timeout_s,
+        total_timeout_s=provider.timeout_s,
+    )
+
+
+class Gateway:
+    def __init__(
+        self,
+        portfolio: Callable[[], Portfolio],
+        *,
+        bandit: BanditStore,
+        prompts: PromptRegistry,
+        experiments: ExperimentStore,
+        learned: LearnedScorer | None = None,
+        cache: SemanticCache | None = None,
+        budget: BudgetChecker | None = None,
+        events: EventSink | None = None,
+        encoder: Callable[[Any], Any] | None = None,
+        hedge_after_s: float = 0.0,
+        retry_base_s: float = 0.05,
+    ) -> None:
+        self._portfolio = portfolio
+        self.bandit = bandit
+        self.prompts = prompts
+        self.experiments = experiments
+        self.learned = learned
+        self.cache = cache
+        self.budget = budget
+        self.events = events
+        self.encoder = encoder
+        self.hedge_after_s = hedge_after_s
+        self.retry_base_s = retry_base_s
+        self.breakers = BreakerBoard()
+        self._clients: dict[tuple[str, str], ProviderClient] = {}
+
+    @property
+    def portfolio(self) -> Portfolio:
+        return self._portfolio()
+
+    async def close(self) -> None:
+        for client in self._clients.values():
+            await client.close()
+        self._clients.clear()
+
+    def client_for(self, model: Model) -> ProviderClient:
+        portfolio = self.portfolio
+        provider = portfolio.provider_of(model)
+        key = (model.provider, provider.model_dump_json())
+        client = self._clients.get(key)
+        if client is None:
+            client = _provider_client(portfolio, model)
+            self._clients[key] = client
+        return client
+
+    # ------------------------------------------------------------------ preparation
+
+    async def prepare(self, req: GatewayRequest) -> Prepared:
+        if not req.messages:
+            raise invalid_argument("EMPTY_MESSAGES", "messages must not be empty")
+        for i, m in enumerate(req.messages):
+            if m.role not in ROLES:
+                raise invalid_argument("INVALID_ROLE", f"messages[{i}].role {m.role!r} is not one of {sorted(ROLES)}")
+        if req.max_tokens < 0:
+            raise invalid_argument("INVALID_MAX_TOKENS", "max_tokens must be >= 0")
+        request_id = req.request_id or f"rtr-{uuid.uuid4().hex}"
+        messages = list(req.messages)
+        prompt_version = ""
+        experiment_id = ""
+        arm_name = ""
+        arm_model = ""
+        exp_reason = ""
+        if req.experiment:
+            experiment_id = parse_experiment_name(req.experiment)
+            _info, arm, exp_reason = await asyncio.to_thread(
+                self.experiments.assign, req.tenant, experiment_id, req.user or req.tenant
+            )
+            arm_name, arm_model = arm.arm, arm.model
+            if arm.prompt_version and req.prompt is None:
+                tid, _, version = arm.prompt_version.partition("/versions/")
+                req = _with_prompt(req, PromptSpec(tid, int(version or 0)))
+        if req.prompt is not None:
+            tid = parse_template_name(req.prompt.template) if req.prompt.template.startswith("promptTemplates/") else ""
+            if not tid:
+                tid = parse_template_name(f"promptTemplates/{req.prompt.template}")
+            text, version_info = await asyncio.to_thread(
+                self.prompts.render, req.tenant, tid, dict(req.prompt.variables), req.prompt.version, req.prompt.label
+            )
+            prompt_version = version_info.name
+            messages.insert(0, Message("system", text))
+        before = count_message_tokens([(m.role, m.content) for m in messages])
+        if req.compress_message_tokens > 0:
+            messages = await asyncio.to_thread(self._compress, messages, req.compress_message_tokens)
+        if req.max_prompt_tokens > 0:
+            pruned = await asyncio.to_thread(prune_history, messages, req.max_prompt_tokens, self.encoder)
+            messages = pruned.messages
+        input_tokens = count_message_tokens([(m.role, m.content) for m in messages])
+        latest = next((m.content for m in reversed(messages) if m.role == "user"), messages[-1].content)
+        inp = policies.RoutingInput(
+            tenant=req.tenant,
+            prompt_text=latest,
+            input_tokens=input_tokens,
+            max_tokens=req.max_tokens,
+            constraints=req.constraints,
+            strong_share=req.strong_share,
+        )
+        portfolio = self.portfolio
+        if arm_model:
+            decision = policies.explicit(portfolio, inp, arm_model)
+            decision.policy = policies.EXPERIMENT
+            decision.reason = f"experiment {experiment_id}: {exp_reason}; model {arm_model}"
+        else:
+            decision = await self._route(portfolio, req, inp)
+        decision.experiment = f"experiments/{experiment_id}" if experiment_id else ""
+        decision.arm = arm_name
+        decision.prompt_version = prompt_version
+        return Prepared(request_id, messages, decision, input_tokens, max(0, before - input_tokens))
+
+    @staticmethod
+    def _compress(messages: list[Message], budget: int) -> list[Message]:
+        out = []
+        last = len(messages) - 1
+        for i, m in enumerate(messages):
+            if i != last and m.role != "system" and count_tokens(m.content) > budget:
+                latest = messages[last].content
+                m = Message(m.role, compress_text(m.content, budget, query=latest).text)
+            out.append(m)
+        return out
+
+    async def _route(self, portfolio: Portfolio, req: GatewayRequest, inp: policies.RoutingInput) -> policies.Decision:
+        policy = req.policy or ("explicit" if req.model else "")
+        if policy == policies.EXPLICIT or req.model:
+            if not req.model:
+                raise invalid_argument("UNKNOWN_MODEL", "explicit routing needs a model")
+            return policies.explicit(portfolio, inp, req.model)
+        if policy == policies.BANDIT:
+            return await asyncio.to_thread(policies.bandit, portfolio, inp, self.bandit)
+        if policy == policies.CONSTRAINTS:
+            return policies.cheapest(portfolio, inp)
+        learned_ready = self.learned is not None and portfolio.routing.weak_model and portfolio.routing.strong_model
+        if policy == policies.LEARNED and not learned_ready:
+            from llmo.core.errors import failed_precondition
+
+            raise failed_precondition(
+                "LEARNED_ROUTING_UNCONFIGURED", "no trained router is loaded or the portfolio lacks weak/strong models"
+            )
+        if learned_ready and self.learned is not None:
+            score, threshold, version = await self.learned(inp.prompt_text)
+            share = inp.strong_share
+            if share is not None and share != portfolio.routing.strong_share:
+                threshold = await self._threshold_for(share)
+            return policies.learned(portfolio, inp, score, threshold, version)
+        if portfolio.routing.default_model:
+            return policies.explicit(portfolio, inp, portfolio.routing.default_model)
+        return policies.cheapest(portfolio, inp)
+
+    async def _threshold_for(self, share: float) -> float:
+        threshold_of = getattr(self.learned, "threshold_for_strong_share", None)
+        if threshold_of is None:
+            raise invalid_argument("INVALID_STRONG_SHARE", "the learned router cannot re-calibrate its threshold")
+        if not 0.0 <= share <= 1.0:
+            raise invalid_argument("INVALID_STRONG_SHARE", "strong_share must be in [0, 1]")
+        return float(threshold_of(share))
+
+    # ------------------------------------------------------------------ completion
+
+    async def complete(self, req: GatewayRequest) -> AsyncIterator[GatewayEvent]:
+        started = time.perf_counter()
+        prepared = await self.prepare(req)
+        decision = prepared.decision
+        portfolio = self.portfolio
+        scope = f"{decision.model.name if req.model or req.experiment else 'auto'}|{req.temperature}|{req.max_tokens}|{decision.prompt_version}"
+        pairs = [(m.role, m.content) for m in prepared.messages]
+        if self.cache is not None and not req.skip_cache:
+            hit = await asyncio.to_thread(self.cache.lookup, req.tenant, scope, pairs)
+            if hit is not None:
+                ans = hit.answer
+                decision.reason = f"{hit.kind} cache hit (similarity {hit.similarity:.3f}); {decision.reason}"
+                yield Started(prepared.request_id, decision, prepared.input_tokens, prepared.tokens_saved)
+                yield Delta(ans.text)
+                finished = Finished(ans.model, ans.finish_reason, Usage(ans.prompt_tokens, ans.completion_tokens), 0, True, 0)
+                yield finished
+                await self._after(req, prepared, finished, started, started, "ok")
+                return
+        out_tokens = policies.output_tokens(decision.model, req.max_tokens)
+        if self.budget is not None:
+            decision = await self._check_budget(req, prepared, out_tokens)
+        if self.events is not None:
+            await self._emit(self.events.routed(req, prepared))
+        yield Started(prepared.request_id, decision, prepared.input_tokens, prepared.tokens_saved)
+        chain = [decision.model] + [m for name in decision.fallbacks if (m := portfolio.model(name)) is not None]
+        text_parts: list[str] = []
+        first_token_at: float | None = None
+        finished_state: dict[str, Any] = {}
+        try:
+            async for item in self._run_chain(req, prepared, chain, text_parts, finished_state):
+                if first_token_at is None:
+                    first_token_at = time.perf_counter()
+                yield item
+        except ServiceError as err:
+            failed = Finished(decision.model.name, "error", Usage(prepared.input_tokens, 0), 0, False, len(chain))
+            await self._after(req, prepared, failed, started, first_token_at or started, err.reason)
+            raise
+        model: Model = finished_state["model"]
+        usage: Usage = finished_state.get("usage") or Usage(prepared.input_tokens, count_tokens("".join(text_parts)))
+        cost = model.cost_micros(usage.prompt_tokens, usage.completion_tokens)
+        finished = Finished(model.name, finished_state["finish_reason"], usage, cost, False, finished_state["fallbacks"])
+        yield finished
+        if self.cache is not None and not req.skip_cache and finished.finish_reason in ("stop", "length"):
+            answer = CachedAnswer("".join(text_parts), model.name, usage.prompt_tokens, usage.completion_tokens, finished.finish_reason)
+            await asyncio.to_thread(self.cache.store, req.tenant, scope, pairs, answer)
+        await self._after(req, prepared, finished, started, first_token_at or started, "ok")
+
+    async def _check_budget(self, req: GatewayRequest, prepared: Prepared, out_tokens: int) -> policies.Decision:
+        assert self.budget is not None
+        decision = prepared.decision
+        estimate = decision.model.cost_micros(prepared.input_tokens, out_tokens)
+        verdict = await self.budget.check(req.tenant, req.application, decision.model.name, estimate, prepared.request_id)
+        if verdict.decision == "deny":
+            raise resource_exhausted(
+                "BUDGET_EXCEEDED",
+                f"budget {verdict.budget or '(tenant)'} denies this request: {verdict.reason}",
+                budget=verdict.budget,
+                limit_micros=verdict.limit_micros,
+                spent_micros=verdict.spent_micros,
+                remaining_micros=verdict.remaining_micros,
+                budget_reason=verdict.reason,
+                tenant=req.tenant,
+            )
+        if verdict.decision == "downgrade":
+            portfolio = self.portfolio
+            target = portfolio.model(verdict.downgrade_model) if verdict.downgrade_model else None
+            if target is None:
+                eligible = [c for c in decision.candidates if c.eligible and "context" not in c.note]
+                cheaper = sorted(eligible, key=lambda c: c.cost_micros)
+                target = portfolio.model(cheaper[0].model) if cheaper else None
+            if target is not None and target.name != decision.model.name:
+                old = decision.model.name
+                decision.model = target
+                decision.policy = policies.BUDGET_DOWNGRADE
+                decision.reason = f"budget {verdict.budget} ({verdict.reason}): downgraded {old} -> {target.name}; was: {decision.reason}"
+                decision.fallbacks = [m.name for m in portfolio.fallback_chain(target.name)[1:]]
+        return decision
+
+    async def _run_chain(
+        self,
+        req: GatewayRequest,
+        prepared: Prepared,
+        chain: list[Model],
+        text_parts: list[str],
+        state: dict[str, Any],
+    ) -> AsyncIterator[Delta]:
+        portfolio = self.portfolio
+        errors: list[str] = []
+        base_messages = [{"role": m.role, "content": m.content} for m in prepared.messages]
+        for index, model in enumerate(chain):
+            provider = portfolio.provider_of(model)
+            breaker = self.breakers.get(model.provider, provider.breaker_failures, provider.breaker_reset_s)
+            attempt = 0
+            while True:
+                if not breaker.allow():
+                    errors.append(f"{model.name}: circuit open")
+                    break
+                messages = list(base_messages)
+                extra: dict[str, Any] = {}
+                if text_parts:
+                    messages.append({"role": "assistant", "content": "".join(text_parts)})
+                    if provider.continue_final_message:
+                        extra = {"continue_final_message": True, "add_generation_prompt": False}
+                upstream = ChatRequest(
+                    model=model.upstream_name,
+                    messages=messages,
+                    max_tokens=policies.output_tokens(model, req.max_tokens),
+                    temperature=req.temperature,
+                    top_p=req.top_p,
+                    stop=req.stop,
+                    extra=extra,
+                )
+                sent_before = len(text_parts)
+                try:
+                    async for chunk in self._stream_with_hedge(model, upstream, chain[index + 1 :]):
+                        if chunk.usage is not None:
+                            state["usage"] = chunk.usage
+                        if chunk.text:
+                            text_parts.append(chunk.text)
+                            yield Delta(chunk.text)
+                        if chunk.finish_reason is not None:
+                            state["finish_reason"] = chunk.finish_reason
+                    if "finish_reason" not in state:
+                        raise ProviderError("UPSTREAM_TRUNCATED", "stream ended without a finish reason", retryable=True)
+                    breaker.record_success()
+                    state["model"] = model
+                    state["fallbacks"] = index
+                    return
+                except ProviderError as err:
+                    breaker.record_failure()
+                    log.warning("router.provider_failed", model=model.name, reason=err.reason, error=err.message, attempt=attempt)
+                    if err.client_error:
+                        raise invalid_argument("UPSTREAM_REJECTED_REQUEST", err.message, model=model.name) from err
+                    errors.append(f"{model.name}: {err.reason}")
+                    state.pop("finish_reason", None)
+                    if err.retryable and len(text_parts) == sent_before and attempt < provider.max_retries:
+                        await asyncio.sleep(backoff_delay(attempt, self.retry_base_s))
+                        attempt += 1
+                        continue
+                    break
+        raise unavailable(
+            "ALL_PROVIDERS_FAILED",
+            "every model in the fallback chain failed: " + "; ".join(errors),
+            tried=",".join(m.name for m in chain),
+            last_error=errors[-1] if errors else "",
+        )
+
+    async def _stream_with_hedge(self, model: Model, upstream: ChatRequest, rest: list[Model]) -> AsyncIterator[Chunk]:
+        """Stream from `model`; with hedging on and no first chunk after `hedge_after_s`,
+        also start the next model and keep whichever answers first."""
+        primary = self.client_for(model).stream(upstream)
+        if self.hedge_after_s <= 0 or not rest or upstream.messages[-1]["role"] == "assistant":
+            async for chunk in primary:
+                yield chunk
+            return
+        first_task = asyncio.ensure_future(anext(primary))
+        done, _ = await asyncio.wait({first_task}, timeout=self.hedge_after_s)
+        if done:
+            winner, first = primary, first_task.result()
+        else:
+            backup_model = rest[0]
+            hedge_req = ChatRequest(
+                model=backup_model.upstream_name,
+                messages=upstream.messages,
+                max_tokens=upstream.max_tokens,
+                temperature=upstream.temperature,
+                top_p=upstream.top_p,
+                stop=upstream.stop,
+            )
+            backup = self.client_for(backup_model).stream(hedge_req)
+            backup_task = asyncio.ensure_future(anext(backup))
+            done, pending = await asyncio.wait({first_task, backup_task}, return_when=asyncio.FIRST_COMPLETED)
+            ok = [t for t in done if t.exception() is None]
+            pick = first_task if first_task in ok else (backup_task if backup_task in ok else None)
+            if pick is None:
+                # Both failed before their first chunk: surface the primary's error.
+                for t in pending:
+                    t.cancel()
+                await _close(backup)
+                await _close(primary)
+                first_task.result()
+            for t in pending:
+                t.cancel()
+                with contextlib.suppress(BaseException):
+                    await t
+            winner = primary if pick is first_task else backup
+            loser = backup if winner is primary else primary
+            await _close(loser)
+            assert pick is not None
+            first = pick.result()
+            log.info("router.hedged", primary=model.name, backup=backup_model.name, winner="primary" if winner is primary else "backup")
+        yield first
+        async for chunk in winner:
+            yield chunk
+
+    async def _emit(self, coro: Awaitable[None]) -> None:
+        try:
+            await coro
+        except Exception as exc:
+            log.warning("router.event_publish_failed", error=str(exc))
+
+    async def _after(
+        self, req: GatewayRequest, prepared: Prepared, finished: Finished, started: float, first_token_at: float, status: str
+    ) -> None:
+        latency_ms = (time.perf_counter() - started) * 1000
+        ttft_ms = (first_token_at - started) * 1000
+        try:
+            await asyncio.to_thread(self._record, req, prepared, finished, latency_ms, status)
+        except Exception as exc:
+            log.warning("router.record_failed", error=str(exc))
+        if self.events is not None:
+            await self._emit(self.events.completed(req, prepared, finished, latency_ms, ttft_ms, status))
+
+    def _record(self, req: GatewayRequest, prepared: Prepared, finished: Finished, latency_ms: float, status: str) -> None:
+        from llmo.router.feedback import record_request
+
+        decision = prepared.decision
+        scope = "models" if decision.policy == policies.BANDIT else ""
+        arm = finished.model if scope else decision.arm
+        if decision.experiment:
+            scope = self.experiments.scope(decision.experiment.removeprefix("experiments/"))
+            if status == "ok":
+                self.experiments.record_request(
+                    req.tenant, decision.experiment.removeprefix("experiments/"), decision.arm, finished.cost_micros, latency_ms
+                )
+        record_request(
+            self.bandit.engine,
+            request_id=prepared.request_id,
+            tenant=req.tenant,
+            model=finished.model,
+            scope=scope,
+            arm=arm,
+            experiment=decision.experiment,
+            cost_micros=finished.cost_micros,
+            latency_ms=latency_ms,
+        )
+
+    def reward(self, cost_micros: int, quality: float, cost_weight: float) -> float:
+        return cost_penalised_reward(quality, cost_micros, cost_weight, COST_SCALE_MICROS)
+
+
+def _with_prompt(req: GatewayRequest, prompt: PromptSpec) -> GatewayRequest:
+    from dataclasses import replace
+
+    return replace(req, prompt=prompt)
+
+
+async def _close(stream: AsyncIterator[Chunk]) -> None:
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        with contextlib.suppress(BaseException):
+            await aclose()

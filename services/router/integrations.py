@@ -1,0 +1,179 @@
+"""Adapters between the gateway and the rest of the platform: the cost service's
+CheckBudget, NATS events (publish routed/completed, consume evaluation scores) and the
+learned complexity router artifact."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from llmo.core.client import create_channel, outgoing_metadata
+from llmo.core.errors import ServiceError
+from llmo.core.events import Delivery, EventBus
+from llmo.core.logging import get_logger
+from llmo.protos.common.v1 import common_pb2
+from llmo.protos.cost.v1 import cost_service_pb2, cost_service_pb2_grpc
+from llmo.protos.events.v1 import events_pb2
+from llmo.router.feedback import FeedbackRecorder
+from llmo.router.gateway import BudgetVerdict, Finished, GatewayRequest, Prepared
+from llmo.router.learned.embed import Embedder
+from llmo.router.learned.features import feature_matrix
+from llmo.router.learned.model import ComplexityRouter
+
+log = get_logger(__name__)
+
+_DECISIONS = {
+    cost_service_pb2.BUDGET_DECISION_ALLOW: "allow",
+    cost_service_pb2.BUDGET_DECISION_DOWNGRADE: "downgrade",
+    cost_service_pb2.BUDGET_DECISION_DENY: "deny",
+}
+
+
+class CostBudgetChecker:
+    """CheckBudget against the cost service. Fails open (allow) if the service is down, so
+    an outage of the cost service does not take completions down with it."""
+
+    def __init__(self, target: str, timeout_s: float = 0.5) -> None:
+        self.channel = create_channel(target, max_attempts=2)
+        self.stub = cost_service_pb2_grpc.CostServiceStub(self.channel)
+        self.timeout_s = timeout_s
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def check(
+        self, tenant: str, application: str, model: str, estimated_cost_micros: int, request_id: str
+    ) -> BudgetVerdict:
+        req = cost_service_pb2.CheckBudgetRequest(
+            tenant=tenant,
+            application=application,
+            model=model,
+            estimated_cost=common_pb2.Money(currency_code="USD", micros=estimated_cost_micros),
+            request_id=request_id,
+        )
+        try:
+            resp = await self.stub.CheckBudget(req, timeout=self.timeout_s, metadata=outgoing_metadata())
+        except grpc.aio.AioRpcError as exc:
+            log.warning("router.budget_check_failed", code=exc.code().name, detail=exc.details())
+            return BudgetVerdict("allow", reason=f"cost service unavailable ({exc.code().name})")
+        return BudgetVerdict(
+            decision=_DECISIONS.get(resp.decision, "allow"),
+            reason=resp.reason,
+            budget=resp.budget,
+            limit_micros=resp.limit.micros,
+            spent_micros=resp.spent.micros,
+            remaining_micros=resp.remaining.micros,
+            downgrade_model=resp.downgrade_model,
+        )
+
+
+def _money(micros: int) -> common_pb2.Money:
+    return common_pb2.Money(currency_code="USD", micros=micros)
+
+
+class NatsEventSink:
+    def __init__(self, bus: EventBus) -> None:
+        self.bus = bus
+
+    async def routed(self, request: GatewayRequest, prepared: Prepared) -> None:
+        d = prepared.decision
+        estimate = d.model.cost_micros(prepared.input_tokens, min(request.max_tokens or d.model.max_output_tokens, d.model.max_output_tokens))
+        event = events_pb2.RouterRouted(
+            event_id=str(uuid.uuid4()),
+            request_id=prepared.request_id,
+            attribution=common_pb2.Attribution(tenant=request.tenant, application=request.application, user=request.user),
+            policy=d.policy,
+            model=d.model.name,
+            provider=d.model.provider,
+            reason=d.reason,
+            estimated_cost=_money(estimate),
+            prompt_version=d.prompt_version,
+            experiment=d.experiment,
+            arm=d.arm,
+        )
+        event.occurred_at.GetCurrentTime()
+        await self.bus.publish(event)
+
+    async def completed(
+        self, request: GatewayRequest, prepared: Prepared, finished: Finished, latency_ms: float, ttft_ms: float, status: str
+    ) -> None:
+        event = events_pb2.RouterCompleted(
+            event_id=f"{prepared.request_id}:completed",
+            request_id=prepared.request_id,
+            attribution=common_pb2.Attribution(tenant=request.tenant, application=request.application, user=request.user),
+            model=finished.model,
+            provider=prepared.decision.model.provider if finished.model == prepared.decision.model.name else "",
+            usage=common_pb2.Usage(input_tokens=finished.usage.prompt_tokens, output_tokens=finished.usage.completion_tokens),
+            estimated_cost=_money(finished.cost_micros),
+            latency=common_pb2.Latency(ttft_ms=ttft_ms, e2e_ms=latency_ms),
+            cache_hit=finished.cache_hit,
+            route_reason=prepared.decision.reason,
+            prompt_version=prepared.decision.prompt_version,
+            fallbacks=finished.fallbacks,
+            status=status,
+            tokens_saved=prepared.tokens_saved,
+        )
+        event.occurred_at.GetCurrentTime()
+        await self.bus.publish(event)
+
+
+class ScoreConsumer:
+    """Feeds `llmo.evaluation.v1.scored` events for routed requests into the bandits."""
+
+    def __init__(self, bus: EventBus, recorder: FeedbackRecorder, durable: str) -> None:
+        self.recorder = recorder
+        self.consumer = bus.consumer(events_pb2.EvaluationScored, durable, self.handle)
+
+    async def start(self) -> None:
+        await self.consumer.bus.ensure_stream("evaluation")
+        self.consumer.start()
+
+    async def stop(self) -> None:
+        await self.consumer.stop()
+
+    async def handle(self, deliveries: list[Delivery[events_pb2.EvaluationScored]]) -> None:
+        for d in deliveries:
+            ev = d.event
+            if not ev.request_id:
+                continue
+            try:
+                await asyncio.to_thread(self.recorder.record, None, ev.request_id, float(ev.score), d.event_id)
+            except ServiceError as err:
+                if err.reason == "REQUEST_NOT_FOUND":
+                    continue  # scored traffic that did not go through this router
+                d.reject(err.reason, err.message)
+
+
+class LearnedScorer:
+    """Scores prompts with a trained ComplexityRouter; threshold from the portfolio's strong share."""
+
+    def __init__(self, router: ComplexityRouter, embedder: Embedder, strong_share: float) -> None:
+        self.router = router
+        self.embedder = embedder
+        self.strong_share = strong_share
+
+    @classmethod
+    def load(cls, directory: Path, embedder: Embedder, strong_share: float) -> LearnedScorer:
+        return cls(ComplexityRouter.load(directory), embedder, strong_share)
+
+    def threshold_for_strong_share(self, share: float) -> float:
+        return self.router.threshold_for_strong_share(share)
+
+    def _score(self, text: str) -> float:
+        emb = self.embedder.encode([text])
+        return float(self.router.score_features(emb, feature_matrix([text]))[0])
+
+    async def __call__(self, text: str) -> tuple[float, float, str]:
+        score = await asyncio.to_thread(self._score, text)
+        return score, self.router.threshold_for_strong_share(self.strong_share), self.router.version
+
+
+def encoder_of(embedder: Embedder):  # type: ignore[no-untyped-def]
+    def encode(texts: list[str]) -> np.ndarray:
+        return embedder.encode(texts)
+
+    return encode

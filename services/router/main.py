@@ -1,0 +1,172 @@
+"""Run the router service: gRPC RouterService (50051), OpenAI-compatible HTTP (8080),
+portfolio hot reload, NATS events and the evaluation-score consumer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from llmo.core.events import EventBus
+from llmo.core.logging import configure_logging, get_logger
+from llmo.core.metrics import start_metrics_server
+from llmo.core.server import GrpcServer, wait_for_shutdown_signal
+from llmo.protos.router.v1 import router_service_pb2_grpc
+from llmo.router.bandit import BanditStore
+from llmo.router.cache import SemanticCache
+from llmo.router.experiments import ExperimentStore
+from llmo.router.feedback import FeedbackRecorder
+from llmo.router.gateway import Gateway
+from llmo.router.http_api import OpenAIFront
+from llmo.router.integrations import (
+    CostBudgetChecker,
+    LearnedScorer,
+    NatsEventSink,
+    ScoreConsumer,
+    encoder_of,
+)
+from llmo.router.learned.embed import Embedder
+from llmo.router.portfolio import PortfolioStore
+from llmo.router.prompts import PromptRegistry
+from llmo.router.servicer import RouterServicer
+from llmo.router.settings import RouterSettings
+from llmo.router.store import open_store
+
+log = get_logger(__name__)
+
+SERVICE_NAME = "llmo.router.v1.RouterService"
+
+
+@dataclass
+class RunningRouter:
+    settings: RouterSettings
+    gateway: Gateway
+    server: GrpcServer
+    port: int
+    http_port: int | None
+    portfolio: PortfolioStore
+    engine: Any
+    bus: EventBus | None = None
+    budget: CostBudgetChecker | None = None
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    runner: web.AppRunner | None = None
+    consumer: ScoreConsumer | None = None
+
+    async def stop(self) -> None:
+        await self.server.stop()
+        if self.runner is not None:
+            await self.runner.cleanup()
+        for task in self.tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.consumer is not None:
+            await self.consumer.stop()
+        await self.gateway.close()
+        if self.budget is not None:
+            await self.budget.close()
+        if self.bus is not None:
+            await self.bus.close()
+        await asyncio.to_thread(self.engine.dispose)
+
+
+def portfolio_path(settings: RouterSettings) -> Path:
+    return Path(settings.portfolio_path) if settings.portfolio_path else settings.platform.data_dir / "router" / "portfolio.yaml"
+
+
+async def start(
+    settings: RouterSettings, *, port: int | None = None, http_port: int | None = None, metrics: bool = True
+) -> RunningRouter:
+    """Start everything and return a handle; `port=0` / `http_port=0` bind free ports."""
+    store = PortfolioStore(portfolio_path(settings))
+    engine = await asyncio.to_thread(open_store, settings.resolved_database_url())
+    bandit = BanditStore(engine)
+    experiments = ExperimentStore(engine, bandit)
+    embedder = Embedder(cache_dir=None)
+    learned = None
+    if settings.learned_router_dir:
+        learned = await asyncio.to_thread(
+            LearnedScorer.load, Path(settings.learned_router_dir), embedder, store.current.routing.strong_share
+        )
+
+        def _share(p: Any) -> None:
+            assert learned is not None
+            learned.strong_share = p.routing.strong_share
+
+        store._on_change = _share
+    cache = None
+    if settings.cache_enabled:
+        cache = SemanticCache(
+            encoder_of(embedder),
+            ttl_s=settings.cache_ttl_s,
+            similarity_threshold=settings.cache_similarity,
+            max_entries_per_tenant=settings.cache_max_entries,
+        )
+    bus: EventBus | None = None
+    if settings.events:
+        bus = await EventBus(settings.platform.nats_url, name="llmo-router").connect()
+    budget = CostBudgetChecker(settings.cost_target, settings.budget_timeout_s) if settings.cost_target else None
+    gateway = Gateway(
+        lambda: store.current,
+        bandit=bandit,
+        prompts=PromptRegistry(engine),
+        experiments=experiments,
+        learned=learned,
+        cache=cache,
+        budget=budget,
+        events=NatsEventSink(bus) if bus is not None else None,
+        encoder=encoder_of(embedder),
+        hedge_after_s=settings.hedge_after_ms / 1000.0,
+    )
+    feedback = FeedbackRecorder(engine, bandit, experiments)
+    consumer = None
+    if bus is not None:
+        consumer = ScoreConsumer(bus, feedback, f"{settings.consumer_name}-scores")
+        await consumer.start()
+    server = GrpcServer("router", settings, port=port)
+    server.add_service(router_service_pb2_grpc.add_RouterServiceServicer_to_server, RouterServicer(gateway, feedback), SERVICE_NAME)
+    bound = await server.start()
+    runner = None
+    bound_http: int | None = None
+    want_http = settings.resolved_http_port() if http_port is None else http_port
+    if want_http is not None and want_http >= 0:
+        runner = web.AppRunner(OpenAIFront(gateway, settings.platform).app(), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, settings.host, want_http)
+        await site.start()
+        sockets = site._server.sockets if site._server is not None else []  # type: ignore[union-attr,attr-defined]
+        bound_http = sockets[0].getsockname()[1] if sockets else want_http
+    tasks = [asyncio.create_task(store.watch(settings.portfolio_reload_s), name="portfolio-watch")]
+    metrics_port = settings.resolved_metrics_port()
+    if metrics and metrics_port is not None:
+        with contextlib.suppress(OSError):
+            start_metrics_server(metrics_port, settings.host)
+    log.info(
+        "router service started",
+        grpc_port=bound,
+        http_port=bound_http,
+        portfolio=str(store.path),
+        learned=bool(learned),
+        budget=bool(budget),
+        events=bus is not None,
+    )
+    return RunningRouter(settings, gateway, server, bound, bound_http, store, engine, bus, budget, tasks, runner, consumer)
+
+
+async def serve(settings: RouterSettings | None = None) -> None:
+    """Run until SIGTERM/SIGINT or cancellation, then drain."""
+    settings = settings or RouterSettings()
+    configure_logging("router", env=settings.platform.env, level=settings.platform.log_level)
+    running = await start(settings)
+    try:
+        await wait_for_shutdown_signal()
+    finally:
+        await running.stop()
+
+
+if __name__ == "__main__":
+    asyncio.run(serve())

@@ -1,0 +1,60 @@
+"""What the gateway needs from a provider: a stream of validated text chunks."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """An upstream chat completion request (the model is the provider's own name)."""
+
+    model: str
+    messages: list[dict[str, str]]
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Chunk:
+    text: str = ""
+    finish_reason: str | None = None
+    usage: Usage | None = None
+
+
+class ProviderError(Exception):
+    """A provider call failed. `retryable` errors may be retried on the same provider;
+    every provider error moves the request down its fallback chain. `client_error` marks
+    a request the upstream rejected as malformed, which no fallback would accept either."""
+
+    def __init__(
+        self, reason: str, message: str, *, retryable: bool, status: int | None = None, client_error: bool = False
+    ) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.retryable = retryable
+        self.status = status
+        self.client_error = client_error
+
+    def __repr__(self) -> str:
+        return f"ProviderError({self.reason!r}, {self.message!r}, retryable={self.retryable})"
+
+
+class ProviderClient(Protocol):
+    def stream(self, request: ChatRequest) -> AsyncIterator[Chunk]:
+        """Yield chunks; the last one has `finish_reason` set. Raise ProviderError on failure."""
+        ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,93 @@
+"""Client for our inference service over gRPC (`llmo.inference.v1.InferenceService/Generate`)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from llmo.core.client import create_channel, outgoing_metadata
+from llmo.router.providers.base import ChatRequest, Chunk, ProviderError, Usage
+
+_RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED}
+_CLIENT = {grpc.StatusCode.INVALID_ARGUMENT}
+_FINISH = {1: "stop", 2: "length"}
+
+
+class InferenceGrpcClient:
+    def __init__(
+        self,
+        target: str,
+        *,
+        first_token_timeout_s: float = 10.0,
+        idle_timeout_s: float = 10.0,
+        total_timeout_s: float = 120.0,
+    ) -> None:
+        self.target = target
+        self.first_token_timeout_s = first_token_timeout_s
+        self.idle_timeout_s = idle_timeout_s
+        self.total_timeout_s = total_timeout_s
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: Any = None
+
+    def _get_stub(self) -> Any:
+        if self._stub is None:
+            from llmo.protos.inference.v1 import inference_service_pb2_grpc
+
+            self._channel = create_channel(self.target, max_attempts=1)
+            self._stub = inference_service_pb2_grpc.InferenceServiceStub(self._channel)
+        return self._stub
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+            self._stub = None
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[Chunk]:
+        from llmo.protos.inference.v1 import inference_service_pb2 as pb
+
+        sampling = pb.SamplingParams(max_tokens=request.max_tokens or 0, stop=request.stop)
+        if request.temperature is not None:
+            sampling.temperature = request.temperature
+        if request.top_p is not None:
+            sampling.top_p = request.top_p
+        msg = pb.GenerateRequest(
+            model=request.model,
+            messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in request.messages],
+            sampling=sampling,
+        )
+        call = self._get_stub().Generate(msg, timeout=self.total_timeout_s, metadata=outgoing_metadata())
+        first = True
+        finished = False
+        try:
+            while True:
+                wait = self.first_token_timeout_s if first else self.idle_timeout_s
+                try:
+                    resp = await asyncio.wait_for(call.read(), timeout=wait)
+                except TimeoutError as exc:
+                    call.cancel()
+                    raise ProviderError("UPSTREAM_HUNG", f"no token within {wait:g}s", retryable=True) from exc
+                if resp is grpc.aio.EOF:
+                    break
+                first = False
+                usage = None
+                if resp.HasField("usage"):
+                    usage = Usage(int(resp.usage.input_tokens), int(resp.usage.output_tokens))
+                text = "".join(c.text for c in resp.choices if c.index == 0)
+                reason = next((_FINISH.get(int(c.finish_reason)) for c in resp.choices if c.finish_reason), None)
+                finished = finished or reason is not None
+                if text or reason or usage:
+                    yield Chunk(text=text, finish_reason=reason, usage=usage)
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            raise ProviderError(
+                f"UPSTREAM_{code.name}",
+                f"inference service: {exc.details()}",
+                retryable=code in _RETRYABLE,
+                client_error=code in _CLIENT,
+            ) from exc
+        if not finished:
+            raise ProviderError("UPSTREAM_TRUNCATED", "inference stream ended without a finish reason", retryable=True)

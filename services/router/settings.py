@@ -1,0 +1,42 @@
+"""Knobs of the router service (`LLMO_ROUTER_*`)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic_settings import SettingsConfigDict
+
+from llmo.core.settings import DEFAULT_HTTP_PORTS, ServiceSettings
+
+
+class RouterSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="LLMO_ROUTER_", extra="ignore")
+    service: ClassVar[str] = "router"
+
+    # OpenAI-compatible HTTP front; 0 picks 8080, -1 disables it.
+    http_port: int = 0
+    # Portfolio YAML (models and providers); empty: <data_dir>/router/portfolio.yaml.
+    portfolio_path: str = ""
+    # Seconds between checks of the portfolio file for changes (hot reload).
+    portfolio_reload_s: float = 2.0
+    # Trained complexity-router artifact directory; empty: learned routing off.
+    learned_router_dir: str = ""
+    # Cost service "host:port" for CheckBudget before each completion; empty: no budget checks.
+    cost_target: str = ""
+    # Deadline for CheckBudget; on timeout the request is allowed (fail open) and logged.
+    budget_timeout_s: float = 0.5
+    # Semantic cache.
+    cache_enabled: bool = True
+    cache_ttl_s: float = 600.0
+    cache_similarity: float = 0.95
+    cache_max_entries: int = 10_000
+    # Start the next model in the chain when the first has sent nothing after this long (0: off).
+    hedge_after_ms: float = 0.0
+    # Publish llmo.router.v1.routed/completed and consume llmo.evaluation.v1.scored.
+    events: bool = True
+    consumer_name: str = "router"
+
+    def resolved_http_port(self) -> int | None:
+        if self.http_port < 0:
+            return None
+        return self.http_port or DEFAULT_HTTP_PORTS["router"]
