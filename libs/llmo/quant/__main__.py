@@ -1,0 +1,5 @@
+import sys
+
+from llmo.quant.tool import main
+
+sys.exit(main())
