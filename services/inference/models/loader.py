@@ -98,6 +98,8 @@ def load_model(path: str | Path | None = None, *, dtype: str | None = None, name
     root = Path(path) if path else DEMO_MODEL_DIR
     if not root.is_dir():
         raise ModelLoadError(f"model directory {root} does not exist")
+    if quantization not in ("none", "int8", "int4"):
+        raise ModelLoadError(f"unsupported quantization {quantization!r}; supported: none, int8, int4")
     config = ModelConfig.from_file(root / "config.json")
     torch_dtype = resolve_dtype(dtype, config)
     tokenizer = TextTokenizer.from_dir(root)
