@@ -1,0 +1,1 @@
+"""Package data: the bundled demo model (config.json, model.safetensors, tokenizer files)."""
