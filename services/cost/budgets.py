@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -148,6 +149,8 @@ class BudgetGuard:
     _committed: dict[tuple[str, int], int] = field(default_factory=dict)
     _reserved: dict[tuple[str, int], int] = field(default_factory=dict)
     _reservations: dict[str, _Reservation] = field(default_factory=dict)
+    # (expiry, reservation id) in expiry order: the TTL is fixed, so it is insertion order
+    _expiry: deque[tuple[float, str]] = field(default_factory=deque)
 
     def _now(self) -> float:
         return self.clock()
@@ -199,10 +202,14 @@ class BudgetGuard:
 
     def expire(self) -> int:
         now = self._now()
-        stale = [rid for rid, r in self._reservations.items() if r.expires_at <= now]
-        for rid in stale:
-            self.release(rid)
-        return len(stale)
+        expired = 0
+        while self._expiry and self._expiry[0][0] <= now:
+            at, rid = self._expiry.popleft()
+            res = self._reservations.get(rid)
+            if res is not None and res.expires_at == at:
+                self.release(rid)
+                expired += 1
+        return expired
 
     def check(
         self,
@@ -216,8 +223,11 @@ class BudgetGuard:
     ) -> Verdict:
         if estimated_cost_micros < 0:
             raise BudgetValidationError("estimated_cost", "must not be negative")
-        if self._reservations:
+        if self._expiry:
             self.expire()
+        if reserve and reservation_id:
+            # a retried check of the same request replaces its reservation instead of competing with it
+            self.release(reservation_id)
         worst: Verdict | None = None
         keys: list[tuple[str, int]] = []
         matched: list[str] = []
@@ -236,9 +246,10 @@ class BudgetGuard:
         rid = ""
         if reserve and worst.decision is not Decision.DENY:
             rid = reservation_id or uuid.uuid4().hex
-            self.release(rid)
             amount = max(estimated_cost_micros, 1)
-            self._reservations[rid] = _Reservation(keys, amount, self._now() + self.reservation_ttl_s)
+            expires_at = self._now() + self.reservation_ttl_s
+            self._reservations[rid] = _Reservation(keys, amount, expires_at)
+            self._expiry.append((expires_at, rid))
             for key in keys:
                 self._reserved[key] = self._reserved.get(key, 0) + amount
         return Verdict(

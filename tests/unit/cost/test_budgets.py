@@ -152,3 +152,16 @@ def test_most_restrictive_budget_decides_and_global_budgets_apply() -> None:
 def test_negative_estimate_rejected() -> None:
     with pytest.raises(BudgetValidationError):
         BudgetGuard().check("t", "", "m", -1, NOW)
+
+
+def test_a_renewed_reservation_is_not_dropped_by_its_old_expiry() -> None:
+    clock = FakeClock()
+    budget = Budget("b", "t", Window.DAILY, hard_limit_micros=1000)
+    guard = guard_with(budget, clock=clock)
+    guard.check("t", "", "m", 1000, NOW, reservation_id="r")
+    clock.now = 5.0
+    guard.check("t", "", "m", 1000, NOW, reservation_id="r")  # renewed: now expires at 15
+    clock.now = 11.0
+    assert guard.check("t", "", "m", 1, NOW, reserve=False).decision is Decision.DENY
+    clock.now = 16.0
+    assert guard.check("t", "", "m", 1, NOW, reserve=False).decision is Decision.ALLOW
