@@ -122,3 +122,30 @@ def _event(model: str, n: int, delta: dict[str, str], finish: str | None) -> byt
         "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
     }
     return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+
+async def _serve(port: int, tokens: int, latency_ms: float, token_delay_ms: float) -> None:
+    backend = FakeBackend(tokens=tokens, latency_s=latency_ms / 1000, token_delay_s=token_delay_ms / 1000)
+    await backend.start(port)
+    print(f"fake backend on {backend.base_url}", flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await backend.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Local OpenAI-compatible backend with fixed latency.")
+    parser.add_argument("--port", type=int, default=9999)
+    parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument("--latency-ms", type=float, default=0.0)
+    parser.add_argument("--token-delay-ms", type=float, default=0.0)
+    args = parser.parse_args(argv)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve(args.port, args.tokens, args.latency_ms, args.token_delay_ms))
+
+
+if __name__ == "__main__":
+    main()
