@@ -167,10 +167,13 @@ async def _bench_backend(name: str, db_url: str, nats_url: str, data_dir: Path, 
     try:
         # timed from the end of start-up (migrations, connections); what was
         # committed during start-up is left out of the count
-        t0, early = time.time(), engine.records_committed
+        t0, early, cpu0 = time.time(), engine.records_committed, time.process_time()
         await _wait_committed(engine, args.events, args.timeout, name)
         drain = time.time() - t0
         drained = args.events - early
+        # CPU this process (service threads included) spent per event while draining:
+        # on a loaded shared machine, the rate one free core could sustain
+        cpu_us = (time.process_time() - cpu0) * 1e6 / max(drained, 1)
         # 2. end to end: N more events published while the service consumes them
         proc = _spawn_publisher(nats_url, args.events, uuid.uuid4().hex[:8])
         t0 = await _wait_publisher(proc)
@@ -184,6 +187,8 @@ async def _bench_backend(name: str, db_url: str, nats_url: str, data_dir: Path, 
             "events_per_s": round(args.events / elapsed),
             "backlog_drain_s": round(drain, 3),
             "backlog_events_per_s": round(drained / drain),
+            "backlog_cpu_us_per_event": round(cpu_us, 1),
+            "backlog_events_per_cpu_s": round(1e6 / cpu_us) if cpu_us else None,
             "ledger_records": count,
             "ledger_cost_micros": cost,
         }
