@@ -41,8 +41,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="llmo bench kernels", description=__doc__.split("\n")[0])
     p.add_argument("--sections", default="stream,gemm,attention", help="comma list of stream,gemm,attention")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="threads for torch and llmo_native")
-    p.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds per case (decode shapes)")
-    p.add_argument("--prefill-rounds", type=int, default=2, help="timing rounds for M >= 256")
+    p.add_argument("--rounds", type=int, default=12, help="interleaved timing rounds per case (decode shapes)")
+    p.add_argument("--prefill-rounds", type=int, default=3, help="timing rounds for M >= 256")
     p.add_argument("--ms", default="1,4,16,256", help="GEMM activation rows")
     p.add_argument("--kn", default="4096x4096,4096x11008,11008x4096", help="GEMM K x N shapes")
     p.add_argument("--group-size", type=int, default=128)
@@ -108,6 +108,10 @@ def _gemm_cases(
 ) -> Timed:
     xb = x.to(torch.bfloat16)
 
+    def torch_dequant_fp32(x: torch.Tensor = x) -> torch.Tensor:
+        p, s, z = r4.next()
+        return torch.matmul(x, ops.dequantize_int4(p, s, z, g).t())
+
     def llmo_int4() -> torch.Tensor:
         p, s, z = r4.next()
         return ops.int4_gemm(x, p, s, z, g)
@@ -122,6 +126,8 @@ def _gemm_cases(
         "torch_fp32": lambda: torch.matmul(x, rf.next().t()),
         "torch_bf16": lambda: torch.matmul(xb, rb.next().t()),
         "torch_int8_dynamic": lambda: rq.next()(x),
+        # The large-M bar for INT4: PyTorch dequantize + dense matmul.
+        **({"torch_int4_dequant_matmul": torch_dequant_fp32} if x.shape[0] >= 64 else {}),
     }
 
 
@@ -139,7 +145,8 @@ def _gemm_shape(args: argparse.Namespace, k: int, n: int, dram_gbps: float) -> l
     rb = _Rotor([w.to(torch.bfloat16) for _ in range(_copies(w.numel() * 2, args.rotate_mb))])
     rq = _Rotor([_torch_dynamic_int8(w) for _ in range(_copies(int8_bytes, args.rotate_mb))])
     weight_bytes = {"llmo_int4": int4_bytes, "llmo_int8": int8_bytes, "torch_fp32": w.numel() * 4,
-                    "torch_bf16": w.numel() * 2, "torch_int8_dynamic": int8_bytes}
+                    "torch_bf16": w.numel() * 2, "torch_int8_dynamic": int8_bytes,
+                    "torch_int4_dequant_matmul": int4_bytes}
     rows = []
     for m in (int(v) for v in args.ms.split(",")):
         x = torch.randn(m, k)
@@ -155,8 +162,9 @@ def _gemm_shape(args: argparse.Namespace, k: int, n: int, dram_gbps: float) -> l
             gbps = weight_bytes[name] / t["min_ms"] / 1e6
             row[name] = {**t, "weight_gbps": gbps, "dram_fraction": gbps / dram_gbps}
         for ours in ("llmo_int4", "llmo_int8"):
-            for peer in ("torch_fp32", "torch_bf16", "torch_int8_dynamic"):
-                row[f"{ours}_speedup_vs_{peer}"] = timing[peer]["min_ms"] / timing[ours]["min_ms"]
+            for peer in ("torch_fp32", "torch_bf16", "torch_int8_dynamic", "torch_int4_dequant_matmul"):
+                if peer in timing and not (ours == "llmo_int8" and peer == "torch_int4_dequant_matmul"):
+                    row[f"{ours}_speedup_vs_{peer}"] = timing[peer]["min_ms"] / timing[ours]["min_ms"]
         rows.append(row)
         print(json.dumps(_brief(row)), file=sys.stderr)
     return rows

@@ -22,6 +22,9 @@ _rotary = define("rotary_embedding", reference.rotary_embedding)
 _silu_mul = define("silu_and_mul", reference.silu_and_mul)
 
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The native CPU attention checks block-table indices itself (far cheaper than
+# the equivalent torch ops on the decode hot path).
+NATIVE_CHECKED = "cpu"
 
 
 def selected_backend(op: str, *args: Any, **kwargs: Any) -> str:
@@ -46,9 +49,12 @@ def paged_attention_decode(
     checks.block_table(block_tables, batch)
     checks.lengths("context_lens", context_lens, batch)
     checks.same_device(query=query, key_cache=key_cache, block_tables=block_tables, context_lens=context_lens)
-    checks.used_blocks(block_tables, context_lens, block_size, num_blocks)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
-    return _paged_decode(query.contiguous(), key_cache, value_cache, block_tables, context_lens, scale)
+    args = (query.contiguous(), key_cache, value_cache, block_tables, context_lens, scale)
+    backend, impl = _paged_decode.dispatch(*args)
+    if backend != NATIVE_CHECKED:
+        checks.used_blocks(block_tables, context_lens, block_size, num_blocks)
+    return impl(*args)  # type: ignore[no-any-return]
 
 
 def chunked_prefill_attention(
@@ -88,9 +94,12 @@ def chunked_prefill_attention(
             raise ValueError(f"query_start_loc must rise from 0 to the number of query tokens ({query.shape[0]})")
         if qlens.numel() and bool((qlens > context_lens.long()).any()):
             raise ValueError("a sequence has more new tokens than context_lens (write new K/V to the cache first)")
-    checks.used_blocks(block_tables, context_lens, block_size, num_blocks)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
-    return _prefill(query.contiguous(), key_cache, value_cache, block_tables, context_lens, query_start_loc, scale)
+    args = (query.contiguous(), key_cache, value_cache, block_tables, context_lens, query_start_loc, scale)
+    backend, impl = _prefill.dispatch(*args)
+    if backend != NATIVE_CHECKED:
+        checks.used_blocks(block_tables, context_lens, block_size, num_blocks)
+    return impl(*args)  # type: ignore[no-any-return]
 
 
 def write_kv_cache(

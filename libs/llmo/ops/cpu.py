@@ -57,11 +57,12 @@ def _attention(
     tables = block_tables.to(torch.int32).contiguous()
     seqs = row_seq.to(torch.int32).contiguous()
     lens = row_len.to(torch.int32).contiguous()
-    _, block_size, kv_heads, head_dim = key_cache.shape
+    num_blocks, block_size, kv_heads, head_dim = key_cache.shape
+    # The native side validates every table entry and length it will follow.
     _lib().attention_rows(
         q.data_ptr(), out.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(), _DTYPE_CODE[key_cache.dtype],
         tables.data_ptr(), seqs.data_ptr(), lens.data_ptr(), q.shape[0], q.shape[1], kv_heads, head_dim,
-        block_size, tables.shape[1], scale,
+        block_size, tables.shape[1], scale, tables.shape[0], num_blocks,
     )
     return out.to(query.dtype)
 

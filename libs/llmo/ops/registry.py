@@ -67,12 +67,16 @@ class Op:
                 return backend
         return REFERENCE
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def dispatch(self, *args: Any, **kwargs: Any) -> tuple[str, Impl]:
+        """The backend a call would use and its implementation."""
         backend = self.select(*args, **kwargs)
         if (self.name, backend) not in _announced:
             _announced.add((self.name, backend))
             log.info("op_backend_selected", op=self.name, backend=backend)
-        return self.impl(backend)(*args, **kwargs)
+        return backend, self.impl(backend)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.dispatch(*args, **kwargs)[1](*args, **kwargs)
 
 
 _ops: dict[str, Op] = {}

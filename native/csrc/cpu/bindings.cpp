@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <stdexcept>
+#include <string>
 
 #include "common.h"
 #include "cpu/dispatch.h"
@@ -26,12 +27,34 @@ void check_dtype(int dtype) {
     throw std::invalid_argument("unknown dtype code");
 }
 
+// Every index the kernel will follow is checked first, so bad tables raise
+// ValueError instead of reading out of bounds (cheap: O(rows x blocks)).
+void check_indices(const int32_t* tables, const int32_t* row_seq, const int32_t* row_len, int64_t rows,
+                   int64_t num_seqs, int64_t num_blocks, int block_size, int max_blocks) {
+  const int64_t capacity = static_cast<int64_t>(max_blocks) * block_size;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t seq = row_seq[r], len = row_len[r];
+    if (seq < 0 || seq >= num_seqs) throw std::invalid_argument("row sequence index out of range");
+    if (len < 0) throw std::invalid_argument("context_lens must be non-negative");
+    if (len > capacity)
+      throw std::invalid_argument("context_lens exceed the block table capacity (" + std::to_string(max_blocks) +
+                                  " blocks x " + std::to_string(block_size) + ")");
+    const int32_t* t = tables + seq * max_blocks;
+    for (int64_t b = 0; b < (len + block_size - 1) / block_size; ++b)
+      if (t[b] < 0 || t[b] >= num_blocks)
+        throw std::invalid_argument("block_tables entries in use must lie in [0, " + std::to_string(num_blocks) + ")");
+  }
+}
+
 void attention_rows(uintptr_t q, uintptr_t out, uintptr_t key_cache, uintptr_t value_cache, int kv_dtype,
                     uintptr_t block_tables, uintptr_t row_seq, uintptr_t row_len, int64_t rows, int heads,
-                    int kv_heads, int head_dim, int block_size, int max_blocks, float scale) {
+                    int kv_heads, int head_dim, int block_size, int max_blocks, float scale, int64_t num_seqs,
+                    int64_t num_blocks) {
   check_dtype(kv_dtype);
   if (kv_heads <= 0 || heads % kv_heads != 0 || head_dim <= 0 || block_size <= 0 || rows < 0)
     throw std::invalid_argument("attention_rows: inconsistent shape arguments");
+  check_indices(ptr<const int32_t>(block_tables), ptr<const int32_t>(row_seq), ptr<const int32_t>(row_len), rows,
+                num_seqs, num_blocks, block_size, max_blocks);
   AttnArgs a{ptr<const float>(q), ptr<float>(out), ptr<const void>(key_cache), ptr<const void>(value_cache),
              kv_dtype, ptr<const int32_t>(block_tables), ptr<const int32_t>(row_seq), ptr<const int32_t>(row_len),
              rows, heads, kv_heads, head_dim, block_size, max_blocks, scale};
