@@ -52,7 +52,7 @@ def hour_labels(occurred_at_us: int) -> tuple[str, str]:
     return _labels_of_hour(occurred_at_us // 3_600_000_000)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class LedgerRecord:
     event_id: str
     request_key: str
@@ -129,7 +129,7 @@ class LedgerRecord:
         }
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class UsageInput:
     """The fields every usage source provides, before pricing."""
 
@@ -181,82 +181,87 @@ def price_usage(usage: UsageInput, catalog: PriceCatalog) -> LedgerRecord:
         provider = provider or version.provider
     request_key = f"{usage.request_id}/{usage.model}" if usage.request_id else usage.event_id
     return LedgerRecord(
-        event_id=usage.event_id,
-        request_key=request_key,
-        request_id=usage.request_id,
-        source=usage.source.value,
-        occurred_at_us=usage.occurred_at_us,
-        tenant=usage.tenant,
-        application=usage.application,
-        user=usage.user,
-        model=usage.model,
-        provider=provider,
-        prompt_version=usage.prompt_version,
-        route_reason=usage.route_reason,
-        input_tokens=usage.input_tokens,
-        cached_input_tokens=usage.cached_input_tokens,
-        output_tokens=usage.output_tokens,
-        cost_micros=cost,
-        ttft_ms=usage.ttft_ms,
-        latency_ms=usage.latency_ms,
+        usage.event_id,
+        request_key,
+        usage.request_id,
+        usage.source.value,
+        usage.occurred_at_us,
+        usage.tenant,
+        usage.application,
+        usage.user,
+        usage.model,
+        provider,
+        usage.prompt_version,
+        usage.route_reason,
+        usage.input_tokens,
+        usage.cached_input_tokens,
+        usage.output_tokens,
+        cost,
+        usage.ttft_ms,
+        usage.latency_ms,
     )
 
 
-def _latency(latency: object, has: bool) -> tuple[float | None, float | None]:
-    if not has:
+def _latency(event: events_pb2.InferenceCompleted | events_pb2.RouterCompleted) -> tuple[float | None, float | None]:
+    if not event.HasField("latency"):
         return None, None
-    ttft = float(getattr(latency, "ttft_ms", 0.0))
-    e2e = float(getattr(latency, "e2e_ms", 0.0))
+    latency = event.latency
+    ttft, e2e = latency.ttft_ms, latency.e2e_ms
     return (ttft if ttft > 0 else None), (e2e if e2e > 0 else None)
 
 
 def usage_from_inference(event: events_pb2.InferenceCompleted) -> UsageInput:
-    ttft, e2e = _latency(event.latency, event.HasField("latency"))
+    ttft, e2e = _latency(event)
+    who = event.attribution
+    usage = event.usage
     return UsageInput(
-        event_id=event.event_id,
-        request_id=event.request_id,
-        source=Source.INFERENCE,
-        occurred_at_us=_timestamp_us(event),
-        tenant=event.attribution.tenant,
-        application=event.attribution.application,
-        user=event.attribution.user,
-        model=event.model,
-        provider=event.provider,
-        prompt_version="",
-        route_reason="",
-        input_tokens=event.usage.input_tokens,
-        cached_input_tokens=event.usage.cached_input_tokens,
-        output_tokens=event.usage.output_tokens,
-        ttft_ms=ttft,
-        latency_ms=e2e,
+        event.event_id,
+        event.request_id,
+        Source.INFERENCE,
+        _timestamp_us(event),
+        who.tenant,
+        who.application,
+        who.user,
+        event.model,
+        event.provider,
+        "",
+        "",
+        usage.input_tokens,
+        usage.cached_input_tokens,
+        usage.output_tokens,
+        ttft,
+        e2e,
     )
 
 
 def usage_from_router(event: events_pb2.RouterCompleted) -> UsageInput:
     """A router completion; a cache hit made no model call and costs nothing."""
-    ttft, e2e = _latency(event.latency, event.HasField("latency"))
+    ttft, e2e = _latency(event)
+    who = event.attribution
+    usage = event.usage
     return UsageInput(
-        event_id=event.event_id,
-        request_id=event.request_id,
-        source=Source.ROUTER,
-        occurred_at_us=_timestamp_us(event),
-        tenant=event.attribution.tenant,
-        application=event.attribution.application,
-        user=event.attribution.user,
-        model=event.model,
-        provider=event.provider,
-        prompt_version=event.prompt_version,
-        route_reason=event.route_reason,
-        input_tokens=event.usage.input_tokens,
-        cached_input_tokens=event.usage.cached_input_tokens,
-        output_tokens=event.usage.output_tokens,
-        ttft_ms=ttft,
-        latency_ms=e2e,
-        free=event.cache_hit,
+        event.event_id,
+        event.request_id,
+        Source.ROUTER,
+        _timestamp_us(event),
+        who.tenant,
+        who.application,
+        who.user,
+        event.model,
+        event.provider,
+        event.prompt_version,
+        event.route_reason,
+        usage.input_tokens,
+        usage.cached_input_tokens,
+        usage.output_tokens,
+        ttft,
+        e2e,
+        event.cache_hit,
     )
 
 
 def _timestamp_us(event: events_pb2.InferenceCompleted | events_pb2.RouterCompleted) -> int:
     if not event.HasField("occurred_at"):
         return 0
-    return int(event.occurred_at.seconds) * 1_000_000 + int(event.occurred_at.nanos) // 1000
+    stamp = event.occurred_at
+    return stamp.seconds * 1_000_000 + stamp.nanos // 1000
