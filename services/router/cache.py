@@ -108,16 +108,29 @@ class SemanticCache:
             return CacheHit(hit.answer, "semantic", float(sims[best]))
         return None
 
-    def store(self, tenant: str, scope: str, messages: Sequence[tuple[str, str]], answer: CachedAnswer) -> None:
+    def store(
+        self, tenant: str, scope: str, messages: Sequence[tuple[str, str]], answer: CachedAnswer, *, embed: bool = True
+    ) -> None:
+        """Add an answer. With `embed=False` only exact lookups find it until `embed_entry()`
+        adds its vector (so the exact entry can be stored before the slow embedding)."""
         if not messages:
             return
         exact, context, latest = self.keys(scope, messages)
-        vector = self.encoder([latest])[0] if self.encoder is not None else None
+        vector = self.encoder([latest])[0] if self.encoder is not None and embed else None
         space = self._namespace(tenant)
         space[exact] = _Entry(exact, context, vector, answer, self.clock() + self.ttl_s)
         space.move_to_end(exact)
         while len(space) > self.max_entries:
             space.popitem(last=False)
+
+    def embed_entry(self, tenant: str, scope: str, messages: Sequence[tuple[str, str]]) -> None:
+        if self.encoder is None or not messages:
+            return
+        exact, _, latest = self.keys(scope, messages)
+        space = self._tenants.get(tenant)
+        entry = space.get(exact) if space is not None else None
+        if entry is not None and entry.vector is None:
+            entry.vector = self.encoder([latest])[0]
 
     def size(self, tenant: str) -> int:
         return len(self._tenants.get(tenant, {}))

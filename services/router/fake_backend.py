@@ -80,6 +80,10 @@ class FakeBackend:
         words = self._words(model)
         prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in body.get("messages", []))
         if not body.get("stream"):
+            if behaviour == "garbage":
+                return web.Response(text="{not json", content_type="application/json")
+            if behaviour in ("hang", "hang_first"):
+                await self._hang()
             text = "".join(words)
             return web.json_response(
                 {

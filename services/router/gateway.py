@@ -70,6 +70,8 @@ class GatewayRequest:
     application: str = ""
     skip_cache: bool = False
     request_id: str = ""
+    # False when the client wants the whole answer at once (non-streaming HTTP).
+    stream: bool = True
 
 
 @dataclass
@@ -186,7 +188,7 @@ class Gateway:
         self.hedge_after_s = hedge_after_s
         self.retry_base_s = retry_base_s
         self.breakers = BreakerBoard()
-        self._clients: dict[tuple[str, str], ProviderClient] = {}
+        self._clients: dict[tuple[str, int], ProviderClient] = {}
 
     @property
     def portfolio(self) -> Portfolio:
@@ -200,7 +202,8 @@ class Gateway:
     def client_for(self, model: Model) -> ProviderClient:
         portfolio = self.portfolio
         provider = portfolio.provider_of(model)
-        key = (model.provider, provider.model_dump_json())
+        # Providers are frozen pydantic models: equal config -> equal hash -> same client.
+        key = (model.provider, hash(provider))
         client = self._clients.get(key)
         if client is None:
             client = _provider_client(portfolio, model)
@@ -359,10 +362,15 @@ class Gateway:
         usage: Usage = finished_state.get("usage") or Usage(prepared.input_tokens, count_tokens("".join(text_parts)))
         cost = model.cost_micros(usage.prompt_tokens, usage.completion_tokens)
         finished = Finished(model.name, finished_state["finish_reason"], usage, cost, False, finished_state["fallbacks"])
-        yield finished
-        if self.cache is not None and not req.skip_cache and finished.finish_reason in ("stop", "length"):
+        cacheable = self.cache is not None and not req.skip_cache and finished.finish_reason in ("stop", "length")
+        if cacheable and self.cache is not None:
+            # The exact entry is in place before the client has its answer; the embedding
+            # for similarity hits is computed after.
             answer = CachedAnswer("".join(text_parts), model.name, usage.prompt_tokens, usage.completion_tokens, finished.finish_reason)
-            await asyncio.to_thread(self.cache.store, req.tenant, scope, pairs, answer)
+            self.cache.store(req.tenant, scope, pairs, answer, embed=False)
+        yield finished
+        if cacheable and self.cache is not None:
+            await asyncio.to_thread(self.cache.embed_entry, req.tenant, scope, pairs)
         await self._after(req, prepared, finished, started, first_token_at or started, "ok")
 
     async def _check_budget(self, req: GatewayRequest, prepared: Prepared, out_tokens: int) -> policies.Decision:
@@ -429,6 +437,7 @@ class Gateway:
                     top_p=req.top_p,
                     stop=req.stop,
                     extra=extra,
+                    stream=req.stream or bool(self.hedge_after_s),
                 )
                 sent_before = len(text_parts)
                 try:

@@ -12,6 +12,7 @@ before any text gets a proper HTTP status, never a broken stream.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -136,6 +137,7 @@ def parse_body(body: Any, tenant: str, request_id: str) -> tuple[GatewayRequest,
         application=str(ext.get("application", "")),
         skip_cache=bool(ext.get("skip_cache", False)),
         request_id=request_id,
+        stream=bool(body.get("stream", False)),
     )
     return req, stream, include_usage
 
@@ -144,6 +146,7 @@ class OpenAIFront:
     def __init__(self, gateway: Gateway, platform: PlatformSettings) -> None:
         self.gw = gateway
         self.platform = platform
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=16 * 1024 * 1024)
@@ -151,6 +154,18 @@ class OpenAIFront:
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/healthz", self.health)
         return app
+
+    def _background(self, events: AsyncIterator[GatewayEvent]) -> None:
+        async def drain() -> None:
+            try:
+                async for _ in events:
+                    pass
+            except ServiceError as err:
+                log.warning("router.bookkeeping_failed", reason=err.reason)
+
+        task = asyncio.create_task(drain())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -197,7 +212,10 @@ class OpenAIFront:
                 text.append(ev.text)
             elif isinstance(ev, Finished):
                 fin = ev
+                break
         assert fin is not None
+        # Answer now; the gateway's bookkeeping (cache, request log, events) finishes in the background.
+        self._background(events)
         return web.json_response(
             {
                 "id": request_id,
@@ -218,6 +236,7 @@ class OpenAIFront:
         created = int(time.time())
         resp: web.StreamResponse | None = None
         model = ""
+        done = False
 
         def chunk(delta: dict[str, Any], finish: str | None, extra: dict[str, Any] | None = None) -> bytes:
             payload: dict[str, Any] = {
@@ -255,6 +274,11 @@ class OpenAIFront:
                     if include_usage:
                         payload = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [], "usage": _usage(ev)}
                         await resp.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
+                    # The client has everything: end its stream now; the gateway's
+                    # bookkeeping (cache, request log, events) finishes after.
+                    await resp.write(b"data: [DONE]\n\n")
+                    await resp.write_eof()
+                    done = True
         except ServiceError as err:
             if resp is None:
                 raise
@@ -263,8 +287,9 @@ class OpenAIFront:
             _, payload = error_body(err)
             await resp.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
         assert resp is not None
-        await resp.write(b"data: [DONE]\n\n")
-        await resp.write_eof()
+        if not done:
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
         return resp
 
 

@@ -213,6 +213,11 @@ async def test_semantic_cache_hits_within_a_tenant_and_never_across(svc: Harness
     again = await a.chat.completions.create(model="small", messages=[{"role": "user", "content": q}])
     assert again.choices[0].message.content == first.choices[0].message.content
     assert svc.backend.calls["small"] == 1  # exact hit
+    # The embedding for similarity hits is added just after the answer is returned.
+    for _ in range(100):
+        if any(e.vector is not None for e in svc.router.gateway.cache._tenants["tenant-a"].values()):  # type: ignore[union-attr]
+            break
+        await asyncio.sleep(0.05)
     similar = await a.chat.completions.create(model="small", messages=[{"role": "user", "content": "what is the  capital city of france?"}])
     assert similar.choices[0].message.content == first.choices[0].message.content
     assert svc.backend.calls["small"] == 1  # semantic hit

@@ -18,6 +18,9 @@ class ChatRequest:
     top_p: float | None = None
     stop: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    # False: the caller wants the whole answer at once; providers may then make one
+    # non-streaming upstream call (cheaper) and yield a single chunk.
+    stream: bool = True
 
 
 @dataclass(frozen=True)

@@ -66,7 +66,8 @@ class InferenceGrpcClient:
             while True:
                 wait = self.first_token_timeout_s if first else self.idle_timeout_s
                 try:
-                    resp = await asyncio.wait_for(call.read(), timeout=wait)
+                    async with asyncio.timeout(wait):
+                        resp = await call.read()
                 except TimeoutError as exc:
                     call.cancel()
                     raise ProviderError("UPSTREAM_HUNG", f"no token within {wait:g}s", retryable=True) from exc

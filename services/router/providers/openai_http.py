@@ -54,9 +54,10 @@ class OpenAIHttpClient:
         body: dict[str, Any] = {
             "model": request.model,
             "messages": request.messages,
-            "stream": True,
-            "stream_options": {"include_usage": True},
         }
+        if request.stream:
+            body["stream"] = True
+            body["stream_options"] = {"include_usage": True}
         if request.max_tokens is not None:
             body["max_tokens"] = request.max_tokens
         if request.temperature is not None:
@@ -72,8 +73,13 @@ class OpenAIHttpClient:
         headers = {"content-type": "application/json", "accept": "text/event-stream"}
         if self.api_key:
             headers["authorization"] = f"Bearer {self.api_key}"
+        # sock_read also bounds the wait for the response headers, so an upstream that
+        # accepts the connection and never answers is cut off too.
         timeout = aiohttp.ClientTimeout(
-            total=self.total_timeout_s, sock_connect=self.connect_timeout_s, connect=self.connect_timeout_s
+            total=self.total_timeout_s,
+            sock_connect=self.connect_timeout_s,
+            connect=self.connect_timeout_s,
+            sock_read=max(self.first_token_timeout_s, self.idle_timeout_s),
         )
         session = self._get_session()
         try:
@@ -87,6 +93,9 @@ class OpenAIHttpClient:
                         status=resp.status,
                         client_error=resp.status in (400, 422),
                     )
+                if not request.stream:
+                    yield await self._whole(resp)
+                    return
                 async for chunk in self._events(resp):
                     yield chunk
         except ProviderError:
@@ -98,6 +107,14 @@ class OpenAIHttpClient:
         except ValueError as exc:  # aiohttp: an event line longer than its buffer
             raise ProviderError("UPSTREAM_GARBAGE", f"unreadable event stream: {exc}", retryable=True) from exc
 
+    async def _whole(self, resp: aiohttp.ClientResponse) -> Chunk:
+        try:
+            async with asyncio.timeout(self.first_token_timeout_s + self.idle_timeout_s):
+                raw = await resp.read()
+        except TimeoutError as exc:
+            raise ProviderError("UPSTREAM_HUNG", "no answer in time", retryable=True) from exc
+        return parse_completion(raw)
+
     async def _events(self, resp: aiohttp.ClientResponse) -> AsyncIterator[Chunk]:
         first = True
         finished: str | None = None
@@ -105,7 +122,8 @@ class OpenAIHttpClient:
         while True:
             wait = self.first_token_timeout_s if first else self.idle_timeout_s
             try:
-                raw = await asyncio.wait_for(resp.content.readline(), timeout=wait)
+                async with asyncio.timeout(wait):
+                    raw = await resp.content.readline()
             except TimeoutError as exc:
                 what = "first token" if first else "next token"
                 raise ProviderError("UPSTREAM_HUNG", f"no {what} within {wait:g}s", retryable=True) from exc
@@ -172,3 +190,19 @@ def parse_stream_event(data: str) -> tuple[str, str | None, Usage | None]:
     if reason is not None and not isinstance(reason, str):
         raise ProviderError("UPSTREAM_GARBAGE", "finish_reason is not a string", retryable=True)
     return content or "", reason, usage
+
+
+def parse_completion(raw: bytes) -> Chunk:
+    """The answer of a non-streaming `chat.completion`; raises on garbage."""
+    try:
+        body = json.loads(raw)
+        choice = body["choices"][0]
+        content = choice["message"].get("content") or ""
+        reason = choice.get("finish_reason") or "stop"
+        if not isinstance(content, str) or not isinstance(reason, str):
+            raise TypeError("content and finish_reason must be strings")
+        raw_usage = body.get("usage") or {}
+        usage = Usage(int(raw_usage.get("prompt_tokens", 0)), int(raw_usage.get("completion_tokens", 0))) if raw_usage else None
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+        raise ProviderError("UPSTREAM_GARBAGE", f"malformed chat.completion: {exc}", retryable=True) from exc
+    return Chunk(text=content, finish_reason=reason, usage=usage)

@@ -120,3 +120,15 @@ def test_registry_versions_are_immutable_and_labels_move(engine: Engine) -> None
     assert err.value.reason == "LABEL_NOT_FOUND"
     rows, total = reg.audit("t1", 0, 10)
     assert [r[0].version for r in rows] == [2, 1] and total == v1.token_count + v2.token_count
+
+
+def test_exact_entry_first_then_embedding(embedder: Embedder) -> None:
+    cache = SemanticCache(embedder.encode)
+    q = [("user", "What is the capital city of France?")]
+    cache.store("t", "auto", q, ANSWER, embed=False)
+    assert cache.lookup("t", "auto", q) is not None
+    near = [("user", "what is the capital city of france?")]
+    assert cache.lookup("t", "auto", near) is None
+    cache.embed_entry("t", "auto", q)
+    hit = cache.lookup("t", "auto", near)
+    assert hit is not None and hit.kind == "semantic"

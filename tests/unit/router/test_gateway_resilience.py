@@ -106,3 +106,13 @@ async def test_hedging_takes_the_backup_when_the_primary_is_slow(engine: Engine,
     assert text == EXPECTED_BACKUP
     assert fin.finish_reason == "stop"
     await gw.close()
+
+
+@pytest.mark.parametrize("behaviour", ["garbage", "hang", "error"])
+async def test_non_streaming_requests_fall_back_too(engine: Engine, backend: FakeBackend, behaviour: str) -> None:
+    backend.behaviours["small"] = behaviour
+    gw = make_gateway(engine, load(portfolio_yaml(backend.base_url)))
+    _, text, fin = await collect(gw, user("hi", model="small", stream=False))
+    assert text == EXPECTED_BACKUP and fin.model == "backup"
+    assert "stream" not in backend.requests[-1]  # one non-streaming upstream call
+    await gw.close()
