@@ -290,6 +290,9 @@ class OpenAIApp:
             except ServiceError as exc:
                 status = HTTP_STATUS.get(exc.code, 500)
                 await send(error_body(status, exc.message, exc.reason))
+            except ConnectionResetError:
+                log.info("client went away; request aborted", request_id=base["id"])
+                return response
             if include_usage and usage is not None:
                 await send({**base, "object": obj, "choices": [], "usage": _usage(usage)})
             await send("[DONE]")

@@ -159,6 +159,18 @@ async def test_cancel_and_deadline_free_kv_blocks(stub: pb_grpc.InferenceService
     await _wait_all_blocks_free(stub, "demo-small")
 
 
+async def test_http_client_disconnect_frees_kv_blocks(server: RunningInference,
+                                                      stub: pb_grpc.InferenceServiceStub) -> None:
+    url = f"http://127.0.0.1:{server.http_port}/v1/completions"
+    body = {"model": "demo-small", "prompt": "KING:\n", "max_tokens": 200, "ignore_eos": True, "stream": True}
+    async with httpx.AsyncClient() as http, http.stream("POST", url, json=body) as response:
+        assert response.status_code == 200
+        async for line in response.aiter_lines():
+            if line.startswith("data:"):
+                break
+    await _wait_all_blocks_free(stub, "demo-small")
+
+
 async def test_openai_client_streams_a_chat_completion(server: RunningInference) -> None:
     import openai
 
@@ -219,6 +231,8 @@ async def test_openai_backend_serves_through_our_http_endpoint(server: RunningIn
             assert chat[-1].usage.output_tokens == 8
             model = (await proxied.GetModel(pb.GetModelRequest(name="models/proxied"))).model
             assert model.engine == "openai"
+            code, reason, _ = await _error(proxied.CountTokens(pb.CountTokensRequest(text="hi")))
+            assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "TOKENIZER_UNAVAILABLE")
             code, reason, _ = await _error(_generate(proxied, prompt="hi",
                                                      sampling=pb.SamplingParams(max_tokens=900)))
             assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_SAMPLING_PARAMS")

@@ -7,6 +7,8 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import grpc
+
 from llmo.core.errors import ServiceError, invalid_argument, resource_exhausted
 from llmo.inference.backends.base import (
     ChoiceChunk,
@@ -34,6 +36,8 @@ def to_service_error(exc: Exception) -> ServiceError:
         return resource_exhausted("QUEUE_FULL", str(exc), limit=exc.limit)
     if isinstance(exc, ChatTemplateError):
         return invalid_argument("CHAT_TEMPLATE_ERROR", str(exc))
+    if not isinstance(exc, ValueError):
+        return ServiceError(grpc.StatusCode.INTERNAL, "ENGINE_ERROR", f"the engine failed: {exc}")
     message = str(exc)
     if "token ids" in message:
         return invalid_argument("INVALID_TOKEN_ID", message)

@@ -16,7 +16,6 @@ from llmo import ops
 from llmo.inference.models import layers
 from llmo.inference.models.config import ModelConfig, rope_inv_freq
 
-
 OPS_BLOCK_SIZES = (8, 16, 32)
 
 

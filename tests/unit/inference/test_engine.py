@@ -198,3 +198,17 @@ def test_context_length_queue_limit_and_bad_input(loaded: LoadedModel) -> None:
         engine.add_request("e", [10_000], SamplingParams())
     with pytest.raises(ValueError, match="already in use"):
         engine.add_request("a", prompt, SamplingParams())
+
+
+def test_engine_failures_are_internal_errors_not_bad_input() -> None:
+    import grpc
+
+    from llmo.inference.backends.native import to_service_error
+    from llmo.inference.engine.engine import ContextLengthError
+
+    assert to_service_error(RuntimeError("engine step failed: boom")).code == grpc.StatusCode.INTERNAL
+    assert to_service_error(RuntimeError("engine step failed: boom")).reason == "ENGINE_ERROR"
+    err = to_service_error(ContextLengthError("too long", 512, 600))
+    assert (err.reason, err.metadata["limit"]) == ("CONTEXT_LENGTH_EXCEEDED", "512")
+    assert to_service_error(QueueFullError(3)).code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert to_service_error(ValueError("top_p must be in (0, 1], got 2")).metadata["field"] == "top_p"

@@ -41,10 +41,14 @@ class InferenceServiceStub:
     CHAT_TEMPLATE_ERROR      the messages cannot be rendered with the model's chat template
     INVALID_MODEL_NAME       `name` is not "models/{model}"
     INVALID_PAGE_SIZE / INVALID_PAGE_TOKEN  (ListModels)
+    FAILED_PRECONDITION:
+    TOKENIZER_UNAVAILABLE    CountTokens on an openai backend whose server has no /tokenize endpoint
     NOT_FOUND:
     MODEL_NOT_FOUND          no served model has that id (metadata: model)
     RESOURCE_EXHAUSTED:
     QUEUE_FULL               the engine's waiting queue is at its limit (metadata: limit); retry later
+    INTERNAL:
+    ENGINE_ERROR             an engine step failed; the request was aborted and its KV blocks freed
     UNAVAILABLE:
     BACKEND_UNAVAILABLE      an external backend could not be reached or failed (metadata: backend)
     A cancelled stream or a missed deadline frees the request's KV blocks at once.
@@ -93,10 +97,14 @@ class InferenceServiceServicer:
     CHAT_TEMPLATE_ERROR      the messages cannot be rendered with the model's chat template
     INVALID_MODEL_NAME       `name` is not "models/{model}"
     INVALID_PAGE_SIZE / INVALID_PAGE_TOKEN  (ListModels)
+    FAILED_PRECONDITION:
+    TOKENIZER_UNAVAILABLE    CountTokens on an openai backend whose server has no /tokenize endpoint
     NOT_FOUND:
     MODEL_NOT_FOUND          no served model has that id (metadata: model)
     RESOURCE_EXHAUSTED:
     QUEUE_FULL               the engine's waiting queue is at its limit (metadata: limit); retry later
+    INTERNAL:
+    ENGINE_ERROR             an engine step failed; the request was aborted and its KV blocks freed
     UNAVAILABLE:
     BACKEND_UNAVAILABLE      an external backend could not be reached or failed (metadata: backend)
     A cancelled stream or a missed deadline frees the request's KV blocks at once.
@@ -176,10 +184,14 @@ class InferenceService:
     CHAT_TEMPLATE_ERROR      the messages cannot be rendered with the model's chat template
     INVALID_MODEL_NAME       `name` is not "models/{model}"
     INVALID_PAGE_SIZE / INVALID_PAGE_TOKEN  (ListModels)
+    FAILED_PRECONDITION:
+    TOKENIZER_UNAVAILABLE    CountTokens on an openai backend whose server has no /tokenize endpoint
     NOT_FOUND:
     MODEL_NOT_FOUND          no served model has that id (metadata: model)
     RESOURCE_EXHAUSTED:
     QUEUE_FULL               the engine's waiting queue is at its limit (metadata: limit); retry later
+    INTERNAL:
+    ENGINE_ERROR             an engine step failed; the request was aborted and its KV blocks freed
     UNAVAILABLE:
     BACKEND_UNAVAILABLE      an external backend could not be reached or failed (metadata: backend)
     A cancelled stream or a missed deadline frees the request's KV blocks at once.
