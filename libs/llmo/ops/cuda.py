@@ -169,6 +169,8 @@ def int4_gemm(
         )
         out_dense = x @ w.t()
         return out_dense if bias is None else out_dense + bias.to(x.dtype)
+    if packed.data_ptr() % 16:
+        packed = packed.clone()  # the kernel reads weights with 16-byte vector loads
     xf = x.to(torch.float32).contiguous()
     out = torch.empty(m, n, dtype=torch.float32, device=x.device)
     bias32 = None if bias is None else bias.to(torch.float32).contiguous()

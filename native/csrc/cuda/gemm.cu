@@ -114,12 +114,17 @@ __global__ void __launch_bounds__(kWarps * 32) int4_gemm_kernel(const float* x, 
     for (int j = 0; j < 32; ++j) {
       const float lo = (static_cast<float>(bytes[j] & 0x0F) - z_lo) * s_lo;
       const float hi = (static_cast<float>(bytes[j] >> 4) - z_hi) * s_hi;
-      for (int i = 0; i < rows; ++i) {
-        const float* xr = x + (m0 + i) * K + c * 64;
-        acc[i] += lo * xr[j] + hi * xr[j + 32];
+#pragma unroll
+      for (int i = 0; i < kRows; ++i) {
+        // Fully unrolled with a guard so acc[] stays in registers.
+        if (i < rows) {
+          const float* xr = x + (m0 + i) * K + c * 64;
+          acc[i] += lo * xr[j] + hi * xr[j + 32];
+        }
       }
     }
   }
+#pragma unroll
   for (int i = 0; i < kRows; ++i) {
     const float v = warp_sum(acc[i]);
     if (lane == 0 && i < rows) out[(m0 + i) * N + n] = v + (bias != nullptr ? bias[n] : 0.f);
