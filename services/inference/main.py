@@ -47,8 +47,11 @@ def build_backend(settings: InferenceSettings) -> Backend:
 
     if settings.torch_threads > 0:
         torch.set_num_threads(settings.torch_threads)
+    device = settings.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     loaded = load_model(settings.model_path or None, dtype=settings.dtype or None, name=settings.model_name,
-                        quantization=settings.quantization)
+                        quantization=settings.quantization, device=device)
     engine = LLMEngine(loaded, EngineConfig(
         block_size=settings.block_size, num_blocks=settings.num_kv_blocks, max_num_seqs=settings.max_num_seqs,
         max_num_batched_tokens=settings.max_num_batched_tokens, enable_prefix_caching=settings.enable_prefix_caching,

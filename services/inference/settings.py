@@ -22,6 +22,8 @@ class InferenceSettings(ServiceSettings):
     model_path: str = ""
     # float32 / bfloat16 / float16; empty uses the checkpoint's dtype.
     dtype: str = ""
+    # cpu, cuda or auto (cuda when a GPU is visible).
+    device: str = "auto"
     # none / int8 / int4 (native backend; quantized at load time via llmo.quant).
     quantization: Literal["none", "int8", "int4"] = "none"
     # Engine: KV cache and batching.

@@ -150,7 +150,8 @@ class LLMEngine:
         ordered = multi + single
         batch = self._build_batch(ordered, len(multi))
         with torch.inference_mode():
-            logits = self.model.forward_paged(batch, self.cache)
+            # Sampling runs on the CPU so per-request seeded generators work on every device.
+            logits = self.model.forward_paged(batch, self.cache).cpu()
         to_sample: list[Sequence] = []
         for seq, n in ordered:
             seq.num_computed += n
