@@ -78,11 +78,46 @@ def portfolio_path(settings: RouterSettings) -> Path:
     return Path(settings.portfolio_path) if settings.portfolio_path else settings.platform.data_dir / "router" / "portfolio.yaml"
 
 
+DEFAULT_PORTFOLIO = """\
+# Written by the router on first start; edit it (it is hot-reloaded).
+providers:
+  inference:
+    kind: openai
+    base_url: {base}
+    first_token_timeout_s: 60
+    idle_timeout_s: 30
+    timeout_s: 300
+models:
+  - name: {model}
+    provider: inference
+    input_price_micros_per_mtok: 50000
+    output_price_micros_per_mtok: 100000
+    context_window: 2048
+    max_output_tokens: 256
+    quality: 0.3
+    latency: {{ttft_ms: 100, tokens_per_s: 50}}
+routing:
+  default_model: {model}
+"""
+
+
+def ensure_portfolio(settings: RouterSettings) -> Path:
+    """The portfolio path; a default one pointing at the inference service is written if absent."""
+    path = portfolio_path(settings)
+    if not path.exists():
+        base = settings.inference_http_url.rstrip("/")
+        base = base if base.endswith("/v1") else base + "/v1"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(DEFAULT_PORTFOLIO.format(base=base, model=settings.inference_model))
+        log.info("router.default_portfolio_written", path=str(path), upstream=base)
+    return path
+
+
 async def start(
     settings: RouterSettings, *, port: int | None = None, http_port: int | None = None, metrics: bool = True
 ) -> RunningRouter:
     """Start everything and return a handle; `port=0` / `http_port=0` bind free ports."""
-    store = PortfolioStore(portfolio_path(settings))
+    store = PortfolioStore(ensure_portfolio(settings))
     engine = await asyncio.to_thread(open_store, settings.resolved_database_url())
     bandit = BanditStore(engine)
     experiments = ExperimentStore(engine, bandit)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from pydantic import AliasChoices, Field
 from pydantic_settings import SettingsConfigDict
 
 from llmo.core.settings import DEFAULT_HTTP_PORTS, ServiceSettings
 
 
 class RouterSettings(ServiceSettings):
-    model_config = SettingsConfigDict(env_prefix="LLMO_ROUTER_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="LLMO_ROUTER_", extra="ignore", populate_by_name=True)
     service: ClassVar[str] = "router"
 
     # OpenAI-compatible HTTP front; 0 picks 8080, -1 disables it.
@@ -22,7 +23,15 @@ class RouterSettings(ServiceSettings):
     # Trained complexity-router artifact directory; empty: learned routing off.
     learned_router_dir: str = ""
     # Cost service "host:port" for CheckBudget before each completion; empty: no budget checks.
-    cost_target: str = ""
+    # `llmo up` sets LLMO_COST_ADDRESS.
+    cost_target: str = Field(default="", validation_alias=AliasChoices("LLMO_ROUTER_COST_TARGET", "LLMO_COST_ADDRESS"))
+    # Where the default portfolio (written when portfolio_path does not exist) sends traffic:
+    # the inference service's OpenAI-compatible HTTP base URL and its served model.
+    inference_http_url: str = Field(
+        default="http://127.0.0.1:8000",
+        validation_alias=AliasChoices("LLMO_ROUTER_INFERENCE_HTTP_URL", "LLMO_INFERENCE_HTTP_URL"),
+    )
+    inference_model: str = "llmo-demo"
     # Deadline for CheckBudget; on timeout the request is allowed (fail open) and logged.
     budget_timeout_s: float = 0.5
     # Semantic cache.

@@ -426,3 +426,41 @@ async def test_bandit_state_survives_a_restart(tmp_path: Path, nats_server: Nats
     finally:
         await again.stop()
         await backend.stop()
+
+
+async def test_first_start_writes_a_default_portfolio_for_the_inference_service(
+    tmp_path: Path, nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = await FakeBackend(tokens=3).start()
+    monkeypatch.setenv("LLMO_INFERENCE_HTTP_URL", f"http://127.0.0.1:{backend.port}")
+    pf = tmp_path / "fresh" / "portfolio.yaml"
+    router = await start(settings_for(tmp_path, nats_server, pf, events=False), port=0, http_port=0, metrics=False)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{router.port}")
+    try:
+        assert pf.exists()
+        stub = pb_grpc.RouterServiceStub(channel)
+        out = await complete(stub, pb.CompleteRequest(messages=user_msg("hello")))
+        assert out[0].decision.model == "llmo-demo" and out[-1].finish_reason == "stop"
+        assert backend.calls == {"llmo-demo": 1}
+    finally:
+        await channel.close()
+        await router.stop()
+        await backend.stop()
+
+
+async def test_evaluation_scores_from_nats_update_the_bandit(svc: Harness) -> None:
+    stub = svc.stub()
+    out = await complete(stub, pb.CompleteRequest(messages=user_msg("q"), routing=pb.RoutingOptions(policy=pb.ROUTING_POLICY_BANDIT), skip_cache=True))
+    arm = out[-1].model
+    bus = await EventBus(svc.nats.url).connect()
+    event = events_pb2.EvaluationScored(event_id="score-1", request_id=out[-1].request_id, metric="relevancy", score=1.0)
+    await bus.publish(event)
+    await bus.publish(events_pb2.EvaluationScored(event_id="score-2", request_id="not-routed-here", score=0.5))
+    bandit = svc.router.gateway.bandit
+    for _ in range(100):
+        if bandit.states("tenant-a", "models", [arm])[arm].pulls == 1:
+            break
+        await asyncio.sleep(0.05)
+    state = bandit.states("tenant-a", "models", [arm])[arm]
+    assert state.pulls == 1 and state.alpha > 1.0
+    await bus.close()

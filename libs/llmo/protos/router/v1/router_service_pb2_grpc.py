@@ -166,12 +166,14 @@ class RouterServiceServicer:
         UNKNOWN_CAPABILITY, INVALID_STRONG_SHARE, INVALID_NAME,
         MISSING_VARIABLE, UNKNOWN_VARIABLE, INVALID_MAX_TOKENS,
         UPSTREAM_REJECTED_REQUEST
-        NOT_FOUND            PROMPT_NOT_FOUND, EXPERIMENT_NOT_FOUND
+        NOT_FOUND            PROMPT_NOT_FOUND, VERSION_NOT_FOUND, LABEL_NOT_FOUND,
+        EXPERIMENT_NOT_FOUND
         FAILED_PRECONDITION  NO_ELIGIBLE_MODEL, CONTEXT_TOO_LONG, EXPERIMENT_STOPPED,
         LEARNED_ROUTING_UNCONFIGURED
         RESOURCE_EXHAUSTED   BUDGET_EXCEEDED (metadata: budget, limit_micros,
         spent_micros, remaining_micros, budget_reason, tenant)
         UNAVAILABLE          ALL_PROVIDERS_FAILED (metadata: tried, last_error)
+        The HTTP front maps these to OpenAI error bodies (`code` = reason): 400, 404, 429, 503.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -184,7 +186,8 @@ class RouterServiceServicer:
         INVALID_ARGUMENT     EMPTY_MESSAGES, INVALID_ROLE, UNKNOWN_MODEL,
         UNKNOWN_CAPABILITY, INVALID_STRONG_SHARE, INVALID_NAME,
         MISSING_VARIABLE, UNKNOWN_VARIABLE
-        NOT_FOUND            PROMPT_NOT_FOUND, EXPERIMENT_NOT_FOUND
+        NOT_FOUND            PROMPT_NOT_FOUND, VERSION_NOT_FOUND, LABEL_NOT_FOUND,
+        EXPERIMENT_NOT_FOUND
         FAILED_PRECONDITION  NO_ELIGIBLE_MODEL, CONTEXT_TOO_LONG, EXPERIMENT_STOPPED,
         LEARNED_ROUTING_UNCONFIGURED
         """
@@ -293,8 +296,8 @@ class RouterServiceServicer:
         """Creates an experiment over arms (model x prompt version) with a fixed split
         (sticky per user) or bandit allocation.
         Errors:
-        INVALID_ARGUMENT     INVALID_ID, TOO_FEW_ARMS, DUPLICATE_ARM, UNKNOWN_MODEL,
-        INVALID_WEIGHT, INVALID_ALLOCATION
+        INVALID_ARGUMENT     INVALID_ID, INVALID_NAME, TOO_FEW_ARMS, DUPLICATE_ARM,
+        UNKNOWN_MODEL, INVALID_WEIGHT, INVALID_ALLOCATION
         NOT_FOUND            PROMPT_NOT_FOUND, VERSION_NOT_FOUND
         ALREADY_EXISTS       EXPERIMENT_EXISTS
         """
