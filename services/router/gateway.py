@@ -28,6 +28,7 @@ from llmo.router.bandit import BanditStore, cost_penalised_reward
 from llmo.router.cache import CachedAnswer, SemanticCache
 from llmo.router.context import Message, compress_text, prune_history
 from llmo.router.experiments import ExperimentStore, parse_experiment_name
+from llmo.router.lingua import SurprisalPruner
 from llmo.router.portfolio import Model, Portfolio, ProviderKind
 from llmo.router.prompts import PromptRegistry, parse_template_name
 from llmo.router.providers.base import ChatRequest, Chunk, ProviderClient, ProviderError, Usage
@@ -61,6 +62,7 @@ class GatewayRequest:
     strong_share: float | None = None
     max_prompt_tokens: int = 0
     compress_message_tokens: int = 0
+    token_keep_ratio: float = 0.0
     max_tokens: int = 0
     temperature: float | None = None
     top_p: float | None = None
@@ -175,6 +177,7 @@ class Gateway:
         encoder: Callable[[Any], Any] | None = None,
         hedge_after_s: float = 0.0,
         retry_base_s: float = 0.05,
+        pruner: SurprisalPruner | None = None,
     ) -> None:
         self._portfolio = portfolio
         self.bandit = bandit
@@ -187,6 +190,7 @@ class Gateway:
         self.encoder = encoder
         self.hedge_after_s = hedge_after_s
         self.retry_base_s = retry_base_s
+        self.pruner = pruner
         self.breakers = BreakerBoard()
         self._clients: dict[tuple[str, int], ProviderClient] = {}
 
@@ -246,6 +250,8 @@ class Gateway:
             prompt_version = version_info.name
             messages.insert(0, Message("system", text))
         before = count_message_tokens([(m.role, m.content) for m in messages])
+        if req.token_keep_ratio:
+            messages = await self._prune_tokens(messages, req.token_keep_ratio)
         if req.compress_message_tokens > 0:
             messages = await asyncio.to_thread(self._compress, messages, req.compress_message_tokens)
         if req.max_prompt_tokens > 0:
@@ -272,6 +278,24 @@ class Gateway:
         decision.arm = arm_name
         decision.prompt_version = prompt_version
         return Prepared(request_id, messages, decision, input_tokens, max(0, before - input_tokens))
+
+    async def _prune_tokens(self, messages: list[Message], ratio: float) -> list[Message]:
+        if not 0.0 < ratio <= 1.0:
+            raise invalid_argument("INVALID_KEEP_RATIO", f"token_keep_ratio must be in (0, 1], got {ratio}")
+        if self.pruner is None:
+            from llmo.core.errors import failed_precondition
+
+            raise failed_precondition("COMPRESSION_MODEL_UNCONFIGURED", "no local model is configured for token pruning")
+        pruner = self.pruner
+        last = len(messages) - 1
+
+        def run() -> list[Message]:
+            return [
+                m if i == last or m.role == "system" else Message(m.role, pruner.prune(m.content, ratio).text)
+                for i, m in enumerate(messages)
+            ]
+
+        return await asyncio.to_thread(run)
 
     @staticmethod
     def _compress(messages: list[Message], budget: int) -> list[Message]:

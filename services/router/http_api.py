@@ -3,7 +3,7 @@
 
 `model` is a portfolio model name (explicit routing) or `auto` (the router decides).
 LLMO extensions ride in an optional `llmo` object: `policy`, `experiment`, `strong_share`,
-`max_prompt_tokens`, `compress_message_tokens`, `skip_cache`, `prompt` ({template,
+`max_prompt_tokens`, `compress_message_tokens`, `token_keep_ratio`, `skip_cache`, `prompt` ({template,
 version, label, variables}) and `constraints` ({max_cost_micros, max_ttft_ms,
 required_capabilities, min_quality}). Errors use OpenAI's error body with the LLMO reason
 as `code`. Headers are only sent once the first token is in hand, so a request that fails
@@ -128,6 +128,7 @@ def parse_body(body: Any, tenant: str, request_id: str) -> tuple[GatewayRequest,
         strong_share=strong_share,
         max_prompt_tokens=int(ext.get("max_prompt_tokens", 0)),
         compress_message_tokens=int(ext.get("compress_message_tokens", 0)),
+        token_keep_ratio=float(ext.get("token_keep_ratio", 0.0)),
         max_tokens=max_tokens,
         temperature=temperature,
         top_p=top_p,

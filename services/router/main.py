@@ -30,6 +30,7 @@ from llmo.router.integrations import (
     encoder_of,
 )
 from llmo.router.learned.embed import Embedder
+from llmo.router.lingua import SurprisalPruner, default_model_dir
 from llmo.router.portfolio import PortfolioStore
 from llmo.router.prompts import PromptRegistry
 from llmo.router.servicer import RouterServicer
@@ -72,6 +73,13 @@ class RunningRouter:
         if self.bus is not None:
             await self.bus.close()
         await asyncio.to_thread(self.engine.dispose)
+
+
+def _pruner(settings: RouterSettings) -> SurprisalPruner | None:
+    if settings.compression_model_dir.lower() == "none":
+        return None
+    directory = Path(settings.compression_model_dir) if settings.compression_model_dir else default_model_dir()
+    return SurprisalPruner(directory) if directory is not None else None
 
 
 def portfolio_path(settings: RouterSettings) -> Path:
@@ -157,6 +165,7 @@ async def start(
         encoder=encoder_of(embedder),
         hedge_after_s=settings.hedge_after_ms / 1000.0,
     )
+    gateway.pruner = _pruner(settings)
     feedback = FeedbackRecorder(engine, bandit, experiments)
     consumer = None
     if bus is not None:

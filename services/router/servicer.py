@@ -67,6 +67,7 @@ def gateway_request(r: Any, tenant: str, skip_cache: bool = False) -> GatewayReq
         strong_share=routing.strong_share if routing.HasField("strong_share") else None,
         max_prompt_tokens=r.context.max_prompt_tokens,
         compress_message_tokens=r.context.compress_message_tokens,
+        token_keep_ratio=r.context.token_keep_ratio,
         max_tokens=r.max_tokens,
         temperature=r.temperature if "temperature" in r.DESCRIPTOR.fields_by_name and r.HasField("temperature") else None,
         experiment=r.experiment,

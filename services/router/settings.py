@@ -41,6 +41,9 @@ class RouterSettings(ServiceSettings):
     cache_max_entries: int = 10_000
     # Start the next model in the chain when the first has sent nothing after this long (0: off).
     hedge_after_ms: float = 0.0
+    # Local causal-LM directory for token-level pruning; empty: the inference service's
+    # bundled demo model when installed; "none": token pruning off.
+    compression_model_dir: str = ""
     # Publish llmo.router.v1.routed/completed and consume llmo.evaluation.v1.scored.
     events: bool = True
     consumer_name: str = "router"

@@ -95,12 +95,14 @@ class PromptRef(_message.Message):
     def __init__(self, template: _Optional[str] = ..., version: _Optional[int] = ..., label: _Optional[str] = ..., variables: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ContextOptions(_message.Message):
-    __slots__ = ("max_prompt_tokens", "compress_message_tokens")
+    __slots__ = ("max_prompt_tokens", "compress_message_tokens", "token_keep_ratio")
     MAX_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPRESS_MESSAGE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_KEEP_RATIO_FIELD_NUMBER: _ClassVar[int]
     max_prompt_tokens: int
     compress_message_tokens: int
-    def __init__(self, max_prompt_tokens: _Optional[int] = ..., compress_message_tokens: _Optional[int] = ...) -> None: ...
+    token_keep_ratio: float
+    def __init__(self, max_prompt_tokens: _Optional[int] = ..., compress_message_tokens: _Optional[int] = ..., token_keep_ratio: _Optional[float] = ...) -> None: ...
 
 class CompleteRequest(_message.Message):
     __slots__ = ("messages", "prompt", "routing", "context", "max_tokens", "temperature", "experiment", "user", "application", "skip_cache")
