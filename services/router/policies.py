@@ -168,13 +168,13 @@ def learned(portfolio: Portfolio, inp: RoutingInput, score: float, threshold: fl
     choice = first if by_name[first].eligible else second
     if not by_name[choice].eligible:
         fallback = cheapest(portfolio, inp)
-        fallback.reason = f"learned router (v{version}) picked ineligible models; {fallback.reason}"
+        fallback.reason = f"learned router ({version}) picked ineligible models; {fallback.reason}"
         fallback.candidates = updated
         return fallback
     model = _require(portfolio, choice)
     side = "strong" if choice == strong_name else "weak"
     reason = (
-        f"learned router v{version}: score {score:.3f} {'>' if want_strong else '<='} threshold {threshold:.3f}"
+        f"learned router {version}: score {score:.3f} {'>' if want_strong else '<='} threshold {threshold:.3f}"
         f" -> {side} model {choice}"
     )
     if choice != first:
