@@ -30,6 +30,9 @@ class CostSettings(ServiceSettings):
     budget_refresh_s: float = 1.0
     # Seconds a CheckBudget reservation lives if its usage never arrives.
     reservation_ttl_s: float = 120.0
+    # Seconds to wait for a first NATS connection before serving without events
+    # (it keeps retrying in the background; usage events wait in JetStream).
+    nats_connect_timeout_s: float = 5.0
     # Seconds between re-publishes of threshold alerts whose publish failed.
     alert_retry_s: float = 5.0
 

@@ -90,3 +90,33 @@ async def test_a_record_the_database_refuses_is_dead_lettered_and_the_rest_commi
     assert "row rejected" in letters[0].detail
     assert store.ledger_totals() == (4, 4 * 2500)
     assert store.get_record("p2") is None
+
+
+async def test_the_service_serves_without_nats_and_consumes_once_it_is_up(nats_server: NatsServer, tmp_path: Path) -> None:
+    import grpc
+
+    from llmo.cost.main import start
+    from llmo.cost.settings import CostSettings
+    from llmo.protos.cost.v1 import cost_service_pb2 as pb
+    from llmo.protos.cost.v1 import cost_service_pb2_grpc as pb_grpc
+
+    nats_server.stop()
+    settings = CostSettings(
+        database_url=f"sqlite:///{tmp_path / 'c.db'}",
+        metrics_port=-1,
+        nats_connect_timeout_s=1.0,
+        platform={"nats_url": nats_server.url, "data_dir": tmp_path, "drain_seconds": 0.5},
+    )
+    running = await start(settings, port=0, metrics=False)
+    try:
+        assert running.bus is None and running.connecting is not None
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            check = await pb_grpc.CostServiceStub(channel).CheckBudget(pb.CheckBudgetRequest(tenant="t", model="gpt-4o"))
+            assert check.decision == pb.BUDGET_DECISION_ALLOW
+        nats_server.start()
+        async with EventBus(nats_server.url) as publisher:
+            await publish(publisher, ["late-1"])
+        await run_until(running.engine.store, 1)
+        assert running.bus is not None and len(running.consumers) == 2
+    finally:
+        await running.stop()
