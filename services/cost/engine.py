@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 
 from google.protobuf import timestamp_pb2
@@ -88,8 +88,7 @@ class CostEngine:
                 await task
         self._tasks.clear()
 
-    async def _every(self, seconds: float, action: object) -> None:
-        assert callable(action)
+    async def _every(self, seconds: float, action: Callable[[], Awaitable[None]]) -> None:
         while True:
             await asyncio.sleep(seconds)
             try:
