@@ -116,6 +116,8 @@ class BudgetChecker(Protocol):
         self, tenant: str, application: str, model: str, estimated_cost_micros: int, request_id: str
     ) -> BudgetVerdict: ...
 
+    async def release(self, reservation_id: str) -> None: ...
+
 
 @dataclass(frozen=True)
 class BudgetVerdict:
@@ -126,6 +128,7 @@ class BudgetVerdict:
     spent_micros: int = 0
     remaining_micros: int = 0
     downgrade_model: str = ""
+    reservation_id: str = ""
 
 
 class EventSink(Protocol):
@@ -364,8 +367,9 @@ class Gateway:
                 await self._after(req, prepared, finished, started, started, "ok")
                 return
         out_tokens = policies.output_tokens(decision.model, req.max_tokens)
+        reservation = ""
         if self.budget is not None:
-            decision = await self._check_budget(req, prepared, out_tokens)
+            decision, reservation = await self._check_budget(req, prepared, out_tokens)
         if self.events is not None:
             await self._emit(self.events.routed(req, prepared))
         yield Started(prepared.request_id, decision, prepared.input_tokens, prepared.tokens_saved)
@@ -379,6 +383,9 @@ class Gateway:
                     first_token_at = time.perf_counter()
                 yield item
         except ServiceError as err:
+            if reservation and self.budget is not None:
+                # Nothing was spent: give the reserved estimate back to the budget.
+                await self._emit(self.budget.release(reservation))
             failed = Finished(decision.model.name, "error", Usage(prepared.input_tokens, 0), 0, False, len(chain))
             await self._after(req, prepared, failed, started, first_token_at or started, err.reason)
             raise
@@ -397,7 +404,7 @@ class Gateway:
             await asyncio.to_thread(self.cache.embed_entry, req.tenant, scope, pairs)
         await self._after(req, prepared, finished, started, first_token_at or started, "ok")
 
-    async def _check_budget(self, req: GatewayRequest, prepared: Prepared, out_tokens: int) -> policies.Decision:
+    async def _check_budget(self, req: GatewayRequest, prepared: Prepared, out_tokens: int) -> tuple[policies.Decision, str]:
         assert self.budget is not None
         decision = prepared.decision
         estimate = decision.model.cost_micros(prepared.input_tokens, out_tokens)
@@ -426,7 +433,7 @@ class Gateway:
                 decision.policy = policies.BUDGET_DOWNGRADE
                 decision.reason = f"budget {verdict.budget} ({verdict.reason}): downgraded {old} -> {target.name}; was: {decision.reason}"
                 decision.fallbacks = [m.name for m in portfolio.fallback_chain(target.name)[1:]]
-        return decision
+        return decision, verdict.reservation_id
 
     async def _run_chain(
         self,

@@ -68,7 +68,18 @@ class CostBudgetChecker:
             spent_micros=resp.spent.micros,
             remaining_micros=resp.remaining.micros,
             downgrade_model=resp.downgrade_model,
+            reservation_id=resp.reservation_id,
         )
+
+    async def release(self, reservation_id: str) -> None:
+        try:
+            await self.stub.ReleaseReservation(
+                cost_service_pb2.ReleaseReservationRequest(reservation_id=reservation_id),
+                timeout=self.timeout_s,
+                metadata=outgoing_metadata(),
+            )
+        except grpc.aio.AioRpcError as exc:
+            log.warning("router.release_reservation_failed", code=exc.code().name, reservation=reservation_id)
 
 
 def _money(micros: int) -> common_pb2.Money:

@@ -389,10 +389,23 @@ async def test_tenant_over_hard_budget_is_denied_before_any_model_call(tmp_path:
             await client.chat.completions.create(model="small", messages=[{"role": "user", "content": "hi"}])
         assert http_err.value.code == "BUDGET_EXCEEDED"  # type: ignore[attr-defined]
         await client.close()
-        # Another tenant has no budget and is served.
+        # Another tenant is within its budget and is served; its estimate is reserved.
+        await cost_stub.CreateBudget(
+            cpb.CreateBudgetRequest(budget_id="b-daily", budget=cpb.Budget(tenant="tenant-b", window=cpb.BUDGET_WINDOW_DAILY, hard_limit=usd(10_000_000)))
+        )
+        await asyncio.sleep(0.3)
         out = await complete(stub, pb.CompleteRequest(messages=user_msg("hi"), routing=pb.RoutingOptions(model="small")), key="key-b")
         assert out[-1].finish_reason == "stop"
         assert backend.calls == {"small": 1}
+        reserved = (await cost_stub.GetBudget(cpb.GetBudgetRequest(name="budgets/b-daily"))).status.reserved.micros
+        assert reserved > 0
+        # A request that no provider could serve gives its reservation back.
+        backend.behaviours.update(small="error", big="error")
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await complete(stub, pb.CompleteRequest(messages=user_msg("again"), routing=pb.RoutingOptions(model="small")), key="key-b")
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        after = (await cost_stub.GetBudget(cpb.GetBudgetRequest(name="budgets/b-daily"))).status.reserved.micros
+        assert after == reserved
     finally:
         await channel.close()
         await router.stop()
