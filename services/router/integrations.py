@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -23,6 +24,7 @@ from llmo.router.gateway import BudgetVerdict, Finished, GatewayRequest, Prepare
 from llmo.router.learned.embed import Embedder
 from llmo.router.learned.features import feature_matrix
 from llmo.router.learned.model import ComplexityRouter
+from llmo.router.portfolio import Portfolio
 
 log = get_logger(__name__)
 
@@ -87,8 +89,13 @@ def _money(micros: int) -> common_pb2.Money:
 
 
 class NatsEventSink:
-    def __init__(self, bus: EventBus) -> None:
+    def __init__(self, bus: EventBus, portfolio: Callable[[], Portfolio] | None = None) -> None:
         self.bus = bus
+        self.portfolio = portfolio
+
+    def provider_of(self, model: str) -> str:
+        found = self.portfolio().model(model) if self.portfolio is not None else None
+        return found.provider if found is not None else ""
 
     async def routed(self, request: GatewayRequest, prepared: Prepared) -> None:
         d = prepared.decision
@@ -117,7 +124,7 @@ class NatsEventSink:
             request_id=prepared.request_id,
             attribution=common_pb2.Attribution(tenant=request.tenant, application=request.application, user=request.user),
             model=finished.model,
-            provider=prepared.decision.model.provider if finished.model == prepared.decision.model.name else "",
+            provider=self.provider_of(finished.model),
             usage=common_pb2.Usage(input_tokens=finished.usage.prompt_tokens, output_tokens=finished.usage.completion_tokens),
             estimated_cost=_money(finished.cost_micros),
             latency=common_pb2.Latency(ttft_ms=ttft_ms, e2e_ms=latency_ms),

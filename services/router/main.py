@@ -161,7 +161,7 @@ async def start(
         learned=learned,
         cache=cache,
         budget=budget,
-        events=NatsEventSink(bus) if bus is not None else None,
+        events=NatsEventSink(bus, lambda: store.current) if bus is not None else None,
         encoder=encoder_of(embedder),
         hedge_after_s=settings.hedge_after_ms / 1000.0,
     )
