@@ -64,6 +64,14 @@ class _Pull:
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+def _deliveries(msg: Msg) -> int:
+    """Delivery count from the ack subject, without nats-py's slower full metadata parse."""
+    tokens = msg.reply.split(".")
+    if len(tokens) == 9:  # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
+        return int(tokens[4])
+    return int(msg.metadata.num_delivered)
+
+
 @dataclass
 class _Prepared:
     records: list[LedgerRecord] = field(default_factory=list)
@@ -113,7 +121,8 @@ class UsageConsumer:
             ack_policy=AckPolicy.EXPLICIT,
             deliver_policy=DeliverPolicy.ALL,
             filter_subject=self.subject,
-            max_deliver=self.max_deliver,
+            # never drop a message silently: past max_deliver it is parked on the DLQ instead
+            max_deliver=-1,
             ack_wait=self.ack_wait,
             max_ack_pending=max(4 * self.batch, 1000),
         )
@@ -203,6 +212,10 @@ class UsageConsumer:
         for msg in messages:
             headers = msg.headers or {}
             declared = headers.get("llmo-type", self.message_type)
+            if _deliveries(msg) > self.max_deliver:
+                detail = f"delivered {_deliveries(msg)} times without being committed (consumer crashes?)"
+                prepared.rejected.append((msg, headers.get("Nats-Msg-Id", ""), "max_deliveries_exceeded", detail))
+                continue
             try:
                 if declared != self.message_type:
                     raise DecodeError(f"llmo-type is {declared!r}, expected {self.message_type!r}")

@@ -24,6 +24,8 @@ class CostSettings(ServiceSettings):
     ingest_batch: int = 1000
     # Seconds an un-acked event waits before NATS redelivers it.
     ack_wait_s: float = 30.0
+    # Deliveries of one event before it is parked on the DLQ as max_deliveries_exceeded
+    # (and failed batch attempts before records are tried one by one).
     max_deliver: int = 5
     # Seconds between re-reads of budgets and their spend from the database
     # (other replicas' writes become visible to CheckBudget within this time).

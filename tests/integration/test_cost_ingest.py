@@ -120,3 +120,31 @@ async def test_the_service_serves_without_nats_and_consumes_once_it_is_up(nats_s
         assert running.bus is not None and len(running.consumers) == 2
     finally:
         await running.stop()
+
+
+async def test_an_event_delivered_too_often_is_parked_not_dropped(bus: EventBus, tmp_path: Path) -> None:
+    from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+    store = CostStore.open(f"sqlite:///{tmp_path / 'c.db'}")
+    await bus.ensure_dlq()
+    dlq = await bus.js.pull_subscribe("llmo.dlq.inference", durable="t-max", stream="LLMO_DLQ")
+    await publish(bus, ["crashy"])
+    # two earlier consumers took the event and died without acking it
+    config = ConsumerConfig(
+        durable_name="cost-max", ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
+        filter_subject="llmo.inference.v1.completed", ack_wait=0.5, max_deliver=-1,
+    )
+    await bus.js.add_consumer("LLMO_INFERENCE", config)
+    dying = await bus.js.pull_subscribe("llmo.inference.v1.completed", durable="cost-max", stream="LLMO_INFERENCE")
+    for _ in range(2):
+        assert len(await dying.fetch(1, timeout=5)) == 1
+        await asyncio.sleep(0.7)
+    await dying.unsubscribe()
+    consumer = UsageConsumer(bus, CostEngine(store, load_catalog()), INFERENCE, "cost-max", batch=10, ack_wait=0.5, max_deliver=2)
+    await consumer.start()
+    try:
+        letters = [events_pb2.DeadLetter.FromString(m.data) for m in await dlq.fetch(1, timeout=10)]
+    finally:
+        await consumer.stop()
+    assert [(letter.event_id, letter.reason, letter.deliveries) for letter in letters] == [("crashy", "max_deliveries_exceeded", 3)]
+    assert store.ledger_totals() == (0, 0)
