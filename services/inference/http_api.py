@@ -183,7 +183,7 @@ class OpenAIApp:
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
             prompt = prompt[0]
         gen = GenerationRequest(request_id=self._request_id(request, "cmpl"), params=params,
-                                priority=int(body.get("priority", 0)))
+                                priority=_number(body, "priority", int, 0))
         if isinstance(prompt, str):
             gen.prompt = prompt
         elif isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
@@ -210,7 +210,7 @@ class OpenAIApp:
                                        field="messages")
             clean.append({"role": m["role"], "content": content})
         gen = GenerationRequest(request_id=self._request_id(request, "chatcmpl"), params=params, messages=clean,
-                                priority=int(body.get("priority", 0)))
+                                priority=_number(body, "priority", int, 0))
         return await self._respond(request, body, gen, caller, chat=True)
 
     @staticmethod

@@ -66,10 +66,22 @@ def read_state_dict(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
 
 
 def build_model(config: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype,
-                device: torch.device | str = "cpu") -> LlamaForCausalLM:
+                device: torch.device | str = "cpu") -> tuple[LlamaForCausalLM, str]:
+    """The model with `state` loaded, and its weight quantization ("none", "int8", "int4")."""
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     expected = {k: v.shape for k, v in model.state_dict().items()}
+    quantization = "none"
+    if config.quantization.get("quant_method") == "llmo":
+        from llmo.inference.models.quantize import attach_quantized_modules
+
+        try:
+            quantization = attach_quantized_modules(model, state, config.quantization, expected)
+        except ValueError as exc:
+            raise ModelLoadError(str(exc)) from exc
+    elif config.quantization:
+        raise ModelLoadError(f"unsupported quantization_config {config.quantization.get('quant_method')!r}; "
+                             "supported: llmo (python -m llmo.quant)")
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
         state.pop("lm_head.weight", None)
@@ -89,7 +101,7 @@ def build_model(config: ModelConfig, state: dict[str, torch.Tensor], dtype: torc
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.inv_freq = rope_inv_freq(config.head_dim, config.rope).to(device)
-    return model.eval().requires_grad_(False)
+    return model.to(device).eval().requires_grad_(False), quantization
 
 
 def load_model(path: str | Path | None = None, *, dtype: str | None = None, name: str | None = None,
@@ -104,8 +116,12 @@ def load_model(path: str | Path | None = None, *, dtype: str | None = None, name
     torch_dtype = resolve_dtype(dtype, config)
     tokenizer = TextTokenizer.from_dir(root)
     state = read_state_dict(root, torch_dtype)
-    model = build_model(config, state, torch_dtype, device)
-    if quantization != "none":
+    model, stored = build_model(config, state, torch_dtype, device)
+    if stored != "none":
+        if quantization != "none":
+            raise ModelLoadError(f"the checkpoint is already quantized ({stored}); load it with quantization='none'")
+        quantization = stored
+    elif quantization != "none":
         from llmo.inference.models.quantize import quantize_model
 
         try:

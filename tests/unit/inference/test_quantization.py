@@ -50,3 +50,40 @@ def test_int4_rejects_unaligned_shapes(make_checkpoint: CheckpointFactory) -> No
         load_model(path, quantization="int4")
     with pytest.raises(ModelLoadError, match="unsupported quantization"):
         load_model(path, quantization="fp8")
+
+
+@pytest.mark.parametrize(("method", "limit"), [("smoothquant-int8", 1.01), ("awq-int4", 1.05)])
+def test_llmo_quant_checkpoints_load_and_keep_perplexity(tmp_path: Path, fp32_perplexity: float, method: str,
+                                                         limit: float) -> None:
+    from llmo.inference.models.loader import DEMO_MODEL_DIR
+    from llmo.quant.tool import quantize_checkpoint
+
+    out = tmp_path / method
+    quantize_checkpoint(DEMO_MODEL_DIR, out, method, group_size=64, samples=4, seq_len=64)
+    loaded = load_model(out)
+    assert loaded.quantization == ("int8" if method.endswith("int8") else "int4")
+    assert perplexity(loaded, HELDOUT) <= fp32_perplexity * limit
+    with pytest.raises(ModelLoadError, match="already quantized"):
+        load_model(out, quantization="int8")
+
+
+def test_broken_quantized_checkpoint_is_named(tmp_path: Path) -> None:
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from llmo.inference.models.loader import DEMO_MODEL_DIR
+    from llmo.quant.tool import quantize_checkpoint
+
+    out = tmp_path / "q"
+    quantize_checkpoint(DEMO_MODEL_DIR, out, "rtn-int4", group_size=64)
+    tensors = load_file(str(out / "model.safetensors"))
+    del tensors["model.layers.1.mlp.up_proj.qzeros"]
+    save_file(tensors, str(out / "model.safetensors"))
+    with pytest.raises(ModelLoadError, match=r"missing tensor model\.layers\.1\.mlp\.up_proj\.qzeros"):
+        load_model(out)
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="unsupported quantization_config 'gptq'"):
+        load_model(out)
