@@ -264,3 +264,13 @@ async def test_completed_event_is_published(nats_server: Any, demo: LoadedModel)
     finally:
         await nc.close()
         await running.stop()
+
+
+async def test_demo_step_runs_against_the_service(server: RunningInference) -> None:
+    from llmo.inference.demo import run_demo
+
+    lines = await run_demo({"inference": f"127.0.0.1:{server.port}",
+                            "inference_http": f"http://127.0.0.1:{server.http_port}"})
+    assert any("serving llmo-demo (LlamaForCausalLM, native" in line for line in lines)
+    assert sum("gRPC Generate" in line for line in lines) == 2
+    assert any("/v1/chat/completions" in line for line in lines)
