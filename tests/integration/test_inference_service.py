@@ -144,7 +144,7 @@ async def _wait_all_blocks_free(stub: pb_grpc.InferenceServiceStub, model: str) 
 
 async def test_cancel_and_deadline_free_kv_blocks(stub: pb_grpc.InferenceServiceStub) -> None:
     request = pb.GenerateRequest(model="demo-small", prompt="KING:\n",
-                                 sampling=pb.SamplingParams(max_tokens=200, ignore_eos=True))
+                                 sampling=pb.SamplingParams(max_tokens=250, ignore_eos=True))
     call = stub.Generate(request, timeout=60)
     async for _ in call:
         break
@@ -153,7 +153,7 @@ async def test_cancel_and_deadline_free_kv_blocks(stub: pb_grpc.InferenceService
     call.cancel()
     await _wait_all_blocks_free(stub, "demo-small")
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        async for _ in stub.Generate(request, timeout=0.3):
+        async for _ in stub.Generate(request, timeout=0.2):
             pass
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     await _wait_all_blocks_free(stub, "demo-small")
