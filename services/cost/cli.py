@@ -108,13 +108,32 @@ def report_records(response_rows: list[pb.CostReportRow], group_by: list[str]) -
     return records
 
 
+def default_endpoint() -> str:
+    """The cost service of the stack `llmo up` runs in the data directory, else the default port."""
+    try:
+        from llmo.cli.stack import StackState
+        from llmo.core.settings import PlatformSettings
+
+        state = StackState.load(PlatformSettings().data_dir)
+    except Exception:
+        state = None
+    if state is not None and "cost" in state.services:
+        return state.services["cost"].grpc
+    return "127.0.0.1:50056"
+
+
 @click.group()
-@click.option("--endpoint", envvar="LLMO_COST_ENDPOINT", default="127.0.0.1:50056", show_default=True, help="Cost service host:port.")
+@click.option(
+    "--endpoint",
+    envvar="LLMO_COST_ENDPOINT",
+    default=None,
+    help="Cost service host:port [default: the running `llmo up` stack's, else 127.0.0.1:50056].",
+)
 @click.option("--api-key", envvar="LLMO_API_KEY", default=None, help="API key (Bearer) when the service requires one.")
 @click.pass_context
-def cli(ctx: click.Context, endpoint: str, api_key: str | None) -> None:
+def cli(ctx: click.Context, endpoint: str | None, api_key: str | None) -> None:
     """Spend reports, prices and TCO from the cost service."""
-    ctx.obj = {"endpoint": endpoint, "api_key": api_key}
+    ctx.obj = {"endpoint": endpoint or default_endpoint(), "api_key": api_key}
 
 
 @cli.command()
