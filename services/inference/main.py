@@ -13,6 +13,7 @@ from llmo.core.events import EventBus
 from llmo.core.logging import configure_logging, get_logger
 from llmo.core.metrics import start_metrics_server
 from llmo.core.server import GrpcServer, wait_for_shutdown_signal
+from llmo.inference import metrics
 from llmo.inference.backends.base import Backend
 from llmo.inference.http_api import OpenAIApp
 from llmo.inference.registry import ModelRegistry
@@ -70,8 +71,13 @@ class RunningInference:
     http_runner: web.AppRunner | None
     http_port: int | None
     bus: EventBus | None
+    gauges: asyncio.Task[None] | None = None
 
     async def stop(self) -> None:
+        if self.gauges is not None:
+            self.gauges.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.gauges
         await self.server.stop()
         if self.http_runner is not None:
             await self.http_runner.cleanup()
@@ -112,9 +118,17 @@ async def start(settings: InferenceSettings, *, port: int | None = None, http_po
     if metrics and metrics_port is not None:
         with contextlib.suppress(OSError):
             start_metrics_server(metrics_port, settings.host)
+    gauges = asyncio.create_task(_refresh_gauges(registry, settings.gauge_interval_s), name="llmo-inference-gauges")
     log.info("inference service started", grpc_port=bound, http_port=bound_http, models=registry.ids(),
              backend=settings.backend, events=bus is not None)
-    return RunningInference(settings, registry, service, server, bound, runner, bound_http, bus)
+    return RunningInference(settings, registry, service, server, bound, runner, bound_http, bus, gauges)
+
+
+async def _refresh_gauges(registry: ModelRegistry, interval_s: float) -> None:
+    """Keep the engine gauges (running, waiting, KV usage, prefix hits) current for any /metrics scraper."""
+    while True:
+        metrics.refresh_gauges(registry)
+        await asyncio.sleep(interval_s)
 
 
 async def serve(settings: InferenceSettings | None = None) -> None:

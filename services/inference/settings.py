@@ -41,6 +41,8 @@ class InferenceSettings(ServiceSettings):
     # Upstream model name; empty uses model_name.
     openai_model: str = ""
     openai_timeout_s: float = 120.0
+    # Seconds between refreshes of the engine gauges on /metrics.
+    gauge_interval_s: float = 1.0
     # Publish llmo.inference.v1.completed on NATS.
     publish_events: bool = True
 

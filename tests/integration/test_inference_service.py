@@ -106,6 +106,11 @@ async def test_count_tokens_list_and_get_models(stub: pb_grpc.InferenceServiceSt
     assert got.architecture == "LlamaForCausalLM" and got.engine == "native"
     assert got.quantization == pb.QUANTIZATION_NONE and got.dtype == "float32"
     assert got.kv_blocks_free == got.kv_blocks_total == 128 and got.kv_block_size == 16
+    from prometheus_client import REGISTRY
+
+    # The gauges are kept current for the core /metrics port too, not only on an HTTP scrape.
+    assert REGISTRY.get_sample_value("llmo_inference_kv_cache_usage_ratio", {"model": "demo-small"}) == 0.0
+    assert REGISTRY.get_sample_value("llmo_inference_requests_waiting", {"model": "demo-full"}) == 0.0
 
 
 async def _error(call: Any) -> tuple[grpc.StatusCode, str, dict[str, str]]:
