@@ -76,6 +76,13 @@ def fraction(value: float, field_name: str) -> Fraction:
     return Fraction(repr(value))
 
 
+def page_offset(token: str, query: str) -> int:
+    offset = (decode_page_token(token, query=query) or {}).get("offset", 0)
+    if not isinstance(offset, int) or offset < 0:
+        raise invalid_argument("INVALID_PAGE_TOKEN", "page_token is malformed or belongs to another query")
+    return offset
+
+
 def budget_id_of(name: str) -> str:
     prefix, _, budget_id = name.partition("/")
     if prefix != "budgets" or not budget_id:
@@ -210,7 +217,9 @@ class CostServicer(pb_grpc.CostServiceServicer):
         # Later pages keep the range of the first one, even where it defaulted to "now".
         end = from_timestamp(request.end_time) if request.HasField("end_time") else datetime.now(UTC)
         if "end_us" in position:
-            end = datetime.fromtimestamp(int(position["end_us"]) / 1_000_000, tz=UTC)
+            if not isinstance(position["end_us"], int):
+                raise invalid_argument("INVALID_PAGE_TOKEN", "page_token is malformed or belongs to another query")
+            end = datetime.fromtimestamp(position["end_us"] / 1_000_000, tz=UTC)
         start = from_timestamp(request.start_time) if request.HasField("start_time") else end - timedelta(days=30)
         if end <= start:
             raise invalid_argument("INVALID_TIME_RANGE", "end_time must be after start_time")
@@ -225,9 +234,7 @@ class CostServicer(pb_grpc.CostServiceServicer):
                 raise invalid_argument("INVALID_GROUP_BY", f"dimension {name} given twice", dimension=name)
             group_by.append(name)
         size = page_size(request.page_size)
-        offset = position.get("offset", 0)
-        if not isinstance(offset, int) or offset < 0:
-            raise invalid_argument("INVALID_PAGE_TOKEN", "page_token is malformed")
+        offset = page_offset(request.page_token, fingerprint)
         start_us, end_us = int(start.timestamp() * 1_000_000), int(end.timestamp() * 1_000_000)
         store = self.engine.store
         page_query = ReportQuery(start_us, end_us, tuple(group_by), filters, offset, size)
@@ -257,7 +264,7 @@ class CostServicer(pb_grpc.CostServiceServicer):
             versions = catalog.versions(request.model or None)
         size = page_size(request.page_size)
         fingerprint = f"{request.model}|{request.at_time.seconds if request.HasField('at_time') else ''}"
-        offset = int((decode_page_token(request.page_token, query=fingerprint) or {}).get("offset", 0))
+        offset = page_offset(request.page_token, fingerprint)
         page = versions[offset : offset + size]
         response = pb.ListPricesResponse(prices=[price_proto(v) for v in page])
         if offset + size < len(versions):
@@ -321,7 +328,7 @@ class CostServicer(pb_grpc.CostServiceServicer):
 
     async def ListBudgets(self, request: pb.ListBudgetsRequest, context: grpc.aio.ServicerContext) -> pb.ListBudgetsResponse:
         size = page_size(request.page_size)
-        offset = int((decode_page_token(request.page_token, query=request.tenant) or {}).get("offset", 0))
+        offset = page_offset(request.page_token, request.tenant)
         budgets = await asyncio.to_thread(self.engine.store.list_budgets, request.tenant, offset, size + 1)
         response = pb.ListBudgetsResponse(budgets=[budget_proto(b) for b in budgets[:size]])
         if len(budgets) > size:
