@@ -240,9 +240,11 @@ class Gateway:
                 self.experiments.assign, req.tenant, experiment_id, req.user or req.tenant
             )
             arm_name, arm_model = arm.arm, arm.model
-            if arm.prompt_version and req.prompt is None:
+            if arm.prompt_version:
+                # The arm's prompt version wins; the request supplies the variables.
                 tid, _, version = arm.prompt_version.partition("/versions/")
-                req = _with_prompt(req, PromptSpec(tid, int(version or 0)))
+                variables = dict(req.prompt.variables) if req.prompt is not None else {}
+                req = _with_prompt(req, PromptSpec(tid, int(version or 0), variables=variables))
         if req.prompt is not None:
             tid = parse_template_name(req.prompt.template) if req.prompt.template.startswith("promptTemplates/") else ""
             if not tid:

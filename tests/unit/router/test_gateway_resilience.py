@@ -116,3 +116,29 @@ async def test_non_streaming_requests_fall_back_too(engine: Engine, backend: Fak
     assert text == EXPECTED_BACKUP and fin.model == "backup"
     assert "stream" not in backend.requests[-1]  # one non-streaming upstream call
     await gw.close()
+
+
+async def test_experiment_arms_pick_model_and_prompt_version(engine: Engine, backend: FakeBackend) -> None:
+    from llmo.router.experiments import FIXED_SPLIT, Arm
+    from llmo.router.gateway import PromptSpec
+
+    gw = make_gateway(engine, load(portfolio_yaml(backend.base_url)))
+    gw.prompts.create_template("t1", "tone", "")
+    gw.prompts.create_version("t1", "tone", "Be formal, {{name}}.", ["production"])
+    gw.prompts.create_version("t1", "tone", "Be casual, {{name}}!", [])
+    gw.experiments.create(
+        "t1", "tone-test", FIXED_SPLIT,
+        [Arm("formal", "small", "promptTemplates/tone/versions/1"), Arm("casual", "backup", "promptTemplates/tone/versions/2")], 0.0,
+    )
+    seen = {}
+    for i in range(12):
+        req = user("hi", tenant="t1", experiment="experiments/tone-test", user=f"u{i}", prompt=PromptSpec("promptTemplates/tone", variables={"name": "Ann"}))
+        started, _, fin = await collect(gw, req)
+        d = started.decision
+        seen[d.arm] = (d.model.name, d.prompt_version, backend.requests[-1]["messages"][0]["content"])
+        assert d.policy == "experiment" and fin.model == d.model.name
+    assert seen["formal"] == ("small", "promptTemplates/tone/versions/1", "Be formal, Ann.")
+    assert seen["casual"] == ("backup", "promptTemplates/tone/versions/2", "Be casual, Ann!")
+    stats = {s.arm: s.requests for s in gw.experiments.get("t1", "tone-test").stats}
+    assert sum(stats.values()) == 12 and all(v > 0 for v in stats.values())
+    await gw.close()
