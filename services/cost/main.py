@@ -108,8 +108,10 @@ async def start(settings: CostSettings, *, port: int | None = None, metrics: boo
     running.port = await server.start()
     metrics_port = settings.resolved_metrics_port()
     if metrics and metrics_port is not None:
-        with contextlib.suppress(OSError):
+        try:
             start_metrics_server(metrics_port, settings.host)
+        except OSError as error:
+            log.warning("metrics endpoint not started", port=metrics_port, error=str(error))
     log.info(
         "cost service started",
         grpc_port=running.port,
