@@ -482,3 +482,68 @@ async def test_evaluation_scores_from_nats_update_the_bandit(svc: Harness) -> No
     state = bandit.states("tenant-a", "models", [arm])[arm]
     assert state.pulls == 1 and state.alpha > 1.0
     await bus.close()
+
+
+async def test_soft_budget_downgrades_to_the_budgets_model(tmp_path: Path, nats_server: NatsServer) -> None:
+    from llmo.cost.main import start as start_cost
+    from llmo.cost.settings import CostSettings
+    from llmo.protos.common.v1 import common_pb2
+    from llmo.protos.cost.v1 import cost_service_pb2 as cpb
+    from llmo.protos.cost.v1 import cost_service_pb2_grpc as cpb_grpc
+
+    cost = await start_cost(
+        CostSettings(
+            database_url=f"sqlite:///{tmp_path / 'cost.db'}",
+            metrics_port=-1,
+            consume_events=False,
+            budget_refresh_s=0.1,
+            platform={"nats_url": nats_server.url, "data_dir": tmp_path / "cost", "drain_seconds": 0.2},
+        ),
+        port=0,
+        metrics=False,
+    )
+    cost_channel = grpc.aio.insecure_channel(f"127.0.0.1:{cost.port}")
+    budget = cpb.Budget(
+        tenant="tenant-a",
+        window=cpb.BUDGET_WINDOW_DAILY,
+        soft_limit=common_pb2.Money(currency_code="USD", micros=1),
+        hard_limit=common_pb2.Money(currency_code="USD", micros=10_000_000),
+        downgrade_model="small",
+    )
+    await cpb_grpc.CostServiceStub(cost_channel).CreateBudget(cpb.CreateBudgetRequest(budget_id="a-soft", budget=budget))
+    backend = await FakeBackend(tokens=3).start()
+    pf = tmp_path / "portfolio.yaml"
+    pf.write_text(portfolio(backend.base_url))
+    router = await start(
+        settings_for(tmp_path, nats_server, pf, cost_target=f"127.0.0.1:{cost.port}", budget_timeout_s=5.0, events=False),
+        port=0,
+        http_port=-1,
+        metrics=False,
+    )
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{router.port}")
+    try:
+        out = await complete(pb_grpc.RouterServiceStub(channel), pb.CompleteRequest(messages=user_msg("hi"), routing=pb.RoutingOptions(model="big")))
+        d = out[0].decision
+        assert d.policy == "budget_downgrade" and d.model == "small"
+        assert "budgets/a-soft" in d.reason and "big -> small" in d.reason
+        assert out[-1].model == "small" and backend.calls == {"small": 1}
+    finally:
+        await channel.close()
+        await router.stop()
+        await backend.stop()
+        await cost_channel.close()
+        await cost.stop()
+
+
+async def test_http_stream_ends_with_an_error_event_when_no_fallback_can_finish(svc: Harness) -> None:
+    svc.backend.behaviours.update(small="garbage", big="error")
+    client = svc.sdk()
+    parts: list[str] = []
+    with pytest.raises(openai.APIError) as err:
+        stream = await client.chat.completions.create(model="small", messages=[{"role": "user", "content": "q"}], stream=True)
+        async for chunk in stream:
+            if chunk.choices:
+                parts.append(chunk.choices[0].delta.content or "")
+    assert "".join(parts) == "small-w0 small-w1 "
+    assert "every model in the fallback chain failed" in str(err.value)
+    await client.close()
