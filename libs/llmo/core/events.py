@@ -80,17 +80,29 @@ class EventBus:
         self._streams: set[str] = set()
 
     async def connect(self, *, timeout: float = 5.0) -> EventBus:
-        self._nc = await nats.connect(
-            servers=[self.url],
-            name=self.name,
-            connect_timeout=timeout,
-            reconnect_time_wait=0.25,
-            max_reconnect_attempts=-1,
-            allow_reconnect=True,
-            error_cb=self._on_error,
-            disconnected_cb=self._on_disconnect,
-            reconnected_cb=self._on_reconnect,
-        )
+        """Connect, failing after `timeout` seconds if no server answers.
+
+        Once connected, the client reconnects forever; but nats-py applies the
+        unlimited reconnect setting to the first connection too, so the first
+        connection is bounded here or a service would hang at start-up.
+        """
+        try:
+            self._nc = await asyncio.wait_for(
+                nats.connect(
+                    servers=[self.url],
+                    name=self.name,
+                    connect_timeout=min(timeout, 2.0),
+                    reconnect_time_wait=0.25,
+                    max_reconnect_attempts=-1,
+                    allow_reconnect=True,
+                    error_cb=self._on_error,
+                    disconnected_cb=self._on_disconnect,
+                    reconnected_cb=self._on_reconnect,
+                ),
+                timeout,
+            )
+        except TimeoutError as error:
+            raise ConnectionError(f"no NATS server answered at {self.url} within {timeout}s") from error
         self._js = self._nc.jetstream()
         return self
 
@@ -286,7 +298,9 @@ class Consumer(Generic[T]):
             durable_name=self.durable,
             ack_policy=AckPolicy.EXPLICIT,
             deliver_policy=DeliverPolicy.ALL,
-            max_deliver=self.max_deliver,
+            # Unlimited at the server: JetStream would silently stop redelivering at its
+            # limit. We count deliveries ourselves and park the message on the DLQ.
+            max_deliver=-1,
             ack_wait=self.ack_wait,
             filter_subject=self.subject,
             max_ack_pending=max(1000, self.batch * 4),
@@ -297,10 +311,13 @@ class Consumer(Generic[T]):
         deliveries: list[Delivery[T]] = []
         for msg in messages:
             decoded = self._decode(msg)
-            if isinstance(decoded, Delivery):
-                deliveries.append(decoded)
-            else:
+            if not isinstance(decoded, Delivery):
                 await self._dead_letter(msg, *decoded)
+            elif decoded.deliveries > self.max_deliver:
+                # Delivered too often without an ack (e.g. it crashes the consumer every time).
+                await self._dead_letter(msg, decoded.event_id, "max_deliveries_exceeded", "never acknowledged")
+            else:
+                deliveries.append(decoded)
         if not deliveries:
             return
         try:

@@ -155,3 +155,34 @@ def test_bad_subjects_are_rejected(bad: str) -> None:
 
     with pytest.raises(ValueError):
         domain_of(bad)
+
+
+async def test_connect_fails_fast_when_no_server_answers() -> None:
+    from llmo.core.natsd import free_port
+
+    with pytest.raises(ConnectionError, match="no NATS server"):
+        await EventBus(f"nats://127.0.0.1:{free_port()}").connect(timeout=1.0)
+
+
+async def test_message_never_acked_is_parked_after_max_deliver(nats_server: NatsServer) -> None:
+    """A message whose handler never returns (a consumer that hangs or dies on it)
+    is redelivered after ack_wait and parked once it passes max_deliver, instead of
+    JetStream silently dropping it."""
+    async def hang(batch: list[Delivery[events_pb2.InferenceCompleted]]) -> None:
+        if any(d.event.model == "hangs" for d in batch):
+            await asyncio.sleep(3600)
+
+    async with EventBus(nats_server.url) as bus:
+        await bus.ensure_dlq()
+        dead = await bus.js.pull_subscribe("llmo.dlq.inference", durable="dlq-reader2", stream="LLMO_DLQ")
+        await bus.publish(events_pb2.InferenceCompleted(event_id="hang-1", model="hangs"))
+        for _attempt in range(3):
+            consumer = bus.consumer(events_pb2.InferenceCompleted, "hang-test", hang, max_deliver=2, ack_wait=0.5)
+            task = consumer.start()
+            await asyncio.sleep(0.8)
+            task.cancel()  # the consumer "dies" mid-handler without acking
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        letters = [events_pb2.DeadLetter.FromString(m.data) for m in await dead.fetch(1, timeout=5)]
+    assert [(d.event_id, d.reason) for d in letters] == [("hang-1", "max_deliveries_exceeded")]
+    assert letters[0].deliveries == 3
