@@ -12,7 +12,12 @@ import click
 from llmo.core.logging import configure_logging
 from llmo.router.learned.data import RoutingDataError, load_routing_data
 from llmo.router.learned.embed import Embedder
-from llmo.router.learned.model import DEFAULT_HEAD_WEIGHT, ArtifactError, ComplexityRouter
+from llmo.router.learned.model import (
+    DEFAULT_HEAD_WEIGHT,
+    DEFAULT_OPTION_WEIGHT,
+    ArtifactError,
+    ComplexityRouter,
+)
 from llmo.router.learned.train import (
     DEFAULT_C,
     TrainConfig,
@@ -61,17 +66,25 @@ _no_cache_opt = click.option("--no-cache", is_flag=True, help="Do not cache embe
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path(".llmo/router/model"), show_default=True)
 @click.option("--c", "c", type=float, default=DEFAULT_C, show_default=True, help="Inverse L2 strength of the learned head.")
 @click.option("--head-weight", type=float, default=DEFAULT_HEAD_WEIGHT, show_default=True, help="Weight of the learned head vs the complexity prior.")
+@click.option("--option-weight", type=float, default=DEFAULT_OPTION_WEIGHT, show_default=True, help="Weight of the answer-option similarity.")
 @click.option("--version", "version", default=None, help="Artifact version (default: UTC timestamp).")
 @_cache_opt
 @_no_cache_opt
 def train(
-    data_dir: Path, out_dir: Path, c: float, head_weight: float, version: str | None, cache_dir: Path | None, no_cache: bool
+    data_dir: Path,
+    out_dir: Path,
+    c: float,
+    head_weight: float,
+    option_weight: float,
+    version: str | None,
+    cache_dir: Path | None,
+    no_cache: bool,
 ) -> None:
     """Train on all of DATA and write a versioned router artifact to OUT."""
     data = _load(data_dir)
     embedder = _embedder(cache_dir, no_cache)
     try:
-        router = train_router(data, embedder, TrainConfig(c=c, head_weight=head_weight), version=version)
+        router = train_router(data, embedder, TrainConfig(c=c, head_weight=head_weight, option_weight=option_weight), version=version)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
     router.save(out_dir)
@@ -95,6 +108,7 @@ def train(
 @click.option("--seeds", type=int, default=1, show_default=True, help="Number of split seeds to average over.")
 @click.option("--c", "c", type=float, default=DEFAULT_C, show_default=True)
 @click.option("--head-weight", type=float, default=DEFAULT_HEAD_WEIGHT, show_default=True)
+@click.option("--option-weight", type=float, default=DEFAULT_OPTION_WEIGHT, show_default=True)
 @_cache_opt
 @_no_cache_opt
 def evaluate(
@@ -106,6 +120,7 @@ def evaluate(
     seeds: int,
     c: float,
     head_weight: float,
+    option_weight: float,
     cache_dir: Path | None,
     no_cache: bool,
 ) -> None:
@@ -131,7 +146,7 @@ def evaluate(
         else:
             runs = []
             for s in range(seed, seed + seeds):
-                router, report = holdout_evaluation(data, embedder, test_fraction, s, TrainConfig(c=c, head_weight=head_weight, seed=s))
+                router, report = holdout_evaluation(data, embedder, test_fraction, s, TrainConfig(c=c, head_weight=head_weight, option_weight=option_weight, seed=s))
                 run: dict[str, Any] = {
                     "seed": s,
                     "train_prompts": report.train_size,

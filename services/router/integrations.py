@@ -22,7 +22,6 @@ from llmo.protos.events.v1 import events_pb2
 from llmo.router.feedback import FeedbackRecorder
 from llmo.router.gateway import BudgetVerdict, Finished, GatewayRequest, Prepared
 from llmo.router.learned.embed import Embedder
-from llmo.router.learned.features import feature_matrix
 from llmo.router.learned.model import ComplexityRouter
 from llmo.router.portfolio import Portfolio
 
@@ -182,8 +181,7 @@ class LearnedScorer:
         return self.router.threshold_for_strong_share(share)
 
     def _score(self, text: str) -> float:
-        emb = self.embedder.encode([text])
-        return float(self.router.score_features(emb, feature_matrix([text]))[0])
+        return float(self.router.score_prompts([text], self.embedder.encode)[0])
 
     async def __call__(self, text: str) -> tuple[float, float, str]:
         score = await asyncio.to_thread(self._score, text)

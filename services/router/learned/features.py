@@ -62,5 +62,10 @@ def text_features(text: str) -> list[float]:
     ]
 
 
+def option_texts(text: str) -> list[str]:
+    """The answer options ("A. ...", "B) ...") of a multiple-choice prompt, in order."""
+    return _OPTION.findall(text)
+
+
 def feature_matrix(texts: Sequence[str]) -> np.ndarray:
     return np.array([text_features(t) for t in texts], dtype=np.float32).reshape(len(texts), len(FEATURE_NAMES))

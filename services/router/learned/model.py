@@ -7,9 +7,13 @@ they share one scale:
 - a logistic-regression head on MiniLM embeddings plus cheap text features (see
   `features.py`) estimating P(strong model right and weak model wrong);
 - a complexity prior from the text alone: log word count minus 3 x type-token ratio (long,
-  repetitive prompts are harder). On leave-subjects-out splits of RouteLLM's MMLU data the
-  learned head alone transfers poorly to unseen subjects (APGR about 0.53) while this prior
-  transfers best (about 0.57); the blend keeps both (`head_weight`, default 0.25).
+  repetitive prompts are harder);
+- for multiple-choice prompts, the mean MiniLM cosine similarity between the answer options
+  (close distractors make a question harder); prompts without options get the neutral 0.5.
+
+On leave-subjects-out splits of RouteLLM's MMLU data the learned head alone transfers poorly
+to unseen subjects (APGR about 0.53) while the two text signals transfer best; the blend
+keeps all three (`head_weight` and `option_weight`, default 0.25 each, the prior the rest).
 
 Artifact layout (a directory)::
 
@@ -28,10 +32,11 @@ from typing import Any
 import numpy as np
 
 from llmo.router.learned.embed import EMBEDDING_MODEL
-from llmo.router.learned.features import FEATURE_NAMES
+from llmo.router.learned.features import FEATURE_NAMES, feature_matrix, option_texts
 
 FORMAT = "llmo-router/complexity-v1"
 DEFAULT_HEAD_WEIGHT = 0.25
+DEFAULT_OPTION_WEIGHT = 0.25
 PRIOR_TTR_WEIGHT = 3.0
 _GRID = np.linspace(0, 100, 201)
 
@@ -74,15 +79,27 @@ class ComplexityRouter:
     quantiles: np.ndarray  # final scores on the training data at 0..100 % (threshold calibration)
     head_weight: float = DEFAULT_HEAD_WEIGHT
     metadata: dict[str, Any] = field(default_factory=dict)
+    option_quantiles: np.ndarray | None = None  # option similarity on the training data
+    option_weight: float = 0.0
 
     def components(self, embeddings: np.ndarray, text_feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         x = design_matrix(embeddings, text_feats)
         return self.head.predict(x), complexity_prior(text_feats)
 
-    def score_features(self, embeddings: np.ndarray, text_feats: np.ndarray) -> np.ndarray:
+    def score_features(
+        self, embeddings: np.ndarray, text_feats: np.ndarray, option_sims: np.ndarray | None = None
+    ) -> np.ndarray:
         """Higher means the strong model is more likely to be needed, in [0, 1]."""
         head, prior = self.components(embeddings, text_feats)
-        return blend(head, prior, self.head_quantiles, self.prior_quantiles, self.head_weight)
+        options = None
+        if self.option_quantiles is not None and self.option_weight > 0 and option_sims is not None:
+            options = option_percentiles(option_sims, self.option_quantiles)
+        return blend(head, prior, self.head_quantiles, self.prior_quantiles, self.head_weight, options, self.option_weight)
+
+    def score_prompts(self, prompts: list[str], encode: Any) -> np.ndarray:
+        """Scores for raw prompts; `encode` maps texts to normalised MiniLM embeddings."""
+        sims = option_similarities(prompts, encode) if self.option_weight > 0 else None
+        return self.score_features(encode(prompts), feature_matrix(prompts), sims)
 
     def threshold_for_strong_share(self, share: float) -> float:
         """Score above which a request goes to the strong model so that about `share` of
@@ -105,16 +122,18 @@ class ComplexityRouter:
     def save(self, directory: Path) -> Path:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(
-            directory / "weights.npz",
-            head_mean=self.head.mean,
-            head_scale=self.head.scale,
-            head_coef=self.head.coef,
-            head_intercept=np.array([self.head.intercept]),
-            head_quantiles=self.head_quantiles,
-            prior_quantiles=self.prior_quantiles,
-            quantiles=self.quantiles,
-        )
+        arrays: dict[str, np.ndarray] = {
+            "head_mean": self.head.mean,
+            "head_scale": self.head.scale,
+            "head_coef": self.head.coef,
+            "head_intercept": np.array([self.head.intercept]),
+            "head_quantiles": self.head_quantiles,
+            "prior_quantiles": self.prior_quantiles,
+            "quantiles": self.quantiles,
+        }
+        if self.option_quantiles is not None:
+            arrays["option_quantiles"] = self.option_quantiles
+        np.savez_compressed(directory / "weights.npz", **arrays)  # type: ignore[arg-type]
         meta = {
             "format": FORMAT,
             "version": self.version,
@@ -123,6 +142,7 @@ class ComplexityRouter:
             "embedding_model": EMBEDDING_MODEL,
             "text_features": list(FEATURE_NAMES),
             "head_weight": self.head_weight,
+            "option_weight": self.option_weight,
             "prior_ttr_weight": PRIOR_TTR_WEIGHT,
             **self.metadata,
         }
@@ -152,6 +172,8 @@ class ComplexityRouter:
                 quantiles=w["quantiles"],
                 head_weight=float(meta.get("head_weight", DEFAULT_HEAD_WEIGHT)),
                 metadata={k: v for k, v in meta.items() if k not in {"version", "weak_model", "strong_model"}},
+                option_quantiles=w["option_quantiles"] if "option_quantiles" in w.files else None,
+                option_weight=float(meta.get("option_weight", 0.0)) if "option_quantiles" in w.files else 0.0,
             )
         return router
 
@@ -178,8 +200,45 @@ def to_percentile(values: np.ndarray, grid: np.ndarray) -> np.ndarray:
     return np.clip((lo + hi) / 2 / (len(grid) - 1), 0.0, 1.0)
 
 
-def blend(head: np.ndarray, prior: np.ndarray, head_grid: np.ndarray, prior_grid: np.ndarray, head_weight: float) -> np.ndarray:
-    return head_weight * to_percentile(head, head_grid) + (1.0 - head_weight) * to_percentile(prior, prior_grid)
+def blend(
+    head: np.ndarray,
+    prior: np.ndarray,
+    head_grid: np.ndarray,
+    prior_grid: np.ndarray,
+    head_weight: float,
+    option_pct: np.ndarray | None = None,
+    option_weight: float = 0.0,
+) -> np.ndarray:
+    score = head_weight * to_percentile(head, head_grid)
+    if option_pct is not None and option_weight > 0:
+        score = score + option_weight * option_pct
+    else:
+        option_weight = 0.0
+    return score + (1.0 - head_weight - option_weight) * to_percentile(prior, prior_grid)
+
+
+def option_similarities(prompts: list[str], encode: Any) -> np.ndarray:
+    """Mean pairwise cosine similarity of each prompt's answer options; NaN without options."""
+    per_prompt = [option_texts(p) for p in prompts]
+    unique = sorted({o for opts in per_prompt for o in opts})
+    out = np.full(len(prompts), np.nan)
+    if not unique:
+        return out
+    vectors = dict(zip(unique, encode(unique), strict=True))
+    for i, opts in enumerate(per_prompt):
+        if len(opts) < 2:
+            continue
+        m = np.stack([vectors[o] for o in opts])
+        sims = m @ m.T
+        iu = np.triu_indices(len(opts), 1)
+        out[i] = float(sims[iu].mean())
+    return out
+
+
+def option_percentiles(sims: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """Percentiles against the training grid; prompts without options are neutral (0.5)."""
+    pct = to_percentile(np.nan_to_num(sims, nan=0.0), grid)
+    return np.where(np.isnan(sims), 0.5, pct)
 
 
 def new_version() -> str:

@@ -13,12 +13,15 @@ from llmo.router.learned.features import feature_matrix
 from llmo.router.learned.metrics import RouterMetrics, router_metrics
 from llmo.router.learned.model import (
     DEFAULT_HEAD_WEIGHT,
+    DEFAULT_OPTION_WEIGHT,
     ComplexityRouter,
     blend,
     complexity_prior,
     design_matrix,
     fit_head,
     new_version,
+    option_percentiles,
+    option_similarities,
     percentile_grid,
 )
 
@@ -29,6 +32,7 @@ DEFAULT_C = 0.01
 class TrainConfig:
     c: float = DEFAULT_C
     head_weight: float = DEFAULT_HEAD_WEIGHT
+    option_weight: float = DEFAULT_OPTION_WEIGHT
     seed: int = 0
 
 
@@ -42,8 +46,8 @@ def train_router(
     cfg = config or TrainConfig()
     if len(data) < 10:
         raise ValueError(f"need at least 10 training prompts, got {len(data)}")
-    if not 0.0 <= cfg.head_weight <= 1.0:
-        raise ValueError("head_weight must be in [0, 1]")
+    if not (0.0 <= cfg.head_weight and 0.0 <= cfg.option_weight and cfg.head_weight + cfg.option_weight <= 1.0):
+        raise ValueError("head_weight and option_weight must be >= 0 and sum to at most 1")
     wins = _strong_wins(data)
     if wins.all() or not wins.any():
         raise ValueError("training data needs prompts where the weak model fails and the strong model wins, and others")
@@ -53,7 +57,16 @@ def train_router(
     head_out = head.predict(design_matrix(emb, feats))
     prior = complexity_prior(feats)
     head_grid, prior_grid = percentile_grid(head_out), percentile_grid(prior)
-    scores = blend(head_out, prior, head_grid, prior_grid, cfg.head_weight)
+    option_grid = None
+    option_pct = None
+    option_weight = 0.0
+    if cfg.option_weight > 0:
+        sims = option_similarities(data.prompts, embedder.encode)
+        if not np.isnan(sims).all():
+            option_grid = percentile_grid(sims[~np.isnan(sims)])
+            option_pct = option_percentiles(sims, option_grid)
+            option_weight = cfg.option_weight
+    scores = blend(head_out, prior, head_grid, prior_grid, cfg.head_weight, option_pct, option_weight)
     router = ComplexityRouter(
         version=version or new_version(),
         weak_model=data.weak_model,
@@ -63,6 +76,8 @@ def train_router(
         prior_quantiles=prior_grid,
         quantiles=np.percentile(scores, np.linspace(0, 100, 101)),
         head_weight=cfg.head_weight,
+        option_quantiles=option_grid,
+        option_weight=option_weight,
         metadata={
             "train_prompts": len(data),
             "train_subjects": sorted(set(data.subjects)),
@@ -75,7 +90,7 @@ def train_router(
 
 
 def score_prompts(router: ComplexityRouter, embedder: Embedder, prompts: list[str]) -> np.ndarray:
-    return router.score_features(embedder.encode(prompts), feature_matrix(prompts))
+    return router.score_prompts(prompts, embedder.encode)
 
 
 def evaluate_router(router: ComplexityRouter, embedder: Embedder, data: RoutingDataset) -> RouterMetrics:

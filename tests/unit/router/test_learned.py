@@ -165,3 +165,36 @@ def test_cli_reports_bad_data_without_a_traceback(tmp_path: Path) -> None:
     res = CliRunner().invoke(cli, ["evaluate", "--data", str(tmp_path / "missing")])
     assert res.exit_code != 0
     assert "no such file or directory" in res.output
+
+
+def test_answer_option_similarity(embedder: Embedder) -> None:
+    from llmo.router.learned.features import option_texts
+    from llmo.router.learned.model import option_similarities
+
+    close = "Which is a prime?\nA. 91\nB. 87\nC. 97\nD. 93\nAnswer:"
+    far = "Which is a fruit?\nA. a red apple\nB. the French revolution\nC. quantum entanglement\nD. a bicycle tyre\nAnswer:"
+    assert option_texts(close) == ["91", "87", "97", "93"]
+    sims = option_similarities([close, far, "no options here"], embedder.encode)
+    assert sims[0] > sims[1]
+    assert np.isnan(sims[2])
+
+
+def test_router_with_option_signal_round_trips(tmp_path: Path, embedder: Embedder) -> None:
+    from .conftest import EASY, HARD
+
+    rows = []
+    for i, q in enumerate(EASY):
+        rows.append((f"{q}\nA. yes\nB. a tree\nC. the moon\nD. music", True, i % 5 != 0))
+    for i, q in enumerate(HARD):
+        rows.append((f"{q}\nA. {i}1.25\nB. {i}1.52\nC. {i}2.15\nD. {i}2.51", i % 4 == 0, True))
+    rows += [(q + " (free text)", True, True) for q in EASY[:4]]
+    write_routing_csv(tmp_path / "mc.csv", rows)
+    data = load_routing_data(tmp_path / "mc.csv")
+    router = train_router(data, embedder, TrainConfig(option_weight=0.25), version="opt")
+    assert router.option_quantiles is not None and router.option_weight == 0.25
+    loaded = ComplexityRouter.load(router.save(tmp_path / "artifact"))
+    assert loaded.option_weight == 0.25 and loaded.option_quantiles is not None
+    scores = loaded.score_prompts(data.prompts, embedder.encode)
+    assert np.isfinite(scores).all() and scores.min() >= 0 and scores.max() <= 1
+    assert np.allclose(scores, router.score_prompts(data.prompts, embedder.encode))
+    assert evaluate_router(loaded, embedder, data).apgr > 0.6
