@@ -87,6 +87,12 @@ class LLMEngine:
                 f"model's context length of {self.context_length} tokens",
                 self.context_length, total,
             )
+        budget = self.config.max_num_batched_tokens
+        if not self.config.enable_chunked_prefill and num_prompt_tokens + max_tokens > budget:
+            raise ContextLengthError(
+                f"prompt + max_tokens = {total} tokens exceeds max_num_batched_tokens ({budget}) and chunked "
+                "prefill is off", budget, total,
+            )
         if self.blocks.blocks_for(total) > self.config.num_blocks:
             limit = self.config.num_blocks * self.config.block_size
             raise ContextLengthError(

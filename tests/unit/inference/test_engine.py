@@ -212,3 +212,14 @@ def test_engine_failures_are_internal_errors_not_bad_input() -> None:
     assert (err.reason, err.metadata["limit"]) == ("CONTEXT_LENGTH_EXCEEDED", "512")
     assert to_service_error(QueueFullError(3)).code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert to_service_error(ValueError("top_p must be in (0, 1], got 2")).metadata["field"] == "top_p"
+
+
+def test_without_chunked_prefill_whole_prompts_run_and_must_fit_the_budget(loaded: LoadedModel) -> None:
+    prompt = loaded.tokenizer.encode(TEXTS[0])
+    assert len(prompt) > 8
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    whole = _engine(loaded, enable_chunked_prefill=False, max_num_batched_tokens=len(prompt) + 6)
+    chunked = _engine(loaded, max_num_batched_tokens=4)
+    assert whole.generate([prompt], params) == chunked.generate([prompt], params)
+    with pytest.raises(ContextLengthError, match="chunked prefill is off"):
+        whole.add_request("big", prompt, SamplingParams(max_tokens=7))
