@@ -54,6 +54,10 @@ def cli() -> None:
     Drive traffic through it all:   llmo demo
     Measure against peers:          llmo bench <area>
     """
+    from llmo.core.logging import configure_logging
+
+    # Logs go to stderr, so stdout carries only results (tables, --json, bench JSON).
+    configure_logging("llmo", level=os.environ.get("LLMO_LOG_LEVEL", "warning"))
 
 
 @cli.command()
