@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import grpc
@@ -19,11 +20,34 @@ def _usd(micros: int) -> common_pb2.Money:
     return common_pb2.Money(currency_code="USD", micros=micros)
 
 
+async def _live_traffic(stub: pb_grpc.CostServiceStub, *, wait_s: float) -> list[str]:
+    """What the ledger took in from the other services' `*.completed` events
+    (waiting up to `wait_s` for the consumers to catch up)."""
+    deadline = asyncio.get_running_loop().time() + wait_s
+    while True:
+        report = await stub.GetCostReport(
+            pb.GetCostReportRequest(group_by=[pb.COST_DIMENSION_TENANT, pb.COST_DIMENSION_MODEL], page_size=50), timeout=10
+        )
+        rows = [row for row in report.rows if row.keys[0].value != DEMO_TENANT]
+        if rows or asyncio.get_running_loop().time() > deadline:
+            break
+        await asyncio.sleep(0.25)
+    if not rows:
+        return ["cost: no usage events from other services reached the ledger"]
+    return [
+        f"cost: from events, tenant {row.keys[0].value} model {row.keys[1].value}: {row.requests} requests, "
+        f"{row.input_tokens}+{row.output_tokens} tokens, {format_usd(row.cost.micros, 6)}"
+        for row in rows
+    ]
+
+
 async def run_demo(endpoints: dict[str, str]) -> list[str]:
     lines: list[str] = []
     run = uuid.uuid4().hex[:8]
     async with create_channel(endpoints["cost"]) as channel:
         stub = pb_grpc.CostServiceStub(channel)
+        # The inference demo ran first; its completions reach the ledger as events.
+        lines += await _live_traffic(stub, wait_s=10.0 if "inference" in endpoints else 0.0)
         calls = [("gpt-4o-mini", 1200, 300, 180.0, 900.0), ("gpt-4o", 3000, 800, 320.0, 2100.0), ("llmo-demo", 800, 200, 40.0, 350.0)]
         records = [
             pb.UsageRecord(
