@@ -2,4 +2,4 @@
 #define LLMO_ISA 1
 #define LLMO_NS avx2
 #define LLMO_ISA_NAME "avx2"
-#include "kernels.inc"
+#include "kernels_body.h"

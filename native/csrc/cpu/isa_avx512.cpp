@@ -2,4 +2,4 @@
 #define LLMO_ISA 2
 #define LLMO_NS avx512vnni
 #define LLMO_ISA_NAME "avx512vnni"
-#include "kernels.inc"
+#include "kernels_body.h"

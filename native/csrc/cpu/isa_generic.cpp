@@ -2,4 +2,4 @@
 #define LLMO_ISA 0
 #define LLMO_NS generic
 #define LLMO_ISA_NAME "generic"
-#include "kernels.inc"
+#include "kernels_body.h"

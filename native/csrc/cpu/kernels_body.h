@@ -1,5 +1,6 @@
-// CPU kernel bodies, compiled once per instruction set. The including file
-// defines LLMO_ISA (0 = portable scalar, 1 = AVX2/FMA/F16C,
+// CPU kernel bodies, compiled once per instruction set (no include guard on purpose:
+// each isa_*.cpp includes it once). The including file defines LLMO_ISA (0 = portable
+// scalar, 1 = AVX2/FMA/F16C,
 // 2 = AVX2 plus 256-bit AVX-512 VNNI dot products) and LLMO_NS (namespace).
 #include <omp.h>
 
