@@ -29,6 +29,7 @@ class FakeBackend:
     hang_s: float = 3600.0
     calls: dict[str, int] = field(default_factory=dict)
     requests: list[dict[str, Any]] = field(default_factory=list)
+    request_ids: list[str] = field(default_factory=list)
     _runner: web.AppRunner | None = None
     _released: asyncio.Event = field(default_factory=asyncio.Event)
     port: int = 0
@@ -69,6 +70,7 @@ class FakeBackend:
         body = await request.json()
         model = str(body.get("model", ""))
         self.requests.append(body)
+        self.request_ids.append(request.headers.get("x-request-id", ""))
         n = self.calls[model] = self.calls.get(model, 0) + 1
         behaviour = self.behaviours.get(model, "ok")
         if self.latency_s:

@@ -471,6 +471,7 @@ class Gateway:
                     stop=req.stop,
                     extra=extra,
                     stream=req.stream or bool(self.hedge_after_s),
+                    request_id=prepared.request_id,
                 )
                 sent_before = len(text_parts)
                 try:
@@ -528,6 +529,7 @@ class Gateway:
                 temperature=upstream.temperature,
                 top_p=upstream.top_p,
                 stop=upstream.stop,
+                request_id=upstream.request_id,
             )
             backup = self.client_for(backup_model).stream(hedge_req)
             backup_task = asyncio.ensure_future(anext(backup))

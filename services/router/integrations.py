@@ -96,6 +96,12 @@ class NatsEventSink:
         found = self.portfolio().model(model) if self.portfolio is not None else None
         return found.provider if found is not None else ""
 
+    def served_name(self, model: str) -> str:
+        """The name the upstream serves a portfolio model under (what prices and the
+        upstream's own usage events use)."""
+        found = self.portfolio().model(model) if self.portfolio is not None else None
+        return found.upstream_name if found is not None else model
+
     async def routed(self, request: GatewayRequest, prepared: Prepared) -> None:
         d = prepared.decision
         estimate = d.model.cost_micros(prepared.input_tokens, min(request.max_tokens or d.model.max_output_tokens, d.model.max_output_tokens))
@@ -122,7 +128,7 @@ class NatsEventSink:
             event_id=f"{prepared.request_id}:completed",
             request_id=prepared.request_id,
             attribution=common_pb2.Attribution(tenant=request.tenant, application=request.application, user=request.user),
-            model=finished.model,
+            model=self.served_name(finished.model),
             provider=self.provider_of(finished.model),
             usage=common_pb2.Usage(input_tokens=finished.usage.prompt_tokens, output_tokens=finished.usage.completion_tokens),
             estimated_cost=_money(finished.cost_micros),

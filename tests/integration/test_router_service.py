@@ -134,6 +134,8 @@ async def test_grpc_complete_streams_and_publishes_events(svc: Harness) -> None:
     assert routed.model == "small" and routed.attribution.tenant == "tenant-a"
     assert done.request_id == last.request_id and done.usage.output_tokens == 5 and done.status == "ok"
     assert done.provider == "primary" and done.estimated_cost.micros == last.estimated_cost.micros
+    # The upstream saw the same request id, so its own usage event and ours name one call.
+    assert svc.backend.request_ids[-1] == last.request_id
     await bus.close()
 
 

@@ -21,6 +21,9 @@ class ChatRequest:
     # False: the caller wants the whole answer at once; providers may then make one
     # non-streaming upstream call (cheaper) and yield a single chunk.
     stream: bool = True
+    # Sent upstream (`x-request-id`) so the upstream's usage event and the router's
+    # describe the same call and the cost ledger charges it once.
+    request_id: str = ""
 
 
 @dataclass(frozen=True)

@@ -59,7 +59,10 @@ class InferenceGrpcClient:
             messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in request.messages],
             sampling=sampling,
         )
-        call = self._get_stub().Generate(msg, timeout=self.total_timeout_s, metadata=outgoing_metadata())
+        metadata = [(k, v) for k, v in outgoing_metadata() if k != "x-request-id"]
+        if request.request_id:
+            metadata.append(("x-request-id", request.request_id))
+        call = self._get_stub().Generate(msg, timeout=self.total_timeout_s, metadata=metadata)
         first = True
         finished = False
         try:

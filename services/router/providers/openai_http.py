@@ -73,6 +73,8 @@ class OpenAIHttpClient:
         headers = {"content-type": "application/json", "accept": "text/event-stream"}
         if self.api_key:
             headers["authorization"] = f"Bearer {self.api_key}"
+        if request.request_id:
+            headers["x-request-id"] = request.request_id
         # sock_read also bounds the wait for the response headers, so an upstream that
         # accepts the connection and never answers is cut off too.
         timeout = aiohttp.ClientTimeout(
