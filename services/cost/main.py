@@ -7,9 +7,9 @@ import contextlib
 from dataclasses import dataclass, field
 
 from llmo.core.events import EventBus
-from llmo.core.logging import configure_logging, get_logger
-from llmo.core.metrics import start_metrics_server
-from llmo.core.server import GrpcServer, wait_for_shutdown_signal
+from llmo.core.logging import get_logger
+from llmo.core.metrics import start_service_metrics
+from llmo.core.server import GrpcServer, serve_until_signal
 from llmo.cost.engine import CostEngine
 from llmo.cost.ingest import INFERENCE, ROUTER, UsageConsumer
 from llmo.cost.prices import load_catalog
@@ -106,12 +106,8 @@ async def start(settings: CostSettings, *, port: int | None = None, metrics: boo
     elif settings.consume_events:
         running.connecting = asyncio.create_task(_connect_later(running), name="cost:nats-connect")
     running.port = await server.start()
-    metrics_port = settings.resolved_metrics_port()
-    if metrics and metrics_port is not None:
-        try:
-            start_metrics_server(metrics_port, settings.host)
-        except OSError as error:
-            log.warning("metrics endpoint not started", port=metrics_port, error=str(error))
+    if metrics:
+        start_service_metrics(settings)
     log.info(
         "cost service started",
         grpc_port=running.port,
@@ -123,13 +119,7 @@ async def start(settings: CostSettings, *, port: int | None = None, metrics: boo
 
 async def serve(settings: CostSettings | None = None) -> None:
     """Run until SIGTERM/SIGINT or cancellation, then drain."""
-    settings = settings or CostSettings()
-    configure_logging("cost", env=settings.platform.env, level=settings.platform.log_level)
-    running = await start(settings)
-    try:
-        await wait_for_shutdown_signal()
-    finally:
-        await running.stop()
+    await serve_until_signal("cost", settings or CostSettings(), start)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,9 @@ import torch
 from aiohttp import web
 
 from llmo.core.events import EventBus
-from llmo.core.logging import configure_logging, get_logger
-from llmo.core.metrics import start_metrics_server
-from llmo.core.server import GrpcServer, wait_for_shutdown_signal
+from llmo.core.logging import get_logger
+from llmo.core.metrics import start_service_metrics
+from llmo.core.server import GrpcServer, serve_until_signal
 from llmo.inference import metrics
 from llmo.inference.backends.base import Backend
 from llmo.inference.http_api import OpenAIApp
@@ -114,10 +114,8 @@ async def start(settings: InferenceSettings, *, port: int | None = None, http_po
         site = web.TCPSite(runner, settings.host, wanted_http)
         await site.start()
         bound_http = runner.addresses[0][1] if runner.addresses else wanted_http
-    metrics_port = settings.resolved_metrics_port()
-    if metrics and metrics_port is not None:
-        with contextlib.suppress(OSError):
-            start_metrics_server(metrics_port, settings.host)
+    if metrics:
+        start_service_metrics(settings)
     gauges = asyncio.create_task(_refresh_gauges(registry, settings.gauge_interval_s), name="llmo-inference-gauges")
     log.info("inference service started", grpc_port=bound, http_port=bound_http, models=registry.ids(),
              backend=settings.backend, events=bus is not None)
@@ -133,10 +131,4 @@ async def _refresh_gauges(registry: ModelRegistry, interval_s: float) -> None:
 
 async def serve(settings: InferenceSettings | None = None) -> None:
     """Run until SIGTERM/SIGINT or cancellation, then drain."""
-    settings = settings or InferenceSettings()
-    configure_logging("inference", env=settings.platform.env, level=settings.platform.log_level)
-    running = await start(settings)
-    try:
-        await wait_for_shutdown_signal()
-    finally:
-        await running.stop()
+    await serve_until_signal("inference", settings or InferenceSettings(), start)

@@ -12,9 +12,9 @@ from typing import Any
 from aiohttp import web
 
 from llmo.core.events import EventBus
-from llmo.core.logging import configure_logging, get_logger
-from llmo.core.metrics import start_metrics_server
-from llmo.core.server import GrpcServer, wait_for_shutdown_signal
+from llmo.core.logging import get_logger
+from llmo.core.metrics import start_service_metrics
+from llmo.core.server import GrpcServer, serve_until_signal
 from llmo.protos.router.v1 import router_service_pb2_grpc
 from llmo.router.bandit import BanditStore
 from llmo.router.cache import SemanticCache
@@ -185,10 +185,8 @@ async def start(
         sockets = site._server.sockets if site._server is not None else []  # type: ignore[union-attr,attr-defined]
         bound_http = sockets[0].getsockname()[1] if sockets else want_http
     tasks = [asyncio.create_task(store.watch(settings.portfolio_reload_s), name="portfolio-watch")]
-    metrics_port = settings.resolved_metrics_port()
-    if metrics and metrics_port is not None:
-        with contextlib.suppress(OSError):
-            start_metrics_server(metrics_port, settings.host)
+    if metrics:
+        start_service_metrics(settings)
     log.info(
         "router service started",
         grpc_port=bound,
@@ -203,13 +201,7 @@ async def start(
 
 async def serve(settings: RouterSettings | None = None) -> None:
     """Run until SIGTERM/SIGINT or cancellation, then drain."""
-    settings = settings or RouterSettings()
-    configure_logging("router", env=settings.platform.env, level=settings.platform.log_level)
-    running = await start(settings)
-    try:
-        await wait_for_shutdown_signal()
-    finally:
-        await running.stop()
+    await serve_until_signal("router", settings or RouterSettings(), start)
 
 
 if __name__ == "__main__":

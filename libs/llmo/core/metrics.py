@@ -7,6 +7,11 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
+from llmo.core.logging import get_logger
+from llmo.core.settings import ServiceSettings
+
+log = get_logger(__name__)
+
 GRPC_REQUESTS = Counter(
     "llmo_grpc_requests_total", "gRPC calls handled", ["service", "method", "code"]
 )
@@ -35,6 +40,22 @@ def start_metrics_server(port: int, host: str = "127.0.0.1") -> int:
     with _lock:
         _servers.append(server)
     return int(server.server_address[1])
+
+
+def start_service_metrics(settings: ServiceSettings) -> int | None:
+    """Serve /metrics on a service's metrics port (unless disabled).
+
+    A port that is already taken is logged rather than fatal: losing metrics
+    must not take the service itself down.
+    """
+    port = settings.resolved_metrics_port()
+    if port is None:
+        return None
+    try:
+        return start_metrics_server(port, settings.host)
+    except OSError as error:
+        log.warning("metrics endpoint not started", port=port, error=str(error))
+        return None
 
 
 def stop_metrics_servers() -> None:

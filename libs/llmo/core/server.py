@@ -16,7 +16,7 @@ import inspect
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -25,7 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from llmo.core import context as ctx
 from llmo.core.auth import tenant_for
 from llmo.core.errors import STATUS_DETAILS_KEY, ServiceError
-from llmo.core.logging import get_logger
+from llmo.core.logging import configure_logging, get_logger
 from llmo.core.metrics import GRPC_IN_FLIGHT, GRPC_LATENCY, GRPC_REQUESTS
 from llmo.core.settings import PlatformSettings, ServiceSettings
 
@@ -238,6 +238,26 @@ class GrpcServer:
         log.info("draining", grace_seconds=grace)
         await self.server.stop(grace)
         log.info("grpc server stopped")
+
+
+class RunningService(Protocol):
+    async def stop(self) -> None: ...
+
+
+SettingsT = TypeVar("SettingsT", bound=ServiceSettings)
+
+
+async def serve_until_signal(
+    service: str, settings: SettingsT, start: Callable[[SettingsT], Awaitable[RunningService]]
+) -> None:
+    """What every service's `serve()` does: configure logging, start, run until
+    SIGTERM/SIGINT (or cancellation), then stop (drain)."""
+    configure_logging(service, env=settings.platform.env, level=settings.platform.log_level)
+    running = await start(settings)
+    try:
+        await wait_for_shutdown_signal()
+    finally:
+        await running.stop()
 
 
 async def wait_for_shutdown_signal() -> None:
