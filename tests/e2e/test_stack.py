@@ -83,3 +83,15 @@ def test_serving_an_unimplemented_service_is_a_clear_error() -> None:
     )
     assert result.returncode != 0
     assert "not implemented" in result.stderr
+
+
+@in_stack_loop
+async def test_a_failed_start_leaves_no_process_behind(tmp_path: Path) -> None:
+    if "cost" not in SERVICES:
+        pytest.skip("the cost service is not implemented")
+    unreachable_db = "postgresql+psycopg://nobody@127.0.0.1:1/none"
+    stack = Stack(tmp_path, services=["cost"], random_ports=True, env={"LLMO_COST_DATABASE_URL": unreachable_db})
+    with pytest.raises(RuntimeError, match="cost exited"):
+        await stack.start(health_timeout=120)
+    assert stack.nats.process is None, "nats-server was left running"
+    assert all(process.poll() is not None for process in stack._processes.values())

@@ -120,7 +120,6 @@ def up(data_dir: str | None, services: tuple[str, ...], random_ports: bool) -> N
             try:
                 state = await stack.start()
             except (RuntimeError, TimeoutError, ValueError) as error:
-                await stack.stop()
                 raise click.ClickException(str(error)) from error
         out.print(_endpoint_table(state))
         out.print(f"logs: {stack.data_dir / 'logs'}   stop with Ctrl-C")
@@ -218,7 +217,6 @@ def demo(data_dir: str | None, services: tuple[str, ...]) -> None:
             try:
                 state = await stack.start()
             except (RuntimeError, TimeoutError, ValueError) as error:
-                await stack.stop()
                 raise click.ClickException(str(error)) from error
         out.print(_endpoint_table(state))
         ok = True

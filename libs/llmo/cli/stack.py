@@ -129,9 +129,17 @@ class Stack:
         return free_port(self.host) if self.random_ports else _port_or_free(default, self.host)
 
     async def start(self, health_timeout: float = 180.0) -> StackState:
+        """Start everything; on any failure stop what was started (no orphan processes)."""
         unknown = sorted(set(self.services) - set(implemented_services()))
         if unknown:
             raise ValueError(f"not implemented (yet): {', '.join(unknown)}")
+        try:
+            return await self._start(health_timeout)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self, health_timeout: float) -> StackState:
         (self.data_dir / "logs").mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(self.nats.start)
         for name in self.services:
@@ -247,11 +255,7 @@ class Stack:
         return codes
 
     async def __aenter__(self) -> Stack:
-        try:
-            await self.start()
-        except BaseException:
-            await self.stop()
-            raise
+        await self.start()
         return self
 
     async def __aexit__(self, *_: Any) -> None:
