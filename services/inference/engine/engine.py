@@ -5,13 +5,13 @@ from __future__ import annotations
 import itertools
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from llmo.inference.engine.block_manager import BlockManager, block_hash
 from llmo.inference.engine.params import SamplingParams
-from llmo.inference.engine.sampler import sample
+from llmo.inference.engine.sampler import prompt_token_logprobs, sample
 from llmo.inference.engine.scheduler import Scheduler, SchedulerConfig
 from llmo.inference.engine.sequence import Request, SeqStatus, Sequence, SequenceDelta, TokenLogprob
 from llmo.inference.models.llama import KVCache, PagedBatch
@@ -53,6 +53,15 @@ class EngineStats:
     prefix_hit_rate: float
     num_preemptions: int
     kv_waste: float
+
+
+@dataclass
+class _Rows:
+    """Where one scheduled sequence's logits are in a step's output."""
+
+    prompt_start: int = 0  # first prompt position whose next-token logprob this step computes
+    prompt_rows: range = field(default_factory=lambda: range(0))
+    sample_row: int | None = None  # the row the next token is sampled from, when the step reaches the end
 
 
 class LLMEngine:
@@ -154,20 +163,26 @@ class LLMEngine:
         multi = [(s, n) for s, n in plan.scheduled if n > 1]
         single = [(s, n) for s, n in plan.scheduled if n == 1]
         ordered = multi + single
-        batch = self._build_batch(ordered, len(multi))
+        batch, rows = self._build_batch(ordered, len(multi))
         with torch.inference_mode():
             # Sampling runs on the CPU so per-request seeded generators work on every device.
             logits = self.model.forward_paged(batch, self.cache).cpu()
-        to_sample: list[Sequence] = []
-        for seq, n in ordered:
+        to_sample: list[tuple[Sequence, int]] = []
+        for (seq, n), where in zip(ordered, rows, strict=True):
+            if where.prompt_rows:
+                self._record_prompt_logprobs(seq.request, where.prompt_start,
+                                             logits[where.prompt_rows.start:where.prompt_rows.stop])
             seq.num_computed += n
             self._register_full_blocks(seq)
-            if seq.num_computed == seq.num_tokens:
-                to_sample.append(seq)
+            if where.sample_row is not None:
+                to_sample.append((seq, where.sample_row))
         deltas: list[SequenceDelta] = []
         now = time.monotonic()
-        for row, seq in enumerate(to_sample):
+        for seq, row in to_sample:
             request = seq.request
+            if request.params.max_tokens == 0:  # prompt logprobs only: nothing to sample
+                deltas.append(self._attach_prompt_logprobs(request, self._finish_without_tokens(seq)))
+                continue
             family = [seq]
             if request.params.n > 1 and not request.forked:
                 family += self._fork(seq)
@@ -175,33 +190,50 @@ class LLMEngine:
                 token, lp = sample(logits[row], request.params, member.all_ids, member.generator)
                 if request.first_token_time is None:
                     request.first_token_time = now
-                deltas.append(self._append(member, token, lp))
+                deltas.append(self._attach_prompt_logprobs(request, self._append(member, token, lp)))
         for request in {d.request_id: self.requests.get(d.request_id) for d in deltas}.values():
             if request is not None and request.finished:
                 request.finished_time = now
                 self.requests.pop(request.request_id, None)
         return deltas
 
-    def _build_batch(self, ordered: list[tuple[Sequence, int]], num_prefills: int) -> PagedBatch:
+    def _build_batch(self, ordered: list[tuple[Sequence, int]], num_prefills: int
+                     ) -> tuple[PagedBatch, list[_Rows]]:
         bs = self.config.block_size
         tokens: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         logits_rows: list[int] = []
+        rows: list[_Rows] = []
         for seq, n in ordered:
             ids = seq.all_ids
-            for pos in range(seq.num_computed, seq.num_computed + n):
+            base = len(tokens)
+            start = seq.num_computed
+            for pos in range(start, start + n):
                 tokens.append(ids[pos])
                 positions.append(pos)
                 slots.append(seq.block_ids[pos // bs] * bs + pos % bs)
-            if seq.num_computed + n == seq.num_tokens:
+            where = _Rows()
+            request = seq.request
+            if request.needs_prompt_logprobs and start <= len(request.prompt_logprobs):
+                # Position p's logits give the logprob of prompt token p + 1; positions done before a
+                # preemption are not collected twice.
+                first = len(request.prompt_logprobs)
+                last = min(start + n, len(request.prompt_ids) - 1)
+                if first < last:
+                    where.prompt_start = first
+                    where.prompt_rows = range(len(logits_rows), len(logits_rows) + last - first)
+                    logits_rows.extend(base + p - start for p in range(first, last))
+            if start + n == seq.num_tokens:
+                where.sample_row = len(logits_rows)
                 logits_rows.append(len(tokens) - 1)
+            rows.append(where)
         width = max(len(seq.block_ids) for seq, _ in ordered)
         tables = torch.zeros((len(ordered), width), dtype=torch.int64)
         for i, (seq, _) in enumerate(ordered):
             tables[i, : len(seq.block_ids)] = torch.tensor(seq.block_ids, dtype=torch.int64)
         dev = self.device
-        return PagedBatch(
+        batch = PagedBatch(
             token_ids=torch.tensor(tokens, dtype=torch.int64, device=dev),
             positions=torch.tensor(positions, dtype=torch.int64, device=dev),
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
@@ -210,6 +242,32 @@ class LLMEngine:
             block_tables=tables.to(dev),
             num_prefills=num_prefills,
             logits_indices=torch.tensor(logits_rows, dtype=torch.int64, device=dev),
+        )
+        return batch, rows
+
+    def _record_prompt_logprobs(self, request: Request, first: int, logits: torch.Tensor) -> None:
+        k = request.params.prompt_logprobs or 0
+        targets = request.prompt_ids[first + 1:first + 1 + logits.shape[0]]
+        request.prompt_logprobs.extend(prompt_token_logprobs(logits, targets, k))
+
+    @staticmethod
+    def _attach_prompt_logprobs(request: Request, delta: SequenceDelta) -> SequenceDelta:
+        """Hand the prompt logprobs out once, on the request's first delta."""
+        if request.params.prompt_logprobs is not None and not request.prompt_logprobs_sent:
+            delta.prompt_logprobs = list(request.prompt_logprobs)
+            request.prompt_logprobs_sent = True
+        return delta
+
+    def _finish_without_tokens(self, seq: Sequence) -> SequenceDelta:
+        """max_tokens = 0 (prompt logprobs only): the request ends once its prompt is prefilled."""
+        request = seq.request
+        seq.finish_reason = "length"
+        seq.status = SeqStatus.FINISHED
+        self.scheduler.remove(seq)
+        return SequenceDelta(
+            request_id=request.request_id, index=seq.index, token_ids=[], text="", logprobs=[],
+            finish_reason="length", num_prompt_tokens=len(request.prompt_ids), num_output_tokens=0,
+            num_cached_tokens=request.num_cached_tokens,
         )
 
     def _register_full_blocks(self, seq: Sequence) -> None:

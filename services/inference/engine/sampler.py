@@ -51,3 +51,15 @@ def sample(logits: torch.Tensor, params: SamplingParams, history: list[int],
         values, ids = torch.topk(logp, params.logprobs)
         top = list(zip(ids.tolist(), values.tolist(), strict=True))
     return token, TokenLogprob(token, float(logp[token]), top)
+
+
+def prompt_token_logprobs(logits: torch.Tensor, targets: list[int], k: int) -> list[TokenLogprob]:
+    """Logprob of each target token under the matching row of float32 logits, plus the row's top k."""
+    logp = torch.log_softmax(logits, -1)
+    ids = torch.tensor(targets, dtype=torch.int64)
+    chosen = logp.gather(1, ids[:, None]).squeeze(1).tolist()
+    tops: list[list[tuple[int, float]]] = [[] for _ in targets]
+    if k > 0:
+        values, top_ids = torch.topk(logp, k, dim=-1)
+        tops = [list(zip(i, v, strict=True)) for i, v in zip(top_ids.tolist(), values.tolist(), strict=True)]
+    return [TokenLogprob(t, float(v), top) for t, v, top in zip(targets, chosen, tops, strict=True)]

@@ -1,4 +1,10 @@
-"""Iteration-level continuous batching: chunked prefill, token budget, priorities, preemption."""
+"""Iteration-level continuous batching: chunked prefill, token budget, priorities, preemption.
+
+Lower `Request.priority` values are more urgent: they are admitted first, preempted last when KV blocks
+run out, and a waiting request preempts running requests of a strictly larger value when it cannot be
+admitted otherwise (no free sequence slot or KV blocks). Preemption is by recompute: the KV is dropped and
+the prompt plus the tokens generated so far are prefilled again later, so greedy outputs do not change.
+"""
 
 from __future__ import annotations
 
@@ -76,10 +82,44 @@ class Scheduler:
             return min(seq.remaining, budget)
         return seq.remaining if seq.remaining <= budget else 0
 
+    def _preempt_for_priority(self, out: SchedulerOutput) -> None:
+        """Make room for the most urgent waiting sequence by preempting less urgent running ones.
+
+        Lower `priority` values are more urgent. Only running sequences with a strictly larger value are
+        preempted (never one of equal or higher priority, so equal-priority work cannot thrash), least
+        urgent first, and only when that frees enough sequence slots and KV blocks for the waiting
+        sequence's first chunk; otherwise nobody is preempted.
+        """
+        if not self.waiting or not self.running:
+            return
+        head = self.waiting[0]
+        victims = [s for s in reversed(self.running) if s.request.priority > head.request.priority]
+        if not victims:
+            return
+        first_chunk = head.num_tokens
+        if self.config.enable_chunked_prefill:
+            first_chunk = min(first_chunk, self.config.max_num_batched_tokens)
+        need_slots = len(self.running) + 1 - self.config.max_num_seqs
+        need_blocks = self.blocks.blocks_for(first_chunk) - self.blocks.num_free_blocks
+        chosen: list[Sequence] = []
+        freed = 0
+        for victim in victims:
+            if len(chosen) >= need_slots and freed >= need_blocks:
+                break
+            chosen.append(victim)
+            freed += sum(1 for b in victim.block_ids if self.blocks.ref_counts[b] == 1)
+        if len(chosen) < need_slots or freed < need_blocks:
+            return
+        for victim in chosen:
+            self._preempt(victim, out)
+
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         self.running.sort(key=lambda s: s.sort_key)
+        self.waiting.sort(key=lambda s: s.sort_key)
+        self._preempt_for_priority(out)
+        out_of_blocks = False
         i = 0
         while i < len(self.running):
             seq = self.running[i]
@@ -90,19 +130,23 @@ class Scheduler:
             while not self._grow(seq, n):
                 victim = self.running[-1]
                 self._preempt(victim, out)
+                out_of_blocks = True
                 if victim is seq:
                     break
             if seq.status is SeqStatus.RUNNING:
                 out.scheduled.append((seq, n))
                 budget -= n
                 i += 1
-        if out.preempted:
+        if out_of_blocks:
             return out
         self.waiting.sort(key=lambda s: s.sort_key)
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             if not seq.block_ids:
-                seq.block_ids, seq.block_hashes = self.blocks.match_prefix(seq.all_ids)
+                if not seq.request.needs_prompt_logprobs:
+                    # Prompt logprobs need logits at every prompt position, so such a request recomputes its
+                    # whole prompt instead of reusing cached blocks (its own blocks are still cached for others).
+                    seq.block_ids, seq.block_hashes = self.blocks.match_prefix(seq.all_ids)
                 seq.num_computed = len(seq.block_ids) * self.blocks.block_size
                 if seq.request.first_scheduled_time is None:
                     seq.request.num_cached_tokens = seq.num_computed

@@ -38,6 +38,17 @@ class Request:
     sequences: list[Sequence] = field(default_factory=list)
     forked: bool = False
     num_cached_tokens: int = 0
+    # Prompt logprobs collected so far: entry i is for prompt token i + 1 given tokens 0..i.
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs_sent: bool = False
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Prompt logprobs were asked for and some prompt positions are still to be computed.
+
+        Such a request skips the prefix cache (its whole prompt is recomputed) so every position has logits.
+        """
+        return self.params.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_ids) - 1
 
     @property
     def finished(self) -> bool:
@@ -95,3 +106,5 @@ class SequenceDelta:
     num_prompt_tokens: int
     num_output_tokens: int
     num_cached_tokens: int
+    # Set on the request's first delta when prompt logprobs were asked for (one per prompt token after the first).
+    prompt_logprobs: list[TokenLogprob] | None = None
