@@ -18,7 +18,14 @@ from llmo.core.errors import ServiceError, invalid_argument
 from llmo.core.logging import get_logger
 from llmo.core.settings import PlatformSettings
 from llmo.inference import metrics
-from llmo.inference.backends.base import ChoiceChunk, GenerationChunk, GenerationRequest, TokenInfo, Usage
+from llmo.inference.backends.base import (
+    ChoiceChunk,
+    GenerationChunk,
+    GenerationRequest,
+    PromptTokenInfo,
+    TokenInfo,
+    Usage,
+)
 from llmo.inference.engine.params import SamplingParams
 from llmo.inference.service import Caller, InferenceService
 
@@ -72,13 +79,20 @@ def sampling_from_body(body: dict[str, Any], chat: bool) -> SamplingParams:
     else:
         logprobs = _number(body, "logprobs", int, None)
         max_tokens = _number(body, "max_tokens", int, 16)
+    prompt_logprobs: int | None = None
+    if not chat and body.get("echo"):
+        # echo + logprobs: the prompt tokens' logprobs come first; max_tokens 0 echoes the prompt only.
+        prompt_logprobs = logprobs if logprobs is not None else (0 if max_tokens == 0 else None)
+    elif max_tokens == 0:
+        raise invalid_argument("INVALID_SAMPLING_PARAMS", "max_tokens must be >= 1 (0 only with echo)",
+                               field="max_tokens")
     params = SamplingParams(
         max_tokens=max_tokens, temperature=_number(body, "temperature", float, 1.0),
         top_p=_number(body, "top_p", float, 1.0), top_k=_number(body, "top_k", int, 0),
         seed=_number(body, "seed", int, None),
         repetition_penalty=_number(body, "repetition_penalty", float, 1.0), stop=stop,
         stop_token_ids=list(body.get("stop_token_ids") or []), ignore_eos=bool(body.get("ignore_eos", False)),
-        n=_number(body, "n", int, 1), logprobs=logprobs,
+        n=_number(body, "n", int, 1), logprobs=logprobs, prompt_logprobs=prompt_logprobs,
     )
     try:
         params.validate()
@@ -109,6 +123,22 @@ def _completion_logprobs(infos: list[TokenInfo], offset: int) -> dict[str, Any]:
         offset += len(t.token)
     return {"tokens": [t.token for t in infos], "token_logprobs": [t.logprob for t in infos],
             "top_logprobs": [{s: v for _, s, v in t.top} for t in infos], "text_offset": offsets}
+
+
+def _echo_logprobs(prompt: list[PromptTokenInfo]) -> dict[str, Any]:
+    """OpenAI's completion logprobs of the prompt tokens (echo): the first token has null logprobs."""
+    offsets = []
+    offset = 0
+    for p in prompt:
+        offsets.append(offset)
+        offset += len(p.token)
+    return {"tokens": [p.token for p in prompt], "token_logprobs": [p.logprob for p in prompt],
+            "top_logprobs": [None if p.logprob is None else {s: v for _, s, v in p.top} for p in prompt],
+            "text_offset": offsets}
+
+
+def _joined(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
+    return {key: first[key] + second[key] for key in first}
 
 
 class OpenAIApp:
@@ -191,7 +221,12 @@ class OpenAIApp:
         else:
             raise invalid_argument("PROMPT_MISSING", "prompt must be a string or a list of token ids",
                                    field="prompt")
-        return await self._respond(request, body, gen, caller, chat=False)
+        echo: str | None = None
+        if body.get("echo"):
+            if gen.prompt is None:
+                raise invalid_argument("INVALID_SAMPLING_PARAMS", "echo needs a string prompt", field="echo")
+            echo = gen.prompt
+        return await self._respond(request, body, gen, caller, chat=False, echo=echo)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request)
@@ -218,22 +253,27 @@ class OpenAIApp:
         return request.headers.get("x-request-id") or f"{prefix}-{uuid.uuid4().hex}"
 
     async def _respond(self, request: web.Request, body: dict[str, Any], gen: GenerationRequest, caller: Caller,
-                       chat: bool) -> web.StreamResponse:
+                       chat: bool, echo: str | None = None) -> web.StreamResponse:
+        """`echo`: the prompt text to put before each completion (with its logprobs when they were asked for)."""
         model = str(body.get("model") or "")
         backend = self.service.registry.get(model)
         stream = self.service.generate(model, gen, caller)
         base = {"id": gen.request_id, "created": int(time.time()), "model": backend.model_id}
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return await self._stream(request, stream, base, chat, include_usage, gen.params.n)
+            return await self._stream(request, stream, base, chat, include_usage, gen.params.n, echo,
+                                      gen.params.logprobs is not None)
         async with contextlib.aclosing(stream):
             chunks = [chunk async for chunk in stream]
-        return web.json_response(self._aggregate(chunks, base, chat, gen.params.n))
+        return web.json_response(self._aggregate(chunks, base, chat, gen.params.n, echo,
+                                                 gen.params.logprobs is not None))
 
-    def _aggregate(self, chunks: list[GenerationChunk], base: dict[str, Any], chat: bool, n: int) -> dict[str, Any]:
+    def _aggregate(self, chunks: list[GenerationChunk], base: dict[str, Any], chat: bool, n: int,
+                   echo: str | None = None, want_logprobs: bool = False) -> dict[str, Any]:
         texts = [""] * n
         infos: list[list[TokenInfo]] = [[] for _ in range(n)]
         finish: list[str | None] = [None] * n
+        prompt: list[PromptTokenInfo] = []
         usage = Usage()
         for chunk in chunks:
             for c in chunk.choices:
@@ -241,7 +281,8 @@ class OpenAIApp:
                 infos[c.index].extend(c.logprobs)
                 finish[c.index] = c.finish_reason or finish[c.index]
             usage = chunk.usage or usage
-        want_logprobs = any(infos)
+            prompt = chunk.prompt_logprobs or prompt
+        want_logprobs = want_logprobs or any(infos)
         choices: list[dict[str, Any]] = []
         for i in range(n):
             if chat:
@@ -249,14 +290,17 @@ class OpenAIApp:
                                 "logprobs": _chat_logprobs(infos[i]) if want_logprobs else None,
                                 "finish_reason": finish[i]})
             else:
-                choices.append({"index": i, "text": texts[i],
-                                "logprobs": _completion_logprobs(infos[i], 0) if want_logprobs else None,
+                logprobs = _completion_logprobs(infos[i], len(echo or "")) if want_logprobs else None
+                if logprobs is not None and echo is not None:
+                    logprobs = _joined(_echo_logprobs(prompt), logprobs)
+                choices.append({"index": i, "text": (echo or "") + texts[i], "logprobs": logprobs,
                                 "finish_reason": finish[i]})
         return {**base, "object": "chat.completion" if chat else "text_completion", "choices": choices,
                 "usage": _usage(usage)}
 
     async def _stream(self, request: web.Request, stream: AsyncIterator[GenerationChunk], base: dict[str, Any],
-                      chat: bool, include_usage: bool, n: int) -> web.StreamResponse:
+                      chat: bool, include_usage: bool, n: int, echo: str | None = None,
+                      want_logprobs: bool = False) -> web.StreamResponse:
         obj = "chat.completion.chunk" if chat else "text_completion"
         # Fail before the 200 goes out when the request is rejected outright (bad length, queue full).
         first: GenerationChunk | None = None
@@ -278,6 +322,12 @@ class OpenAIApp:
                         {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                          "finish_reason": None}]})
             offsets = [0] * n
+            if echo is not None:  # the prompt (and its logprobs) first, as its own event per choice
+                prompt = first.prompt_logprobs if first is not None and want_logprobs else None
+                await send({**base, "object": obj, "choices": [
+                    {"index": i, "text": echo, "logprobs": _echo_logprobs(prompt) if prompt else None,
+                     "finish_reason": None} for i in range(n)]})
+                offsets = [len(echo)] * n
             usage: Usage | None = None
             try:
                 chunk = first

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from google.protobuf import timestamp_pb2
 
+from llmo.core.errors import invalid_argument
 from llmo.core.events import EventBus
 from llmo.core.logging import get_logger
 from llmo.inference import metrics
@@ -39,6 +40,10 @@ class InferenceService:
                        caller: Caller) -> AsyncIterator[GenerationChunk]:
         backend = self.registry.get(model)
         request.check_input()
+        if request.params.prompt_logprobs is not None and backend.engine_name != "native":
+            raise invalid_argument("INVALID_SAMPLING_PARAMS",
+                                   f"prompt_logprobs is not supported by the {backend.engine_name} backend",
+                                   field="prompt_logprobs")
         started = time.monotonic()
         usage: Usage | None = None
         timings: Timings | None = None

@@ -33,6 +33,7 @@ def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
         ignore_eos=msg.ignore_eos,
         n=msg.n or 1,
         logprobs=msg.logprobs if msg.HasField("logprobs") else None,
+        prompt_logprobs=msg.prompt_logprobs if msg.HasField("prompt_logprobs") else None,
     )
 
 
@@ -73,6 +74,12 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         model_id = self.registry.get(request.model).model_id
         async for chunk in self.service.generate(request.model, gen, caller):
             out = pb.GenerateResponse(request_id=request_id, model=model_id)
+            # The first prompt token has no logprob; the proto lists the others.
+            for p in (chunk.prompt_logprobs or [])[1:]:
+                out.prompt_logprobs.append(pb.TokenLogprob(
+                    token_id=p.token_id, token=p.token, logprob=p.logprob or 0.0,
+                    top_logprobs=[pb.TopLogprob(token_id=i, token=s, logprob=v) for i, s, v in p.top],
+                ))
             for choice in chunk.choices:
                 out.choices.append(pb.ChoiceDelta(
                     index=choice.index, text=choice.text, token_ids=choice.token_ids,

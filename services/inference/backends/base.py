@@ -35,6 +35,16 @@ class TokenInfo:
 
 
 @dataclass
+class PromptTokenInfo:
+    """A prompt token with its logprob given the tokens before it (None for the first prompt token)."""
+
+    token_id: int
+    token: str
+    logprob: float | None
+    top: list[tuple[int, str, float]] = field(default_factory=list)
+
+
+@dataclass
 class ChoiceChunk:
     index: int
     text: str
@@ -63,6 +73,7 @@ class GenerationChunk:
     choices: list[ChoiceChunk]
     usage: Usage | None = None  # set on the last chunk
     timings: Timings | None = None  # set on the last chunk
+    prompt_logprobs: list[PromptTokenInfo] | None = None  # every prompt token; on the first chunk, when asked
 
 
 @dataclass

@@ -15,6 +15,7 @@ from llmo.inference.backends.base import (
     GenerationChunk,
     GenerationRequest,
     ModelInfo,
+    PromptTokenInfo,
     Timings,
     TokenInfo,
     Usage,
@@ -96,6 +97,15 @@ class NativeBackend:
             for lp in delta.logprobs
         ]
 
+    def _prompt_info(self, prompt_ids: list[int], delta: SequenceDelta) -> list[PromptTokenInfo]:
+        decode = self.tokenizer.decode
+        first = PromptTokenInfo(prompt_ids[0], decode([prompt_ids[0]], False), None)
+        return [first] + [
+            PromptTokenInfo(lp.token_id, decode([lp.token_id], False), lp.logprob,
+                            [(t, decode([t], False), v) for t, v in lp.top])
+            for lp in delta.prompt_logprobs or []
+        ]
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         request.check_input()
         if request.prompt_token_ids:
@@ -113,12 +123,15 @@ class NativeBackend:
                 if first_token is None and result.deltas:
                     first_token = now
                 choices = []
+                prompt_info: list[PromptTokenInfo] | None = None
                 for d in result.deltas:
                     completion += len(d.token_ids)
                     last_delta = d
                     choices.append(ChoiceChunk(d.index, d.text, list(d.token_ids), self._token_info(d),
                                                d.finish_reason))
-                chunk = GenerationChunk(choices)
+                    if d.prompt_logprobs is not None:
+                        prompt_info = self._prompt_info(prompt_ids, d)
+                chunk = GenerationChunk(choices, prompt_logprobs=prompt_info)
                 if result.done:
                     cached = last_delta.num_cached_tokens if last_delta else 0
                     chunk.usage = Usage(len(prompt_ids), completion, cached)

@@ -26,45 +26,45 @@ _sym_db = _symbol_database.Default()
 from llmo.protos.common.v1 import common_pb2 as llmo_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)llmo/inference/v1/inference_service.proto\x12\x11llmo.inference.v1\x1a\x1bllmo/common/v1/common.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xb8\x02\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x02\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\t\n\x01n\x18\n \x01(\x05\x12\x15\n\x08logprobs\x18\x0b \x01(\x05H\x04\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\x0b\n\t_logprobs\"\x89\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x30\n\x08messages\x18\x03 \x03(\x0b\x32\x1e.llmo.inference.v1.ChatMessage\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\x05\x12\x33\n\x08sampling\x18\x05 \x01(\x0b\x32!.llmo.inference.v1.SamplingParams\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x30\n\x0b\x61ttribution\x18\x08 \x01(\x0b\x32\x1b.llmo.common.v1.Attribution\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"u\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\x33\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x1d.llmo.inference.v1.TopLogprob\"\xa8\x01\n\x0b\x43hoiceDelta\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x31\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1f.llmo.inference.v1.TokenLogprob\x12\x36\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1f.llmo.inference.v1.FinishReason\"\xb6\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12/\n\x07\x63hoices\x18\x03 \x03(\x0b\x32\x1e.llmo.inference.v1.ChoiceDelta\x12$\n\x05usage\x18\x04 \x01(\x0b\x32\x15.llmo.common.v1.Usage\x12(\n\x07latency\x18\x05 \x01(\x0b\x32\x17.llmo.common.v1.Latency\"c\n\x12\x43ountTokensRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x30\n\x08messages\x18\x03 \x03(\x0b\x32\x1e.llmo.inference.v1.ChatMessage\"U\n\x13\x43ountTokensResponse\x12\x13\n\x0btoken_count\x18\x01 \x01(\x05\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\x05\"\xd5\x02\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x03 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x04 \x01(\t\x12\x35\n\x0cquantization\x18\x05 \x01(\x0e\x32\x1f.llmo.inference.v1.Quantization\x12\x16\n\x0e\x63ontext_length\x18\x06 \x01(\x05\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x17\n\x0fparameter_count\x18\x08 \x01(\x03\x12\x15\n\rkv_block_size\x18\t \x01(\x05\x12\x17\n\x0fkv_blocks_total\x18\n \x01(\x03\x12\x16\n\x0ekv_blocks_free\x18\x0b \x01(\x03\x12\x13\n\x0bnum_running\x18\x0c \x01(\x05\x12\x13\n\x0bnum_waiting\x18\r \x01(\x05\x12\x1d\n\x15prefix_cache_hit_rate\x18\x0e \x01(\x01\":\n\x11ListModelsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"W\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.llmo.inference.v1.Model\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\";\n\x10GetModelResponse\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.llmo.inference.v1.Model*q\n\x0cQuantization\x12\x1c\n\x18QUANTIZATION_UNSPECIFIED\x10\x00\x12\x15\n\x11QUANTIZATION_NONE\x10\x01\x12\x15\n\x11QUANTIZATION_INT8\x10\x02\x12\x15\n\x11QUANTIZATION_INT4\x10\x03*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xf7\x02\n\x10InferenceService\x12U\n\x08Generate\x12\".llmo.inference.v1.GenerateRequest\x1a#.llmo.inference.v1.GenerateResponse0\x01\x12\\\n\x0b\x43ountTokens\x12%.llmo.inference.v1.CountTokensRequest\x1a&.llmo.inference.v1.CountTokensResponse\x12Y\n\nListModels\x12$.llmo.inference.v1.ListModelsRequest\x1a%.llmo.inference.v1.ListModelsResponse\x12S\n\x08GetModel\x12\".llmo.inference.v1.GetModelRequest\x1a#.llmo.inference.v1.GetModelResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)llmo/inference/v1/inference_service.proto\x12\x11llmo.inference.v1\x1a\x1bllmo/common/v1/common.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xea\x02\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x02\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\t\n\x01n\x18\n \x01(\x05\x12\x15\n\x08logprobs\x18\x0b \x01(\x05H\x04\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x0c \x01(\x05H\x05\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"\x89\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x30\n\x08messages\x18\x03 \x03(\x0b\x32\x1e.llmo.inference.v1.ChatMessage\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\x05\x12\x33\n\x08sampling\x18\x05 \x01(\x0b\x32!.llmo.inference.v1.SamplingParams\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x30\n\x0b\x61ttribution\x18\x08 \x01(\x0b\x32\x1b.llmo.common.v1.Attribution\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"u\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\x33\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x1d.llmo.inference.v1.TopLogprob\"\xa8\x01\n\x0b\x43hoiceDelta\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x31\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1f.llmo.inference.v1.TokenLogprob\x12\x36\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1f.llmo.inference.v1.FinishReason\"\xf0\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12/\n\x07\x63hoices\x18\x03 \x03(\x0b\x32\x1e.llmo.inference.v1.ChoiceDelta\x12$\n\x05usage\x18\x04 \x01(\x0b\x32\x15.llmo.common.v1.Usage\x12(\n\x07latency\x18\x05 \x01(\x0b\x32\x17.llmo.common.v1.Latency\x12\x38\n\x0fprompt_logprobs\x18\x06 \x03(\x0b\x32\x1f.llmo.inference.v1.TokenLogprob\"c\n\x12\x43ountTokensRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x30\n\x08messages\x18\x03 \x03(\x0b\x32\x1e.llmo.inference.v1.ChatMessage\"U\n\x13\x43ountTokensResponse\x12\x13\n\x0btoken_count\x18\x01 \x01(\x05\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\x05\"\xd5\x02\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x03 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x04 \x01(\t\x12\x35\n\x0cquantization\x18\x05 \x01(\x0e\x32\x1f.llmo.inference.v1.Quantization\x12\x16\n\x0e\x63ontext_length\x18\x06 \x01(\x05\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x17\n\x0fparameter_count\x18\x08 \x01(\x03\x12\x15\n\rkv_block_size\x18\t \x01(\x05\x12\x17\n\x0fkv_blocks_total\x18\n \x01(\x03\x12\x16\n\x0ekv_blocks_free\x18\x0b \x01(\x03\x12\x13\n\x0bnum_running\x18\x0c \x01(\x05\x12\x13\n\x0bnum_waiting\x18\r \x01(\x05\x12\x1d\n\x15prefix_cache_hit_rate\x18\x0e \x01(\x01\":\n\x11ListModelsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"W\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.llmo.inference.v1.Model\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\";\n\x10GetModelResponse\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.llmo.inference.v1.Model*q\n\x0cQuantization\x12\x1c\n\x18QUANTIZATION_UNSPECIFIED\x10\x00\x12\x15\n\x11QUANTIZATION_NONE\x10\x01\x12\x15\n\x11QUANTIZATION_INT8\x10\x02\x12\x15\n\x11QUANTIZATION_INT4\x10\x03*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xf7\x02\n\x10InferenceService\x12U\n\x08Generate\x12\".llmo.inference.v1.GenerateRequest\x1a#.llmo.inference.v1.GenerateResponse0\x01\x12\\\n\x0b\x43ountTokens\x12%.llmo.inference.v1.CountTokensRequest\x1a&.llmo.inference.v1.CountTokensResponse\x12Y\n\nListModels\x12$.llmo.inference.v1.ListModelsRequest\x1a%.llmo.inference.v1.ListModelsResponse\x12S\n\x08GetModel\x12\".llmo.inference.v1.GetModelRequest\x1a#.llmo.inference.v1.GetModelResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llmo.inference.v1.inference_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_QUANTIZATION']._serialized_start=2036
-  _globals['_QUANTIZATION']._serialized_end=2149
-  _globals['_FINISHREASON']._serialized_start=2151
-  _globals['_FINISHREASON']._serialized_end=2246
+  _globals['_QUANTIZATION']._serialized_start=2144
+  _globals['_QUANTIZATION']._serialized_end=2257
+  _globals['_FINISHREASON']._serialized_start=2259
+  _globals['_FINISHREASON']._serialized_end=2354
   _globals['_CHATMESSAGE']._serialized_start=93
   _globals['_CHATMESSAGE']._serialized_end=137
   _globals['_SAMPLINGPARAMS']._serialized_start=140
-  _globals['_SAMPLINGPARAMS']._serialized_end=452
-  _globals['_GENERATEREQUEST']._serialized_start=455
-  _globals['_GENERATEREQUEST']._serialized_end=720
-  _globals['_TOPLOGPROB']._serialized_start=722
-  _globals['_TOPLOGPROB']._serialized_end=784
-  _globals['_TOKENLOGPROB']._serialized_start=786
-  _globals['_TOKENLOGPROB']._serialized_end=903
-  _globals['_CHOICEDELTA']._serialized_start=906
-  _globals['_CHOICEDELTA']._serialized_end=1074
-  _globals['_GENERATERESPONSE']._serialized_start=1077
-  _globals['_GENERATERESPONSE']._serialized_end=1259
-  _globals['_COUNTTOKENSREQUEST']._serialized_start=1261
-  _globals['_COUNTTOKENSREQUEST']._serialized_end=1360
-  _globals['_COUNTTOKENSRESPONSE']._serialized_start=1362
-  _globals['_COUNTTOKENSRESPONSE']._serialized_end=1447
-  _globals['_MODEL']._serialized_start=1450
-  _globals['_MODEL']._serialized_end=1791
-  _globals['_LISTMODELSREQUEST']._serialized_start=1793
-  _globals['_LISTMODELSREQUEST']._serialized_end=1851
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1853
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1940
-  _globals['_GETMODELREQUEST']._serialized_start=1942
-  _globals['_GETMODELREQUEST']._serialized_end=1973
-  _globals['_GETMODELRESPONSE']._serialized_start=1975
-  _globals['_GETMODELRESPONSE']._serialized_end=2034
-  _globals['_INFERENCESERVICE']._serialized_start=2249
-  _globals['_INFERENCESERVICE']._serialized_end=2624
+  _globals['_SAMPLINGPARAMS']._serialized_end=502
+  _globals['_GENERATEREQUEST']._serialized_start=505
+  _globals['_GENERATEREQUEST']._serialized_end=770
+  _globals['_TOPLOGPROB']._serialized_start=772
+  _globals['_TOPLOGPROB']._serialized_end=834
+  _globals['_TOKENLOGPROB']._serialized_start=836
+  _globals['_TOKENLOGPROB']._serialized_end=953
+  _globals['_CHOICEDELTA']._serialized_start=956
+  _globals['_CHOICEDELTA']._serialized_end=1124
+  _globals['_GENERATERESPONSE']._serialized_start=1127
+  _globals['_GENERATERESPONSE']._serialized_end=1367
+  _globals['_COUNTTOKENSREQUEST']._serialized_start=1369
+  _globals['_COUNTTOKENSREQUEST']._serialized_end=1468
+  _globals['_COUNTTOKENSRESPONSE']._serialized_start=1470
+  _globals['_COUNTTOKENSRESPONSE']._serialized_end=1555
+  _globals['_MODEL']._serialized_start=1558
+  _globals['_MODEL']._serialized_end=1899
+  _globals['_LISTMODELSREQUEST']._serialized_start=1901
+  _globals['_LISTMODELSREQUEST']._serialized_end=1959
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1961
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2048
+  _globals['_GETMODELREQUEST']._serialized_start=2050
+  _globals['_GETMODELREQUEST']._serialized_end=2081
+  _globals['_GETMODELRESPONSE']._serialized_start=2083
+  _globals['_GETMODELRESPONSE']._serialized_end=2142
+  _globals['_INFERENCESERVICE']._serialized_start=2357
+  _globals['_INFERENCESERVICE']._serialized_end=2732
 # @@protoc_insertion_point(module_scope)
