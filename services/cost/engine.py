@@ -121,8 +121,11 @@ class CostEngine:
             outcome = await asyncio.to_thread(self.store.record_batch, records)
             self.guard.add_committed(outcome.deltas, (r.request_id for r in records if r.request_id))
             self.records_committed += len(outcome.inserted)
+        by_source: dict[str, int] = {}
         for record in outcome.inserted:
-            LEDGER_RECORDS.labels(record.source).inc()
+            by_source[record.source] = by_source.get(record.source, 0) + 1
+        for source, count in by_source.items():
+            LEDGER_RECORDS.labels(source).inc(count)
         if outcome.duplicates:
             LEDGER_DUPLICATES.inc(outcome.duplicates)
         if outcome.alerts:

@@ -1,12 +1,12 @@
 """High-throughput JetStream consumer of usage events.
 
-It uses the core event bus (connection, streams, dead-letter subject and its
-``DeadLetter`` format and metrics) but pulls with its own request loop: one
-``$JS.API.CONSUMER.MSG.NEXT`` request per batch, messages collected by a
-subscription callback, the next batch requested before the current one is
-processed. nats-py's ``fetch()`` awaits every message separately, which caps a
-consumer at a few thousand messages per second on a small machine; the ledger
-needs more.
+It uses the core event bus for the stream, the durable consumer, the
+dead-letter subject and its ``DeadLetter`` format and metrics, but pulls over
+its own lean connection (:class:`llmo.core.jspull.PullClient`): one
+``$JS.API.CONSUMER.MSG.NEXT`` request per batch, the next batch requested
+before the current one is processed, and the acks of a batch written at once.
+nats-py's per-message objects and acks cap a consumer at a few thousand
+messages per second on a small machine; the ledger needs more.
 
 Guarantees are the bus's: a durable consumer with explicit acks, each message
 acked only after its batch committed (or after it was parked on
@@ -17,18 +17,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from google.protobuf import timestamp_pb2
 from google.protobuf.message import DecodeError, Message
-from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from llmo.core.events import EventBus, dlq_subject, domain_of, stream_name, subject_of
+from llmo.core.jspull import PullClient, PulledMessage
 from llmo.core.logging import get_logger
 from llmo.core.metrics import EVENTS_DEAD_LETTERED, EVENTS_HANDLED
 from llmo.cost.engine import USAGE_REJECTED, CostEngine
@@ -58,25 +55,10 @@ ROUTER = _decoder(events_pb2.RouterCompleted, usage_from_router)  # type: ignore
 
 
 @dataclass
-class _Pull:
-    size: int
-    messages: list[Msg] = field(default_factory=list)
-    done: asyncio.Event = field(default_factory=asyncio.Event)
-
-
-def _deliveries(msg: Msg) -> int:
-    """Delivery count from the ack subject, without nats-py's slower full metadata parse."""
-    tokens = msg.reply.split(".")
-    if len(tokens) == 9:  # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
-        return int(tokens[4])
-    return int(msg.metadata.num_delivered)
-
-
-@dataclass
 class _Prepared:
     records: list[LedgerRecord] = field(default_factory=list)
-    owners: list[Msg] = field(default_factory=list)
-    rejected: list[tuple[Msg, str, str, str]] = field(default_factory=list)
+    owners: list[PulledMessage] = field(default_factory=list)
+    rejected: list[tuple[PulledMessage, str, str, str]] = field(default_factory=list)
 
 
 class UsageConsumer:
@@ -106,12 +88,11 @@ class UsageConsumer:
         self.max_deliver = max_deliver
         self.expires = expires
         self.backoff = backoff
-        self._pulls: dict[str, _Pull] = {}
-        self._ids = itertools.count()
-        self._inbox = ""
-        self._sub: Subscription | None = None
+        self._client: PullClient | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        # the llmo-type header as our own publishers write it; anything else is parsed properly
+        self._type_line = f"\r\nllmo-type: {self.message_type}\r\n".encode()
 
     async def start(self) -> None:
         await self.bus.ensure_stream(self.domain)
@@ -128,8 +109,8 @@ class UsageConsumer:
         )
         # creates the durable, or updates the editable settings of an existing one
         await self.bus.js.add_consumer(self.stream, config)
-        self._inbox = self.bus.nc.new_inbox()
-        self._sub = await self.bus.nc.subscribe(f"{self._inbox}.*", cb=self._on_message, pending_msgs_limit=8 * self.batch + 1000)
+        self._client = PullClient(self.bus.url, self.stream, self.durable, name=f"llmo-cost-{self.durable}")
+        await self._client.connect()
         self._task = asyncio.create_task(self._run(), name=f"cost-ingest:{self.durable}")
 
     async def stop(self) -> None:
@@ -138,57 +119,29 @@ class UsageConsumer:
         if self._task:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        if self._sub is not None:
+        if self._client is not None:
             with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
-        for pull in self._pulls.values():
-            for msg in pull.messages:
-                with contextlib.suppress(Exception):
-                    await msg.nak()
-        self._pulls.clear()
-
-    async def _on_message(self, msg: Msg) -> None:
-        # Only one request collects at a time. Delivered messages carry their
-        # original subject; statuses (request expired, ...) come on the request's inbox.
-        if not msg.reply:
-            pull = self._pulls.get(msg.subject.rsplit(".", 1)[-1])
-            if pull is not None:
-                pull.done.set()
-            return
-        if not self._pulls:
-            await msg.nak()  # delivered after we stopped collecting: hand it back now
-            return
-        pull = next(iter(self._pulls.values()))
-        pull.messages.append(msg)
-        if len(pull.messages) >= pull.size:
-            pull.done.set()
-
-    async def _request(self) -> tuple[str, _Pull]:
-        token = str(next(self._ids))
-        pull = _Pull(self.batch)
-        self._pulls[token] = pull
-        body = json.dumps({"batch": self.batch, "expires": int(self.expires * 1e9)}).encode()
-        await self.bus.nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{self.durable}", body, reply=f"{self._inbox}.{token}")
-        return token, pull
-
-    async def _collect(self, token: str, pull: _Pull) -> list[Msg]:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(pull.done.wait(), self.expires + 2.0)
-        self._pulls.pop(token, None)
-        return pull.messages
+                self._client.nak(self._client.abandon())
+                await self._client.flush(timeout=2.0)
+            await self._client.close()
 
     async def _run(self) -> None:
         # Two batches overlap: while one commits (SQL in a thread), the next is
         # collected, decoded and priced on the event loop. Acks are explicit per
         # message, so batches may finish in any order.
-        current: tuple[str, _Pull] | None = None
+        client = self._client
+        assert client is not None
+        current: str | None = None
         committing: asyncio.Task[None] | None = None
         while not self._stopping:
             try:
+                if not client.connected:
+                    await client.connect()
+                    current = None
                 if current is None:
-                    current = await self._request()
-                messages = await self._collect(*current)
-                current = None if self._stopping else await self._request()
+                    current = client.request(self.batch, self.expires)
+                messages = await client.collect(current, self.expires + 2.0)
+                current = None if self._stopping else client.request(self.batch, self.expires)
                 if not messages:
                     continue
                 prepared = self._prepare(messages)
@@ -198,7 +151,7 @@ class UsageConsumer:
                 committing = asyncio.create_task(self._finish(prepared))
             except asyncio.CancelledError:
                 raise
-            except Exception as error:  # connection lost, server restarting: requests are simply re-sent
+            except Exception as error:  # connection lost, server restarting: reconnect, unacked messages come back
                 log.warning("usage consumer loop failed; retrying", consumer=self.durable, error=repr(error))
                 current = None
                 await asyncio.sleep(0.5)
@@ -206,41 +159,40 @@ class UsageConsumer:
             with contextlib.suppress(Exception):
                 await committing
 
-    def _prepare(self, messages: list[Msg]) -> _Prepared:
+    def _prepare(self, messages: list[PulledMessage]) -> _Prepared:
         prepared = _Prepared()
-        price = self.engine.price
+        price, decode, type_line = self.engine.price, self.decode, self._type_line
         for msg in messages:
-            headers = msg.headers or {}
-            declared = headers.get("llmo-type", self.message_type)
-            if _deliveries(msg) > self.max_deliver:
-                detail = f"delivered {_deliveries(msg)} times without being committed (consumer crashes?)"
-                prepared.rejected.append((msg, headers.get("Nats-Msg-Id", ""), "max_deliveries_exceeded", detail))
+            if msg.deliveries > self.max_deliver:
+                detail = f"delivered {msg.deliveries} times without being committed (consumer crashes?)"
+                prepared.rejected.append((msg, msg.header("Nats-Msg-Id"), "max_deliveries_exceeded", detail))
                 continue
             try:
-                if declared != self.message_type:
-                    raise DecodeError(f"llmo-type is {declared!r}, expected {self.message_type!r}")
-                prepared.records.append(price(self.decode(msg.data)))
+                if type_line not in msg.raw_headers:
+                    declared = msg.header("llmo-type", self.message_type)
+                    if declared != self.message_type:
+                        raise DecodeError(f"llmo-type is {declared!r}, expected {self.message_type!r}")
+                prepared.records.append(price(decode(msg.data)))
                 prepared.owners.append(msg)
             except DecodeError as error:
-                prepared.rejected.append((msg, headers.get("Nats-Msg-Id", ""), "malformed_payload", str(error)))
+                prepared.rejected.append((msg, msg.header("Nats-Msg-Id"), "malformed_payload", str(error)))
             except RecordRejected as error:
                 USAGE_REJECTED.labels(error.reason.value).inc()
-                prepared.rejected.append((msg, headers.get("Nats-Msg-Id", ""), error.reason.value, error.detail))
+                prepared.rejected.append((msg, msg.header("Nats-Msg-Id"), error.reason.value, error.detail))
         return prepared
 
     async def _finish(self, prepared: _Prepared) -> None:
+        assert self._client is not None
         records, owners = prepared.records, prepared.owners
         failed = await self._commit(records, owners) if records else set()
         for msg, event_id, reason, detail in prepared.rejected:
             await self._dead_letter(msg, event_id, reason, detail)
-        for msg, record in zip(owners, records, strict=True):
-            if record.event_id not in failed:
-                await msg.ack()
+        self._client.ack([msg for msg, record in zip(owners, records, strict=True) if record.event_id not in failed])
         ok = len(records) - len(failed)
         if ok:
             EVENTS_HANDLED.labels(self.durable, "ok").inc(ok)
 
-    async def _commit(self, records: list[LedgerRecord], owners: list[Msg]) -> set[str]:
+    async def _commit(self, records: list[LedgerRecord], owners: list[PulledMessage]) -> set[str]:
         """Commit the batch; returns the event ids that were dead-lettered instead.
 
         A failing batch is retried with backoff (an outage just waits); after
@@ -257,16 +209,16 @@ class UsageConsumer:
             except Exception as error:
                 attempt += 1
                 log.warning("ledger batch failed", consumer=self.durable, size=len(records), attempt=attempt, error=repr(error))
-                for msg in owners:
+                if self._client is not None:
                     with contextlib.suppress(Exception):
-                        await msg.in_progress()
+                        self._client.in_progress(owners)
                 if attempt >= self.max_deliver:
                     parked = await self._isolate(records, owners)
                     if parked is not None:
                         return parked
                 await asyncio.sleep(self.backoff[min(attempt - 1, len(self.backoff) - 1)])
 
-    async def _isolate(self, records: list[LedgerRecord], owners: list[Msg]) -> set[str] | None:
+    async def _isolate(self, records: list[LedgerRecord], owners: list[PulledMessage]) -> set[str] | None:
         """Write records one by one; a record is poison only if it fails twice while others commit."""
         pending = list(records)
         errors: dict[str, str] = {}
@@ -291,9 +243,9 @@ class UsageConsumer:
                 await self._dead_letter(msg, record.event_id, "storage_error", errors[record.event_id])
         return set(errors)
 
-    async def _dead_letter(self, msg: Msg, event_id: str, reason: str, detail: str) -> None:
-        """Park a message on ``llmo.dlq.<domain>`` (published before the original is acked)."""
-        headers = msg.headers or {}
+    async def _dead_letter(self, msg: PulledMessage, event_id: str, reason: str, detail: str) -> None:
+        """Park a message on ``llmo.dlq.<domain>`` (published before the original is terminated)."""
+        headers = msg.headers
         occurred = timestamp_pb2.Timestamp()
         occurred.GetCurrentTime()
         letter = events_pb2.DeadLetter(
@@ -303,16 +255,17 @@ class UsageConsumer:
             consumer=self.durable,
             reason=reason,
             detail=detail[:2000],
-            deliveries=msg.metadata.num_delivered,
+            deliveries=msg.deliveries,
             message_type=headers.get("llmo-type", ""),
             payload=msg.data,
         )
-        dlq_id = f"dlq:{self.durable}:{event_id or msg.metadata.sequence.stream}"
+        dlq_id = f"dlq:{self.durable}:{event_id or msg.stream_sequence}"
         await self.bus.js.publish(
             dlq_subject(self.domain),
             letter.SerializeToString(),
             headers={"Nats-Msg-Id": dlq_id, "llmo-type": letter.DESCRIPTOR.full_name, "llmo-reason": reason},
         )
-        await msg.term()
+        if self._client is not None:
+            self._client.term([msg])
         EVENTS_DEAD_LETTERED.labels(self.durable, reason).inc()
         log.warning("usage event dead-lettered", consumer=self.durable, event_id=event_id, reason=reason, detail=detail)

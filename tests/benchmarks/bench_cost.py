@@ -2,8 +2,9 @@
 
 For each backend a fresh database and a real cost service (gRPC + NATS consumers)
 run in this process; a separate publisher process sends N InferenceCompleted
-events into the JetStream stream (core NATS publishes with the bus's headers, so
-the publisher is never the bottleneck). Two numbers per backend:
+events into the JetStream stream (serialised before the clock starts, then raw
+core-NATS HPUB frames with the bus's headers in large writes, so the load
+generator takes little of the machine's CPU). Two numbers per backend:
 - events_per_s: N / (first publish -> last ledger commit) with the publisher
   running alongside the service (both share this machine's cores);
 - backlog_events_per_s: N events already in the stream when the service starts
@@ -44,30 +45,60 @@ from llmo.protos.cost.v1 import cost_service_pb2 as pb
 from llmo.protos.cost.v1 import cost_service_pb2_grpc as pb_grpc
 
 PUBLISHER = r"""
-import asyncio, sys, time
-from llmo.core.events import EventBus
-from llmo.core.logging import configure_logging
+# The load generator: N events serialised up front, then written to nats-server
+# as raw HPUB frames (the same headers the EventBus sets) in large socket writes,
+# so that on a 2-core machine it takes as little CPU as possible from the server
+# and the service under test.
+import json, socket, sys, time
+from urllib.parse import urlsplit
 from llmo.protos.common.v1 import common_pb2
 from llmo.protos.events.v1 import events_pb2
 
-async def main(url: str, subject: str, n: int, run: str) -> None:
+def frames(subject: str, n: int, run: str) -> list[bytes]:
     models = ["gpt-4o-mini", "gpt-4o", "claude-haiku-4-5", "llmo-demo"]
-    async with EventBus(url) as bus:
-        await bus.ensure_stream("inference")
-        print(time.time(), flush=True)
-        for start in range(0, n, 1000):
-            for i in range(start, min(n, start + 1000)):
-                e = events_pb2.InferenceCompleted(
-                    event_id=f"{run}-{i}", request_id=f"{run}-r{i}", model=models[i % 4],
-                    attribution=common_pb2.Attribution(tenant=f"tenant-{i % 8}", application="bench"),
-                    usage=common_pb2.Usage(input_tokens=500 + i % 977, output_tokens=100 + i % 301),
-                    latency=common_pb2.Latency(ttft_ms=50 + i % 100, e2e_ms=400 + i % 500))
-                e.occurred_at.GetCurrentTime()
-                headers = {"Nats-Msg-Id": e.event_id, "llmo-type": "llmo.events.v1.InferenceCompleted"}
-                await bus.nc.publish(subject, e.SerializeToString(), headers=headers)
-            await bus.nc.flush()
+    out, chunk = [], []
+    for i in range(n):
+        e = events_pb2.InferenceCompleted(
+            event_id=f"{run}-{i}", request_id=f"{run}-r{i}", model=models[i % 4],
+            attribution=common_pb2.Attribution(tenant=f"tenant-{i % 8}", application="bench"),
+            usage=common_pb2.Usage(input_tokens=500 + i % 977, output_tokens=100 + i % 301),
+            latency=common_pb2.Latency(ttft_ms=50 + i % 100, e2e_ms=400 + i % 500))
+        e.occurred_at.GetCurrentTime()
+        payload = e.SerializeToString()
+        headers = f"NATS/1.0\r\nNats-Msg-Id: {e.event_id}\r\nllmo-type: llmo.events.v1.InferenceCompleted\r\n\r\n".encode()
+        chunk.append(f"HPUB {subject} {len(headers)} {len(headers) + len(payload)}\r\n".encode() + headers + payload + b"\r\n")
+        if len(chunk) == 500:
+            out.append(b"".join(chunk)); chunk = []
+    if chunk:
+        out.append(b"".join(chunk))
+    return out
 
-asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]))
+def await_pong(sock: socket.socket, reader) -> None:
+    while True:
+        line = reader.readline()
+        if line.startswith(b"PONG"):
+            return
+        if line.startswith(b"PING"):
+            sock.sendall(b"PONG\r\n")
+        elif not line.startswith(b"INFO"):
+            raise SystemExit(f"nats-server: {line!r}")
+
+def main(url: str, subject: str, n: int, run: str) -> None:
+    blobs = frames(subject, n, run)
+    parts = urlsplit(url)
+    sock = socket.create_connection((parts.hostname, parts.port))
+    reader = sock.makefile("rb")
+    reader.readline()  # INFO
+    sock.sendall(b"CONNECT " + json.dumps({"verbose": False, "pedantic": False, "headers": True, "protocol": 1}).encode() + b"\r\nPING\r\n")
+    await_pong(sock, reader)
+    print(time.time(), flush=True)
+    for blob in blobs:
+        sock.sendall(blob)
+    sock.sendall(b"PING\r\n")
+    await_pong(sock, reader)  # the server has read every frame
+    sock.close()
+
+main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4])
 """
 
 
