@@ -126,3 +126,22 @@ def test_one_token_prompt_has_no_prompt_logprobs_and_bad_values_are_rejected(loa
         SamplingParams(max_tokens=0).validate()
     with pytest.raises(ValueError, match="max_tokens"):
         SamplingParams(max_tokens=0, prompt_logprobs=1, n=2).validate()
+
+
+def test_prompt_logprobs_of_several_requests_in_one_mixed_batch(loaded: LoadedModel) -> None:
+    # Prefill chunks of two prompts that want logprobs share steps with a decoding request and an n = 2 fork.
+    prompts = [loaded.tokenizer.encode(PROMPT), loaded.tokenizer.encode("Café naïve 日本語 and the question")]
+    engine = _engine(loaded, max_num_batched_tokens=12)
+    engine.add_request("busy", prompts[1][:4], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
+    engine.step()
+    engine.add_request("a", prompts[0], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True,
+                                                       prompt_logprobs=2))
+    engine.add_request("b", prompts[1], SamplingParams(max_tokens=3, temperature=1.0, seed=3, n=2,
+                                                       ignore_eos=True, prompt_logprobs=1))
+    out = _run(engine)
+    for rid, prompt, k in (("a", prompts[0], 2), ("b", prompts[1], 1)):
+        with_prompt = [d for d in out[rid] if d.prompt_logprobs is not None]
+        assert len(with_prompt) == 1 and with_prompt[0] is out[rid][0]
+        _check(with_prompt[0].prompt_logprobs or [], prompt, _reference(loaded, prompt), k)
+    assert sorted({d.index for d in out["b"]}) == [0, 1]
+    assert all(d.prompt_logprobs is None for d in out["busy"])
