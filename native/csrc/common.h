@@ -95,6 +95,17 @@ struct Int4GemmArgs {
   int group;
 };
 
+// int8_linear on a packed weight (see int8_pack): per-token u7 activation codes.
+struct Int8LinearArgs {
+  const float* x;         // [M, K]
+  const int8_t* packed;   // [ceil(N/8), ceil(K/4), 8, 4]
+  const int32_t* colsum;  // [N] sum over K of each weight row
+  const float* w_scales;  // [N]
+  const float* bias;      // [N] or null
+  float* out;             // [M, N]
+  int64_t M, N, K;
+};
+
 struct KernelTable {
   const char* name;
   void (*attention)(const AttnArgs&);
@@ -103,6 +114,10 @@ struct KernelTable {
   void (*int4_gemm)(const Int4GemmArgs&);
   void (*int4_dequant)(const uint8_t* packed, const void* scales, int scale_dtype, const uint8_t* zeros, void* out,
                        int out_dtype, int64_t N, int64_t K, int group);
+  void (*int8_pack)(const int8_t* w, int8_t* packed, int32_t* colsum, int64_t N, int64_t K);
+  void (*quantize_rows_u7)(const float* x, uint8_t* q, float* scales, int32_t* zps, int64_t M, int64_t K,
+                           int64_t kpad);
+  void (*int8_linear)(const Int8LinearArgs&);
 };
 
 int num_threads();

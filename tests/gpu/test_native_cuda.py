@@ -110,6 +110,20 @@ def test_int8_gemm_on_gpu(m: int, out_dtype: torch.dtype) -> None:
         assert int((q.cpu().int() - q_ref.int()).abs().max()) <= 1
 
 
+@pytest.mark.parametrize("m", [1, 7, 33])
+def test_int8_linear_on_gpu(m: int) -> None:
+    x = torch.randn(m, 203) + 0.4
+    w = torch.randint(-127, 128, (70, 203), dtype=torch.int8)
+    w_s, bias = torch.rand(70) * 0.01, torch.randn(70)
+    with force_backend("reference"):
+        want = ops.int8_linear(x, w, w_s, bias)
+    for backend in gpu_backends("int8_linear"):
+        with force_backend(backend):
+            got = ops.int8_linear(x.cuda(), w.cuda(), w_s.cuda(), bias.cuda())
+        # same u7 codes (fp32 rounding on the GPU may move a code by one) and exact int32 dots
+        torch.testing.assert_close(got.cpu(), want, atol=2e-2, rtol=1e-2)
+
+
 @pytest.mark.parametrize("m", [1, 7, 13, 33, 64])
 @pytest.mark.parametrize("group", [32, 64, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -24,6 +24,7 @@ indices (checking them would synchronise the GPU on every call).
 
 from llmo.ops import backends as _backends
 from llmo.ops.api import (
+    INT8_MAX_K,
     chunked_prefill_attention,
     int4_gemm,
     int8_gemm,
@@ -43,6 +44,7 @@ from llmo.ops.registry import force_backend, get_op, op_names
 _backends.register_all()
 
 __all__ = [
+    "INT8_MAX_K",
     "Platform",
     "chunked_prefill_attention",
     "current_platform",

@@ -16,12 +16,15 @@ _prefill = define("chunked_prefill_attention", reference.chunked_prefill_attenti
 _write_kv = define("write_kv_cache", reference.write_kv_cache)
 _quant_tok = define("quantize_per_token", reference.quantize_per_token)
 _int8_gemm = define("int8_gemm", reference.int8_gemm)
+_int8_linear = define("int8_linear", reference.int8_linear)
 _int4_gemm = define("int4_gemm", reference.int4_gemm)
 _rms_norm = define("rms_norm", reference.rms_norm)
 _rotary = define("rotary_embedding", reference.rotary_embedding)
 _silu_mul = define("silu_and_mul", reference.silu_and_mul)
 
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# int8_linear accumulates in int32: K * 127 * 128 must stay below 2^31.
+INT8_MAX_K = 131072
 # The native CPU attention checks block-table indices itself (far cheaper than
 # the equivalent torch ops on the decode hot path).
 NATIVE_CHECKED = "cpu"
@@ -181,14 +184,38 @@ def int8_linear(
     weight_scales: torch.Tensor,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """SmoothQuant W8A8 linear: dynamic per-token activation quantization, then
-    :func:`int8_gemm`. ``x[..., K]`` -> ``[..., N]`` in x's dtype."""
+    """W8A8 linear: ``x[..., K]`` quantized per token to asymmetric 7-bit codes
+    (``x ≈ (q - zp) * s``, q in 0..127), times the symmetric int8 ``weight[N, K]``
+    (``W ≈ weight * weight_scales[:, None]``); returns ``[..., N]`` in x's dtype.
+
+    The CPU backend packs ``weight`` once into a register-blocked layout and keeps it
+    on the tensor (repacked if the tensor is modified in place); pass the same
+    tensor on every call."""
     checks.tensor("x", x)
+    checks.dtype_in("x", x, checks.FLOAT_DTYPES)
+    if x.dim() < 1:
+        raise ValueError("x needs at least one dimension")
+    checks.tensor("weight", weight)
+    checks.dims("weight", weight, 2)
+    checks.dtype_in("weight", weight, (torch.int8,))
+    n, k = weight.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} input features but weight is {tuple(weight.shape)}")
+    if k == 0 or n == 0:
+        raise ValueError(f"weight must be non-empty, got shape {tuple(weight.shape)}")
+    if k > INT8_MAX_K:
+        raise ValueError(f"int8_linear supports K <= {INT8_MAX_K} (int32 accumulators), got K={k}")
+    checks.tensor("weight_scales", weight_scales)
+    checks.shape_eq("weight_scales", weight_scales.shape, (n,))
+    checks.dtype_in("weight_scales", weight_scales, (torch.float32,))
+    if bias is not None:
+        checks.tensor("bias", bias)
+        checks.shape_eq("bias", bias.shape, (n,))
+        checks.dtype_in("bias", bias, checks.FLOAT_DTYPES)
+    checks.same_device(x=x, weight=weight, weight_scales=weight_scales, bias=bias)
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    q, s = quantize_per_token(x2)
-    out = int8_gemm(q, weight, s, weight_scales, bias, x.dtype)
-    return out.reshape(*lead, weight.shape[0])
+    out = _int8_linear(x.reshape(-1, k).contiguous(), weight.contiguous(), weight_scales.contiguous(), bias)
+    return out.reshape(*lead, n)  # type: ignore[no-any-return]
 
 
 def int4_gemm(

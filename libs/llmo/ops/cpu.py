@@ -8,6 +8,7 @@ for the duration of the call. Arguments were validated by :mod:`llmo.ops.api`.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from types import ModuleType
 
 import torch
@@ -140,6 +141,57 @@ def int8_gemm(
     return out if out_dtype == torch.float32 else out.to(out_dtype)
 
 
+@dataclass(frozen=True)
+class PackedInt8:
+    """An int8 ``[N, K]`` weight in the kernel's register-blocked layout plus its row
+    sums (for the activation zero points); ``version``/``address`` identify the
+    tensor contents it was built from."""
+
+    packed: torch.Tensor
+    row_sums: torch.Tensor
+    version: int
+    address: int
+
+
+_PACK_ATTR = "_llmo_int8_packed"
+
+
+def pack_int8(weight: torch.Tensor) -> PackedInt8:
+    """Pack ``weight`` for :func:`int8_linear` (done once per weight, then cached on it)."""
+    n, k = weight.shape
+    lib = _lib()
+    packed = torch.empty(lib.int8_packed_bytes(n, k), dtype=torch.int8)
+    row_sums = torch.empty(n, dtype=torch.int32)
+    lib.int8_pack(weight.data_ptr(), packed.data_ptr(), row_sums.data_ptr(), n, k)
+    return PackedInt8(packed, row_sums, weight._version, weight.data_ptr())
+
+
+def packed_int8(weight: torch.Tensor) -> PackedInt8:
+    """The cached packing of ``weight``; rebuilt when the tensor was modified in place."""
+    cached: PackedInt8 | None = getattr(weight, _PACK_ATTR, None)
+    if cached is not None and cached.version == weight._version and cached.address == weight.data_ptr():
+        return cached
+    fresh = pack_int8(weight)
+    setattr(weight, _PACK_ATTR, fresh)
+    return fresh
+
+
+def int8_linear(
+    x: torch.Tensor, weight: torch.Tensor, weight_scales: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    m, k = x.shape
+    n = weight.shape[0]
+    pw = packed_int8(weight)
+    xf = x.to(torch.float32).contiguous()
+    out = torch.empty(m, n, dtype=torch.float32)
+    bias32 = _bias32(bias)
+    _lib().int8_linear(
+        xf.data_ptr(), pw.packed.data_ptr(), pw.row_sums.data_ptr(), weight_scales.data_ptr(),
+        0 if bias32 is None else bias32.data_ptr(), out.data_ptr(), m, n, k,
+    )
+    return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+
 def int4_dequantize(
     packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int, dtype: torch.dtype
 ) -> torch.Tensor:
@@ -190,6 +242,7 @@ def register_cpu() -> None:
         ("write_kv_cache", write_kv_cache),
         ("quantize_per_token", quantize_per_token),
         ("int8_gemm", int8_gemm),
+        ("int8_linear", int8_linear),
         ("int4_gemm", int4_gemm),
     ):
         register(name, "cpu", fn, available, _on_cpu)

@@ -150,6 +150,17 @@ def int8_gemm(
     return out
 
 
+def int8_linear(
+    x: torch.Tensor, weight: torch.Tensor, weight_scales: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """The same u7 asymmetric activation codes as the reference, centred on their zero
+    point (``q - zp`` lies in [-127, 127]) and fed to the dp4a W8A8 kernel: the int32
+    dot products equal those of the CPU kernel's ``q @ W - zp * rowsum(W)``."""
+    q, scales, zero_points = reference.quantize_per_token_u7(x)
+    centered = (q.to(torch.int16) - zero_points.to(torch.int16).unsqueeze(-1)).to(torch.int8)
+    return int8_gemm(centered.contiguous(), weight, scales.contiguous(), weight_scales, bias, x.dtype)
+
+
 def int4_gemm(
     x: torch.Tensor,
     packed: torch.Tensor,
@@ -197,6 +208,7 @@ def register_cuda() -> None:
         ("write_kv_cache", write_kv_cache),
         ("quantize_per_token", quantize_per_token),
         ("int8_gemm", int8_gemm),
+        ("int8_linear", int8_linear),
         ("int4_gemm", int4_gemm),
     ):
         register(name, "cuda", fn, available, _on_cuda)

@@ -105,6 +105,40 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scales
 
 
+# int8_linear activation codes: 7 bits, so an unsigned code times a signed int8
+# weight pair-summed (x86 vpmaddubsw) stays inside int16.
+ACT_CODE_MAX = 127
+
+
+def quantize_per_token_u7(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric dynamic quantization per row to codes 0..127:
+    ``x ≈ (q - zero_point[:, None]) * scale[:, None]``; the range always covers 0.
+    Returns ``(q uint8, scale float32, zero_point int32)``; fp32 arithmetic that the
+    native kernels reproduce bit for bit."""
+    xf = x.to(torch.float32)
+    lo = xf.amin(dim=-1).clamp(max=0.0)
+    hi = xf.amax(dim=-1).clamp(min=0.0)
+    scales = (hi - lo) / float(ACT_CODE_MAX)
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    inv = 1.0 / scales
+    zero_points = torch.round(-lo * inv).clamp(0, ACT_CODE_MAX)
+    q = (torch.round(xf * inv.unsqueeze(-1)) + zero_points.unsqueeze(-1)).clamp(0, ACT_CODE_MAX)
+    return q.to(torch.uint8), scales, zero_points.to(torch.int32)
+
+
+def int8_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scales: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """``x[M, K]`` quantized per token (:func:`quantize_per_token_u7`), times the int8
+    weight ``[N, K]``: ``(q - zp) @ weight^T * scale * weight_scales + bias`` in x's dtype."""
+    q, scales, zero_points = quantize_per_token_u7(x)
+    centered = (q.to(torch.int16) - zero_points.to(torch.int16).unsqueeze(-1)).to(torch.int8)
+    return int8_gemm(centered, weight, scales, weight_scales, bias, x.dtype)
+
+
 def int8_gemm(
     a: torch.Tensor,
     b: torch.Tensor,

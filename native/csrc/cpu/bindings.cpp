@@ -14,6 +14,7 @@ namespace py = pybind11;
 using llmo::AttnArgs;
 using llmo::Int4GemmArgs;
 using llmo::Int8GemmArgs;
+using llmo::Int8LinearArgs;
 
 namespace {
 
@@ -77,6 +78,38 @@ void int8_gemm(uintptr_t a, uintptr_t b, uintptr_t a_scales, uintptr_t b_scales,
   llmo::kernels().int8_gemm(p);
 }
 
+// int8_linear accumulates sum(q * w) in int32: |q| <= 127, |w| <= 128.
+constexpr int64_t kInt8MaxK = 131072;
+
+int64_t int8_packed_bytes(int64_t N, int64_t K) { return (N + 7) / 8 * ((K + 3) / 4) * 32; }
+
+void check_int8_shape(int64_t M, int64_t N, int64_t K) {
+  if (M < 0 || N <= 0 || K <= 0) throw std::invalid_argument("int8: M must be >= 0 and N, K positive");
+  if (K > kInt8MaxK) throw std::invalid_argument("int8: K must be <= " + std::to_string(kInt8MaxK));
+}
+
+void int8_pack(uintptr_t w, uintptr_t packed, uintptr_t colsum, int64_t N, int64_t K) {
+  check_int8_shape(0, N, K);
+  py::gil_scoped_release release;
+  llmo::kernels().int8_pack(ptr<const int8_t>(w), ptr<int8_t>(packed), ptr<int32_t>(colsum), N, K);
+}
+
+void quantize_rows_u7(uintptr_t x, uintptr_t q, uintptr_t scales, uintptr_t zero_points, int64_t M, int64_t K) {
+  check_int8_shape(M, 1, K);
+  py::gil_scoped_release release;
+  llmo::kernels().quantize_rows_u7(ptr<const float>(x), ptr<uint8_t>(q), ptr<float>(scales),
+                                   ptr<int32_t>(zero_points), M, K, K);
+}
+
+void int8_linear(uintptr_t x, uintptr_t packed, uintptr_t colsum, uintptr_t w_scales, uintptr_t bias, uintptr_t out,
+                 int64_t M, int64_t N, int64_t K) {
+  check_int8_shape(M, N, K);
+  Int8LinearArgs p{ptr<const float>(x), ptr<const int8_t>(packed), ptr<const int32_t>(colsum),
+                   ptr<const float>(w_scales), ptr<const float>(bias), ptr<float>(out), M, N, K};
+  py::gil_scoped_release release;
+  if (M > 0) llmo::kernels().int8_linear(p);
+}
+
 void check_int4(int64_t K, int group) {
   if (group != 32 && group != 64 && group != 128) throw std::invalid_argument("group must be 32, 64 or 128");
   if (K % 64 != 0 || K % group != 0) throw std::invalid_argument("K must be a multiple of 64 and of group");
@@ -124,6 +157,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("attention_rows", &attention_rows, "Paged attention for query rows (see llmo.ops).");
   m.def("quantize_rows", &quantize_rows, "Symmetric per-row int8 quantization.");
   m.def("int8_gemm", &int8_gemm, "W8A8 GEMM with per-row / per-column scales.");
+  m.def("int8_max_k", [] { return kInt8MaxK; }, "Largest K int8_linear accepts (int32 accumulators).");
+  m.def("int8_packed_bytes", &int8_packed_bytes, py::arg("N"), py::arg("K"), "Size of an int8_pack buffer.");
+  m.def("int8_pack", &int8_pack, "Pack an int8 [N, K] weight for int8_linear; also writes its row sums.");
+  m.def("quantize_rows_u7", &quantize_rows_u7, "Asymmetric per-row 7-bit (0..127) quantization with zero points.");
+  m.def("int8_linear", &int8_linear, "Per-token u7 activation quantization + GEMM with a packed int8 weight.");
   m.def("int4_gemm", &int4_gemm, "Weight-only INT4 GEMM (llmo-int4-v1 layout).");
   m.def("int4_dequantize", &int4_dequantize, "Dequantize llmo-int4-v1 weights to f32 or bf16.");
   m.def("write_kv_cache", &write_kv_cache, "Copy K/V rows into cache slots.");

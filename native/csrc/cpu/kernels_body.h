@@ -354,6 +354,185 @@ void int8_gemm(const Int8GemmArgs& p) {
   }
 }
 
+// ------------------------------------------------ INT8 linear (packed W8A8)
+
+// Per-token asymmetric 7-bit codes: q = clamp(round(x / s) + zp, 0, 127) with
+// s = (max(x, 0) - min(x, 0)) / 127, so vpmaddubsw(u7, s8) never saturates
+// (2 * 127 * 128 < 32767). Codes past K (up to kpad) are zero.
+inline void quantize_span_u7(const float* x, uint8_t* q, int64_t K, int64_t kpad, float* scale_out,
+                             int32_t* zp_out) {
+  float lo = 0.f, hi = 0.f;
+  int64_t i = 0;
+#if LLMO_ISA >= 1
+  __m256 vlo = _mm256_setzero_ps(), vhi = _mm256_setzero_ps();
+  for (; i + 8 <= K; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    vlo = _mm256_min_ps(vlo, v);
+    vhi = _mm256_max_ps(vhi, v);
+  }
+  alignas(32) float l8[8], h8[8];
+  _mm256_store_ps(l8, vlo);
+  _mm256_store_ps(h8, vhi);
+  for (int j = 0; j < 8; ++j) {
+    lo = std::min(lo, l8[j]);
+    hi = std::max(hi, h8[j]);
+  }
+#endif
+  for (; i < K; ++i) {
+    lo = std::min(lo, x[i]);
+    hi = std::max(hi, x[i]);
+  }
+  float scale = (hi - lo) / 127.f;
+  if (!(scale > 0.f)) scale = 1.f;
+  const float inv = 1.f / scale;
+  const float zpf = std::min(127.f, std::max(0.f, std::nearbyint(-lo * inv)));
+  i = 0;
+#if LLMO_ISA >= 1
+  const __m256 vinv = _mm256_set1_ps(inv), vzp = _mm256_set1_ps(zpf);
+  const __m256 vmax = _mm256_set1_ps(127.f), vmin = _mm256_setzero_ps();
+  for (; i + 16 <= K; i += 16) {
+    __m256 a = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), vinv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 b =
+        _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i + 8), vinv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    a = _mm256_min_ps(vmax, _mm256_max_ps(vmin, _mm256_add_ps(a, vzp)));
+    b = _mm256_min_ps(vmax, _mm256_max_ps(vmin, _mm256_add_ps(b, vzp)));
+    const __m256i w16 = _mm256_packs_epi32(_mm256_cvtps_epi32(a), _mm256_cvtps_epi32(b));  // lanes interleaved
+    const __m128i b8 = _mm_packus_epi16(_mm256_castsi256_si128(w16), _mm256_extracti128_si256(w16, 1));
+    // b8 order: a0-3 b0-3 a4-7 b4-7 -> restore a0-7 b0-7
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i), _mm_shuffle_epi32(b8, 0xd8));
+  }
+#endif
+  for (; i < K; ++i) {
+    const float v = std::min(127.f, std::max(0.f, std::nearbyint(x[i] * inv) + zpf));
+    q[i] = static_cast<uint8_t>(v);
+  }
+  for (; i < kpad; ++i) q[i] = 0;
+  *scale_out = scale;
+  *zp_out = static_cast<int32_t>(zpf);
+}
+
+void quantize_rows_u7(const float* x, uint8_t* q, float* scales, int32_t* zps, int64_t M, int64_t K, int64_t kpad) {
+#pragma omp parallel for schedule(static) num_threads(num_threads()) if (M * K >= (1 << 16))
+  for (int64_t m = 0; m < M; ++m) quantize_span_u7(x + m * K, q + m * kpad, K, kpad, &scales[m], &zps[m]);
+}
+
+// Packed weight: blocks of 8 output columns; within a block, for each group of
+// 4 input channels, 32 bytes = column c's 4 consecutive weights at bytes 4c..4c+3.
+// One 32-byte load then multiplies against 4 broadcast activation codes.
+void int8_pack(const int8_t* w, int8_t* packed, int32_t* colsum, int64_t N, int64_t K) {
+  const int64_t k4 = (K + 3) / 4, blocks = (N + 7) / 8;
+#pragma omp parallel for schedule(static) num_threads(num_threads())
+  for (int64_t nb = 0; nb < blocks; ++nb) {
+    int8_t* dst = packed + nb * k4 * 32;
+    for (int c = 0; c < 8; ++c) {
+      const int64_t n = nb * 8 + c;
+      int32_t sum = 0;
+      for (int64_t k = 0; k < k4 * 4; ++k) {
+        const int8_t v = (n < N && k < K) ? w[n * K + k] : 0;
+        dst[(k / 4) * 32 + c * 4 + (k % 4)] = v;
+        sum += v;
+      }
+      if (n < N) colsum[n] = sum;
+    }
+  }
+}
+
+// MR activation rows x NB column blocks (8 columns each) over the whole of K.
+template <int MR, int NB>
+inline void int8p_tile(const Int8LinearArgs& p, const uint8_t* aq, int64_t kpad, const float* xs, const int32_t* zp,
+                       int64_t m0, int64_t nb0) {
+  const int64_t k4 = kpad / 4;
+  alignas(32) int32_t res[MR][NB][8];
+#if LLMO_ISA >= 1
+  __m256i acc[MR][NB];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NB; ++j) acc[i][j] = _mm256_setzero_si256();
+  const int8_t* wp = p.packed + nb0 * k4 * 32;
+  const int64_t bstride = k4 * 32;
+  const uint8_t* ap = aq + m0 * kpad;
+  for (int64_t kq = 0; kq < k4; ++kq) {
+    __m256i wv[NB];
+    for (int j = 0; j < NB; ++j) {
+      const int8_t* src = wp + j * bstride + kq * 32;
+      if constexpr (MR == 1) _mm_prefetch(reinterpret_cast<const char*>(src) + 1024, _MM_HINT_T0);
+      wv[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+    }
+    for (int i = 0; i < MR; ++i) {
+      int32_t a4;
+      std::memcpy(&a4, ap + i * kpad + kq * 4, 4);
+      const __m256i av = _mm256_set1_epi32(a4);
+      for (int j = 0; j < NB; ++j) acc[i][j] = dot_u8s8(acc[i][j], av, wv[j]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NB; ++j) _mm256_store_si256(reinterpret_cast<__m256i*>(res[i][j]), acc[i][j]);
+#else
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NB; ++j) {
+      const int8_t* wb = p.packed + (nb0 + j) * k4 * 32;
+      const uint8_t* a = aq + (m0 + i) * kpad;
+      for (int c = 0; c < 8; ++c) {
+        int32_t s = 0;
+        for (int64_t k = 0; k < kpad; ++k) s += static_cast<int32_t>(a[k]) * wb[(k / 4) * 32 + c * 4 + (k % 4)];
+        res[i][j][c] = s;
+      }
+    }
+#endif
+  for (int i = 0; i < MR; ++i) {
+    const int64_t m = m0 + i;
+    for (int j = 0; j < NB; ++j) {
+      for (int c = 0; c < 8; ++c) {
+        const int64_t n = (nb0 + j) * 8 + c;
+        if (n >= p.N) break;
+        const int64_t dot = static_cast<int64_t>(res[i][j][c]) - static_cast<int64_t>(zp[m]) * p.colsum[n];
+        float v = static_cast<float>(static_cast<double>(dot) * static_cast<double>(xs[m]) *
+                                     static_cast<double>(p.w_scales[n]));
+        if (p.bias != nullptr) v += p.bias[n];
+        p.out[m * p.N + n] = v;
+      }
+    }
+  }
+}
+
+template <int NB>
+inline void int8p_columns(const Int8LinearArgs& p, const uint8_t* aq, int64_t kpad, const float* xs,
+                          const int32_t* zp, int64_t nb0) {
+  int64_t m0 = 0;
+  for (; m0 + 4 <= p.M; m0 += 4) int8p_tile<4, NB>(p, aq, kpad, xs, zp, m0, nb0);
+  switch (p.M - m0) {
+    case 3: int8p_tile<3, NB>(p, aq, kpad, xs, zp, m0, nb0); break;
+    case 2: int8p_tile<2, NB>(p, aq, kpad, xs, zp, m0, nb0); break;
+    case 1: int8p_tile<1, NB>(p, aq, kpad, xs, zp, m0, nb0); break;
+    default: break;
+  }
+}
+
+void int8_linear(const Int8LinearArgs& p) {
+  const int64_t kpad = (p.K + 3) / 4 * 4;
+  const int64_t blocks = (p.N + 7) / 8;
+  std::vector<uint8_t> aq(p.M * kpad);
+  std::vector<float> xs(p.M);
+  std::vector<int32_t> zp(p.M);
+  quantize_rows_u7(p.x, aq.data(), xs.data(), zp.data(), p.M, p.K, kpad);
+  // One row streams 4 column blocks (memory bound: more streams in flight);
+  // more rows take 2 blocks per tile so 4 x 2 accumulators fit the registers.
+  const int nb = p.M == 1 ? 4 : 2;
+  const int64_t tiles = blocks / nb;
+#pragma omp parallel num_threads(num_threads())
+  {
+#pragma omp for schedule(dynamic, 4)
+    for (int64_t t = 0; t < tiles; ++t) {
+      if (nb == 4) {
+        int8p_tile<1, 4>(p, aq.data(), kpad, xs.data(), zp.data(), 0, 4 * t);
+      } else {
+        int8p_columns<2>(p, aq.data(), kpad, xs.data(), zp.data(), 2 * t);
+      }
+    }
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t b = tiles * nb; b < blocks; ++b) int8p_columns<1>(p, aq.data(), kpad, xs.data(), zp.data(), b);
+  }
+}
+
 // ------------------------------------------------------------- INT4 GEMM
 
 // count scales of one weight row as fp32 (hot: one call per output column).
@@ -563,7 +742,8 @@ void int4_dequant(const uint8_t* packed, const void* scales, int scale_dtype, co
 
 }  // namespace
 
-extern const KernelTable table = {LLMO_ISA_NAME, attention, quantize_rows, int8_gemm, int4_gemm, int4_dequant};
+extern const KernelTable table = {LLMO_ISA_NAME, attention,   quantize_rows, int8_gemm,   int4_gemm,
+                                  int4_dequant,  int8_pack,   quantize_rows_u7, int8_linear};
 
 }  // namespace LLMO_NS
 }  // namespace llmo

@@ -107,3 +107,21 @@ def test_large_m_int4_takes_dense_path_and_matches() -> None:
     want = x.float() @ ops.dequantize_int4(packed, scales, zeros, 64).t()
     assert out.dtype == torch.bfloat16
     assert float((out.float() - want).abs().mean() / want.abs().mean()) < 0.02
+
+
+@pytest.mark.parametrize("m", [1, 3, 5, 16])
+def test_int8_linear_every_isa_is_bit_exact(isa: str, m: int) -> None:
+    x = torch.randn(m, 203) + 0.5
+    w = torch.randint(-128, 128, (21, 203), dtype=torch.int8)
+    w_s = torch.rand(21) * 0.01
+    bias = torch.randn(21)
+    with force_backend("cpu"):
+        got = ops.int8_linear(x, w, w_s, bias)
+    with force_backend("reference"):
+        want = ops.int8_linear(x, w, w_s, bias)
+    assert torch.equal(got, want)
+
+
+def test_int8_native_rejects_too_long_k() -> None:
+    with pytest.raises(ValueError, match="K must be <="):
+        native.int8_linear(0, 0, 0, 0, 0, 0, 1, 8, native.int8_max_k() + 1)

@@ -8,11 +8,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import llmo.ops as ops
-from llmo.ops import force_backend
+from llmo.ops import force_backend, reference
 
 from .conftest import INT4_MEAN_REL, device_backends
 
 INT8 = device_backends("int8_gemm", "cpu")
+LINEAR = device_backends("int8_linear", "cpu")
 INT4 = device_backends("int4_gemm", "cpu")
 QUANT = device_backends("quantize_per_token", "cpu")
 
@@ -61,17 +62,147 @@ def test_int8_gemm_is_exact_up_to_scaling(backend: str, m: int, n: int, k: int, 
     torch.testing.assert_close(out.double(), exact, atol=1e-4, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", INT8)
+def int8_weight(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A Gaussian weight, its symmetric per-row int8 codes and scales."""
+    w = torch.randn(n, k)
+    w_s = w.abs().amax(dim=1) / 127
+    return w, torch.round(w / w_s[:, None]).to(torch.int8), w_s
+
+
+def u7_linear_exact(
+    x: torch.Tensor, w_q: torch.Tensor, w_s: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """int8_linear's definition computed independently in fp64 from the u7 codes."""
+    q, s, zp = reference.quantize_per_token_u7(x)
+    acc = (q.double() - zp.double()[:, None]) @ w_q.double().t()
+    out = acc * s.double()[:, None] * w_s.double()[None, :]
+    return out if bias is None else out + bias.double()
+
+
+@pytest.mark.parametrize(("m", "k"), [(1, 64), (7, 100), (13, 4096), (33, 17), (2, 1)])
+def test_u7_quantization_codes(m: int, k: int) -> None:
+    x = torch.randn(m, k) * torch.rand(m, 1) * 10 + torch.randn(m, 1)
+    x[0] = x[0].abs() + 0.5  # an all-positive row: zero point 0
+    q, s, zp = reference.quantize_per_token_u7(x)
+    assert q.dtype == torch.uint8 and s.dtype == torch.float32 and zp.dtype == torch.int32
+    assert int(q.max()) <= 127 and int(zp.min()) >= 0 and int(zp.max()) <= 127
+    assert int(zp[0]) == 0
+    # round-to-nearest: every value within half a step of its code (zero exactly representable)
+    back = (q.float() - zp.float()[:, None]) * s[:, None]
+    assert bool(((back - x).abs() <= s[:, None] * 0.5001).all())
+
+
+def test_u7_native_codes_are_bit_exact() -> None:
+    native = pytest.importorskip("llmo_native")
+    for m, k in [(1, 64), (5, 100), (3, 4097), (4, 7)]:
+        x = torch.randn(m, k) * 3 + 0.7
+        q = torch.empty(m, k, dtype=torch.uint8)
+        s = torch.empty(m)
+        zp = torch.empty(m, dtype=torch.int32)
+        native.quantize_rows_u7(x.data_ptr(), q.data_ptr(), s.data_ptr(), zp.data_ptr(), m, k)
+        q_ref, s_ref, zp_ref = reference.quantize_per_token_u7(x)
+        assert torch.equal(q, q_ref) and torch.equal(s, s_ref) and torch.equal(zp, zp_ref)
+
+
+def test_u7_zero_rows_are_exact() -> None:
+    q, s, zp = reference.quantize_per_token_u7(torch.zeros(2, 64))
+    assert torch.equal(q, torch.zeros(2, 64, dtype=torch.uint8))
+    assert torch.equal(s, torch.ones(2)) and torch.equal(zp, torch.zeros(2, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("backend", LINEAR)
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 7, 13, 33])
+@pytest.mark.parametrize(("n", "k"), [(64, 64), (37, 100), (13, 67), (129, 4096), (8, 3)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_int8_linear_matches_its_definition(backend: str, m: int, n: int, k: int, with_bias: bool) -> None:
+    w, w_q, w_s = int8_weight(n, k)
+    x = torch.randn(m, k) * 2 + 0.3
+    bias = torch.randn(n) if with_bias else None
+    with force_backend(backend):
+        out = ops.int8_linear(x, w_q, w_s, bias)
+    assert out.dtype == torch.float32 and out.shape == (m, n)
+    # integer dot products are exact; only the final fp32 rounding differs
+    torch.testing.assert_close(out.double(), u7_linear_exact(x, w_q, w_s, bias), atol=1e-5, rtol=1e-6)
+    want = x @ w.t() + (0 if bias is None else bias)
+    assert mean_rel_err(out, want) < 0.03
+
+
+def test_int8_linear_cpu_is_bit_exact_with_reference() -> None:
+    if "cpu" not in LINEAR:
+        pytest.skip("llmo_native not built")
+    _, w_q, w_s = int8_weight(45, 300)
+    w_q[0, :7] = -128  # the kernel handles the full int8 range
+    x = torch.randn(9, 300)
+    bias = torch.randn(45)
+    with force_backend("cpu"):
+        got = ops.int8_linear(x, w_q, w_s, bias)
+    with force_backend("reference"):
+        want = ops.int8_linear(x, w_q, w_s, bias)
+    assert torch.equal(got, want)
+
+
+@settings(max_examples=25, deadline=None)
+@given(m=st.integers(1, 40), n=st.integers(1, 70), k=st.integers(1, 300), shift=st.floats(-3, 3))
+def test_int8_linear_backends_agree_on_random_shapes(m: int, n: int, k: int, shift: float) -> None:
+    _, w_q, w_s = int8_weight(n, k)
+    x = torch.randn(m, k) + shift
+    want = u7_linear_exact(x, w_q, w_s, None)
+    for backend in LINEAR:
+        with force_backend(backend):
+            out = ops.int8_linear(x, w_q, w_s)
+        torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-6)
+
+
+def test_int8_linear_repacks_after_in_place_update() -> None:
+    _, w_q, w_s = int8_weight(24, 64)
+    x = torch.randn(3, 64)
+    with force_backend("cpu" if "cpu" in LINEAR else "reference"):
+        first = ops.int8_linear(x, w_q, w_s)
+        w_q.neg_()
+        second = ops.int8_linear(x, w_q, w_s)
+    torch.testing.assert_close(second.double(), u7_linear_exact(x, w_q, w_s, None), atol=1e-5, rtol=1e-6)
+    assert not torch.allclose(first, second)
+
+
+@pytest.mark.parametrize("backend", LINEAR)
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
 def test_int8_linear_low_precision_output(backend: str, out_dtype: torch.dtype) -> None:
+    w, w_q, w_s = int8_weight(48, 256)
     x = torch.randn(5, 256).to(out_dtype)
-    w = torch.randn(48, 256)
-    w_s = w.abs().amax(dim=1) / 127
-    w_q = torch.round(w / w_s[:, None]).to(torch.int8)
     with force_backend(backend):
         out = ops.int8_linear(x, w_q, w_s)
     assert out.dtype == out_dtype and out.shape == (5, 48)
-    assert mean_rel_err(out, x.float() @ w.t()) < 0.02
+    assert mean_rel_err(out, x.float() @ w.t()) < 0.03
+
+
+@pytest.mark.parametrize("backend", LINEAR)
+def test_int8_linear_keeps_leading_dims(backend: str) -> None:
+    _, w_q, w_s = int8_weight(12, 40)
+    x = torch.randn(2, 3, 40)
+    with force_backend(backend):
+        out = ops.int8_linear(x, w_q, w_s)
+    assert out.shape == (2, 3, 12)
+    torch.testing.assert_close(out.reshape(6, 12).double(), u7_linear_exact(x.reshape(6, 40), w_q, w_s, None),
+                               atol=1e-5, rtol=1e-6)
+
+
+def test_bad_int8_linear_inputs_raise_clear_errors() -> None:
+    _, w_q, w_s = int8_weight(6, 32)
+    with pytest.raises(ValueError, match="input features"):
+        ops.int8_linear(torch.randn(2, 31), w_q, w_s)
+    with pytest.raises(TypeError, match="weight has dtype"):
+        ops.int8_linear(torch.randn(2, 32), w_q.float(), w_s)
+    with pytest.raises(TypeError, match="x has dtype"):
+        ops.int8_linear(torch.ones(2, 32, dtype=torch.int8), w_q, w_s)
+    with pytest.raises(ValueError, match="weight_scales must have shape"):
+        ops.int8_linear(torch.randn(2, 32), w_q, w_s[:5])
+    with pytest.raises(TypeError, match="weight_scales has dtype"):
+        ops.int8_linear(torch.randn(2, 32), w_q, w_s.double())
+    with pytest.raises(ValueError, match="bias must have shape"):
+        ops.int8_linear(torch.randn(2, 32), w_q, w_s, torch.randn(7))
+    big = torch.zeros(1, ops.INT8_MAX_K + 1, dtype=torch.int8)
+    with pytest.raises(ValueError, match="K <= 131072"):
+        ops.int8_linear(torch.randn(1, ops.INT8_MAX_K + 1), big, torch.ones(1))
 
 
 @pytest.mark.parametrize("backend", INT4)
