@@ -81,7 +81,11 @@ void int8_gemm(uintptr_t a, uintptr_t b, uintptr_t a_scales, uintptr_t b_scales,
 // int8_linear accumulates sum(q * w) in int32: |q| <= 127, |w| <= 128.
 constexpr int64_t kInt8MaxK = 131072;
 
-int64_t int8_packed_bytes(int64_t N, int64_t K) { return (N + 7) / 8 * ((K + 3) / 4) * 32; }
+// Blocks of 8 columns x 4-channel groups x 32 bytes, then one flag byte per (block, 8 groups).
+int64_t int8_packed_bytes(int64_t N, int64_t K) {
+  const int64_t groups = (K + 3) / 4;
+  return (N + 7) / 8 * (groups * 32 + (groups + 7) / 8);
+}
 
 void check_int8_shape(int64_t M, int64_t N, int64_t K) {
   if (M < 0 || N <= 0 || K <= 0) throw std::invalid_argument("int8: M must be >= 0 and N, K positive");

@@ -419,8 +419,16 @@ void quantize_rows_u7(const float* x, uint8_t* q, float* scales, int32_t* zps, i
 // Packed weight: blocks of 8 output columns; within a block, for each group of
 // 4 input channels, 32 bytes = column c's 4 consecutive weights at bytes 4c..4c+3.
 // One 32-byte load then multiplies against 4 broadcast activation codes.
+// After the blocks: one flag byte per (block, segment of kSegSteps groups): 1 when
+// two consecutive groups' vpmaddubsw results can be added in int16 before
+// widening, i.e. 127 * (sum of the 4 |w| meeting in one int16 lane) <= 32767.
+constexpr int64_t kSegSteps = 8;
+
+inline int64_t int8_segments(int64_t K) { return ((K + 3) / 4 + kSegSteps - 1) / kSegSteps; }
+
 void int8_pack(const int8_t* w, int8_t* packed, int32_t* colsum, int64_t N, int64_t K) {
-  const int64_t k4 = (K + 3) / 4, blocks = (N + 7) / 8;
+  const int64_t k4 = (K + 3) / 4, blocks = (N + 7) / 8, segs = int8_segments(K);
+  uint8_t* flags = reinterpret_cast<uint8_t*>(packed + blocks * k4 * 32);
 #pragma omp parallel for schedule(static) num_threads(num_threads())
   for (int64_t nb = 0; nb < blocks; ++nb) {
     int8_t* dst = packed + nb * k4 * 32;
@@ -434,8 +442,71 @@ void int8_pack(const int8_t* w, int8_t* packed, int32_t* colsum, int64_t N, int6
       }
       if (n < N) colsum[n] = sum;
     }
+    for (int64_t sg = 0; sg < segs; ++sg) {
+      bool safe = true;
+      for (int64_t kq = sg * kSegSteps; kq + 1 < std::min(k4, (sg + 1) * kSegSteps) && safe; kq += 2)
+        for (int lane = 0; lane < 16 && safe; ++lane) {  // int16 lane = column lane/2, channels 2*(lane%2)+{0,1}
+          const int8_t* a = dst + kq * 32 + lane * 2;
+          const int32_t mag = std::abs(a[0]) + std::abs(a[1]) + std::abs(a[32]) + std::abs(a[33]);
+          safe = 127 * mag <= 32767;
+        }
+      flags[nb * segs + sg] = safe ? 1 : 0;
+    }
   }
 }
+
+#if LLMO_ISA >= 1
+// Groups [kq, k_end) of one K segment. Column block j with bit j of SAFE set
+// adds two groups' vpmaddubsw results in int16 (safe by the pack-time check) and
+// widens once; the others widen every group.
+template <int MR, int NB, unsigned SAFE>
+inline void int8p_segment(__m256i (&acc)[MR][NB], const int8_t* wp, int64_t bstride, const uint8_t* ap, int64_t kpad,
+                          int64_t kq, int64_t k_end) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (; kq + 2 <= k_end; kq += 2) {
+    if constexpr (MR == 1) {
+      for (int j = 0; j < NB; ++j) _mm_prefetch(reinterpret_cast<const char*>(wp + j * bstride + kq * 32) + 1024, _MM_HINT_T0);
+    }
+    for (int i = 0; i < MR; ++i) {
+      int32_t a8[2];
+      std::memcpy(a8, ap + i * kpad + kq * 4, 8);
+      const __m256i a0 = _mm256_set1_epi32(a8[0]), a1 = _mm256_set1_epi32(a8[1]);
+      for (int j = 0; j < NB; ++j) {
+        const int8_t* src = wp + j * bstride + kq * 32;
+        const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+        const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 32));
+        if ((SAFE >> j) & 1u) {
+          const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(a0, w0), _mm256_maddubs_epi16(a1, w1));
+          acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(s16, ones));
+        } else {
+          acc[i][j] = dot_u8s8(dot_u8s8(acc[i][j], a0, w0), a1, w1);
+        }
+      }
+    }
+  }
+  for (; kq < k_end; ++kq) {
+    for (int i = 0; i < MR; ++i) {
+      int32_t a4;
+      std::memcpy(&a4, ap + i * kpad + kq * 4, 4);
+      const __m256i av = _mm256_set1_epi32(a4);
+      for (int j = 0; j < NB; ++j)
+        acc[i][j] = dot_u8s8(acc[i][j], av, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + j * bstride + kq * 32)));
+    }
+  }
+}
+
+template <int MR, int NB, unsigned SAFE>
+inline void int8p_segment_dispatch(unsigned mask, __m256i (&acc)[MR][NB], const int8_t* wp, int64_t bstride,
+                                   const uint8_t* ap, int64_t kpad, int64_t kq, int64_t k_end) {
+  if constexpr (SAFE + 1 < (1u << NB)) {
+    if (mask != SAFE) {
+      int8p_segment_dispatch<MR, NB, SAFE + 1>(mask, acc, wp, bstride, ap, kpad, kq, k_end);
+      return;
+    }
+  }
+  int8p_segment<MR, NB, SAFE>(acc, wp, bstride, ap, kpad, kq, k_end);
+}
+#endif
 
 // MR activation rows x NB column blocks (8 columns each) over the whole of K.
 template <int MR, int NB>
@@ -450,19 +521,17 @@ inline void int8p_tile(const Int8LinearArgs& p, const uint8_t* aq, int64_t kpad,
   const int8_t* wp = p.packed + nb0 * k4 * 32;
   const int64_t bstride = k4 * 32;
   const uint8_t* ap = aq + m0 * kpad;
-  for (int64_t kq = 0; kq < k4; ++kq) {
-    __m256i wv[NB];
-    for (int j = 0; j < NB; ++j) {
-      const int8_t* src = wp + j * bstride + kq * 32;
-      if constexpr (MR == 1) _mm_prefetch(reinterpret_cast<const char*>(src) + 1024, _MM_HINT_T0);
-      wv[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
-    }
-    for (int i = 0; i < MR; ++i) {
-      int32_t a4;
-      std::memcpy(&a4, ap + i * kpad + kq * 4, 4);
-      const __m256i av = _mm256_set1_epi32(a4);
-      for (int j = 0; j < NB; ++j) acc[i][j] = dot_u8s8(acc[i][j], av, wv[j]);
-    }
+  const int64_t segs = int8_segments(p.K);
+  const uint8_t* flags = reinterpret_cast<const uint8_t*>(p.packed + (p.N + 7) / 8 * bstride) + nb0 * segs;
+  for (int64_t sg = 0; sg < segs; ++sg) {
+    unsigned mask = 0;
+#if LLMO_ISA == 1
+    for (int j = 0; j < NB; ++j) mask |= static_cast<unsigned>(flags[j * segs + sg] != 0) << j;
+#else
+    (void)flags;
+#endif
+    int8p_segment_dispatch<MR, NB, 0>(mask, acc, wp, bstride, ap, kpad, sg * kSegSteps,
+                                      std::min(k4, (sg + 1) * kSegSteps));
   }
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NB; ++j) _mm256_store_si256(reinterpret_cast<__m256i*>(res[i][j]), acc[i][j]);

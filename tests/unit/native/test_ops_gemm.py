@@ -295,3 +295,23 @@ def test_bad_gemm_inputs_raise_clear_errors() -> None:
         ops.quantize_per_token(torch.randn(4))
     with pytest.raises(ValueError, match="K divisible by 64"):
         ops.pack_int4(torch.zeros(2, 40, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("magnitude", [64, 65, 127])
+@pytest.mark.parametrize("sign_mix", [False, True])
+def test_int8_linear_exact_at_int16_limits(magnitude: int, sign_mix: bool) -> None:
+    """All activation codes at 127 against weights at the pairing bound (4 * 64 * 127
+    fits int16, 4 * 65 * 127 does not) and beyond: every backend stays exact."""
+    n, k = 24, 200
+    w_q = torch.full((n, k), magnitude, dtype=torch.int8)
+    if sign_mix:
+        w_q[::2] *= -1
+        w_q[:, 100:] = torch.randint(-127, 128, (n, 100), dtype=torch.int8)
+    x = torch.full((3, k), 5.0)
+    x[1, :7] = -2.0
+    w_s = torch.ones(n)
+    want = u7_linear_exact(x, w_q, w_s, None)
+    for backend in LINEAR:
+        with force_backend(backend):
+            out = ops.int8_linear(x, w_q, w_s)
+        torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-6)
