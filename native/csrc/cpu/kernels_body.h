@@ -624,14 +624,16 @@ inline void load_scales(const void* base, int dtype, int64_t offset, int64_t cou
 }
 
 struct QuantizedActs {
-  std::vector<int8_t> q;    // [M, K]
-  std::vector<float> scale;  // [M, groups]
-  std::vector<int32_t> sum;  // [M, groups]
+  std::vector<int8_t> q;      // [M, K]
+  std::vector<float> scale;   // [M, groups]
+  std::vector<float> zcorr;   // [M, groups]: scale * sum of the group's codes
 };
 
 // NT output columns for MT activation rows: sum over groups of
 // s_w * s_x * (dot(q_w, q_x) - zero * sum(q_x)). Several columns at once share
 // the activation loads and keep more weight streams in flight.
+static_assert(4 * 2 * 15 * 127 <= 32767, "int16 group sums of int4_tile");
+
 template <int GS, int MT, int NT>
 inline void int4_tile(const Int4GemmArgs& p, const QuantizedActs& xa, int64_t m0, int64_t n0, const float* ws,
                       const float* wz) {
@@ -672,12 +674,24 @@ inline void int4_tile(const Int4GemmArgs& p, const QuantizedActs& xa, int64_t m0
           facc[i][j] =
               _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_set1_ps(wsj[2 * c + 1] * xs[2 * c + 1]), facc[i][j]);
         } else {
-          iacc[i][j] = dot2_u4s8(iacc[i][j], lo[j], x0, hi[j], x1);
           constexpr int kChunksPerGroup = GS / 64;
+#if LLMO_ISA == 1
+          // int16 partial sums for the whole group: each vpmaddubsw lane is at most
+          // 2 * 15 * 127 = 3810 and a group (<= 128 channels) adds four of them, so a
+          // single vpmaddwd widening per group suffices.
+          iacc[i][j] = _mm256_add_epi16(
+              iacc[i][j], _mm256_add_epi16(_mm256_maddubs_epi16(lo[j], x0), _mm256_maddubs_epi16(hi[j], x1)));
+#else
+          iacc[i][j] = dot2_u4s8(iacc[i][j], lo[j], x0, hi[j], x1);
+#endif
           if ((c + 1) % kChunksPerGroup == 0) {
             const int64_t g = c / kChunksPerGroup;
-            facc[i][j] =
-                _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[i][j]), _mm256_set1_ps(wsj[g] * xs[g]), facc[i][j]);
+#if LLMO_ISA == 1
+            const __m256i dots = _mm256_madd_epi16(iacc[i][j], _mm256_set1_epi16(1));
+#else
+            const __m256i dots = iacc[i][j];
+#endif
+            facc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), _mm256_set1_ps(wsj[g] * xs[g]), facc[i][j]);
             iacc[i][j] = _mm256_setzero_si256();
           }
         }
@@ -708,14 +722,11 @@ inline void int4_tile(const Int4GemmArgs& p, const QuantizedActs& xa, int64_t m0
   }
 #endif
   for (int i = 0; i < MT; ++i) {
-    const float* xs = xa.scale.data() + (m0 + i) * groups;
-    const int32_t* xsum = xa.sum.data() + (m0 + i) * groups;
+    const float* zc = xa.zcorr.data() + (m0 + i) * groups;
     for (int j = 0; j < NT; ++j) {
       const int64_t n = n0 + j;
-      float corr = 0.f;
-      for (int64_t g = 0; g < groups; ++g)
-        corr += ws[j * groups + g] * wz[j * groups + g] * xs[g] * static_cast<float>(xsum[g]);
-      float v = res[i][j] - corr;
+      // wz holds scale * zero per group (see int4_columns)
+      float v = res[i][j] - dot_f32(wz + j * groups, zc, static_cast<int>(groups));
       if (p.bias != nullptr) v += p.bias[n];
       p.out[(m0 + i) * p.N + n] = v;
     }
@@ -727,7 +738,17 @@ inline void int4_columns(const Int4GemmArgs& p, const QuantizedActs& xa, int64_t
   const int64_t groups = p.K / GS;
   for (int j = 0; j < NT; ++j) {
     load_scales(p.scales, p.scale_dtype, (n0 + j) * groups, groups, ws + j * groups);
-    for (int64_t g = 0; g < groups; ++g) wz[j * groups + g] = static_cast<float>(p.zeros[(n0 + j) * groups + g]);
+    const uint8_t* zj = p.zeros + (n0 + j) * groups;
+    const float* wsj = ws + j * groups;
+    float* wzj = wz + j * groups;
+    int64_t g = 0;
+#if LLMO_ISA >= 1
+    for (; g + 8 <= groups; g += 8) {
+      const __m128i z8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(zj + g));
+      _mm256_storeu_ps(wzj + g, _mm256_mul_ps(_mm256_loadu_ps(wsj + g), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(z8))));
+    }
+#endif
+    for (; g < groups; ++g) wzj[g] = wsj[g] * static_cast<float>(zj[g]);
   }
   int64_t m0 = 0;
   if constexpr (NT == 1) {
@@ -748,11 +769,14 @@ void int4_gemm_gs(const Int4GemmArgs& p) {
   QuantizedActs xa;
   xa.q.resize(M * K);
   xa.scale.resize(M * groups);
-  xa.sum.resize(M * groups);
+  xa.zcorr.resize(M * groups);
   for (int64_t m = 0; m < M; ++m)
-    for (int64_t g = 0; g < groups; ++g)
-      xa.scale[m * groups + g] =
-          quantize_span(p.x + m * K + g * GS, xa.q.data() + m * K + g * GS, GS, &xa.sum[m * groups + g]);
+    for (int64_t g = 0; g < groups; ++g) {
+      int32_t code_sum = 0;
+      const float sc = quantize_span(p.x + m * K + g * GS, xa.q.data() + m * K + g * GS, GS, &code_sum);
+      xa.scale[m * groups + g] = sc;
+      xa.zcorr[m * groups + g] = sc * static_cast<float>(code_sum);
+    }
   // A single activation row is memory bound: stream two weight rows at once.
   const int nt = M == 1 ? 2 : 1;
   const int64_t tiles = p.N / nt;

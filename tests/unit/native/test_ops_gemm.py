@@ -315,3 +315,24 @@ def test_int8_linear_exact_at_int16_limits(magnitude: int, sign_mix: bool) -> No
         with force_backend(backend):
             out = ops.int8_linear(x, w_q, w_s)
         torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", INT4)
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("m", [1, 2, 5])
+def test_int4_gemm_extreme_codes_do_not_overflow(backend: str, group_size: int, m: int) -> None:
+    """Every nibble 15 against activation codes of +-127 fills the kernels' int16 partial
+    sums to their largest values (4 * 2 * 15 * 127 per 128-channel group)."""
+    n, k = 10, 512
+    q = torch.full((n, k), 15, dtype=torch.uint8)
+    q[1::2, :256] = 0
+    packed = ops.pack_int4(q)
+    scales = torch.full((n, k // group_size), 0.5, dtype=torch.float16)
+    zeros = torch.zeros(n, k // group_size, dtype=torch.uint8)
+    zeros[3] = 15
+    x = torch.ones(m, k)
+    x[:, ::3] = -1.0
+    with force_backend(backend):
+        out = ops.int4_gemm(x, packed, scales, zeros, group_size)
+    want = x @ ops.dequantize_int4(packed, scales, zeros, group_size).t()
+    torch.testing.assert_close(out, want, atol=1e-3, rtol=1e-5)
