@@ -8,6 +8,7 @@ inserts nothing (ON CONFLICT DO NOTHING on the event id and the request key).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -92,6 +93,13 @@ budget_alerts = sa.Table(
 )
 
 _LEDGER_COLUMNS = tuple(c.name for c in usage_ledger.columns)
+_SQLITE_ROWS_PER_INSERT = 50  # 1,000 bound values per statement, far below SQLite's limit
+
+
+@functools.lru_cache(maxsize=8)
+def _sqlite_insert(rows: int) -> str:
+    values = "(" + ", ".join("?" * len(_LEDGER_COLUMNS)) + ")"
+    return f"INSERT INTO usage_ledger ({', '.join(_LEDGER_COLUMNS)}) VALUES {', '.join([values] * rows)} ON CONFLICT DO NOTHING"
 
 GROUP_COLUMNS: dict[str, sa.Column[Any]] = {
     "tenant": usage_ledger.c.tenant,
@@ -170,15 +178,23 @@ class CostStore:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
+        self._checkpointer: core_storage.WalCheckpointer | None = None
+        if engine.dialect.name == "sqlite" and engine.url.database not in (None, "", ":memory:"):
+            # ledger batches commit back to back: WAL checkpoints run beside them, not inside them
+            self._checkpointer = core_storage.WalCheckpointer(engine)
+            self._checkpointer.start()
 
     @classmethod
     def open(cls, url: str, migrate: bool = True) -> CostStore:
-        engine = core_storage.create_engine(url)
+        engine = core_storage.create_engine(url, background_checkpoint=True)
         if migrate:
             core_storage.migrate(engine, MIGRATIONS)
         return cls(engine)
 
     def close(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
+            self._checkpointer = None
         self.engine.dispose()
 
     # ledger
@@ -241,7 +257,13 @@ class CostStore:
         # SQLite: this transaction holds the write lock, and rowids of new rows are
         # assigned above the current maximum, so the rows past it are exactly ours.
         before = conn.exec_driver_sql("SELECT COALESCE(MAX(rowid), 0) FROM usage_ledger").scalar_one()
-        conn.exec_driver_sql(sql, params)
+        # Many rows per statement: executemany gives up and re-takes the GIL for
+        # every row, and then waits behind the busy event loop thread each time.
+        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        for start in range(0, len(params), _SQLITE_ROWS_PER_INSERT):
+            chunk = params[start : start + _SQLITE_ROWS_PER_INSERT]
+            cursor.execute(_sqlite_insert(len(chunk)), [value for row in chunk for value in row])
+        cursor.close()
         found = conn.exec_driver_sql("SELECT event_id FROM usage_ledger WHERE rowid > ?", (before,))
         return {row[0] for row in found}
 

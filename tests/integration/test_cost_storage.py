@@ -73,6 +73,17 @@ def test_each_event_is_recorded_once_and_totals_are_exact(store: CostStore) -> N
     assert tuple(row) == _LEDGER_COLUMNS and tuple(row.values()) == record("x").params()
 
 
+def test_new_and_already_recorded_events_interleaved_across_insert_chunks(store: CostStore) -> None:
+    # SQLite inserts 50 rows per statement: old and new rows alternate across those boundaries
+    old = [record(f"old{i}") for i in range(0, 123, 2)]
+    store.record_batch(old)
+    mixed = [record(f"old{i}") if i % 2 == 0 else record(f"new{i}", inp=i) for i in range(123)]
+    outcome = store.record_batch(mixed)
+    assert [r.event_id for r in outcome.inserted] == [f"new{i}" for i in range(1, 123, 2)]
+    assert outcome.duplicates == len(old)
+    assert store.ledger_totals() == (123, sum(r.cost_micros for r in old) + sum(r.cost_micros for r in outcome.inserted))
+
+
 def test_router_and_inference_events_of_one_call_are_charged_once(store: CostStore) -> None:
     inference = record("inf-1", request_id="req-1")
     router = record("rt-1", request_id="req-1", source=Source.ROUTER, route_reason="cheapest-capable")

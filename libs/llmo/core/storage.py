@@ -7,6 +7,7 @@ with an `env.py` that calls `run_alembic_env()`.
 
 from __future__ import annotations
 
+import threading
 import zlib
 from pathlib import Path
 from typing import Any
@@ -34,8 +35,15 @@ def is_sqlite(url: str) -> bool:
     return url.startswith("sqlite")
 
 
-def create_engine(url: str, **kwargs: Any) -> Engine:
-    """An engine tuned per backend: WAL + busy timeout for SQLite, a pool for PostgreSQL."""
+def create_engine(url: str, *, background_checkpoint: bool = False, **kwargs: Any) -> Engine:
+    """An engine tuned per backend: WAL + busy timeout for SQLite, a pool for PostgreSQL.
+
+    ``background_checkpoint`` (SQLite): committing transactions no longer copy the
+    WAL into the database themselves (which costs a write burst and an fsync every
+    few commits); run a :class:`WalCheckpointer` beside the engine instead. A
+    committing writer still checkpoints if the WAL passes 256 MiB, so a stalled
+    checkpointer cannot let it grow without bound.
+    """
     url = normalize_url(url)
     if is_sqlite(url):
         database = sa.engine.make_url(url).database
@@ -43,6 +51,8 @@ def create_engine(url: str, **kwargs: Any) -> Engine:
             Path(database).parent.mkdir(parents=True, exist_ok=True)
         engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **kwargs)
         event.listen(engine, "connect", _sqlite_pragmas)
+        if background_checkpoint:
+            event.listen(engine, "connect", _defer_checkpoints)
         return engine
     kwargs.setdefault("pool_size", 10)
     kwargs.setdefault("max_overflow", 10)
@@ -60,6 +70,49 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA cache_size=-65536")
     cursor.execute("PRAGMA temp_store=MEMORY")
     cursor.close()
+
+
+def _defer_checkpoints(dbapi_connection: Any, _record: Any) -> None:
+    dbapi_connection.execute("PRAGMA wal_autocheckpoint=65536")
+
+
+class WalCheckpointer:
+    """Checkpoints a SQLite database's WAL from a background thread.
+
+    ``PASSIVE`` checkpoints never block readers or writers; the fsync they end
+    with runs without the GIL, beside the service's own work.
+    """
+
+    def __init__(self, engine: Engine, *, interval_s: float = 0.5) -> None:
+        self.engine = engine
+        self.interval_s = interval_s
+        self.checkpoints = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="sqlite-wal-checkpoint", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the thread and fold what is left of the WAL into the database."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self.checkpoint("TRUNCATE")
+
+    def checkpoint(self, mode: str = "PASSIVE") -> None:
+        with self.engine.connect() as conn:
+            conn.exec_driver_sql(f"PRAGMA wal_checkpoint({mode})")
+        self.checkpoints += 1
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.checkpoint()
+            except Exception as error:  # a locked or vanished database: try again next time
+                log.warning("sqlite checkpoint failed", error=repr(error))
 
 
 def alembic_config(script_location: Path, engine: Engine) -> Config:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import sqlalchemy as sa
 
-from llmo.core.storage import create_engine, migrate, normalize_url
+from llmo.core.storage import WalCheckpointer, create_engine, migrate, normalize_url
 
 ENV = """
 from llmo.core.storage import run_alembic_env
@@ -59,6 +60,35 @@ def test_sqlite_uses_wal(tmp_path: Path) -> None:
     with engine.connect() as connection:
         assert connection.execute(sa.text("PRAGMA journal_mode")).scalar_one() == "wal"
     engine.dispose()
+
+
+def test_background_checkpoints_keep_the_wal_small_and_close_folds_it_in(tmp_path: Path) -> None:
+    path = tmp_path / "ckpt.db"
+    engine = create_engine(f"sqlite:///{path}", background_checkpoint=True)
+    checkpointer = WalCheckpointer(engine, interval_s=0.05)
+    with engine.begin() as conn:
+        assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar_one() == 65536
+        conn.exec_driver_sql("CREATE TABLE blobs (id INTEGER PRIMARY KEY, body BLOB)")
+    for _ in range(20):  # ~8 MiB of commits: with auto-checkpoints deferred, only the thread folds them in
+        with engine.begin() as conn:
+            conn.exec_driver_sql("INSERT INTO blobs (body) VALUES " + ", ".join(["(randomblob(4096))"] * 100))
+    wal = Path(f"{path}-wal")
+    assert wal.stat().st_size > 7 * 1024 * 1024  # ~8 MiB: no writer checkpointed (by default one would at ~4 MiB)
+    checkpointer.start()
+    try:
+        deadline = time.monotonic() + 10
+        while checkpointer.checkpoints < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert checkpointer.checkpoints >= 2
+        with engine.connect() as conn:
+            busy, frames, done = conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)").one()
+        assert busy == 0 and frames == done  # every WAL frame is already in the database file
+    finally:
+        checkpointer.stop()
+    assert wal.stat().st_size == 0  # stop() truncates the WAL
+    engine.dispose()
+    with create_engine(f"sqlite:///{path}").connect() as conn:
+        assert conn.exec_driver_sql("SELECT COUNT(*) FROM blobs").scalar_one() == 2000
 
 
 def test_postgres_urls_use_psycopg3() -> None:
