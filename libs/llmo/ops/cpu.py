@@ -163,13 +163,18 @@ def pack_int8(weight: torch.Tensor) -> PackedInt8:
     packed = torch.empty(lib.int8_packed_bytes(n, k), dtype=torch.int8)
     row_sums = torch.empty(n, dtype=torch.int32)
     lib.int8_pack(weight.data_ptr(), packed.data_ptr(), row_sums.data_ptr(), n, k)
-    return PackedInt8(packed, row_sums, weight._version, weight.data_ptr())
+    return PackedInt8(packed, row_sums, _version(weight), weight.data_ptr())
+
+
+def _version(t: torch.Tensor) -> int:
+    # Inference-mode tensors have no version counter (in-place updates go unseen there).
+    return -1 if t.is_inference() else t._version
 
 
 def packed_int8(weight: torch.Tensor) -> PackedInt8:
     """The cached packing of ``weight``; rebuilt when the tensor was modified in place."""
     cached: PackedInt8 | None = getattr(weight, _PACK_ATTR, None)
-    if cached is not None and cached.version == weight._version and cached.address == weight.data_ptr():
+    if cached is not None and cached.version == _version(weight) and cached.address == weight.data_ptr():
         return cached
     fresh = pack_int8(weight)
     setattr(weight, _PACK_ATTR, fresh)

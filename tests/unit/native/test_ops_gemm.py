@@ -336,3 +336,16 @@ def test_int4_gemm_extreme_codes_do_not_overflow(backend: str, group_size: int, 
         out = ops.int4_gemm(x, packed, scales, zeros, group_size)
     want = x @ ops.dequantize_int4(packed, scales, zeros, group_size).t()
     torch.testing.assert_close(out, want, atol=1e-3, rtol=1e-5)
+
+
+def test_int8_linear_accepts_inference_mode_weights() -> None:
+    with torch.inference_mode():
+        _, w_q, w_s = int8_weight(16, 48)
+    x = torch.randn(2, 48)
+    want = u7_linear_exact(x, w_q, w_s, None)
+    for backend in LINEAR:
+        with force_backend(backend), torch.inference_mode():
+            out = ops.int8_linear(x, w_q, w_s)
+            again = ops.int8_linear(x, w_q, w_s)
+        torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-6)
+        assert torch.equal(out, again)
