@@ -650,50 +650,60 @@ inline void int4_tile(const Int4GemmArgs& p, const QuantizedActs& xa, int64_t m0
       iacc[i][j] = _mm256_setzero_si256();
     }
   const int64_t chunks = K / 64;
-  for (int64_t c = 0; c < chunks; ++c) {
-    __m256i lo[NT], hi[NT];
-    for (int j = 0; j < NT; ++j) {
-      const uint8_t* w = p.packed + (n0 + j) * (K / 2) + c * 32;
-      // NT rows ahead is the next tile this thread will stream.
-      _mm_prefetch(reinterpret_cast<const char*>(w + NT * (K / 2)), _MM_HINT_T0);
-      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
-      lo[j] = _mm256_and_si256(wv, mask);
-      hi[j] = _mm256_and_si256(_mm256_srli_epi16(wv, 4), mask);
-    }
-    for (int i = 0; i < MT; ++i) {
-      const int8_t* xp = xa.q.data() + (m0 + i) * K + c * 64;
-      const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp));
-      const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 32));
-      const float* xs = xa.scale.data() + (m0 + i) * groups;
+  // Chunks of one group in an unrolled inner loop (GS = 32: two groups per chunk).
+  constexpr int kChunksPerGroup = GS >= 64 ? GS / 64 : 1;
+  for (int64_t c0 = 0; c0 < chunks; c0 += kChunksPerGroup) {
+#pragma GCC unroll 2
+    for (int cc = 0; cc < kChunksPerGroup; ++cc) {
+      const int64_t c = c0 + cc;
+      __m256i lo[NT], hi[NT];
       for (int j = 0; j < NT; ++j) {
-        const float* wsj = ws + j * groups;
-        if constexpr (GS == 32) {
-          const __m256i d0 = dot_u8s8(_mm256_setzero_si256(), lo[j], x0);
-          const __m256i d1 = dot_u8s8(_mm256_setzero_si256(), hi[j], x1);
-          facc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_set1_ps(wsj[2 * c] * xs[2 * c]), facc[i][j]);
-          facc[i][j] =
-              _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_set1_ps(wsj[2 * c + 1] * xs[2 * c + 1]), facc[i][j]);
-        } else {
-          constexpr int kChunksPerGroup = GS / 64;
+        const uint8_t* w = p.packed + (n0 + j) * (K / 2) + c * 32;
+        // NT rows ahead is the next tile this thread will stream.
+        _mm_prefetch(reinterpret_cast<const char*>(w + NT * (K / 2)), _MM_HINT_T0);
+        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+        lo[j] = _mm256_and_si256(wv, mask);
+        hi[j] = _mm256_and_si256(_mm256_srli_epi16(wv, 4), mask);
+      }
+      for (int i = 0; i < MT; ++i) {
+        const int8_t* xp = xa.q.data() + (m0 + i) * K + c * 64;
+        const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp));
+        const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 32));
+        for (int j = 0; j < NT; ++j) {
+          if constexpr (GS == 32) {
+            const float* xs = xa.scale.data() + (m0 + i) * groups;
+            const float* wsj = ws + j * groups;
+            const __m256i d0 = dot_u8s8(_mm256_setzero_si256(), lo[j], x0);
+            const __m256i d1 = dot_u8s8(_mm256_setzero_si256(), hi[j], x1);
+            facc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_set1_ps(wsj[2 * c] * xs[2 * c]), facc[i][j]);
+            facc[i][j] =
+                _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_set1_ps(wsj[2 * c + 1] * xs[2 * c + 1]), facc[i][j]);
+          } else {
 #if LLMO_ISA == 1
-          // int16 partial sums for the whole group: each vpmaddubsw lane is at most
-          // 2 * 15 * 127 = 3810 and a group (<= 128 channels) adds four of them, so a
-          // single vpmaddwd widening per group suffices.
-          iacc[i][j] = _mm256_add_epi16(
-              iacc[i][j], _mm256_add_epi16(_mm256_maddubs_epi16(lo[j], x0), _mm256_maddubs_epi16(hi[j], x1)));
+            // int16 partial sums for the whole group: each vpmaddubsw lane is at most
+            // 2 * 15 * 127 = 3810 and a group (<= 128 channels) adds four of them, so a
+            // single vpmaddwd widening per group suffices.
+            iacc[i][j] = _mm256_add_epi16(
+                iacc[i][j], _mm256_add_epi16(_mm256_maddubs_epi16(lo[j], x0), _mm256_maddubs_epi16(hi[j], x1)));
 #else
-          iacc[i][j] = dot2_u4s8(iacc[i][j], lo[j], x0, hi[j], x1);
+            iacc[i][j] = dot2_u4s8(iacc[i][j], lo[j], x0, hi[j], x1);
 #endif
-          if ((c + 1) % kChunksPerGroup == 0) {
-            const int64_t g = c / kChunksPerGroup;
-#if LLMO_ISA == 1
-            const __m256i dots = _mm256_madd_epi16(iacc[i][j], _mm256_set1_epi16(1));
-#else
-            const __m256i dots = iacc[i][j];
-#endif
-            facc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), _mm256_set1_ps(wsj[g] * xs[g]), facc[i][j]);
-            iacc[i][j] = _mm256_setzero_si256();
           }
+        }
+      }
+    }
+    if constexpr (GS >= 64) {
+      const int64_t g = c0 / kChunksPerGroup;
+      for (int i = 0; i < MT; ++i) {
+        const float xs = xa.scale[(m0 + i) * groups + g];
+        for (int j = 0; j < NT; ++j) {
+#if LLMO_ISA == 1
+          const __m256i dots = _mm256_madd_epi16(iacc[i][j], _mm256_set1_epi16(1));
+#else
+          const __m256i dots = iacc[i][j];
+#endif
+          facc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), _mm256_set1_ps(ws[j * groups + g] * xs), facc[i][j]);
+          iacc[i][j] = _mm256_setzero_si256();
         }
       }
     }
