@@ -162,8 +162,9 @@ class UsageConsumer:
     def _prepare(self, messages: list[PulledMessage]) -> _Prepared:
         prepared = _Prepared()
         price, decode, type_line = self.engine.price, self.decode, self._type_line
+        ack_prefix = f"$JS.ACK.{self.stream}.{self.durable}."
         for msg in messages:
-            if msg.deliveries > self.max_deliver:
+            if msg.redelivered(ack_prefix) and msg.deliveries > self.max_deliver:
                 detail = f"delivered {msg.deliveries} times without being committed (consumer crashes?)"
                 prepared.rejected.append((msg, msg.header("Nats-Msg-Id"), "max_deliveries_exceeded", detail))
                 continue

@@ -65,6 +65,17 @@ class PulledMessage:
     def deliveries(self) -> int:
         return self._ack_token(4)
 
+    def redelivered(self, ack_prefix: str) -> bool:
+        """Whether this is not the first delivery; ``ack_prefix`` is ``$JS.ACK.<stream>.<consumer>.``.
+
+        A cheap test for the common case; :attr:`deliveries` parses the whole subject.
+        """
+        reply = self.reply
+        if not reply.startswith(ack_prefix):
+            return self.deliveries > 1
+        start = len(ack_prefix)
+        return reply[start : reply.find(".", start)] != "1"
+
     @property
     def stream_sequence(self) -> int:
         return self._ack_token(5)

@@ -12,6 +12,7 @@ health flips to NOT_SERVING, new calls are refused, in-flight calls get
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import signal
 import time
@@ -41,6 +42,16 @@ class LlmoServerInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, domain: str, platform: PlatformSettings) -> None:
         self.domain = domain
         self.platform = platform
+        self.in_flight = GRPC_IN_FLIGHT.labels(domain)
+
+    # labelled metric children, looked up once per method (labels() costs more than the update)
+    @functools.lru_cache(maxsize=1024)  # noqa: B019 - one interceptor per server, for its lifetime
+    def requests(self, method: str, code: grpc.StatusCode) -> Any:
+        return GRPC_REQUESTS.labels(self.domain, method, code.name)
+
+    @functools.lru_cache(maxsize=1024)  # noqa: B019
+    def latency(self, method: str) -> Any:
+        return GRPC_LATENCY.labels(self.domain, method)
 
     async def intercept_service(
         self,
@@ -103,7 +114,7 @@ class _CallScope:
 
     async def __aenter__(self) -> None:
         self.started = time.perf_counter()
-        GRPC_IN_FLIGHT.labels(self.owner.domain).inc()
+        self.owner.in_flight.inc()
         metadata = {k: v for k, v in self.context.invocation_metadata() or () if isinstance(v, str)}
         request_id = metadata.get("x-request-id") or ctx.new_request_id()
         incoming = ctx.TraceContext.parse(metadata.get("traceparent"))
@@ -167,10 +178,10 @@ class _CallScope:
 
     def _record(self) -> None:
         elapsed = time.perf_counter() - self.started
-        domain = self.owner.domain
-        GRPC_IN_FLIGHT.labels(domain).dec()
-        GRPC_REQUESTS.labels(domain, self.method, self.code.name).inc()
-        GRPC_LATENCY.labels(domain, self.method).observe(elapsed)
+        owner = self.owner
+        owner.in_flight.dec()
+        owner.requests(self.method, self.code).inc()
+        owner.latency(self.method).observe(elapsed)
         log.debug("call", code=self.code.name, duration_ms=round(elapsed * 1000, 3))
 
 

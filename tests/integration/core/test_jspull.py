@@ -73,6 +73,9 @@ async def test_nak_redelivers_and_unacked_messages_come_back_after_ack_wait(nats
             client.nak(batch[1:2])
             naked = await client.collect(client.request(1, 0.5), 5.0)  # back at once, well before ack_wait
             assert [(m.stream_sequence, m.deliveries) for m in naked] == [(2, 2)]
+            prefix = f"$JS.ACK.{STREAM}.redeliver."
+            assert naked[0].redelivered(prefix) and not batch[0].redelivered(prefix)
+            assert naked[0].redelivered("$JS.ACK.other.prefix.")  # falls back to parsing the subject
             client.ack(naked)
             # batch[2:] was neither acked nor nak'ed: redelivered once ack_wait passes
             again = await client.collect(client.request(2, 3.0), 6.0)
