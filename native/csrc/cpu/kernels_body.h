@@ -434,13 +434,21 @@ void int8_pack(const int8_t* w, int8_t* packed, int32_t* colsum, int64_t N, int6
     int8_t* dst = packed + nb * k4 * 32;
     for (int c = 0; c < 8; ++c) {
       const int64_t n = nb * 8 + c;
-      int32_t sum = 0;
-      for (int64_t k = 0; k < k4 * 4; ++k) {
-        const int8_t v = (n < N && k < K) ? w[n * K + k] : 0;
-        dst[(k / 4) * 32 + c * 4 + (k % 4)] = v;
-        sum += v;
+      if (n >= N) {
+        for (int64_t kq = 0; kq < k4; ++kq) std::memset(dst + kq * 32 + c * 4, 0, 4);
+        continue;
       }
-      if (n < N) colsum[n] = sum;
+      const int8_t* row = w + n * K;
+      int32_t sum = 0;
+      for (int64_t k = 0; k < K; ++k) sum += row[k];
+      colsum[n] = sum;
+      const int64_t full = K / 4;
+      for (int64_t kq = 0; kq < full; ++kq) std::memcpy(dst + kq * 32 + c * 4, row + kq * 4, 4);
+      if (full < k4) {  // K tail, zero padded
+        int8_t tail[4] = {0, 0, 0, 0};
+        for (int64_t k = full * 4; k < K; ++k) tail[k - full * 4] = row[k];
+        std::memcpy(dst + full * 32 + c * 4, tail, 4);
+      }
     }
     for (int64_t sg = 0; sg < segs; ++sg) {
       bool safe = true;
