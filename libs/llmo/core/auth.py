@@ -1,11 +1,17 @@
-"""API-key authentication: `authorization: Bearer <key>` maps to a tenant."""
+"""API-key authentication: `authorization: Bearer <key>` maps to a tenant.
+
+Tenant isolation: a caller acts on its own tenant only, unless it is an admin
+(a tenant listed in `LLMO_ADMIN_TENANTS`, or anyone while authentication is
+off). Servicers pass every tenant a request names through `scoped_tenant`.
+"""
 
 from __future__ import annotations
 
 import hmac
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
-from llmo.core.errors import ServiceError, unauthenticated
+from llmo.core import context as ctx
+from llmo.core.errors import ServiceError, permission_denied, unauthenticated
 
 
 def tenant_for(
@@ -24,6 +30,38 @@ def tenant_for(
     if scheme.lower() != "bearer" or not key.strip():
         raise unauthenticated("API_KEY_MALFORMED", "authorization metadata must be `Bearer <api key>`")
     return _lookup(key.strip(), api_keys)
+
+
+def acts_across_tenants(tenant: str, api_keys: Mapping[str, str], admin_tenants: Collection[str]) -> bool:
+    """Whether `tenant` may act on other tenants: authentication off, or an admin tenant."""
+    return not api_keys or tenant in admin_tenants
+
+
+def scoped_tenant(requested: str) -> str:
+    """The tenant the current call may act on when it asks for `requested`.
+
+    Admins (and every caller with authentication off) get `requested` as given,
+    where empty means all tenants for the RPCs that allow it. Anyone else gets
+    their own tenant for an empty or own `requested`, and PERMISSION_DENIED
+    (`TENANT_FORBIDDEN`) for another tenant.
+    """
+    if ctx.is_admin():
+        return requested
+    caller = ctx.current_tenant()
+    if caller and requested in ("", caller):
+        return caller
+    raise permission_denied(
+        "TENANT_FORBIDDEN",
+        f"tenant {caller or ''!r} may not act on tenant {requested!r}",
+        caller_tenant=caller or "",
+        requested_tenant=requested,
+    )
+
+
+def may_access(tenant: str) -> bool:
+    """Whether the current call may see a resource that belongs to `tenant`
+    (an empty owner, e.g. a budget over every tenant, is for admins only)."""
+    return ctx.is_admin() or (bool(tenant) and tenant == ctx.current_tenant())
 
 
 def _lookup(key: str, api_keys: Mapping[str, str]) -> str:

@@ -19,6 +19,8 @@ from typing import Any
 import structlog
 
 _tenant: ContextVar[str | None] = ContextVar("llmo_tenant", default=None)
+# Whether the caller may act across tenants (see llmo.core.auth.scoped_tenant).
+_admin: ContextVar[bool] = ContextVar("llmo_admin", default=False)
 _request_id: ContextVar[str | None] = ContextVar("llmo_request_id", default=None)
 _trace: ContextVar[TraceContext | None] = ContextVar("llmo_trace", default=None)
 _deadline: ContextVar[float | None] = ContextVar("llmo_deadline", default=None)
@@ -63,6 +65,12 @@ def current_tenant() -> str | None:
     return _tenant.get()
 
 
+def is_admin() -> bool:
+    """True when the caller may act on every tenant: an admin tenant's key, or
+    authentication off (development). False outside a call."""
+    return _admin.get()
+
+
 def current_request_id() -> str | None:
     return _request_id.get()
 
@@ -81,6 +89,7 @@ def remaining_seconds() -> float | None:
 def bind(
     *,
     tenant: str | None = None,
+    admin: bool | None = None,
     request_id: str | None = None,
     trace: TraceContext | None = None,
     timeout: float | None = None,
@@ -92,6 +101,8 @@ def bind(
     if tenant is not None:
         tokens.append((_tenant, _tenant.set(tenant)))
         fields["tenant"] = tenant
+    if admin is not None:
+        tokens.append((_admin, _admin.set(admin)))
     if request_id is not None:
         tokens.append((_request_id, _request_id.set(request_id)))
         fields["request_id"] = request_id

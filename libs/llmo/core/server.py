@@ -24,7 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from llmo.core import context as ctx
-from llmo.core.auth import tenant_for
+from llmo.core.auth import acts_across_tenants, tenant_for
 from llmo.core.errors import STATUS_DETAILS_KEY, ServiceError
 from llmo.core.logging import configure_logging, get_logger
 from llmo.core.metrics import GRPC_IN_FLIGHT, GRPC_LATENCY, GRPC_REQUESTS
@@ -125,12 +125,13 @@ class _CallScope:
         try:
             platform = self.owner.platform
             tenant = tenant_for(metadata, platform.api_keys, default_tenant=platform.default_tenant)
+            admin = acts_across_tenants(tenant, platform.api_keys, platform.admin_tenants)
         except ServiceError as error:
             try:
                 await self._finish_with(error)
             finally:
                 self._cleanup()
-        self._tenant = ctx.bind(tenant=tenant)
+        self._tenant = ctx.bind(tenant=tenant, admin=admin)
         self._tenant.__enter__()
 
     async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:

@@ -1,7 +1,7 @@
 """Every configuration knob of the platform, read from the environment.
 
 Platform-wide knobs use the `LLMO_` prefix (`LLMO_ENV`, `LLMO_DATA_DIR`,
-`LLMO_NATS_URL`, `LLMO_API_KEYS`, ...). Each service adds its own knobs under
+`LLMO_NATS_URL`, `LLMO_API_KEYS`, `LLMO_ADMIN_TENANTS`, ...). Each service adds its own knobs under
 `LLMO_<SERVICE>_` by subclassing `ServiceSettings` (for example
 `LLMO_COST_GRPC_PORT`, `LLMO_COST_DATABASE_URL`).
 """
@@ -9,6 +9,7 @@ Platform-wide knobs use the `LLMO_` prefix (`LLMO_ENV`, `LLMO_DATA_DIR`,
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -58,6 +59,21 @@ def parse_api_keys(raw: str | dict[str, str] | None) -> dict[str, str]:
     return keys
 
 
+def parse_admin_tenants(raw: str | Iterable[str] | None) -> frozenset[str]:
+    """Parse `LLMO_ADMIN_TENANTS`: `finops,router` (comma-separated) or a JSON array."""
+    if raw is None or raw == "":
+        return frozenset()
+    if isinstance(raw, str):
+        text = raw.strip()
+        if text.startswith("["):
+            items = [str(item) for item in json.loads(text)]
+        else:
+            items = text.split(",")
+    else:
+        items = [str(item) for item in raw]
+    return frozenset(name for name in (item.strip() for item in items) if name)
+
+
 class PlatformSettings(BaseSettings):
     """Knobs shared by every service and the `llmo` command (`LLMO_*`)."""
 
@@ -72,6 +88,10 @@ class PlatformSettings(BaseSettings):
     # every call is attributed to `default_tenant`.
     api_keys: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
     default_tenant: str = "default"
+    # Tenants whose keys act across tenants (FinOps operators, service identities
+    # such as the router, which checks budgets for end tenants). Only meaningful
+    # with api_keys set: with authentication off every caller acts across tenants.
+    admin_tenants: Annotated[frozenset[str], NoDecode] = Field(default_factory=frozenset)
     # Seconds a stopping server waits for in-flight calls before cancelling them.
     drain_seconds: float = 10.0
     # Where the other services are (host:port for gRPC, base URL for HTTP); empty
@@ -89,6 +109,11 @@ class PlatformSettings(BaseSettings):
     @classmethod
     def _parse_keys(cls, value: Any) -> dict[str, str]:
         return parse_api_keys(value)
+
+    @field_validator("admin_tenants", mode="before")
+    @classmethod
+    def _parse_admin_tenants(cls, value: Any) -> frozenset[str]:
+        return parse_admin_tenants(value)
 
 
 class ServiceSettings(BaseSettings):
