@@ -260,10 +260,14 @@ class CostStore:
         # Many rows per statement: executemany gives up and re-takes the GIL for
         # every row, and then waits behind the busy event loop thread each time.
         cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        skipped = False
         for start in range(0, len(params), _SQLITE_ROWS_PER_INSERT):
             chunk = params[start : start + _SQLITE_ROWS_PER_INSERT]
             cursor.execute(_sqlite_insert(len(chunk)), [value for row in chunk for value in row])
+            skipped = skipped or cursor.rowcount != len(chunk)
         cursor.close()
+        if not skipped:
+            return {r.event_id for r in records}  # the common case: no reading back, row by row
         found = conn.exec_driver_sql("SELECT event_id FROM usage_ledger WHERE rowid > ?", (before,))
         return {row[0] for row in found}
 
