@@ -12,6 +12,7 @@ import grpc
 from google.protobuf import timestamp_pb2
 
 from llmo.core import context as ctx
+from llmo.core.auth import may_access, scoped_tenant
 from llmo.core.errors import already_exists, invalid_argument, not_found
 from llmo.core.pagination import decode_page_token, encode_page_token, page_size
 from llmo.cost.budgets import Budget, BudgetValidationError, Decision, Window, window_key
@@ -158,7 +159,17 @@ class CostServicer(pb_grpc.CostServiceServicer):
 
     @staticmethod
     def _tenant(requested: str) -> str:
-        return requested or ctx.current_tenant() or ""
+        """The tenant a write or a budget check acts on: `requested`, defaulting to the
+        caller's own; another tenant's only for admins (PERMISSION_DENIED otherwise)."""
+        return scoped_tenant(requested or ctx.current_tenant() or "")
+
+    async def _visible_budget(self, name: str) -> Budget:
+        """The budget called `name`, if the caller may see it. Another tenant's budget is
+        NOT_FOUND, exactly like a missing one, so its existence does not leak."""
+        budget = await asyncio.to_thread(self.engine.store.get_budget, budget_id_of(name))
+        if budget is None or not may_access(budget.tenant):
+            raise not_found("BUDGET_NOT_FOUND", f"no budget {name!r}", name=name)
+        return budget
 
     async def RecordUsage(self, request: pb.RecordUsageRequest, context: grpc.aio.ServicerContext) -> pb.RecordUsageResponse:
         if not request.records:
@@ -207,7 +218,11 @@ class CostServicer(pb_grpc.CostServiceServicer):
         )
 
     async def GetCostReport(self, request: pb.GetCostReportRequest, context: grpc.aio.ServicerContext) -> pb.GetCostReportResponse:
-        filters = {k: getattr(request, k) for k in ("tenant", "application", "model", "provider") if getattr(request, k)}
+        filters = {k: getattr(request, k) for k in ("application", "model", "provider") if getattr(request, k)}
+        tenant = scoped_tenant(request.tenant)
+        if tenant:
+            filters["tenant"] = tenant
+        # The fingerprint holds the scoped filters, so a page token only continues the query it came from.
         explicit = (
             request.start_time.ToJsonString() if request.HasField("start_time") else "",
             request.end_time.ToJsonString() if request.HasField("end_time") else "",
@@ -298,11 +313,9 @@ class CostServicer(pb_grpc.CostServiceServicer):
         return pb.CreateBudgetResponse(budget=budget_proto(budget))
 
     async def GetBudget(self, request: pb.GetBudgetRequest, context: grpc.aio.ServicerContext) -> pb.GetBudgetResponse:
-        budget_id = budget_id_of(request.name)
+        budget = await self._visible_budget(request.name)
+        budget_id = budget.budget_id
         store = self.engine.store
-        budget = await asyncio.to_thread(store.get_budget, budget_id)
-        if budget is None:
-            raise not_found("BUDGET_NOT_FOUND", f"no budget {request.name!r}", name=request.name)
         response = pb.GetBudgetResponse(budget=budget_proto(budget))
         window = budget.window_at(datetime.now(UTC))
         if window is None:
@@ -327,17 +340,18 @@ class CostServicer(pb_grpc.CostServiceServicer):
         return response
 
     async def ListBudgets(self, request: pb.ListBudgetsRequest, context: grpc.aio.ServicerContext) -> pb.ListBudgetsResponse:
+        tenant = scoped_tenant(request.tenant)
         size = page_size(request.page_size)
-        offset = page_offset(request.page_token, request.tenant)
-        budgets = await asyncio.to_thread(self.engine.store.list_budgets, request.tenant, offset, size + 1)
+        offset = page_offset(request.page_token, tenant)
+        budgets = await asyncio.to_thread(self.engine.store.list_budgets, tenant, offset, size + 1)
         response = pb.ListBudgetsResponse(budgets=[budget_proto(b) for b in budgets[:size]])
         if len(budgets) > size:
-            response.next_page_token = encode_page_token({"offset": offset + size}, query=request.tenant)
+            response.next_page_token = encode_page_token({"offset": offset + size}, query=tenant)
         return response
 
     async def DeleteBudget(self, request: pb.DeleteBudgetRequest, context: grpc.aio.ServicerContext) -> pb.DeleteBudgetResponse:
-        budget_id = budget_id_of(request.name)
-        if not await self.engine.delete_budget(budget_id):
+        budget = await self._visible_budget(request.name)
+        if not await self.engine.delete_budget(budget.budget_id):
             raise not_found("BUDGET_NOT_FOUND", f"no budget {request.name!r}", name=request.name)
         return pb.DeleteBudgetResponse()
 
@@ -471,7 +485,10 @@ class CostServicer(pb_grpc.CostServiceServicer):
         first_day = last_day - timedelta(days=history_days - 1)
         start_dt = datetime(first_day.year, first_day.month, first_day.day, tzinfo=UTC)
         end_dt = start_dt + timedelta(days=history_days)
-        filters = {k: getattr(request, k) for k in ("tenant", "application", "model") if getattr(request, k)}
+        filters = {k: getattr(request, k) for k in ("application", "model") if getattr(request, k)}
+        tenant = scoped_tenant(request.tenant)
+        if tenant:
+            filters["tenant"] = tenant
         spend = await asyncio.to_thread(
             self.engine.store.daily_spend, int(start_dt.timestamp() * 1_000_000), int(end_dt.timestamp() * 1_000_000), filters
         )
