@@ -139,7 +139,11 @@ def cli(ctx: click.Context, endpoint: str | None, api_key: str | None) -> None:
 @cli.command()
 @click.option("--since", default="7d", show_default=True, help="How far back: 12h, 7d, 2w.")
 @click.option("--group-by", "group_by", default="model", show_default=True, help=f"Comma-separated: {', '.join(DIMENSION_NAMES)}.")
-@click.option("--tenant", default="")
+@click.option(
+    "--tenant",
+    default="",
+    help="Only this tenant. With API keys on, a key sees only its own tenant unless its tenant is in LLMO_ADMIN_TENANTS.",
+)
 @click.option("--application", default="")
 @click.option("--model", default="")
 @click.option("--provider", default="")

@@ -36,7 +36,11 @@ _DECISIONS = {
 
 class CostBudgetChecker:
     """CheckBudget against the cost service. Fails open (allow) if the service is down, so
-    an outage of the cost service does not take completions down with it."""
+    an outage of the cost service does not take completions down with it.
+
+    It checks budgets of end tenants, so with API keys on the cost service must count the
+    router's identity among LLMO_ADMIN_TENANTS (services/cost/README.md, Tenants and access).
+    No key is sent yet: with authentication on, checks fail UNAUTHENTICATED and allow."""
 
     def __init__(self, target: str, timeout_s: float = 0.5) -> None:
         self.channel = create_channel(target, max_attempts=2)
