@@ -13,7 +13,7 @@ import grpc
 import numpy as np
 
 from llmo.core.client import create_channel, outgoing_metadata
-from llmo.core.errors import ServiceError
+from llmo.core.errors import ServiceError, failed_precondition
 from llmo.core.events import Delivery, EventBus
 from llmo.core.logging import get_logger
 from llmo.protos.common.v1 import common_pb2
@@ -34,18 +34,26 @@ _DECISIONS = {
 }
 
 
+# The cost service refusing the router itself is a misconfiguration, not an outage:
+# failing open would silently stop enforcing every budget.
+_REFUSALS = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+
+
 class CostBudgetChecker:
-    """CheckBudget against the cost service. Fails open (allow) if the service is down, so
-    an outage of the cost service does not take completions down with it.
+    """CheckBudget against the cost service. Fails open (allow) if the service is down or
+    slow, so an outage of the cost service does not take completions down with it; fails
+    the request (FAILED_PRECONDITION, ``BUDGET_CHECK_REFUSED``) if the cost service refuses
+    the router's credentials.
 
-    It checks budgets of end tenants, so with API keys on the cost service must count the
-    router's identity among LLMO_ADMIN_TENANTS (services/cost/README.md, Tenants and access).
-    No key is sent yet: with authentication on, checks fail UNAUTHENTICATED and allow."""
+    It checks budgets of end tenants, so with API keys on, ``api_key`` must belong to a
+    tenant listed in the cost service's LLMO_ADMIN_TENANTS (services/cost/README.md,
+    Tenants and access)."""
 
-    def __init__(self, target: str, timeout_s: float = 0.5) -> None:
+    def __init__(self, target: str, timeout_s: float = 0.5, api_key: str = "") -> None:
         self.channel = create_channel(target, max_attempts=2)
         self.stub = cost_service_pb2_grpc.CostServiceStub(self.channel)
         self.timeout_s = timeout_s
+        self.api_key = api_key
 
     async def close(self) -> None:
         await self.channel.close()
@@ -61,8 +69,16 @@ class CostBudgetChecker:
             request_id=request_id,
         )
         try:
-            resp = await self.stub.CheckBudget(req, timeout=self.timeout_s, metadata=outgoing_metadata())
+            resp = await self.stub.CheckBudget(req, timeout=self.timeout_s, metadata=outgoing_metadata(self.api_key))
         except grpc.aio.AioRpcError as exc:
+            if exc.code() in _REFUSALS:
+                log.error("router.budget_check_refused", code=exc.code().name, detail=exc.details())
+                raise failed_precondition(
+                    "BUDGET_CHECK_REFUSED",
+                    f"the cost service refused the router's budget check ({exc.code().name}: {exc.details()}); "
+                    "set LLMO_ROUTER_COST_API_KEY to a key of an admin tenant of the cost service",
+                    cost_status=exc.code().name,
+                ) from exc
             log.warning("router.budget_check_failed", code=exc.code().name, detail=exc.details())
             return BudgetVerdict("allow", reason=f"cost service unavailable ({exc.code().name})")
         return BudgetVerdict(
@@ -81,7 +97,7 @@ class CostBudgetChecker:
             await self.stub.ReleaseReservation(
                 cost_service_pb2.ReleaseReservationRequest(reservation_id=reservation_id),
                 timeout=self.timeout_s,
-                metadata=outgoing_metadata(),
+                metadata=outgoing_metadata(self.api_key),
             )
         except grpc.aio.AioRpcError as exc:
             log.warning("router.release_reservation_failed", code=exc.code().name, reservation=reservation_id)

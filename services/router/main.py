@@ -152,7 +152,7 @@ async def start(
     bus: EventBus | None = None
     if settings.events:
         bus = await EventBus(settings.platform.nats_url, name="llmo-router").connect()
-    budget = CostBudgetChecker(settings.cost_target, settings.budget_timeout_s) if settings.cost_target else None
+    budget = CostBudgetChecker(settings.cost_target, settings.budget_timeout_s, settings.cost_api_key) if settings.cost_target else None
     gateway = Gateway(
         lambda: store.current,
         bandit=bandit,

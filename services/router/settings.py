@@ -32,6 +32,10 @@ class RouterSettings(ServiceSettings):
         validation_alias=AliasChoices("LLMO_ROUTER_INFERENCE_HTTP_URL", "LLMO_INFERENCE_HTTP_URL"),
     )
     inference_model: str = "llmo-demo"
+    # API key the router presents to the cost service. With authentication on there, its
+    # tenant must be one of the cost service's LLMO_ADMIN_TENANTS (it checks end tenants'
+    # budgets); a refused check fails the completion instead of skipping the budget.
+    cost_api_key: str = ""
     # Deadline for CheckBudget; on timeout the request is allowed (fail open) and logged.
     budget_timeout_s: float = 0.5
     # Semantic cache.

@@ -486,6 +486,61 @@ async def test_evaluation_scores_from_nats_update_the_bandit(svc: Harness) -> No
     await bus.close()
 
 
+async def test_budget_checks_use_the_routers_cost_key_and_a_refused_check_fails_closed(tmp_path: Path, nats_server: NatsServer) -> None:
+    from llmo.cost.main import start as start_cost
+    from llmo.cost.settings import CostSettings
+    from llmo.protos.common.v1 import common_pb2
+    from llmo.protos.cost.v1 import cost_service_pb2 as cpb
+    from llmo.protos.cost.v1 import cost_service_pb2_grpc as cpb_grpc
+
+    cost_keys = {"router-key": "llmo-router", "other-key": "tenant-b"}
+    cost = await start_cost(
+        CostSettings(
+            database_url=f"sqlite:///{tmp_path / 'cost.db'}",
+            metrics_port=-1,
+            consume_events=False,
+            budget_refresh_s=0.1,
+            platform={"data_dir": tmp_path / "cost", "drain_seconds": 0.2, "api_keys": cost_keys, "admin_tenants": "llmo-router"},
+        ),
+        port=0,
+        metrics=False,
+    )
+    cost_channel = grpc.aio.insecure_channel(f"127.0.0.1:{cost.port}")
+    budget = cpb.Budget(tenant="tenant-a", window=cpb.BUDGET_WINDOW_DAILY, hard_limit=common_pb2.Money(currency_code="USD", micros=1))
+    await cpb_grpc.CostServiceStub(cost_channel).CreateBudget(
+        cpb.CreateBudgetRequest(budget_id="a-tiny", budget=budget), metadata=[("authorization", "Bearer router-key")]
+    )
+    backend = await FakeBackend(tokens=3).start()
+    pf = tmp_path / "portfolio.yaml"
+    pf.write_text(portfolio(backend.base_url))
+    request = pb.CompleteRequest(messages=user_msg("hi"), routing=pb.RoutingOptions(model="small"))
+    try:
+        for cost_key, code, reason in (
+            ("router-key", grpc.StatusCode.OK, ""),  # an admin identity: the end tenant's budget is checked
+            ("", grpc.StatusCode.FAILED_PRECONDITION, "BUDGET_CHECK_REFUSED"),  # no key: UNAUTHENTICATED there
+            ("other-key", grpc.StatusCode.FAILED_PRECONDITION, "BUDGET_CHECK_REFUSED"),  # another, non-admin tenant
+        ):
+            settings = settings_for(tmp_path, nats_server, pf, cost_target=f"127.0.0.1:{cost.port}", cost_api_key=cost_key, events=False)
+            router = await start(settings, port=0, http_port=-1, metrics=False)
+            channel = grpc.aio.insecure_channel(f"127.0.0.1:{router.port}")
+            try:
+                out = await complete(pb_grpc.RouterServiceStub(channel), request)
+                assert code == grpc.StatusCode.OK and out[-1].finish_reason == "stop"
+            except grpc.aio.AioRpcError as err:
+                assert err.code() == code, err.details()
+                info = error_info(err)
+                assert info is not None and info.reason == reason
+            finally:
+                await channel.close()
+                await router.stop()
+        # the budget check itself worked with the router's key: the first request reserved against it
+        assert backend.calls == {"small": 1}
+    finally:
+        await backend.stop()
+        await cost_channel.close()
+        await cost.stop()
+
+
 async def test_soft_budget_downgrades_to_the_budgets_model(tmp_path: Path, nats_server: NatsServer) -> None:
     from llmo.cost.main import start as start_cost
     from llmo.cost.settings import CostSettings
