@@ -136,6 +136,7 @@ class _Reservation:
     keys: list[tuple[str, int]]
     amount: int
     expires_at: float
+    tenant: str = ""
 
 
 @dataclass
@@ -188,10 +189,12 @@ class BudgetGuard:
     def reserved(self, budget_id: str, window_start: int) -> int:
         return self._reserved.get((budget_id, window_start), 0)
 
-    def release(self, reservation_id: str) -> bool:
-        res = self._reservations.pop(reservation_id, None)
-        if res is None:
+    def release(self, reservation_id: str, tenant: str | None = None) -> bool:
+        """Give a reservation back; with ``tenant``, only one that tenant holds."""
+        res = self._reservations.get(reservation_id)
+        if res is None or (tenant is not None and res.tenant != tenant):
             return False
+        del self._reservations[reservation_id]
         for key in res.keys:
             left = self._reserved.get(key, 0) - res.amount
             if left > 0:
@@ -227,7 +230,7 @@ class BudgetGuard:
             self.expire()
         if reserve and reservation_id:
             # a retried check of the same request replaces its reservation instead of competing with it
-            self.release(reservation_id)
+            self.release(reservation_id, tenant)
         worst: Verdict | None = None
         keys: list[tuple[str, int]] = []
         matched: list[str] = []
@@ -245,10 +248,11 @@ class BudgetGuard:
             return Verdict(Decision.ALLOW, "no_budget")
         rid = ""
         if reserve and worst.decision is not Decision.DENY:
-            rid = reservation_id or uuid.uuid4().hex
+            # an id another tenant holds is never taken over: that reservation stays theirs
+            rid = reservation_id if reservation_id and reservation_id not in self._reservations else uuid.uuid4().hex
             amount = max(estimated_cost_micros, 1)
             expires_at = self._now() + self.reservation_ttl_s
-            self._reservations[rid] = _Reservation(keys, amount, expires_at)
+            self._reservations[rid] = _Reservation(keys, amount, expires_at, tenant)
             self._expiry.append((expires_at, rid))
             for key in keys:
                 self._reserved[key] = self._reserved.get(key, 0) + amount

@@ -386,7 +386,9 @@ class CostServicer(pb_grpc.CostServiceServicer):
     ) -> pb.ReleaseReservationResponse:
         if not request.reservation_id:
             raise invalid_argument("INVALID_RESERVATION", "reservation_id is required")
-        return pb.ReleaseReservationResponse(released=self.engine.guard.release(request.reservation_id))
+        # a tenant gives back only its own reservations; admins (the router) any
+        owner = None if ctx.is_admin() else (ctx.current_tenant() or "")
+        return pb.ReleaseReservationResponse(released=self.engine.guard.release(request.reservation_id, owner))
 
     def _tco_input(self, request: pb.ComputeTcoRequest) -> TcoInput:
         if not request.HasField("input_fraction"):

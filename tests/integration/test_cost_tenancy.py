@@ -207,6 +207,12 @@ async def test_budget_checks_for_other_tenants_need_an_admin(secured: pb_grpc.Co
     assert (verdict.decision, verdict.budget) == (pb.BUDGET_DECISION_ALLOW, "budgets/globex-daily")
     own = await stub.CheckBudget(pb.CheckBudgetRequest(model="gpt-4o", estimated_cost=usd(100), dry_run=True), metadata=B)
     assert own.budget == "budgets/globex-daily"
+    # a tenant gives back only its own reservations; an admin any
+    held = await stub.CheckBudget(pb.CheckBudgetRequest(tenant="globex", model="gpt-4o", estimated_cost=usd(100), request_id="r-9"), metadata=ADMIN)
+    assert held.reservation_id == "r-9"
+    release = pb.ReleaseReservationRequest(reservation_id="r-9")
+    assert (await stub.ReleaseReservation(release, metadata=A)).released is False
+    assert (await stub.ReleaseReservation(release, metadata=B)).released is True
     # tenant-free RPCs stay open to every tenant
     assert (await stub.ListPrices(pb.ListPricesRequest(model="gpt-4o"), metadata=A)).prices
 

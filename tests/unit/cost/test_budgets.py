@@ -135,6 +135,19 @@ def test_release_and_rereserve_with_same_id_does_not_double_count() -> None:
     assert guard.reserved(*key) == 0
 
 
+def test_a_tenant_cannot_release_or_take_over_another_tenants_reservation() -> None:
+    mine, theirs = Budget("a", "acme", Window.DAILY, hard_limit_micros=1000), Budget("g", "globex", Window.DAILY, hard_limit_micros=1000)
+    guard = guard_with(mine, theirs)
+    key = ("a", window_key(NOW.replace(hour=0)))
+    guard.check("acme", "", "m", 400, NOW, reservation_id="req-1")
+    assert guard.release("req-1", "globex") is False and guard.reserved(*key) == 400
+    # globex checking with acme's id gets a reservation of its own; acme's stays
+    verdict = guard.check("globex", "", "m", 300, NOW, reservation_id="req-1")
+    assert verdict.reservation_id not in ("", "req-1") and guard.reserved(*key) == 400
+    assert guard.release("req-1", "acme") is True and guard.reserved(*key) == 0
+    assert guard.release(verdict.reservation_id) is True  # no tenant given (an admin): any reservation
+
+
 def test_most_restrictive_budget_decides_and_global_budgets_apply() -> None:
     tenant_budget = Budget("tenant", "t", Window.MONTHLY, hard_limit_micros=10_000)
     app_budget = Budget("app", "t", Window.DAILY, hard_limit_micros=100, application="chat")
