@@ -597,7 +597,7 @@ void int8_linear(const Int8LinearArgs& p) {
   const int64_t tiles = blocks / nb;
 #pragma omp parallel num_threads(num_threads())
   {
-#pragma omp for schedule(dynamic, 4)
+#pragma omp for schedule(dynamic, 4) nowait
     for (int64_t t = 0; t < tiles; ++t) {
       if (nb == 4) {
         int8p_tile<1, 4>(p, aq.data(), kpad, xs.data(), zp.data(), 0, 4 * t);
@@ -605,7 +605,7 @@ void int8_linear(const Int8LinearArgs& p) {
         int8p_columns<2>(p, aq.data(), kpad, xs.data(), zp.data(), 2 * t);
       }
     }
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, 1) nowait
     for (int64_t b = tiles * nb; b < blocks; ++b) int8p_columns<1>(p, aq.data(), kpad, xs.data(), zp.data(), b);
   }
 }
@@ -795,13 +795,15 @@ void int4_gemm_gs(const Int4GemmArgs& p) {
       xa.scale[m * groups + g] = sc;
       xa.zcorr[m * groups + g] = sc * static_cast<float>(code_sum);
     }
-  // A single activation row is memory bound: stream two weight rows at once.
+  // A single activation row streams two weight rows at once (shared activation loads,
+  // two streams in flight). nowait: one barrier per call, so a preempted thread (shared
+  // machine) delays the call once, and dynamic chunks let the other take its share.
   const int nt = M == 1 ? 2 : 1;
   const int64_t tiles = p.N / nt;
 #pragma omp parallel num_threads(num_threads())
   {
     std::vector<float> ws(2 * groups), wz(2 * groups);
-#pragma omp for schedule(dynamic, 16)
+#pragma omp for schedule(dynamic, 16) nowait
     for (int64_t t = 0; t < tiles; ++t) {
       if (nt == 2) {
         int4_columns<GS, 2>(p, xa, 2 * t, ws.data(), wz.data());
@@ -809,7 +811,7 @@ void int4_gemm_gs(const Int4GemmArgs& p) {
         int4_columns<GS, 1>(p, xa, t, ws.data(), wz.data());
       }
     }
-#pragma omp single
+#pragma omp single nowait
     for (int64_t n = tiles * nt; n < p.N; ++n) int4_columns<GS, 1>(p, xa, n, ws.data(), wz.data());
   }
 }
