@@ -109,7 +109,8 @@ async def test_request_id_trace_and_deadline_reach_the_handler(channel: grpc.aio
     await echo(common_pb2.Usage(), metadata=metadata, timeout=5)
     assert echo_service.seen["request_id"] == "req-123"
     assert echo_service.seen["trace_id"] == parent.trace_id
-    assert 0 < echo_service.seen["remaining"] <= 5
+    # grpc-timeout travels in whole units of a coarse-enough scale, rounded up: a few ms over is normal
+    assert 0 < echo_service.seen["remaining"] <= 5.05
 
 
 async def test_health_and_reflection_need_no_key(channel: grpc.aio.Channel) -> None:
