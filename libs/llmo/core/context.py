@@ -112,9 +112,15 @@ def bind(
         fields["span_id"] = trace.span_id
     if timeout is not None:
         tokens.append((_deadline, _deadline.set(time.monotonic() + timeout)))
-    with structlog.contextvars.bound_contextvars(**fields):
+    log_tokens = structlog.contextvars.bind_contextvars(**fields)
+    try:
+        yield
+    finally:
         try:
-            yield
-        finally:
+            structlog.contextvars.reset_contextvars(**log_tokens)
             for var, token in reversed(tokens):
                 var.reset(token)
+        except ValueError:
+            # A cancelled stream's generator finalised from another context: the
+            # context these values were set in is gone, so there is nothing to restore.
+            pass
