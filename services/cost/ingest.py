@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from google.protobuf import timestamp_pb2
 from google.protobuf.message import DecodeError, Message
@@ -29,29 +30,27 @@ from llmo.core.jspull import PullClient, PulledMessage
 from llmo.core.logging import get_logger
 from llmo.core.metrics import EVENTS_DEAD_LETTERED, EVENTS_HANDLED
 from llmo.cost.engine import USAGE_REJECTED, CostEngine
-from llmo.cost.records import (
-    LedgerRecord,
-    RecordRejected,
-    UsageInput,
-    usage_from_inference,
-    usage_from_router,
-)
+from llmo.cost.prices import PriceCatalog
+from llmo.cost.records import LedgerRecord, RecordRejected, price_inference_event, price_router_event
 from llmo.protos.events.v1 import events_pb2
 
 log = get_logger(__name__)
 
-Decoder = Callable[[bytes], UsageInput]
+# payload -> priced ledger record (raises DecodeError or RecordRejected)
+Decoder = Callable[[bytes, PriceCatalog], LedgerRecord]
 
 
-def _decoder(message_type: type[Message], convert: Callable[[Message], UsageInput]) -> tuple[str, str, Decoder]:
-    def decode(payload: bytes) -> UsageInput:
-        return convert(message_type.FromString(payload))
+def _decoder(message_type: type[Message], price: Callable[[Any, PriceCatalog], LedgerRecord]) -> tuple[str, str, Decoder]:
+    parse = message_type.FromString
+
+    def decode(payload: bytes, catalog: PriceCatalog) -> LedgerRecord:
+        return price(parse(payload), catalog)
 
     return subject_of(message_type), message_type.DESCRIPTOR.full_name, decode
 
 
-INFERENCE = _decoder(events_pb2.InferenceCompleted, usage_from_inference)  # type: ignore[arg-type]
-ROUTER = _decoder(events_pb2.RouterCompleted, usage_from_router)  # type: ignore[arg-type]
+INFERENCE = _decoder(events_pb2.InferenceCompleted, price_inference_event)
+ROUTER = _decoder(events_pb2.RouterCompleted, price_router_event)
 
 
 @dataclass
@@ -161,7 +160,7 @@ class UsageConsumer:
 
     def _prepare(self, messages: list[PulledMessage]) -> _Prepared:
         prepared = _Prepared()
-        price, decode, type_line = self.engine.price, self.decode, self._type_line
+        catalog, decode, type_line = self.engine.catalog, self.decode, self._type_line
         ack_prefix = f"$JS.ACK.{self.stream}.{self.durable}."
         for msg in messages:
             if msg.redelivered(ack_prefix) and msg.deliveries > self.max_deliver:
@@ -173,7 +172,7 @@ class UsageConsumer:
                     declared = msg.header("llmo-type", self.message_type)
                     if declared != self.message_type:
                         raise DecodeError(f"llmo-type is {declared!r}, expected {self.message_type!r}")
-                prepared.records.append(price(decode(msg.data)))
+                prepared.records.append(decode(msg.data, catalog))
                 prepared.owners.append(msg)
             except DecodeError as error:
                 prepared.rejected.append((msg, msg.header("Nats-Msg-Id"), "malformed_payload", str(error)))

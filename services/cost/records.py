@@ -28,6 +28,7 @@ class Source(enum.StrEnum):
 
 
 _SOURCE_VALUES = {source: source.value for source in Source}  # Enum.value is a slow property on the hot path
+_INFERENCE = Source.INFERENCE.value
 
 
 class RejectReason(enum.StrEnum):
@@ -157,35 +158,9 @@ class UsageInput:
 
 def price_usage(usage: UsageInput, catalog: PriceCatalog) -> LedgerRecord:
     """Validate one usage and price it with the version in force at its timestamp."""
-    if not usage.event_id:
-        raise RecordRejected(RejectReason.MALFORMED, "event_id is required", "event_id")
-    if not usage.model:
-        raise RecordRejected(RejectReason.MALFORMED, "model is required", "model")
-    if len(usage.event_id) > MAX_ID_LEN or len(usage.request_id) > MAX_ID_LEN:
-        raise RecordRejected(RejectReason.MALFORMED, f"event_id and request_id are limited to {MAX_ID_LEN} characters", "event_id")
-    labels = (usage.tenant, usage.application, usage.user, usage.model, usage.provider, usage.prompt_version, usage.route_reason)
-    if max(map(len, labels)) > MAX_LABEL_LEN:
-        raise RecordRejected(RejectReason.MALFORMED, f"attribution labels are limited to {MAX_LABEL_LEN} characters", "attribution")
-    if usage.occurred_at_us <= 0:
-        raise RecordRejected(RejectReason.MALFORMED, "occurred_at is required", "occurred_at")
-    if usage.input_tokens < 0 or usage.cached_input_tokens < 0 or usage.output_tokens < 0:
-        raise RecordRejected(RejectReason.MALFORMED, "token counts must not be negative", "usage")
-    provider = usage.provider
-    if usage.free:
-        cost = 0
-    else:
-        try:
-            version = catalog.lookup_us(usage.model, usage.occurred_at_us)
-        except UnknownModelError as exc:
-            raise RecordRejected(RejectReason.UNKNOWN_MODEL, str(exc), "model") from exc
-        except NoPriceAtTimeError as exc:
-            raise RecordRejected(RejectReason.NO_PRICE, str(exc), "occurred_at") from exc
-        cost = version.cost_micros(usage.input_tokens, usage.output_tokens, usage.cached_input_tokens)
-        provider = provider or version.provider
-    request_key = f"{usage.request_id}/{usage.model}" if usage.request_id else usage.event_id
-    return LedgerRecord(
+    return _priced(
+        catalog,
         usage.event_id,
-        request_key,
         usage.request_id,
         _SOURCE_VALUES[usage.source],
         usage.occurred_at_us,
@@ -193,16 +168,113 @@ def price_usage(usage: UsageInput, catalog: PriceCatalog) -> LedgerRecord:
         usage.application,
         usage.user,
         usage.model,
-        provider,
+        usage.provider,
         usage.prompt_version,
         usage.route_reason,
         usage.input_tokens,
         usage.cached_input_tokens,
         usage.output_tokens,
-        cost,
         usage.ttft_ms,
         usage.latency_ms,
+        usage.free,
     )
+
+
+def _priced(
+    catalog: PriceCatalog,
+    event_id: str,
+    request_id: str,
+    source: str,
+    occurred_at_us: int,
+    tenant: str,
+    application: str,
+    user: str,
+    model: str,
+    provider: str,
+    prompt_version: str,
+    route_reason: str,
+    input_tokens: int,
+    cached_input_tokens: int,
+    output_tokens: int,
+    ttft_ms: float | None,
+    latency_ms: float | None,
+    free: bool,
+) -> LedgerRecord:
+    # positional and flat on purpose: the event consumers call this tens of thousands of times a second
+    if not event_id:
+        raise RecordRejected(RejectReason.MALFORMED, "event_id is required", "event_id")
+    if not model:
+        raise RecordRejected(RejectReason.MALFORMED, "model is required", "model")
+    if len(event_id) > MAX_ID_LEN or len(request_id) > MAX_ID_LEN:
+        raise RecordRejected(RejectReason.MALFORMED, f"event_id and request_id are limited to {MAX_ID_LEN} characters", "event_id")
+    if max(len(tenant), len(application), len(user), len(model), len(provider), len(prompt_version), len(route_reason)) > MAX_LABEL_LEN:
+        raise RecordRejected(RejectReason.MALFORMED, f"attribution labels are limited to {MAX_LABEL_LEN} characters", "attribution")
+    if occurred_at_us <= 0:
+        raise RecordRejected(RejectReason.MALFORMED, "occurred_at is required", "occurred_at")
+    if input_tokens < 0 or cached_input_tokens < 0 or output_tokens < 0:
+        raise RecordRejected(RejectReason.MALFORMED, "token counts must not be negative", "usage")
+    if free:
+        cost = 0
+    else:
+        try:
+            version = catalog.lookup_us(model, occurred_at_us)
+        except UnknownModelError as exc:
+            raise RecordRejected(RejectReason.UNKNOWN_MODEL, str(exc), "model") from exc
+        except NoPriceAtTimeError as exc:
+            raise RecordRejected(RejectReason.NO_PRICE, str(exc), "occurred_at") from exc
+        cost = version.cost_micros(input_tokens, output_tokens, cached_input_tokens)
+        provider = provider or version.provider
+    return LedgerRecord(
+        event_id,
+        f"{request_id}/{model}" if request_id else event_id,
+        request_id,
+        source,
+        occurred_at_us,
+        tenant,
+        application,
+        user,
+        model,
+        provider,
+        prompt_version,
+        route_reason,
+        input_tokens,
+        cached_input_tokens,
+        output_tokens,
+        cost,
+        ttft_ms,
+        latency_ms,
+    )
+
+
+def price_inference_event(event: events_pb2.InferenceCompleted, catalog: PriceCatalog) -> LedgerRecord:
+    """``price_usage(usage_from_inference(event))`` without the intermediate object."""
+    who, usage, latency, stamp = event.attribution, event.usage, event.latency, event.occurred_at
+    ttft, e2e = latency.ttft_ms, latency.e2e_ms  # an unset message reads as zeros
+    return _priced(
+        catalog,
+        event.event_id,
+        event.request_id,
+        _INFERENCE,
+        stamp.seconds * 1_000_000 + stamp.nanos // 1000,
+        who.tenant,
+        who.application,
+        who.user,
+        event.model,
+        event.provider,
+        "",
+        "",
+        usage.input_tokens,
+        usage.cached_input_tokens,
+        usage.output_tokens,
+        ttft if ttft > 0 else None,
+        e2e if e2e > 0 else None,
+        False,
+    )
+
+
+def price_router_event(event: events_pb2.RouterCompleted, catalog: PriceCatalog) -> LedgerRecord:
+    """``price_usage(usage_from_router(event))`` without the intermediate object."""
+    return price_usage(usage_from_router(event), catalog)
 
 
 def _latency(event: events_pb2.InferenceCompleted | events_pb2.RouterCompleted) -> tuple[float | None, float | None]:

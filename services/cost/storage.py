@@ -9,6 +9,7 @@ inserts nothing (ON CONFLICT DO NOTHING on the event id and the request key).
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -263,7 +264,7 @@ class CostStore:
         skipped = False
         for start in range(0, len(params), _SQLITE_ROWS_PER_INSERT):
             chunk = params[start : start + _SQLITE_ROWS_PER_INSERT]
-            cursor.execute(_sqlite_insert(len(chunk)), [value for row in chunk for value in row])
+            cursor.execute(_sqlite_insert(len(chunk)), list(itertools.chain.from_iterable(chunk)))
             skipped = skipped or cursor.rowcount != len(chunk)
         cursor.close()
         if not skipped:

@@ -1,0 +1,67 @@
+"""The consumers' fast path prices an event exactly as the generic path does."""
+
+from __future__ import annotations
+
+import pytest
+
+from llmo.cost.prices import load_catalog
+from llmo.cost.records import (
+    RecordRejected,
+    price_inference_event,
+    price_usage,
+    usage_from_inference,
+)
+from llmo.protos.common.v1 import common_pb2
+from llmo.protos.events.v1 import events_pb2
+
+CATALOG = load_catalog()
+
+
+def event(**changes: object) -> events_pb2.InferenceCompleted:
+    e = events_pb2.InferenceCompleted(
+        event_id="e-1",
+        request_id="r-1",
+        model="gpt-4o",
+        provider="",
+        attribution=common_pb2.Attribution(tenant="acme", application="chat", user="u"),
+        usage=common_pb2.Usage(input_tokens=1234, cached_input_tokens=200, output_tokens=321),
+        latency=common_pb2.Latency(ttft_ms=80, e2e_ms=900),
+    )
+    e.occurred_at.FromSeconds(1_764_000_000)
+    for name, value in changes.items():
+        if name == "latency" and value is None:
+            e.ClearField("latency")
+        elif name == "occurred_at" and value is None:
+            e.ClearField("occurred_at")
+        else:
+            setattr(e, name, value)
+    return e
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{}, {"request_id": ""}, {"latency": None}, {"provider": "azure"}, {"model": "claude-haiku-4-5"}],
+)
+def test_fast_path_equals_the_generic_path(changes: dict[str, object]) -> None:
+    e = event(**changes)
+    assert price_inference_event(e, CATALOG) == price_usage(usage_from_inference(e), CATALOG)
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"event_id": ""}, "malformed_payload"),
+        ({"model": ""}, "malformed_payload"),
+        ({"event_id": "x" * 129}, "malformed_payload"),
+        ({"occurred_at": None}, "malformed_payload"),
+        ({"model": "no-such-model"}, "unknown_model"),
+    ],
+)
+def test_fast_path_rejects_what_the_generic_path_rejects(changes: dict[str, object], reason: str) -> None:
+    e = event(**changes)
+    with pytest.raises(RecordRejected) as fast:
+        price_inference_event(e, CATALOG)
+    with pytest.raises(RecordRejected) as generic:
+        price_usage(usage_from_inference(e), CATALOG)
+    assert fast.value.reason.value == generic.value.reason.value == reason
+    assert fast.value.detail == generic.value.detail
