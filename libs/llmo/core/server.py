@@ -43,6 +43,8 @@ class LlmoServerInterceptor(grpc.aio.ServerInterceptor):
         self.domain = domain
         self.platform = platform
         self.in_flight = GRPC_IN_FLIGHT.labels(domain)
+        # wrapped handlers are built once per method, not on every call
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     # labelled metric children, looked up once per method (labels() costs more than the update)
     @functools.lru_cache(maxsize=1024)  # noqa: B019 - one interceptor per server, for its lifetime
@@ -64,7 +66,11 @@ class LlmoServerInterceptor(grpc.aio.ServerInterceptor):
         method: str = handler_call_details.method  # type: ignore[attr-defined]
         if method.startswith(PUBLIC_PREFIXES):
             return handler
-        return self._wrap(handler, method)
+        cached = self._wrapped.get(method)
+        if cached is None or cached[0] is not handler:
+            cached = (handler, self._wrap(handler, method))
+            self._wrapped[method] = cached
+        return cached[1]
 
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         kwargs = {
@@ -120,19 +126,20 @@ class _CallScope:
         incoming = ctx.TraceContext.parse(metadata.get("traceparent"))
         trace = incoming.child() if incoming else ctx.TraceContext.new()
         remaining = self.context.time_remaining()
-        self._bound = ctx.bind(request_id=request_id, trace=trace, timeout=remaining, method=self.method)
-        self._bound.__enter__()
+        platform = self.owner.platform
         try:
-            platform = self.owner.platform
             tenant = tenant_for(metadata, platform.api_keys, default_tenant=platform.default_tenant)
             admin = acts_across_tenants(tenant, platform.api_keys, platform.admin_tenants)
         except ServiceError as error:
+            self._bound = ctx.bind(request_id=request_id, trace=trace, timeout=remaining, method=self.method)
+            self._bound.__enter__()
             try:
-                await self._finish_with(error)
+                await self._finish_with(error)  # aborts the call: raises
             finally:
                 self._cleanup()
-        self._tenant = ctx.bind(tenant=tenant, admin=admin)
-        self._tenant.__enter__()
+        # one binding for the whole call (each bind costs a context manager and a structlog merge)
+        self._bound = ctx.bind(request_id=request_id, trace=trace, timeout=remaining, method=self.method, tenant=tenant, admin=admin)
+        self._bound.__enter__()
 
     async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
         try:
@@ -162,8 +169,6 @@ class _CallScope:
 
     def _cleanup(self) -> None:
         self._record()
-        if hasattr(self, "_tenant"):
-            self._tenant.__exit__(None, None, None)
         self._bound.__exit__(None, None, None)
 
     async def _finish_with(self, error: ServiceError) -> None:
