@@ -248,14 +248,14 @@ def _priced(
 
 def price_inference_event(event: events_pb2.InferenceCompleted, catalog: PriceCatalog) -> LedgerRecord:
     """``price_usage(usage_from_inference(event))`` without the intermediate object."""
-    who, usage, latency, stamp = event.attribution, event.usage, event.latency, event.occurred_at
-    ttft, e2e = latency.ttft_ms, latency.e2e_ms  # an unset message reads as zeros
+    who, usage = event.attribution, event.usage
+    ttft, e2e = _latency(event)
     return _priced(
         catalog,
         event.event_id,
         event.request_id,
         _INFERENCE,
-        stamp.seconds * 1_000_000 + stamp.nanos // 1000,
+        _timestamp_us(event),
         who.tenant,
         who.application,
         who.user,
@@ -266,8 +266,8 @@ def price_inference_event(event: events_pb2.InferenceCompleted, catalog: PriceCa
         usage.input_tokens,
         usage.cached_input_tokens,
         usage.output_tokens,
-        ttft if ttft > 0 else None,
-        e2e if e2e > 0 else None,
+        ttft,
+        e2e,
         False,
     )
 

@@ -237,19 +237,18 @@ class CostStore:
     def _insert_ledger_rows(self, conn: Connection, records: list[LedgerRecord]) -> set[str]:
         """Insert rows, skipping any whose event id or request key exists; returns the inserted ids.
 
-        Plain DBAPI executemany: SQLAlchemy's per-row fallback for
-        ON CONFLICT ... RETURNING costs a round trip per row on PostgreSQL.
+        PostgreSQL: plain DBAPI executemany (SQLAlchemy's per-row fallback for
+        ON CONFLICT ... RETURNING costs a round trip per row).
         """
-        placeholder = "?" if self.engine.dialect.name == "sqlite" else "%s"
-        sql = (
-            f"INSERT INTO usage_ledger ({', '.join(_LEDGER_COLUMNS)}) "
-            f"VALUES ({', '.join([placeholder] * len(_LEDGER_COLUMNS))}) ON CONFLICT DO NOTHING"
-        )
         params = [r.params() for r in records]
         if self.engine.dialect.name == "postgresql":
+            sql = (
+                f"INSERT INTO usage_ledger ({', '.join(_LEDGER_COLUMNS)}) "
+                f"VALUES ({', '.join(['%s'] * len(_LEDGER_COLUMNS))}) ON CONFLICT DO NOTHING RETURNING event_id"
+            )
             cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
             inserted: set[str] = set()
-            cursor.executemany(sql + " RETURNING event_id", params, returning=True)
+            cursor.executemany(sql, params, returning=True)
             while True:
                 inserted.update(row[0] for row in cursor.fetchall())
                 if not cursor.nextset():

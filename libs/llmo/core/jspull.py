@@ -312,12 +312,11 @@ class PullClient:
             if pull is not None and not raw_headers.startswith(b"NATS/1.0 100"):
                 pull.done.set()
             return
+        message = PulledMessage(subject, reply, raw_headers, data)
         pull = next(iter(pulls.values()), None)
         if pull is None:
-            # delivered after its pull was abandoned: hand it straight back
-            if self._writer is not None:
-                self._writer.write(f"PUB {reply} 4\r\n-NAK\r\n".encode())
+            self.nak([message])  # delivered after its pull was abandoned: hand it straight back
             return
-        pull.messages.append(PulledMessage(subject, reply, raw_headers, data))
+        pull.messages.append(message)
         if len(pull.messages) >= pull.size:
             pull.done.set()
