@@ -116,25 +116,27 @@ def _chat_logprobs(infos: list[TokenInfo]) -> dict[str, Any]:
     ]}
 
 
-def _completion_logprobs(infos: list[TokenInfo], offset: int) -> dict[str, Any]:
+def _text_offsets(tokens: list[str], offset: int) -> list[int]:
+    """Where each token starts in the returned text (OpenAI's `text_offset`)."""
     offsets = []
-    for t in infos:
+    for token in tokens:
         offsets.append(offset)
-        offset += len(t.token)
-    return {"tokens": [t.token for t in infos], "token_logprobs": [t.logprob for t in infos],
-            "top_logprobs": [{s: v for _, s, v in t.top} for t in infos], "text_offset": offsets}
+        offset += len(token)
+    return offsets
+
+
+def _completion_logprobs(infos: list[TokenInfo], offset: int) -> dict[str, Any]:
+    tokens = [t.token for t in infos]
+    return {"tokens": tokens, "token_logprobs": [t.logprob for t in infos],
+            "top_logprobs": [{s: v for _, s, v in t.top} for t in infos], "text_offset": _text_offsets(tokens, offset)}
 
 
 def _echo_logprobs(prompt: list[PromptTokenInfo]) -> dict[str, Any]:
     """OpenAI's completion logprobs of the prompt tokens (echo): the first token has null logprobs."""
-    offsets = []
-    offset = 0
-    for p in prompt:
-        offsets.append(offset)
-        offset += len(p.token)
-    return {"tokens": [p.token for p in prompt], "token_logprobs": [p.logprob for p in prompt],
+    tokens = [p.token for p in prompt]
+    return {"tokens": tokens, "token_logprobs": [p.logprob for p in prompt],
             "top_logprobs": [None if p.logprob is None else {s: v for _, s, v in p.top} for p in prompt],
-            "text_offset": offsets}
+            "text_offset": _text_offsets(tokens, 0)}
 
 
 def _joined(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
