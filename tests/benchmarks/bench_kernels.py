@@ -9,8 +9,9 @@ Measures, in one run and with the same thread count for both sides:
 * paged decode attention vs ``scaled_dot_product_attention`` over a contiguous
   cache of the same length.
 
-Weights and caches smaller than ``--rotate-mb`` are replicated and rotated so
-every call streams from DRAM rather than the last-level cache. Times are the
+Weights and caches smaller than ``--rotate-mb`` (by default 1.5x the last-level
+cache read from sysfs) are replicated and rotated so every call streams from DRAM
+rather than the last-level cache; the STREAM buffers are twice the LLC. Times are the
 minimum over interleaved rounds (the machines are shared and noisy); medians are
 reported too. Prints/returns one JSON-serialisable dict.
 """
@@ -18,6 +19,7 @@ reported too. Prints/returns one JSON-serialisable dict.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import math
 import statistics
@@ -53,9 +55,30 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--kv-dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--rotate-mb", type=float, default=96.0, help="replicate buffers up to this size (> LLC)")
-    p.add_argument("--stream-mb", type=float, default=256.0)
+    llc = llc_mib()
+    p.add_argument("--rotate-mb", type=float, default=max(96.0, 1.5 * llc),
+                   help=f"replicate buffers up to this size (default 1.5x the {llc:.0f} MiB LLC)")
+    p.add_argument("--stream-mb", type=float, default=max(256.0, 2.0 * llc),
+                   help="STREAM copy buffer size (default 2x the LLC)")
     return p.parse_args(argv)
+
+
+def llc_mib(sysfs: str = "/sys/devices/system/cpu/cpu0/cache") -> float:
+    """Size of the last-level (highest-level) cache in MiB; 32 when sysfs does not say."""
+    best_level, best_kib = 0, 32 * 1024
+    for index in sorted(glob.glob(f"{sysfs}/index*")):
+        try:
+            with open(f"{index}/level") as f:
+                level = int(f.read())
+            with open(f"{index}/size") as f:
+                size = f.read().strip()
+        except (OSError, ValueError):
+            continue
+        units = {"K": 1, "M": 1024, "G": 1024 * 1024}
+        kib = int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size) // 1024
+        if level > best_level:
+            best_level, best_kib = level, kib
+    return best_kib / 1024
 
 
 def _time(cases: Timed, rounds: int) -> dict[str, dict[str, float]]:
@@ -253,7 +276,7 @@ def main(argv: list[str]) -> dict[str, Any]:
     lib.set_num_threads(args.threads)
     sections = set(args.sections.split(","))
     out: dict[str, Any] = {
-        "machine": {"threads": args.threads, "torch": torch.__version__, "isa": lib.isa(),
+        "machine": {"threads": args.threads, "llc_mib": llc_mib(), "rotate_mb": args.rotate_mb, "torch": torch.__version__, "isa": lib.isa(),
                     "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()},
     }
     stream = bench_stream(args)
