@@ -83,7 +83,18 @@ inline const float* row_f32(const void* base, int64_t offset, int dim, float* bu
 }
 
 inline float dot_f32(const float* a, const float* b, int n) {
-#if LLMO_ISA >= 1
+#if LLMO_ISA == 2
+  __m512 z0 = _mm512_setzero_ps(), z1 = _mm512_setzero_ps();
+  int d = 0;
+  for (; d + 32 <= n; d += 32) {
+    z0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + d), _mm512_loadu_ps(b + d), z0);
+    z1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + d + 16), _mm512_loadu_ps(b + d + 16), z1);
+  }
+  for (; d + 16 <= n; d += 16) z0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + d), _mm512_loadu_ps(b + d), z0);
+  float s = _mm512_reduce_add_ps(_mm512_add_ps(z0, z1));
+  for (; d < n; ++d) s += a[d] * b[d];
+  return s;
+#elif LLMO_ISA >= 1
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
   int d = 0;
   for (; d + 16 <= n; d += 16) {
@@ -102,7 +113,12 @@ inline float dot_f32(const float* a, const float* b, int n) {
 }
 
 inline void axpy(float* acc, float p, const float* v, int dim) {
-#if LLMO_ISA >= 1
+#if LLMO_ISA == 2
+  const __m512 zp = _mm512_set1_ps(p);
+  int d = 0;
+  for (; d + 16 <= dim; d += 16) _mm512_storeu_ps(acc + d, _mm512_fmadd_ps(zp, _mm512_loadu_ps(v + d), _mm512_loadu_ps(acc + d)));
+  for (; d < dim; ++d) acc[d] += p * v[d];
+#elif LLMO_ISA >= 1
   const __m256 vp = _mm256_set1_ps(p);
   int d = 0;
   for (; d + 8 <= dim; d += 8) _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(vp, _mm256_loadu_ps(v + d), _mm256_loadu_ps(acc + d)));
@@ -111,6 +127,69 @@ inline void axpy(float* acc, float p, const float* v, int dim) {
   for (int d = 0; d < dim; ++d) acc[d] += p * v[d];
 #endif
 }
+
+#if LLMO_ISA >= 1
+// e^x for 8 lanes (Cephes expf: Cody-Waite reduction by ln 2, degree-6
+// polynomial, about 1 ulp); inputs below -88 give 0 or a denormal.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-88.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+#endif
+
+// One block of online softmax: s[0..n) becomes exp(s - m_new), m_new =
+// max(*running_max, max(s)); returns the sum of the new values and stores
+// exp(old max - m_new), the rescale of what was summed before, in *alpha.
+inline float softmax_block(float* s, int n, float* running_max, float* alpha) {
+  float block_max = s[0];
+  int t = 0;
+#if LLMO_ISA >= 1
+  if (n >= 8) {
+    __m256 vm = _mm256_loadu_ps(s);
+    for (t = 8; t + 8 <= n; t += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(s + t));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vm), _mm256_extractf128_ps(vm, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    block_max = std::max(block_max, _mm_cvtss_f32(m4));
+  }
+#endif
+  for (; t < n; ++t) block_max = std::max(block_max, s[t]);
+  const float m_new = std::max(*running_max, block_max);
+  *alpha = std::exp(*running_max - m_new);
+  *running_max = m_new;
+  float sum = 0.f;
+  t = 0;
+#if LLMO_ISA >= 1
+  const __m256 vmax = _mm256_set1_ps(m_new);
+  __m256 vsum = _mm256_setzero_ps();
+  for (; t + 8 <= n; t += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + t), vmax));
+    _mm256_storeu_ps(s + t, e);
+    vsum = _mm256_add_ps(vsum, e);
+  }
+  sum = hsum(vsum);
+#endif
+  for (; t < n; ++t) {
+    s[t] = std::exp(s[t] - m_new);
+    sum += s[t];
+  }
+  return sum;
+}
+
+// Bytes requested ahead of each jump between KV streams (see attention_impl).
+constexpr int64_t kJumpPrefetch = 4096;
 
 inline void prefetch_span(const char* p, int64_t bytes) {
 #if LLMO_ISA >= 1
@@ -168,15 +247,16 @@ void attention_impl(const AttnArgs& a) {
         const int64_t block = table[pos / bs];
         const int nt = std::min(bs, len - pos);
         const int64_t base = block * bs * tok_stride + static_cast<int64_t>(h0) * dim;
-        if (pos + bs < len) {
-          const int64_t next = table[pos / bs + 1] * bs * tok_stride + static_cast<int64_t>(h0) * dim;
-          const int next_nt = std::min(bs, len - pos - bs);
-          for (int t = 0; t < next_nt; ++t) {
-            prefetch_span(kbytes + (next + t * tok_stride) * esize, span);
-            prefetch_span(vbytes + (next + t * tok_stride) * esize, span);
-          }
-        }
+        // Within a block the item's rows are read in address order and the hardware
+        // prefetcher streams them; what it cannot see coming are the jumps (K to V
+        // of this block, V to K of the next), so the first kJumpPrefetch bytes
+        // after each jump are requested two tokens before it. (Prefetching whole
+        // blocks ahead measured slower: it evicts the rows being read.)
+        const int next_nt = pos + bs < len ? std::min(bs, len - pos - bs) : 0;
+        const int64_t next = next_nt > 0 ? table[pos / bs + 1] * bs * tok_stride + static_cast<int64_t>(h0) * dim : 0;
+        const int lead_t = std::max(0, nt - 2);
         for (int t = 0; t < nt; ++t) {
+          if (t == lead_t) prefetch_span(vbytes + base * esize, std::min<int64_t>(span * nt, kJumpPrefetch));
           for (int hh = 0; hh < nh; ++hh) {
             const float* krow = row_f32<DT>(a.key_cache, base + t * tok_stride + hh * dim, dim, kbuf.data());
             for (int g = 0; g < group; ++g) {
@@ -186,24 +266,17 @@ void attention_impl(const AttnArgs& a) {
           }
         }
         for (int qh = 0; qh < nqh; ++qh) {
-          float* s = &sc[qh * bs];
-          float block_max = s[0];
-          for (int t = 1; t < nt; ++t) block_max = std::max(block_max, s[t]);
-          const float m_new = std::max(mx[qh], block_max);
-          const float alpha = std::exp(mx[qh] - m_new);
-          float sum = 0.f;
-          for (int t = 0; t < nt; ++t) {
-            s[t] = std::exp(s[t] - m_new);
-            sum += s[t];
-          }
+          float alpha = 1.f;
+          const float sum = softmax_block(&sc[qh * bs], nt, &mx[qh], &alpha);
           den[qh] = den[qh] * alpha + sum;
-          mx[qh] = m_new;
           if (alpha != 1.f) {
             float* ac = &acc[qh * dim];
             for (int d = 0; d < dim; ++d) ac[d] *= alpha;
           }
         }
         for (int t = 0; t < nt; ++t) {
+          if (t == lead_t && next_nt > 0)
+            prefetch_span(kbytes + next * esize, std::min<int64_t>(span * next_nt, kJumpPrefetch));
           for (int hh = 0; hh < nh; ++hh) {
             const float* vrow = row_f32<DT>(a.value_cache, base + t * tok_stride + hh * dim, dim, vbuf.data());
             for (int g = 0; g < group; ++g) {
@@ -516,6 +589,45 @@ inline void int8p_segment_dispatch(unsigned mask, __m256i (&acc)[MR][NB], const 
 }
 #endif
 
+#if LLMO_ISA == 2
+// 512-bit VNNI over the same packed layout: one 64-byte load holds a column
+// block's channel quads kq and kq + 1, so the activation vector carries quad kq
+// in lanes 0-7 and quad kq + 1 in lanes 8-15; the two halves are added at the end.
+template <int MR, int NB>
+inline void int8p_vnni512(__m256i (&acc)[MR][NB], const int8_t* wp, int64_t bstride, const uint8_t* ap, int64_t kpad,
+                          int64_t k4) {
+  const __m512i pair_index = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  __m512i wide[MR][NB];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NB; ++j) wide[i][j] = _mm512_setzero_si512();
+  int64_t kq = 0;
+  for (; kq + 2 <= k4; kq += 2) {
+    if constexpr (MR == 1) {
+      for (int j = 0; j < NB; ++j) _mm_prefetch(reinterpret_cast<const char*>(wp + j * bstride + kq * 32) + 1024, _MM_HINT_T0);
+    }
+    __m512i w[NB];
+    for (int j = 0; j < NB; ++j) w[j] = _mm512_loadu_si512(wp + j * bstride + kq * 32);
+    for (int i = 0; i < MR; ++i) {
+      const __m512i a = _mm512_permutexvar_epi32(
+          pair_index, _mm512_castsi128_si512(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(ap + i * kpad + kq * 4))));
+      for (int j = 0; j < NB; ++j) wide[i][j] = _mm512_dpbusd_epi32(wide[i][j], a, w[j]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NB; ++j)
+      acc[i][j] = _mm256_add_epi32(_mm512_castsi512_si256(wide[i][j]), _mm512_extracti64x4_epi64(wide[i][j], 1));
+  for (; kq < k4; ++kq) {
+    for (int i = 0; i < MR; ++i) {
+      int32_t a4;
+      std::memcpy(&a4, ap + i * kpad + kq * 4, 4);
+      const __m256i av = _mm256_set1_epi32(a4);
+      for (int j = 0; j < NB; ++j)
+        acc[i][j] = dot_u8s8(acc[i][j], av, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + j * bstride + kq * 32)));
+    }
+  }
+}
+#endif
+
 // MR activation rows x NB column blocks (8 columns each) over the whole of K.
 template <int MR, int NB>
 inline void int8p_tile(const Int8LinearArgs& p, const uint8_t* aq, int64_t kpad, const float* xs, const int32_t* zp,
@@ -529,18 +641,18 @@ inline void int8p_tile(const Int8LinearArgs& p, const uint8_t* aq, int64_t kpad,
   const int8_t* wp = p.packed + nb0 * k4 * 32;
   const int64_t bstride = k4 * 32;
   const uint8_t* ap = aq + m0 * kpad;
+#if LLMO_ISA == 2
+  int8p_vnni512<MR, NB>(acc, wp, bstride, ap, kpad, k4);
+#else
   const int64_t segs = int8_segments(p.K);
   const uint8_t* flags = reinterpret_cast<const uint8_t*>(p.packed + (p.N + 7) / 8 * bstride) + nb0 * segs;
   for (int64_t sg = 0; sg < segs; ++sg) {
     unsigned mask = 0;
-#if LLMO_ISA == 1
     for (int j = 0; j < NB; ++j) mask |= static_cast<unsigned>(flags[j * segs + sg] != 0) << j;
-#else
-    (void)flags;
-#endif
     int8p_segment_dispatch<MR, NB, 0>(mask, acc, wp, bstride, ap, kpad, sg * kSegSteps,
                                       std::min(k4, (sg + 1) * kSegSteps));
   }
+#endif
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NB; ++j) _mm256_store_si256(reinterpret_cast<__m256i*>(res[i][j]), acc[i][j]);
 #else
@@ -593,14 +705,17 @@ void int8_linear(const Int8LinearArgs& p) {
   quantize_rows_u7(p.x, aq.data(), xs.data(), zp.data(), p.M, p.K, kpad);
   // One row streams 4 column blocks (memory bound: more streams in flight);
   // more rows take 2 blocks per tile so 4 x 2 accumulators fit the registers.
-  const int nb = p.M == 1 ? 4 : 2;
+  // (AVX-512 has 32 vector registers: 4 x 4 accumulators.)
+  const int nb = p.M == 1 || LLMO_ISA == 2 ? 4 : 2;
   const int64_t tiles = blocks / nb;
 #pragma omp parallel num_threads(num_threads())
   {
 #pragma omp for schedule(dynamic, 4) nowait
     for (int64_t t = 0; t < tiles; ++t) {
-      if (nb == 4) {
+      if (nb == 4 && p.M == 1) {
         int8p_tile<1, 4>(p, aq.data(), kpad, xs.data(), zp.data(), 0, 4 * t);
+      } else if (nb == 4) {
+        int8p_columns<4>(p, aq.data(), kpad, xs.data(), zp.data(), 4 * t);
       } else {
         int8p_columns<2>(p, aq.data(), kpad, xs.data(), zp.data(), 2 * t);
       }
@@ -642,13 +757,104 @@ struct QuantizedActs {
 // the activation loads and keep more weight streams in flight.
 static_assert(4 * 2 * 15 * 127 <= 32767, "int16 group sums of int4_tile");
 
+#if LLMO_ISA == 2
+inline __m512 halves_ps(float lo, float hi) {
+  return _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(lo), _mm512_set1_ps(hi));
+}
+
+// Pairs of 64-channel chunks in 512-bit registers. int4_gemm_gs lays each pair
+// of xa.q out as [lo half of chunk c | lo half of c + 1 | hi half of c | hi half
+// of c + 1], matching one 64-byte load of the packed nibbles; an odd last chunk
+// stays as it is and takes the 256-bit path.
+template <int GS, int MT, int NT>
+inline void int4_dots512(const Int4GemmArgs& p, const QuantizedActs& xa, int64_t m0, int64_t n0, const float* ws,
+                         float (&res)[MT][NT]) {
+  const int64_t K = p.K, groups = K / GS, chunks = K / 64, pairs = chunks / 2;
+  const __m512i mask = _mm512_set1_epi8(0x0F);
+  __m512 facc[MT][NT];
+  for (int i = 0; i < MT; ++i)
+    for (int j = 0; j < NT; ++j) facc[i][j] = _mm512_setzero_ps();
+  for (int64_t pr = 0; pr < pairs; ++pr) {
+    const int64_t c = 2 * pr;
+    __m512i lo[NT], hi[NT];
+    for (int j = 0; j < NT; ++j) {
+      const uint8_t* w = p.packed + (n0 + j) * (K / 2) + pr * 64;
+      _mm_prefetch(reinterpret_cast<const char*>(w + NT * (K / 2)), _MM_HINT_T0);
+      const __m512i wv = _mm512_loadu_si512(w);
+      lo[j] = _mm512_and_si512(wv, mask);
+      hi[j] = _mm512_and_si512(_mm512_srli_epi16(wv, 4), mask);
+    }
+    for (int i = 0; i < MT; ++i) {
+      const int8_t* xp = xa.q.data() + (m0 + i) * K + pr * 128;
+      const __m512i xlo = _mm512_loadu_si512(xp), xhi = _mm512_loadu_si512(xp + 64);
+      const float* xs = xa.scale.data() + (m0 + i) * groups;
+      for (int j = 0; j < NT; ++j) {
+        const float* wsj = ws + j * groups;
+        if constexpr (GS == 32) {  // lo lanes: groups 2c | 2c + 2, hi lanes: 2c + 1 | 2c + 3
+          const __m512i dlo = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[j], xlo);
+          const __m512i dhi = _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi[j], xhi);
+          const int64_t g = 2 * c;
+          facc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dlo), halves_ps(wsj[g] * xs[g], wsj[g + 2] * xs[g + 2]),
+                                       facc[i][j]);
+          facc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dhi),
+                                       halves_ps(wsj[g + 1] * xs[g + 1], wsj[g + 3] * xs[g + 3]), facc[i][j]);
+        } else {
+          const __m512i d = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[j], xlo), hi[j], xhi);
+          const __m512 sc = GS == 64 ? halves_ps(wsj[c] * xs[c], wsj[c + 1] * xs[c + 1])
+                                     : _mm512_set1_ps(wsj[pr] * xs[pr]);
+          facc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sc, facc[i][j]);
+        }
+      }
+    }
+  }
+  for (int i = 0; i < MT; ++i)
+    for (int j = 0; j < NT; ++j) res[i][j] = _mm512_reduce_add_ps(facc[i][j]);
+  if constexpr (GS < 128) {
+    if (chunks % 2 == 1) {
+      const int64_t c = chunks - 1;
+      const __m256i mask8 = _mm256_set1_epi8(0x0F);
+      for (int j = 0; j < NT; ++j) {
+        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.packed + (n0 + j) * (K / 2) + c * 32));
+        const __m256i lo = _mm256_and_si256(wv, mask8), hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), mask8);
+        for (int i = 0; i < MT; ++i) {
+          const int8_t* xp = xa.q.data() + (m0 + i) * K + c * 64;
+          const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp));
+          const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 32));
+          const float* xs = xa.scale.data() + (m0 + i) * groups;
+          const float* wsj = ws + j * groups;
+          if constexpr (GS == 32) {
+            res[i][j] += static_cast<float>(hsum_i32(dot_u8s8(_mm256_setzero_si256(), lo, x0))) * (wsj[2 * c] * xs[2 * c]);
+            res[i][j] +=
+                static_cast<float>(hsum_i32(dot_u8s8(_mm256_setzero_si256(), hi, x1))) * (wsj[2 * c + 1] * xs[2 * c + 1]);
+          } else {
+            res[i][j] += static_cast<float>(hsum_i32(dot2_u4s8(_mm256_setzero_si256(), lo, x0, hi, x1))) * (wsj[c] * xs[c]);
+          }
+        }
+      }
+    }
+  }
+}
+
+// xa.q rows in the pair order int4_dots512 reads.
+inline void pair_chunks(int8_t* row, int64_t K) {
+  int8_t tmp[128];
+  for (int64_t base = 0; base + 128 <= K; base += 128) {
+    std::memcpy(tmp, row + base, 128);
+    std::memcpy(row + base + 32, tmp + 64, 32);
+    std::memcpy(row + base + 64, tmp + 32, 32);
+  }
+}
+#endif
+
 template <int GS, int MT, int NT>
 inline void int4_tile(const Int4GemmArgs& p, const QuantizedActs& xa, int64_t m0, int64_t n0, const float* ws,
                       const float* wz) {
   const int64_t K = p.K;
   const int64_t groups = K / GS;
   float res[MT][NT];
-#if LLMO_ISA >= 1
+#if LLMO_ISA == 2
+  int4_dots512<GS, MT, NT>(p, xa, m0, n0, ws, res);
+#elif LLMO_ISA >= 1
   const __m256i mask = _mm256_set1_epi8(0x0F);
   __m256 facc[MT][NT];
   __m256i iacc[MT][NT];
@@ -769,8 +975,9 @@ inline void int4_columns(const Int4GemmArgs& p, const QuantizedActs& xa, int64_t
     for (; g < groups; ++g) wzj[g] = wsj[g] * static_cast<float>(zj[g]);
   }
   int64_t m0 = 0;
-  if constexpr (NT == 1) {
-    for (; m0 + 4 <= p.M; m0 += 4) int4_tile<GS, 4, 1>(p, xa, m0, n0, ws, wz);
+  // 4 rows x NT columns of accumulators: NT = 1 fits AVX2's 16 registers, 2 AVX-512's 32.
+  if constexpr (NT == 1 || (LLMO_ISA == 2 && NT == 2)) {
+    for (; m0 + 4 <= p.M; m0 += 4) int4_tile<GS, 4, NT>(p, xa, m0, n0, ws, wz);
   }
   switch (p.M - m0) {
     case 3: int4_tile<GS, 3, NT>(p, xa, m0, n0, ws, wz); break;
@@ -795,20 +1002,25 @@ void int4_gemm_gs(const Int4GemmArgs& p) {
       xa.scale[m * groups + g] = sc;
       xa.zcorr[m * groups + g] = sc * static_cast<float>(code_sum);
     }
-  // A single activation row streams two weight rows at once (shared activation loads,
-  // two streams in flight). nowait: one barrier per call, so a preempted thread (shared
-  // machine) delays the call once, and dynamic chunks let the other take its share.
+#if LLMO_ISA == 2
+  for (int64_t m = 0; m < M; ++m) pair_chunks(xa.q.data() + m * K, K);
+  const int nt = M == 1 ? 4 : 2;
+#else
   const int nt = M == 1 ? 2 : 1;
+#endif
+  // A single activation row streams several weight rows at once (shared activation
+  // loads, more streams in flight). nowait: one barrier per call, so a preempted thread
+  // (shared machine) delays the call once, and dynamic chunks let the other take its share.
   const int64_t tiles = p.N / nt;
 #pragma omp parallel num_threads(num_threads())
   {
-    std::vector<float> ws(2 * groups), wz(2 * groups);
+    std::vector<float> ws(4 * groups), wz(4 * groups);
 #pragma omp for schedule(dynamic, 16) nowait
     for (int64_t t = 0; t < tiles; ++t) {
-      if (nt == 2) {
-        int4_columns<GS, 2>(p, xa, 2 * t, ws.data(), wz.data());
-      } else {
-        int4_columns<GS, 1>(p, xa, t, ws.data(), wz.data());
+      switch (nt) {
+        case 4: int4_columns<GS, 4>(p, xa, 4 * t, ws.data(), wz.data()); break;
+        case 2: int4_columns<GS, 2>(p, xa, 2 * t, ws.data(), wz.data()); break;
+        default: int4_columns<GS, 1>(p, xa, t, ws.data(), wz.data()); break;
       }
     }
 #pragma omp single nowait

@@ -36,6 +36,27 @@ def test_decode_matches_dense_attention(backend: str, block_size: int, heads: in
 
 
 @pytest.mark.parametrize("backend", DECODE)
+@pytest.mark.parametrize(("heads", "kv_heads"), [(32, 32), (32, 8), (20, 4), (16, 1), (33, 33)])
+@pytest.mark.parametrize("head_dim", [64, 80, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_many_heads(backend: str, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
+    # Sixteen and more query heads per item take the vector kernels' batched-score path
+    # (full groups of 16 plus a remainder); every lane must land on its own head.
+    lens = [3, 40]
+    cache = make_paged_cache(lens, kv_heads, head_dim, 16, dtype)
+    q = torch.randn(len(lens), heads, head_dim).to(dtype)
+    scale = 1 / math.sqrt(head_dim)
+    with force_backend(backend):
+        out = ops.paged_attention_decode(q, cache.key_cache, cache.value_cache, cache.block_tables, cache.context_lens)
+    for b in range(len(lens)):
+        want = dense_attention(q[b].float(), cache.keys[b].float(), cache.values[b].float(), scale)
+        if dtype == torch.float32:
+            torch.testing.assert_close(out[b], want, atol=ATTN_ATOL, rtol=ATTN_RTOL)
+        else:
+            torch.testing.assert_close(out[b].float(), want, atol=LOWP_ATOL[dtype], rtol=1e-2)
+
+
+@pytest.mark.parametrize("backend", DECODE)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_decode_low_precision_cache(backend: str, dtype: torch.dtype) -> None:
     lens = [5, 70, 129]
