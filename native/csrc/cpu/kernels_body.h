@@ -188,6 +188,58 @@ inline float softmax_block(float* s, int n, float* running_max, float* alpha) {
   return sum;
 }
 
+#if LLMO_ISA >= 1
+#if LLMO_ISA == 2
+using VecF = __m512;
+constexpr int kVecF = 16;
+inline VecF vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, VecF v) { _mm512_storeu_ps(p, v); }
+inline VecF vfma(VecF a, VecF b, VecF c) { return _mm512_fmadd_ps(a, b, c); }
+inline VecF vset1(float x) { return _mm512_set1_ps(x); }
+#else
+using VecF = __m256;
+constexpr int kVecF = 8;
+inline VecF vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, VecF v) { _mm256_storeu_ps(p, v); }
+inline VecF vfma(VecF a, VecF b, VecF c) { return _mm256_fmadd_ps(a, b, c); }
+inline VecF vset1(float x) { return _mm256_set1_ps(x); }
+#endif
+
+// acc[0, NV * kVecF) += sum over t < n of p[t] * rows[t * row_stride + ...], the
+// accumulators held in registers for all n rows.
+template <int NV>
+inline void weighted_rows_part(float* acc, const float* p, const float* rows, int64_t row_stride, int n) {
+  VecF r[NV];
+  for (int i = 0; i < NV; ++i) r[i] = vload(acc + i * kVecF);
+  for (int t = 0; t < n; ++t) {
+    const VecF pt = vset1(p[t]);
+    const float* v = rows + t * row_stride;
+    for (int i = 0; i < NV; ++i) r[i] = vfma(pt, vload(v + i * kVecF), r[i]);
+  }
+  for (int i = 0; i < NV; ++i) vstore(acc + i * kVecF, r[i]);
+}
+
+// acc[0, dim) += sum over t < n of p[t] * rows[t * row_stride + 0, dim), in
+// register-sized slices of up to 8 vectors; a tail below one vector is scalar.
+inline void weighted_rows(float* acc, const float* p, const float* rows, int64_t row_stride, int n, int dim) {
+  int d = 0;
+  for (; d + 8 * kVecF <= dim; d += 8 * kVecF) weighted_rows_part<8>(acc + d, p, rows + d, row_stride, n);
+  switch ((dim - d) / kVecF) {
+    case 7: weighted_rows_part<7>(acc + d, p, rows + d, row_stride, n); break;
+    case 6: weighted_rows_part<6>(acc + d, p, rows + d, row_stride, n); break;
+    case 5: weighted_rows_part<5>(acc + d, p, rows + d, row_stride, n); break;
+    case 4: weighted_rows_part<4>(acc + d, p, rows + d, row_stride, n); break;
+    case 3: weighted_rows_part<3>(acc + d, p, rows + d, row_stride, n); break;
+    case 2: weighted_rows_part<2>(acc + d, p, rows + d, row_stride, n); break;
+    case 1: weighted_rows_part<1>(acc + d, p, rows + d, row_stride, n); break;
+    default: break;
+  }
+  d += (dim - d) / kVecF * kVecF;
+  for (; d < dim; ++d)
+    for (int t = 0; t < n; ++t) acc[d] += p[t] * rows[t * row_stride + d];
+}
+#endif
+
 // Bytes requested ahead of each jump between KV streams (see attention_impl).
 constexpr int64_t kJumpPrefetch = 4096;
 
@@ -223,7 +275,7 @@ void attention_impl(const AttnArgs& a) {
 #pragma omp parallel num_threads(threads)
   {
     const int nq = per_chunk * group;  // query heads per item
-    std::vector<float> q(nq * dim), acc(nq * dim), kbuf(dim), vbuf(dim), sc(nq * bs), mx(nq), den(nq);
+    std::vector<float> q(nq * dim), acc(nq * dim), kbuf(dim), vbuf(static_cast<int64_t>(bs) * per_chunk * dim), sc(nq * bs), mx(nq), den(nq);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < items; ++it) {
       const int64_t r = it / chunks;
@@ -247,11 +299,11 @@ void attention_impl(const AttnArgs& a) {
         const int64_t block = table[pos / bs];
         const int nt = std::min(bs, len - pos);
         const int64_t base = block * bs * tok_stride + static_cast<int64_t>(h0) * dim;
-        // Within a block the item's rows are read in address order and the hardware
-        // prefetcher streams them; what it cannot see coming are the jumps (K to V
-        // of this block, V to K of the next), so the first kJumpPrefetch bytes
-        // after each jump are requested two tokens before it. (Prefetching whole
-        // blocks ahead measured slower: it evicts the rows being read.)
+        // Within a block the hardware prefetcher streams the item's rows; what it
+        // cannot see coming are the jumps (K to V of this block, V to K of the
+        // next), so the first kJumpPrefetch bytes after each are requested ahead:
+        // V two tokens before the K pass ends, the next K as the V pass starts.
+        // (Prefetching whole blocks ahead measured slower: it evicts the rows being read.)
         const int next_nt = pos + bs < len ? std::min(bs, len - pos - bs) : 0;
         const int64_t next = next_nt > 0 ? table[pos / bs + 1] * bs * tok_stride + static_cast<int64_t>(h0) * dim : 0;
         const int lead_t = std::max(0, nt - 2);
@@ -274,9 +326,24 @@ void attention_impl(const AttnArgs& a) {
             for (int d = 0; d < dim; ++d) ac[d] *= alpha;
           }
         }
+#if LLMO_ISA >= 1
+        // Head by head, each head's output row stays in registers over the block's
+        // tokens (7-8% faster than token-major axpy, which reloads it per token).
+        if (next_nt > 0) prefetch_span(kbytes + next * esize, std::min<int64_t>(span * next_nt, kJumpPrefetch));
+        const float* vrows;
+        int64_t vstride;
+        if constexpr (DT == kF32) {
+          vrows = static_cast<const float*>(a.value_cache) + base;
+          vstride = tok_stride;
+        } else {
+          for (int t = 0; t < nt; ++t) row_f32<DT>(a.value_cache, base + t * tok_stride, nh * dim, vbuf.data() + t * nh * dim);
+          vrows = vbuf.data();
+          vstride = static_cast<int64_t>(nh) * dim;
+        }
+        for (int qh = 0; qh < nqh; ++qh)
+          weighted_rows(&acc[qh * dim], &sc[qh * bs], vrows + (qh / group) * dim, vstride, nt, dim);
+#else
         for (int t = 0; t < nt; ++t) {
-          if (t == lead_t && next_nt > 0)
-            prefetch_span(kbytes + next * esize, std::min<int64_t>(span * next_nt, kJumpPrefetch));
           for (int hh = 0; hh < nh; ++hh) {
             const float* vrow = row_f32<DT>(a.value_cache, base + t * tok_stride + hh * dim, dim, vbuf.data());
             for (int g = 0; g < group; ++g) {
@@ -285,6 +352,7 @@ void attention_impl(const AttnArgs& a) {
             }
           }
         }
+#endif
       }
       for (int qh = 0; qh < nqh; ++qh) {
         const float inv = 1.f / den[qh];
