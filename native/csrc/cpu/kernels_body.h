@@ -1077,13 +1077,18 @@ void int4_gemm_gs(const Int4GemmArgs& p) {
   const int nt = M == 1 ? 2 : 1;
 #endif
   // A single activation row streams several weight rows at once (shared activation
-  // loads, more streams in flight). nowait: one barrier per call, so a preempted thread
-  // (shared machine) delays the call once, and dynamic chunks let the other take its share.
+  // loads, more streams in flight). Each thread takes long runs of adjacent columns,
+  // about four per thread: the longer a sequential run, the better the hardware
+  // prefetcher streams it (16-tile runs measured 5-10% slower at M = 1). Dynamic runs
+  // let one thread take a preempted one's share on a shared machine; nowait: one
+  // barrier per call.
   const int64_t tiles = p.N / nt;
-#pragma omp parallel num_threads(num_threads())
+  const int threads = num_threads();
+  const int64_t run = std::max<int64_t>(16, tiles / (4 * static_cast<int64_t>(threads)));
+#pragma omp parallel num_threads(threads)
   {
     std::vector<float> ws(4 * groups), wz(4 * groups);
-#pragma omp for schedule(dynamic, 16) nowait
+#pragma omp for schedule(dynamic, run) nowait
     for (int64_t t = 0; t < tiles; ++t) {
       switch (nt) {
         case 4: int4_columns<GS, 4>(p, xa, 4 * t, ws.data(), wz.data()); break;
