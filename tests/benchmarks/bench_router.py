@@ -11,7 +11,8 @@ in one run. For each of non-streaming and streaming `/v1/chat/completions`:
 
 The router runs with the explicit model (no learned scoring), no semantic cache and no
 events, as LiteLLM does; both log at warning level. LiteLLM is not a test dependency:
-install it for this benchmark with `.venv/bin/pip install 'litellm[proxy]'`; without it the
+install it for this benchmark with `.venv/bin/pip install 'litellm[proxy]'`, or in a venv of
+its own and pass `--litellm-bin` (keeps its pins out of the project's venv); without it the
 benchmark reports the router alone and says so.
 """
 
@@ -217,7 +218,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         procs.append(_spawn([py, "-c", "import asyncio; from llmo.router.main import serve; asyncio.run(serve())"], router_env, tmp / "router.log"))
         router_url = f"http://127.0.0.1:{router_port}/v1/chat/completions"
         await _wait_ready(router_url)
-        litellm_bin = shutil.which("litellm", path=str(Path(py).parent)) if not args.skip_litellm else None
+        litellm_bin = None if args.skip_litellm else args.litellm_bin or shutil.which("litellm", path=str(Path(py).parent))
         litellm_url = None
         if litellm_bin:
             (tmp / "litellm.yaml").write_text(LITELLM_CONFIG.format(base=base))
@@ -247,7 +248,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
                 }
             result["ratios"] = ratios
         else:
-            result["litellm"] = "not installed: .venv/bin/pip install 'litellm[proxy]'"
+            result["litellm"] = "not installed: .venv/bin/pip install 'litellm[proxy]' (or pass --litellm-bin)"
     finally:
         for p in reversed(procs):
             _stop(p)
@@ -266,6 +267,8 @@ def main(argv: list[str]) -> dict[str, Any]:
     parser.add_argument("--tokens", type=int, default=16, help="Tokens the backend streams per answer.")
     parser.add_argument("--backend-latency-ms", type=float, default=5.0, help="Fixed backend latency per request.")
     parser.add_argument("--skip-litellm", action="store_true", help="Measure the router only.")
+    parser.add_argument("--litellm-bin", default=None,
+                        help="The `litellm` proxy executable (default: next to this Python), e.g. from a venv of its own.")
     parser.add_argument("--keep-logs", action="store_true")
     args = parser.parse_args(argv)
     with contextlib.suppress(KeyboardInterrupt):
