@@ -5,7 +5,7 @@ oracle) plus overrides: ``cpu`` (the ``llmo_native`` C++ module: AVX2 /
 AVX-512 VNNI picked at run time, OpenMP), ``cuda`` (``llmo_native._cuda``,
 loaded only when a CUDA tensor shows up) and ``triton``. The platform object
 orders the backends per device; :func:`selected_backend` tells which one a
-call would use. ``LLMO_OPS_BACKEND=reference`` forces the reference everywhere.
+call would use. ``LLMO_OPS_BACKEND=reference`` (read when ``llmo.ops`` is imported) forces the reference everywhere.
 
 KV cache layout (paged):
 

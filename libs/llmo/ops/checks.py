@@ -30,6 +30,9 @@ def dtype_in(name: str, t: torch.Tensor, allowed: Sequence[torch.dtype]) -> None
 
 
 def same_device(**tensors: torch.Tensor | None) -> None:
+    # Hot path (every op call): all-CPU needs no device objects.
+    if all(v is None or v.is_cpu for v in tensors.values()):
+        return
     present = {k: v for k, v in tensors.items() if v is not None}
     devices = {v.device for v in present.values()}
     if len(devices) > 1:

@@ -24,17 +24,32 @@ _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 @functools.cache
-def native() -> ModuleType | None:
+def _module() -> ModuleType | None:
     try:
         import llmo_native
     except ImportError:
         return None
-    llmo_native.set_num_threads(max(1, torch.get_num_threads()))
     return llmo_native
 
 
+_threads_synced = 0
+
+
+def native() -> ModuleType | None:
+    """The ``llmo_native`` module (None when it is not built), running as many
+    threads as torch: a change of ``torch.set_num_threads`` reaches it at the next call."""
+    global _threads_synced
+    lib = _module()
+    if lib is not None:
+        threads = torch.get_num_threads()
+        if threads != _threads_synced:  # checked per op call: one int compare when unchanged
+            lib.set_num_threads(max(1, threads))
+            _threads_synced = threads
+    return lib
+
+
 def available() -> bool:
-    return native() is not None
+    return _module() is not None
 
 
 def _lib() -> ModuleType:
@@ -187,7 +202,7 @@ def int8_linear(
     m, k = x.shape
     n = weight.shape[0]
     pw = packed_int8(weight)
-    xf = x.to(torch.float32).contiguous()
+    xf = x if x.dtype == torch.float32 else x.float()
     out = torch.empty(m, n, dtype=torch.float32)
     bias32 = _bias32(bias)
     _lib().int8_linear(
@@ -226,7 +241,7 @@ def int4_gemm(
         w = int4_dequantize(packed, scales, zeros, group_size, x.dtype)
         out_dense = x @ w.t()
         return out_dense if bias is None else out_dense + bias.to(x.dtype)
-    xf = x.to(torch.float32).contiguous()
+    xf = x if x.dtype == torch.float32 else x.float()
     out = torch.empty(m, n, dtype=torch.float32)
     bias32 = _bias32(bias)
     _lib().int4_gemm(
@@ -237,7 +252,10 @@ def int4_gemm(
 
 
 def _on_cpu(*args: object, **kwargs: object) -> bool:
-    return all(t.device.type == "cpu" for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor))
+    for value in args:
+        if isinstance(value, torch.Tensor) and not value.is_cpu:
+            return False
+    return all(value.is_cpu for value in kwargs.values() if isinstance(value, torch.Tensor))
 
 
 def register_cpu() -> None:

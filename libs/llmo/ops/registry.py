@@ -55,7 +55,7 @@ class Op:
         return override.impl
 
     def select(self, *args: Any, **kwargs: Any) -> str:
-        forced = _forced.get(self.name) or _forced.get("*") or os.environ.get("LLMO_OPS_BACKEND") or None
+        forced = _forced.get(self.name) or _forced.get("*") or _ENV_BACKEND
         if forced is not None:
             return forced
         device = _first_device(args, kwargs)
@@ -81,6 +81,8 @@ class Op:
 
 _ops: dict[str, Op] = {}
 _forced: dict[str, str] = {}
+# LLMO_OPS_BACKEND is read once, when llmo.ops is imported (dispatch is on the hot path).
+_ENV_BACKEND = os.environ.get("LLMO_OPS_BACKEND") or None
 # Dispatch is on the hot path: each (op, backend) choice is logged once, not per call.
 _announced: set[tuple[str, str]] = set()
 
@@ -129,8 +131,14 @@ def force_backend(backend: str, op: str = "*") -> Iterator[None]:
             _forced[op] = previous
 
 
+_CPU = torch.device("cpu")
+
+
 def _first_device(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.device:
-    for value in (*args, *kwargs.values()):
+    for value in args:
         if isinstance(value, torch.Tensor):
-            return value.device
-    return torch.device("cpu")
+            return _CPU if value.is_cpu else value.device
+    for value in kwargs.values():
+        if isinstance(value, torch.Tensor):
+            return _CPU if value.is_cpu else value.device
+    return _CPU

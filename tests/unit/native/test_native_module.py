@@ -37,6 +37,18 @@ def test_module_reports_isa_and_threads() -> None:
         native.set_num_threads(0)
 
 
+def test_native_threads_follow_torch_set_num_threads() -> None:
+    before = torch.get_num_threads()
+    x, w = torch.randn(2, 64), torch.randint(-127, 128, (8, 64), dtype=torch.int8)
+    try:
+        for threads in (1, 2, 1):
+            torch.set_num_threads(threads)
+            ops.int8_linear(x, w, torch.ones(8))  # any op call picks the change up
+            assert native.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_cpu_backend_is_selected_for_cpu_tensors() -> None:
     q = torch.randn(1, 4, 64)
     assert ops.selected_backend("paged_attention_decode", q) == "cpu"
