@@ -82,50 +82,50 @@ inline const float* row_f32(const void* base, int64_t offset, int dim, float* bu
   }
 }
 
-inline float dot_f32(const float* a, const float* b, int n) {
+#if LLMO_ISA >= 1
+// The widest float vector of the ISA: 16 lanes with AVX-512, 8 with AVX2.
 #if LLMO_ISA == 2
-  __m512 z0 = _mm512_setzero_ps(), z1 = _mm512_setzero_ps();
-  int d = 0;
-  for (; d + 32 <= n; d += 32) {
-    z0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + d), _mm512_loadu_ps(b + d), z0);
-    z1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + d + 16), _mm512_loadu_ps(b + d + 16), z1);
-  }
-  for (; d + 16 <= n; d += 16) z0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + d), _mm512_loadu_ps(b + d), z0);
-  float s = _mm512_reduce_add_ps(_mm512_add_ps(z0, z1));
-  for (; d < n; ++d) s += a[d] * b[d];
-  return s;
-#elif LLMO_ISA >= 1
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  int d = 0;
-  for (; d + 16 <= n; d += 16) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d + 8), _mm256_loadu_ps(b + d + 8), acc1);
-  }
-  for (; d + 8 <= n; d += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc0);
-  float s = hsum(_mm256_add_ps(acc0, acc1));
-  for (; d < n; ++d) s += a[d] * b[d];
-  return s;
+using VecF = __m512;
+constexpr int kVecF = 16;
+inline VecF vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, VecF v) { _mm512_storeu_ps(p, v); }
+inline VecF vfma(VecF a, VecF b, VecF c) { return _mm512_fmadd_ps(a, b, c); }
+inline VecF vset1(float x) { return _mm512_set1_ps(x); }
+inline VecF vzero() { return _mm512_setzero_ps(); }
+inline VecF vadd(VecF a, VecF b) { return _mm512_add_ps(a, b); }
+inline float vsum(VecF v) { return _mm512_reduce_add_ps(v); }
 #else
-  float s = 0.f;
-  for (int d = 0; d < n; ++d) s += a[d] * b[d];
-  return s;
+using VecF = __m256;
+constexpr int kVecF = 8;
+inline VecF vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, VecF v) { _mm256_storeu_ps(p, v); }
+inline VecF vfma(VecF a, VecF b, VecF c) { return _mm256_fmadd_ps(a, b, c); }
+inline VecF vset1(float x) { return _mm256_set1_ps(x); }
+inline VecF vzero() { return _mm256_setzero_ps(); }
+inline VecF vadd(VecF a, VecF b) { return _mm256_add_ps(a, b); }
+inline float vsum(VecF v) { return hsum(v); }
 #endif
+#endif
+
+inline float dot_f32(const float* a, const float* b, int n) {
+  float s = 0.f;
+  int d = 0;
+#if LLMO_ISA >= 1
+  VecF acc0 = vzero(), acc1 = vzero();
+  for (; d + 2 * kVecF <= n; d += 2 * kVecF) {
+    acc0 = vfma(vload(a + d), vload(b + d), acc0);
+    acc1 = vfma(vload(a + d + kVecF), vload(b + d + kVecF), acc1);
+  }
+  for (; d + kVecF <= n; d += kVecF) acc0 = vfma(vload(a + d), vload(b + d), acc0);
+  s = vsum(vadd(acc0, acc1));
+#endif
+  for (; d < n; ++d) s += a[d] * b[d];
+  return s;
 }
 
+// acc[0, dim) += p * v[0, dim) (the portable attention path).
 inline void axpy(float* acc, float p, const float* v, int dim) {
-#if LLMO_ISA == 2
-  const __m512 zp = _mm512_set1_ps(p);
-  int d = 0;
-  for (; d + 16 <= dim; d += 16) _mm512_storeu_ps(acc + d, _mm512_fmadd_ps(zp, _mm512_loadu_ps(v + d), _mm512_loadu_ps(acc + d)));
-  for (; d < dim; ++d) acc[d] += p * v[d];
-#elif LLMO_ISA >= 1
-  const __m256 vp = _mm256_set1_ps(p);
-  int d = 0;
-  for (; d + 8 <= dim; d += 8) _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(vp, _mm256_loadu_ps(v + d), _mm256_loadu_ps(acc + d)));
-  for (; d < dim; ++d) acc[d] += p * v[d];
-#else
   for (int d = 0; d < dim; ++d) acc[d] += p * v[d];
-#endif
 }
 
 #if LLMO_ISA >= 1
@@ -189,22 +189,6 @@ inline float softmax_block(float* s, int n, float* running_max, float* alpha) {
 }
 
 #if LLMO_ISA >= 1
-#if LLMO_ISA == 2
-using VecF = __m512;
-constexpr int kVecF = 16;
-inline VecF vload(const float* p) { return _mm512_loadu_ps(p); }
-inline void vstore(float* p, VecF v) { _mm512_storeu_ps(p, v); }
-inline VecF vfma(VecF a, VecF b, VecF c) { return _mm512_fmadd_ps(a, b, c); }
-inline VecF vset1(float x) { return _mm512_set1_ps(x); }
-#else
-using VecF = __m256;
-constexpr int kVecF = 8;
-inline VecF vload(const float* p) { return _mm256_loadu_ps(p); }
-inline void vstore(float* p, VecF v) { _mm256_storeu_ps(p, v); }
-inline VecF vfma(VecF a, VecF b, VecF c) { return _mm256_fmadd_ps(a, b, c); }
-inline VecF vset1(float x) { return _mm256_set1_ps(x); }
-#endif
-
 // acc[0, NV * kVecF) += sum over t < n of p[t] * rows[t * row_stride + ...], the
 // accumulators held in registers for all n rows.
 template <int NV>
