@@ -13,6 +13,7 @@ import enum
 import functools
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from llmo.cost.prices import NoPriceAtTimeError, PriceCatalog, UnknownModelError
 from llmo.protos.events.v1 import events_pb2
@@ -248,28 +249,7 @@ def _priced(
 
 def price_inference_event(event: events_pb2.InferenceCompleted, catalog: PriceCatalog) -> LedgerRecord:
     """``price_usage(usage_from_inference(event))`` without the intermediate object."""
-    who, usage = event.attribution, event.usage
-    ttft, e2e = _latency(event)
-    return _priced(
-        catalog,
-        event.event_id,
-        event.request_id,
-        _INFERENCE,
-        _timestamp_us(event),
-        who.tenant,
-        who.application,
-        who.user,
-        event.model,
-        event.provider,
-        "",
-        "",
-        usage.input_tokens,
-        usage.cached_input_tokens,
-        usage.output_tokens,
-        ttft,
-        e2e,
-        False,
-    )
+    return _priced(catalog, *_inference_fields(event, _INFERENCE), False)
 
 
 def price_router_event(event: events_pb2.RouterCompleted, catalog: PriceCatalog) -> LedgerRecord:
@@ -284,13 +264,24 @@ def _latency(event: events_pb2.InferenceCompleted | events_pb2.RouterCompleted) 
 
 
 def usage_from_inference(event: events_pb2.InferenceCompleted) -> UsageInput:
+    return UsageInput(*_inference_fields(event, Source.INFERENCE))
+
+
+# UsageInput's fields in order, without `free` (an inference event is never free).
+_UsageFields = tuple[
+    str, str, Any, int, str, str, str, str, str, str, str, int, int, int, float | None, float | None
+]
+
+
+def _inference_fields(event: events_pb2.InferenceCompleted, source: Any) -> _UsageFields:
+    """One inference event's usage fields, shared by the object and the fast pricing path."""
     ttft, e2e = _latency(event)
     who = event.attribution
     usage = event.usage
-    return UsageInput(
+    return (
         event.event_id,
         event.request_id,
-        Source.INFERENCE,
+        source,
         _timestamp_us(event),
         who.tenant,
         who.application,
