@@ -60,7 +60,11 @@ def _parse(argv: list[str]) -> argparse.Namespace:
                    help=f"replicate buffers up to this size (default 1.5x the {llc:.0f} MiB LLC)")
     p.add_argument("--stream-mb", type=float, default=max(256.0, 2.0 * llc),
                    help="STREAM copy buffer size (default 2x the LLC)")
+    p.set_defaults(llc_mib=llc)
     return p.parse_args(argv)
+
+
+_SIZE_UNITS = {"K": 1, "M": 1024, "G": 1024 * 1024}  # sysfs cache sizes, in KiB
 
 
 def llc_mib(sysfs: str = "/sys/devices/system/cpu/cpu0/cache") -> float:
@@ -72,10 +76,9 @@ def llc_mib(sysfs: str = "/sys/devices/system/cpu/cpu0/cache") -> float:
                 level = int(f.read())
             with open(f"{index}/size") as f:
                 size = f.read().strip()
+            kib = int(size[:-1]) * _SIZE_UNITS[size[-1]] if size[-1:] in _SIZE_UNITS else int(size) // 1024
         except (OSError, ValueError):
             continue
-        units = {"K": 1, "M": 1024, "G": 1024 * 1024}
-        kib = int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size) // 1024
         if level > best_level:
             best_level, best_kib = level, kib
     return best_kib / 1024
@@ -276,7 +279,7 @@ def main(argv: list[str]) -> dict[str, Any]:
     lib.set_num_threads(args.threads)
     sections = set(args.sections.split(","))
     out: dict[str, Any] = {
-        "machine": {"threads": args.threads, "llc_mib": llc_mib(), "rotate_mb": args.rotate_mb, "torch": torch.__version__, "isa": lib.isa(),
+        "machine": {"threads": args.threads, "llc_mib": args.llc_mib, "rotate_mb": args.rotate_mb, "torch": torch.__version__, "isa": lib.isa(),
                     "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()},
     }
     stream = bench_stream(args)

@@ -42,3 +42,8 @@ def test_default_rotation_exceeds_the_llc() -> None:
     bench = load_bench()
     args = bench._parse([])
     assert args.rotate_mb > bench.llc_mib() and args.stream_mb >= 2 * bench.llc_mib()
+
+
+def test_unreadable_cache_sizes_are_skipped(tmp_path: Path) -> None:
+    sysfs = fake_cache(tmp_path, {"index2": (2, "2048K"), "index3": (3, "")})
+    assert load_bench().llc_mib(str(sysfs)) == 2.0
