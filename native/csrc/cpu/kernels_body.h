@@ -1075,7 +1075,9 @@ void int4_gemm_gs(const Int4GemmArgs& p) {
 #pragma omp for schedule(dynamic, run) nowait
     for (int64_t t = 0; t < tiles; ++t) {
       switch (nt) {
-        case 4: int4_columns<GS, 4>(p, xa, 4 * t, ws.data(), wz.data()); break;
+#if LLMO_ISA == 2
+        case 4: int4_columns<GS, 4>(p, xa, 4 * t, ws.data(), wz.data()); break;  // 4-wide tiles: AVX-512 only
+#endif
         case 2: int4_columns<GS, 2>(p, xa, 2 * t, ws.data(), wz.data()); break;
         default: int4_columns<GS, 1>(p, xa, t, ws.data(), wz.data()); break;
       }
