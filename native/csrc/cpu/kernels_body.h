@@ -642,6 +642,9 @@ inline void int8p_segment_dispatch(unsigned mask, __m256i (&acc)[MR][NB], const 
 #endif
 
 #if LLMO_ISA == 2
+// Bytes requested ahead in each column block's stream.
+constexpr int kInt8PrefetchAhead = 1024;
+
 // 512-bit VNNI over the same packed layout: one 64-byte load holds a column
 // block's channel quads kq and kq + 1, so the activation vector carries quad kq
 // in lanes 0-7 and quad kq + 1 in lanes 8-15; the two halves are added at the end.
@@ -654,9 +657,7 @@ inline void int8p_vnni512(__m256i (&acc)[MR][NB], const int8_t* wp, int64_t bstr
     for (int j = 0; j < NB; ++j) wide[i][j] = _mm512_setzero_si512();
   int64_t kq = 0;
   for (; kq + 2 <= k4; kq += 2) {
-    if constexpr (MR == 1) {
-      for (int j = 0; j < NB; ++j) _mm_prefetch(reinterpret_cast<const char*>(wp + j * bstride + kq * 32) + 1024, _MM_HINT_T0);
-    }
+    for (int j = 0; j < NB; ++j) _mm_prefetch(reinterpret_cast<const char*>(wp + j * bstride + kq * 32) + kInt8PrefetchAhead, _MM_HINT_T0);
     __m512i w[NB];
     for (int j = 0; j < NB; ++j) w[j] = _mm512_loadu_si512(wp + j * bstride + kq * 32);
     for (int i = 0; i < MR; ++i) {
@@ -678,7 +679,44 @@ inline void int8p_vnni512(__m256i (&acc)[MR][NB], const int8_t* wp, int64_t bstr
     }
   }
 }
+
+// Many rows (MR >= 8) over 4 column blocks, one channel quad at a time: a zmm
+// holds quad kq of two adjacent blocks (16 columns), so each activation quad is
+// a plain dword broadcast and one 2 x 32-byte weight gather serves all MR rows
+// (the pair form above needs a permute per row and step instead).
+template <int MR>
+inline void int8p_vnni512_rows(__m256i (&acc)[MR][4], const int8_t* wp, int64_t bstride, const uint8_t* ap,
+                               int64_t kpad, int64_t k4) {
+  __m512i wide[MR][2];
+  for (int i = 0; i < MR; ++i) wide[i][0] = wide[i][1] = _mm512_setzero_si512();
+  for (int64_t kq = 0; kq < k4; ++kq) {
+    if ((kq & 1) == 0)
+      for (int j = 0; j < 4; ++j) _mm_prefetch(reinterpret_cast<const char*>(wp + j * bstride + kq * 32) + kInt8PrefetchAhead, _MM_HINT_T0);
+    __m512i w[2];
+    for (int h = 0; h < 2; ++h) {
+      const int8_t* lo = wp + (2 * h) * bstride + kq * 32;
+      w[h] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(lo))),
+                                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lo + bstride)), 1);
+    }
+    for (int i = 0; i < MR; ++i) {
+      int32_t a4;
+      std::memcpy(&a4, ap + i * kpad + kq * 4, 4);
+      const __m512i a = _mm512_set1_epi32(a4);
+      wide[i][0] = _mm512_dpbusd_epi32(wide[i][0], a, w[0]);
+      wide[i][1] = _mm512_dpbusd_epi32(wide[i][1], a, w[1]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int h = 0; h < 2; ++h) {
+      acc[i][2 * h] = _mm512_castsi512_si256(wide[i][h]);
+      acc[i][2 * h + 1] = _mm512_extracti64x4_epi64(wide[i][h], 1);
+    }
+}
 #endif
+
+// Largest K for which a u7 x s8 dot minus zero point x column sum fits int32
+// (each is at most 127 * 127 * K in magnitude).
+constexpr int64_t kExactInt32K = 65536;
 
 // MR activation rows x NB column blocks (8 columns each) over the whole of K.
 template <int MR, int NB>
@@ -694,7 +732,10 @@ inline void int8p_tile(const Int8LinearArgs& p, const uint8_t* aq, int64_t kpad,
   const int64_t bstride = k4 * 32;
   const uint8_t* ap = aq + m0 * kpad;
 #if LLMO_ISA == 2
-  int8p_vnni512<MR, NB>(acc, wp, bstride, ap, kpad, k4);
+  if constexpr (MR >= 8 && NB == 4)
+    int8p_vnni512_rows<MR>(acc, wp, bstride, ap, kpad, k4);
+  else
+    int8p_vnni512<MR, NB>(acc, wp, bstride, ap, kpad, k4);
 #else
   const int64_t segs = int8_segments(p.K);
   const uint8_t* flags = reinterpret_cast<const uint8_t*>(p.packed + (p.N + 7) / 8 * bstride) + nb0 * segs;
@@ -722,7 +763,29 @@ inline void int8p_tile(const Int8LinearArgs& p, const uint8_t* aq, int64_t kpad,
   for (int i = 0; i < MR; ++i) {
     const int64_t m = m0 + i;
     for (int j = 0; j < NB; ++j) {
-      for (int c = 0; c < 8; ++c) {
+      int c = 0;
+#if LLMO_ISA >= 1
+      const int64_t n0 = (nb0 + j) * 8;
+      if (p.K <= kExactInt32K && n0 + 8 <= p.N) {
+        // The scalar loop below, 8 columns at once and bit for bit: dot - zp * colsum
+        // is exact in int32 for these K, then (dot * x_scale) * w_scale in double.
+        const __m256i dot = _mm256_sub_epi32(
+            _mm256_load_si256(reinterpret_cast<const __m256i*>(res[i][j])),
+            _mm256_mullo_epi32(_mm256_set1_epi32(zp[m]),
+                               _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.colsum + n0))));
+        const __m256d xsd = _mm256_set1_pd(static_cast<double>(xs[m]));
+        const __m256 ws = _mm256_loadu_ps(p.w_scales + n0);
+        const __m128 lo = _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_mul_pd(_mm256_cvtepi32_pd(_mm256_castsi256_si128(dot)), xsd),
+                                                        _mm256_cvtps_pd(_mm256_castps256_ps128(ws))));
+        const __m128 hi = _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_mul_pd(_mm256_cvtepi32_pd(_mm256_extracti128_si256(dot, 1)), xsd),
+                                                        _mm256_cvtps_pd(_mm256_extractf128_ps(ws, 1))));
+        __m256 v = _mm256_set_m128(hi, lo);
+        if (p.bias != nullptr) v = _mm256_add_ps(v, _mm256_loadu_ps(p.bias + n0));
+        _mm256_storeu_ps(p.out + m * p.N + n0, v);
+        c = 8;
+      }
+#endif
+      for (; c < 8; ++c) {
         const int64_t n = (nb0 + j) * 8 + c;
         if (n >= p.N) break;
         const int64_t dot = static_cast<int64_t>(res[i][j][c]) - static_cast<int64_t>(zp[m]) * p.colsum[n];
@@ -739,6 +802,10 @@ template <int NB>
 inline void int8p_columns(const Int8LinearArgs& p, const uint8_t* aq, int64_t kpad, const float* xs,
                           const int32_t* zp, int64_t nb0) {
   int64_t m0 = 0;
+#if LLMO_ISA == 2
+  if constexpr (NB == 4)
+    for (; m0 + 8 <= p.M; m0 += 8) int8p_tile<8, NB>(p, aq, kpad, xs, zp, m0, nb0);
+#endif
   for (; m0 + 4 <= p.M; m0 += 4) int8p_tile<4, NB>(p, aq, kpad, xs, zp, m0, nb0);
   switch (p.M - m0) {
     case 3: int8p_tile<3, NB>(p, aq, kpad, xs, zp, m0, nb0); break;
@@ -757,7 +824,8 @@ void int8_linear(const Int8LinearArgs& p) {
   quantize_rows_u7(p.x, aq.data(), xs.data(), zp.data(), p.M, p.K, kpad);
   // One row streams 4 column blocks (memory bound: more streams in flight);
   // more rows take 2 blocks per tile so 4 x 2 accumulators fit the registers.
-  // (AVX-512 has 32 vector registers: 4 x 4 accumulators.)
+  // (AVX-512 has 32 vector registers: 4 x 4 accumulators, and 8 rows x 2 zmm
+  // per tile from M = 8 on, see int8p_vnni512_rows.)
   const int nb = p.M == 1 || LLMO_ISA == 2 ? 4 : 2;
   const int64_t tiles = blocks / nb;
 #pragma omp parallel num_threads(num_threads())
@@ -1012,6 +1080,13 @@ inline void int4_tile(const Int4GemmArgs& p, const QuantizedActs& xa, int64_t m0
 template <int GS, int NT>
 inline void int4_columns(const Int4GemmArgs& p, const QuantizedActs& xa, int64_t n0, float* ws, float* wz) {
   const int64_t groups = p.K / GS;
+  // Scales and zero points of the tile after next: without this every tile starts
+  // with dependent DRAM misses, which cost a third of the bandwidth at K = 4096.
+  if (n0 + 3 * NT <= p.N) {
+    const int64_t scale_bytes = p.scale_dtype == kF32 ? 4 : 2;
+    prefetch_span(static_cast<const char*>(p.scales) + (n0 + 2 * NT) * groups * scale_bytes, NT * groups * scale_bytes);
+    prefetch_span(reinterpret_cast<const char*>(p.zeros + (n0 + 2 * NT) * groups), NT * groups);
+  }
   for (int j = 0; j < NT; ++j) {
     load_scales(p.scales, p.scale_dtype, (n0 + j) * groups, groups, ws + j * groups);
     const uint8_t* zj = p.zeros + (n0 + j) * groups;

@@ -121,10 +121,11 @@ def test_large_m_int4_takes_dense_path_and_matches() -> None:
     assert float((out.float() - want).abs().mean() / want.abs().mean()) < 0.02
 
 
-@pytest.mark.parametrize("m", [1, 3, 5, 16])
-def test_int8_linear_every_isa_is_bit_exact(isa: str, m: int) -> None:
-    x = torch.randn(m, 203) + 0.5
-    w = torch.randint(-128, 128, (21, 203), dtype=torch.int8)
+# 9 and 24 take the AVX-512 8-row tiles; K = 70001 the scalar epilogue (int32 could overflow).
+@pytest.mark.parametrize(("m", "k"), [(1, 203), (3, 203), (5, 203), (9, 203), (16, 203), (24, 203), (2, 70001)])
+def test_int8_linear_every_isa_is_bit_exact(isa: str, m: int, k: int) -> None:
+    x = torch.randn(m, k) + 0.5
+    w = torch.randint(-128, 128, (21, k), dtype=torch.int8)
     w_s = torch.rand(21) * 0.01
     bias = torch.randn(21)
     with force_backend("cpu"):
