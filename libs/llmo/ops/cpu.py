@@ -17,8 +17,12 @@ from llmo.ops import reference
 from llmo.ops.registry import register
 
 # From this many activation rows on, dequantize + dense GEMM (torch's BLAS)
-# beats the decode-shaped INT4 kernel on CPU (see `llmo bench kernels`).
+# beats the AVX2 and generic INT4 kernels (measured on a Zen 1 VM). The AVX-512
+# VNNI kernel beats it at every M (on the Zen 5 VM 2.5-25x at M = 16..256, fp32
+# or bf16 activations: dequantizing alone costs more than the whole kernel),
+# so that table never takes the dense path.
 INT4_DENSE_MIN_ROWS = 48
+INT4_KERNEL_ONLY_ISAS = frozenset({"avx512vnni"})
 
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -237,7 +241,7 @@ def int4_gemm(
 ) -> torch.Tensor:
     m, k = x.shape
     n = packed.shape[0]
-    if m >= INT4_DENSE_MIN_ROWS:
+    if m >= INT4_DENSE_MIN_ROWS and _lib().isa() not in INT4_KERNEL_ONLY_ISAS:
         w = int4_dequantize(packed, scales, zeros, group_size, x.dtype)
         out_dense = x @ w.t()
         return out_dense if bias is None else out_dense + bias.to(x.dtype)

@@ -109,13 +109,23 @@ def test_int4_isas_agree_bit_for_bit_on_integer_parts() -> None:
         torch.testing.assert_close(r, results[0], atol=1e-4, rtol=1e-4)
 
 
-def test_large_m_int4_takes_dense_path_and_matches() -> None:
-    from llmo.ops.cpu import INT4_DENSE_MIN_ROWS
+def test_large_m_int4_matches_on_every_isa(isa: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """AVX2 / generic take dequantize + dense GEMM from INT4_DENSE_MIN_ROWS rows on; AVX-512 keeps its kernel."""
+    from llmo.ops import cpu
 
     packed, scales, zeros = ops.quantize_int4(torch.randn(32, 256), 64)
-    x = torch.randn(INT4_DENSE_MIN_ROWS, 256).to(torch.bfloat16)
+    x = torch.randn(cpu.INT4_DENSE_MIN_ROWS, 256).to(torch.bfloat16)
+    dense_calls: list[int] = []
+    real_dequantize = cpu.int4_dequantize
+
+    def counting_dequantize(*args: object) -> torch.Tensor:
+        dense_calls.append(1)
+        return real_dequantize(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cpu, "int4_dequantize", counting_dequantize)
     with force_backend("cpu"):
         out = ops.int4_gemm(x, packed, scales, zeros, 64)
+    assert bool(dense_calls) == (isa not in cpu.INT4_KERNEL_ONLY_ISAS)
     want = x.float() @ ops.dequantize_int4(packed, scales, zeros, 64).t()
     assert out.dtype == torch.bfloat16
     assert float((out.float() - want).abs().mean() / want.abs().mean()) < 0.02
