@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import click
+from rich.console import Console
+from rich.table import Table
 
 from llmo.core.logging import configure_logging
 from llmo.router.learned.data import RoutingDataError, load_routing_data
@@ -28,14 +31,14 @@ from llmo.router.learned.train import (
 )
 
 
-def _embedder(cache_dir: Path | None, no_cache: bool) -> Embedder:
+def _embedder(cache_dir: Path | None, no_cache: bool, progress: bool) -> Embedder:
     try:
         import torch
 
         torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     except ImportError:
         pass
-    return Embedder(cache_dir=None if no_cache else (cache_dir or default_cache_dir()))
+    return Embedder(cache_dir=None if no_cache else (cache_dir or default_cache_dir()), progress=progress)
 
 
 def _load(path: Path) -> Any:
@@ -49,6 +52,62 @@ def _emit(result: dict[str, Any]) -> None:
     click.echo(json.dumps(result, indent=2))
 
 
+def _progress(as_json: bool) -> bool:
+    """Embedding a dataset takes minutes on a CPU: show a bar to people, never in --json mode."""
+    return not as_json and sys.stderr.isatty()
+
+
+def _metrics_table(title: str, rows: list[tuple[str, dict[str, Any]]]) -> Table:
+    table = Table(title=title)
+    for column in ("", "APGR", "CPT(50%)", "CPT(80%)", "weak acc.", "strong acc.", "prompts"):
+        table.add_column(column, justify="left" if not column else "right")
+    for label, m in rows:
+        table.add_row(
+            label,
+            f"{m['apgr']:.3f}",
+            f"{m['cpt50']:.1%}",
+            f"{m['cpt80']:.1%}",
+            f"{m['weak_accuracy']:.1%}" if "weak_accuracy" in m else "",
+            f"{m['strong_accuracy']:.1%}" if "strong_accuracy" in m else "",
+            str(m.get("n", "")),
+        )
+    return table
+
+
+def _print_evaluation(result: dict[str, Any]) -> None:
+    console = Console()
+    if "runs" not in result:
+        rows = [(result["data"], result["metrics"]), *result.get("also", {}).items()]
+        console.print(_metrics_table(f"router {result['router_version']}", rows))
+        return
+    table = Table(title=f"{result['data']}: leave-subjects-out, held-out subjects never seen in training")
+    for column in ("seed", "train / test prompts", "held-out subjects", "APGR", "CPT(50%)", "CPT(80%)", "random APGR", "subject oracle APGR"):
+        table.add_column(column, justify="left" if column == "held-out subjects" else "right")
+    for run in result["runs"]:
+        m = run["metrics"]
+        table.add_row(
+            str(run["seed"]),
+            f"{run['train_prompts']} / {run['test_prompts']}",
+            f"{len(run['test_subjects'])}: " + ", ".join(run["test_subjects"]),
+            f"{m['apgr']:.3f}",
+            f"{m['cpt50']:.1%}",
+            f"{m['cpt80']:.1%}",
+            f"{run['random_apgr']:.3f}",
+            f"{run['subject_oracle_apgr']:.3f}",
+        )
+    mean = result["mean"]
+    table.add_row(
+        "mean", "", "", f"{mean['apgr']:.3f}", f"{mean['cpt50']:.1%}", f"{mean['cpt80']:.1%}",
+        f"{mean['random_apgr']:.3f}", f"{mean['subject_oracle_apgr']:.3f}", style="bold",
+    )
+    console.print(table)
+    console.print(
+        "subject oracle: a router that knew each held-out subject's exact difficulty and nothing about single prompts"
+    )
+    for name, m in result.get("also_mean", {}).items():
+        console.print(_metrics_table(f"{name}: the same trained routers (mean over seeds)", [(name, m)]))
+
+
 @click.group()
 def cli() -> None:
     """Learned complexity routing: train and evaluate the router model."""
@@ -59,6 +118,7 @@ _cache_opt = click.option(
     "--cache-dir", type=click.Path(path_type=Path), default=None, help="Embedding cache (default .llmo/router/embeddings)."
 )
 _no_cache_opt = click.option("--no-cache", is_flag=True, help="Do not cache embeddings on disk.")
+_json_opt = click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 
 
 @cli.command()
@@ -70,6 +130,7 @@ _no_cache_opt = click.option("--no-cache", is_flag=True, help="Do not cache embe
 @click.option("--version", "version", default=None, help="Artifact version (default: UTC timestamp).")
 @_cache_opt
 @_no_cache_opt
+@_json_opt
 def train(
     data_dir: Path,
     out_dir: Path,
@@ -79,24 +140,32 @@ def train(
     version: str | None,
     cache_dir: Path | None,
     no_cache: bool,
+    as_json: bool,
 ) -> None:
     """Train on all of DATA and write a versioned router artifact to OUT."""
     data = _load(data_dir)
-    embedder = _embedder(cache_dir, no_cache)
+    embedder = _embedder(cache_dir, no_cache, _progress(as_json))
     try:
         router = train_router(data, embedder, TrainConfig(c=c, head_weight=head_weight, option_weight=option_weight), version=version)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
     router.save(out_dir)
-    _emit(
-        {
-            "artifact": str(out_dir),
-            "version": router.version,
-            "weak_model": router.weak_model,
-            "strong_model": router.strong_model,
-            "train_prompts": len(data),
-        }
-    )
+    summary = {
+        "artifact": str(out_dir),
+        "version": router.version,
+        "weak_model": router.weak_model,
+        "strong_model": router.strong_model,
+        "train_prompts": len(data),
+    }
+    if as_json:
+        _emit(summary)
+        return
+    table = Table(title="router trained")
+    table.add_column("")
+    table.add_column("")
+    for key, value in summary.items():
+        table.add_row(key.replace("_", " "), str(value))
+    Console().print(table)
 
 
 @cli.command()
@@ -111,6 +180,7 @@ def train(
 @click.option("--option-weight", type=float, default=DEFAULT_OPTION_WEIGHT, show_default=True)
 @_cache_opt
 @_no_cache_opt
+@_json_opt
 def evaluate(
     data_dir: Path,
     router_dir: Path | None,
@@ -123,6 +193,7 @@ def evaluate(
     option_weight: float,
     cache_dir: Path | None,
     no_cache: bool,
+    as_json: bool,
 ) -> None:
     """Report APGR, CPT(50%) and CPT(80%) (RouteLLM's definitions).
 
@@ -131,7 +202,7 @@ def evaluate(
     """
     data = _load(data_dir)
     extra = {str(p): _load(p) for p in also}
-    embedder = _embedder(cache_dir, no_cache)
+    embedder = _embedder(cache_dir, no_cache, _progress(as_json))
     result: dict[str, Any] = {"data": str(data_dir)}
     try:
         if router_dir is not None:
@@ -154,6 +225,7 @@ def evaluate(
                     "test_subjects": report.test_subjects,
                     "metrics": report.metrics.as_dict(),
                     "random_apgr": round(report.random_apgr, 4),
+                    "subject_oracle_apgr": round(report.subject_oracle_apgr, 4),
                 }
                 for name, other in extra.items():
                     run.setdefault("also", {})[name] = evaluate_router(router, embedder, other).as_dict()
@@ -161,11 +233,16 @@ def evaluate(
             result["split"] = "leave-subjects-out"
             result["runs"] = runs
             result["mean"] = _mean([r["metrics"] for r in runs])
+            for key in ("random_apgr", "subject_oracle_apgr"):
+                result["mean"][key] = round(sum(float(r[key]) for r in runs) / len(runs), 4)
             for name in extra:
                 result.setdefault("also_mean", {})[name] = _mean([r["also"][name] for r in runs])
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
-    _emit(result)
+    if as_json:
+        _emit(result)
+    else:
+        _print_evaluation(result)
 
 
 def _mean(rows: list[dict[str, Any]]) -> dict[str, float]:

@@ -58,11 +58,14 @@ def _shared_model(max_seq_length: int) -> Any:
 class Embedder:
     """Thread-safe lazy wrapper around the SentenceTransformer model (CPU)."""
 
-    def __init__(self, cache_dir: Path | None = None, batch_size: int = 64, max_seq_length: int = 256) -> None:
+    def __init__(
+        self, cache_dir: Path | None = None, batch_size: int = 64, max_seq_length: int = 256, progress: bool = False
+    ) -> None:
         self._model: Any = None
         self.cache_dir = cache_dir
         self.batch_size = batch_size
         self.max_seq_length = max_seq_length
+        self.progress = progress  # a progress bar on stderr while embedding (the CLI, for people)
 
     def _load(self) -> Any:
         if self._model is None:
@@ -80,7 +83,11 @@ class Embedder:
     def _encode_uncached(self, texts: Sequence[str]) -> np.ndarray:
         model = self._load()
         vectors = model.encode(
-            list(texts), batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True
+            list(texts),
+            batch_size=self.batch_size,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=self.progress,
         )
         return np.asarray(vectors, dtype=np.float32)
 

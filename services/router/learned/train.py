@@ -104,6 +104,19 @@ class HoldoutReport:
     test_subjects: list[str]
     metrics: RouterMetrics
     random_apgr: float
+    subject_oracle_apgr: float
+
+
+def subject_oracle_apgr(data: RoutingDataset) -> float:
+    """APGR of an oracle that knows each subject's exact mean gain (strong minus weak accuracy)
+    on `data` and nothing about single prompts: the ceiling of subject-level difficulty alone."""
+    gain = data.strong_correct.astype(np.float64) - data.weak_correct.astype(np.float64)
+    subjects = np.array(data.subjects)
+    by_subject = {name: float(gain[subjects == name].mean()) for name in set(data.subjects)}
+    # Prompts of one subject tie; a fixed random order inside each subject breaks the ties.
+    jitter = np.random.default_rng(0).random(len(data)) * 1e-9
+    scores = np.array([by_subject[name] for name in data.subjects]) + jitter
+    return router_metrics(scores, data.weak_correct, data.strong_correct).apgr
 
 
 def holdout_evaluation(
@@ -122,7 +135,9 @@ def holdout_evaluation(
             ]
         )
     )
-    return router, HoldoutReport(len(train), len(test), sorted(set(test.subjects)), metrics, random_apgr)
+    return router, HoldoutReport(
+        len(train), len(test), sorted(set(test.subjects)), metrics, random_apgr, subject_oracle_apgr(test)
+    )
 
 
 def default_cache_dir() -> Path:

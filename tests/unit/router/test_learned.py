@@ -147,18 +147,46 @@ def test_cli_train_and_evaluate(routing_dir: Path, tmp_path: Path) -> None:
     runner = CliRunner()
     out = tmp_path / "model"
     cache = tmp_path / "cache"
-    res = runner.invoke(cli, ["train", "--data", str(routing_dir), "--out", str(out), "--cache-dir", str(cache), "--version", "v1"])
+    res = runner.invoke(cli, ["train", "--data", str(routing_dir), "--out", str(out), "--cache-dir", str(cache), "--version", "v1", "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["version"] == "v1"
-    res = runner.invoke(cli, ["evaluate", "--data", str(routing_dir), "--cache-dir", str(cache), "--also", str(routing_dir / "toy_subject0.csv")])
+    also = str(routing_dir / "toy_subject0.csv")
+    res = runner.invoke(cli, ["evaluate", "--data", str(routing_dir), "--cache-dir", str(cache), "--also", also, "--json"])
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)
     assert report["split"] == "leave-subjects-out"
-    assert {"apgr", "cpt50", "cpt80"} <= set(report["mean"])
-    assert str(routing_dir / "toy_subject0.csv") in report["also_mean"]
-    res = runner.invoke(cli, ["evaluate", "--data", str(routing_dir), "--router", str(out), "--cache-dir", str(cache)])
+    assert {"apgr", "cpt50", "cpt80", "random_apgr", "subject_oracle_apgr"} <= set(report["mean"])
+    assert also in report["also_mean"]
+    res = runner.invoke(cli, ["evaluate", "--data", str(routing_dir), "--router", str(out), "--cache-dir", str(cache), "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["router_version"] == "v1"
+
+
+def test_cli_prints_tables_for_people(routing_dir: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    cache = tmp_path / "cache"
+    res = runner.invoke(cli, ["train", "--data", str(routing_dir), "--out", str(tmp_path / "m"), "--cache-dir", str(cache), "--version", "v7"])
+    assert res.exit_code == 0, res.output
+    assert "router trained" in res.stdout and "v7" in res.stdout
+    res = runner.invoke(cli, ["evaluate", "--data", str(routing_dir), "--cache-dir", str(cache), "--seeds", "2"])
+    assert res.exit_code == 0, res.output
+    assert "leave-subjects-out" in res.stdout
+    assert "subject oracle: a router that knew" in res.stdout
+    assert "mean" in res.stdout
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(res.stdout)
+
+
+def test_subject_oracle_ranks_subjects_by_their_true_gain(tmp_path: Path) -> None:
+    from llmo.router.learned.train import subject_oracle_apgr
+
+    # Subject "hard": the strong model wins on every prompt; "easy": both models are right.
+    write_routing_csv(tmp_path / "mmlu_hard.csv", [(f"h{i}", False, True) for i in range(10)])
+    write_routing_csv(tmp_path / "mmlu_easy.csv", [(f"e{i}", True, True) for i in range(10)])
+    data = load_routing_data(tmp_path)
+    oracle = subject_oracle_apgr(data)
+    # Routing the hard half first recovers the whole gap at a 50% strong share: APGR = 0.75.
+    assert oracle == pytest.approx(0.75, abs=0.03)
 
 
 def test_cli_reports_bad_data_without_a_traceback(tmp_path: Path) -> None:
