@@ -58,19 +58,15 @@ def _progress(as_json: bool) -> bool:
 
 
 def _metrics_table(title: str, rows: list[tuple[str, dict[str, Any]]]) -> Table:
+    columns = [("APGR", "apgr", "{:.3f}"), ("CPT(50%)", "cpt50", "{:.1%}"), ("CPT(80%)", "cpt80", "{:.1%}"),
+               ("weak acc.", "weak_accuracy", "{:.1%}"), ("strong acc.", "strong_accuracy", "{:.1%}"), ("prompts", "n", "{}")]
+    shown = [c for c in columns if all(c[1] in m for _, m in rows)]
     table = Table(title=title)
-    for column in ("", "APGR", "CPT(50%)", "CPT(80%)", "weak acc.", "strong acc.", "prompts"):
-        table.add_column(column, justify="left" if not column else "right")
+    table.add_column("data")
+    for header, _, _ in shown:
+        table.add_column(header, justify="right")
     for label, m in rows:
-        table.add_row(
-            label,
-            f"{m['apgr']:.3f}",
-            f"{m['cpt50']:.1%}",
-            f"{m['cpt80']:.1%}",
-            f"{m['weak_accuracy']:.1%}" if "weak_accuracy" in m else "",
-            f"{m['strong_accuracy']:.1%}" if "strong_accuracy" in m else "",
-            str(m.get("n", "")),
-        )
+        table.add_row(Path(label).name, *(fmt.format(m[key]) for _, key, fmt in shown))
     return table
 
 
@@ -80,15 +76,16 @@ def _print_evaluation(result: dict[str, Any]) -> None:
         rows = [(result["data"], result["metrics"]), *result.get("also", {}).items()]
         console.print(_metrics_table(f"router {result['router_version']}", rows))
         return
-    table = Table(title=f"{result['data']}: leave-subjects-out, held-out subjects never seen in training")
-    for column in ("seed", "train / test prompts", "held-out subjects", "APGR", "CPT(50%)", "CPT(80%)", "random APGR", "subject oracle APGR"):
-        table.add_column(column, justify="left" if column == "held-out subjects" else "right")
+    table = Table(title=f"{result['data']}: leave-subjects-out (held-out subjects never seen in training)")
+    for column in ("seed", "train", "test", "subjects", "APGR", "CPT(50%)", "CPT(80%)", "random", "oracle"):
+        table.add_column(column, justify="right")
     for run in result["runs"]:
         m = run["metrics"]
         table.add_row(
             str(run["seed"]),
-            f"{run['train_prompts']} / {run['test_prompts']}",
-            f"{len(run['test_subjects'])}: " + ", ".join(run["test_subjects"]),
+            str(run["train_prompts"]),
+            str(run["test_prompts"]),
+            str(len(run["test_subjects"])),
             f"{m['apgr']:.3f}",
             f"{m['cpt50']:.1%}",
             f"{m['cpt80']:.1%}",
@@ -97,13 +94,17 @@ def _print_evaluation(result: dict[str, Any]) -> None:
         )
     mean = result["mean"]
     table.add_row(
-        "mean", "", "", f"{mean['apgr']:.3f}", f"{mean['cpt50']:.1%}", f"{mean['cpt80']:.1%}",
+        "mean", "", "", "", f"{mean['apgr']:.3f}", f"{mean['cpt50']:.1%}", f"{mean['cpt80']:.1%}",
         f"{mean['random_apgr']:.3f}", f"{mean['subject_oracle_apgr']:.3f}", style="bold",
     )
     console.print(table)
+    console.print("train / test: prompts; random: APGR of random routing on the same split (about 0.5);")
     console.print(
-        "subject oracle: a router that knew each held-out subject's exact difficulty and nothing about single prompts"
+        "oracle: APGR of a subject oracle, a router that knew each held-out subject's exact difficulty "
+        "and nothing about single prompts."
     )
+    for run in result["runs"]:
+        console.print(f"seed {run['seed']} held out: " + ", ".join(run["test_subjects"]))
     for name, m in result.get("also_mean", {}).items():
         console.print(_metrics_table(f"{name}: the same trained routers (mean over seeds)", [(name, m)]))
 

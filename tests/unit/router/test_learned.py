@@ -171,7 +171,7 @@ def test_cli_prints_tables_for_people(routing_dir: Path, tmp_path: Path) -> None
     res = runner.invoke(cli, ["evaluate", "--data", str(routing_dir), "--cache-dir", str(cache), "--seeds", "2"])
     assert res.exit_code == 0, res.output
     assert "leave-subjects-out" in res.stdout
-    assert "subject oracle: a router that knew" in res.stdout
+    assert "subject oracle, a router that knew" in res.stdout
     assert "mean" in res.stdout
     with pytest.raises(json.JSONDecodeError):
         json.loads(res.stdout)
