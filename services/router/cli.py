@@ -27,6 +27,7 @@ from llmo.router.learned.train import (
     default_cache_dir,
     evaluate_router,
     holdout_evaluation,
+    signal_report,
     train_router,
 )
 
@@ -249,6 +250,32 @@ def evaluate(
 def _mean(rows: list[dict[str, Any]]) -> dict[str, float]:
     keys = ("apgr", "cpt50", "cpt80")
     return {k: round(sum(float(r[k]) for r in rows) / len(rows), 4) for k in keys}
+
+
+@cli.command()
+@click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path), help="Routing outcome data (CSV file or directory).")
+@_json_opt
+def signals(data_dir: Path, as_json: bool) -> None:
+    """APGR of single cheap text signals (and the subject oracle) as routing scores on all of DATA.
+
+    No training and no embeddings: a quick screen of what in a prompt predicts that the strong
+    model is needed. 0.5 is random; below 0.5 the signal works reversed.
+    """
+    data = _load(data_dir)
+    try:
+        rows = signal_report(data)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if as_json:
+        _emit({"data": str(data_dir), "prompts": len(data), "apgr": {name: round(v, 4) for name, v in rows}})
+        return
+    table = Table(title=f"{data_dir}: single signals as routing scores ({len(data)} prompts)")
+    table.add_column("signal")
+    table.add_column("APGR", justify="right")
+    table.add_column("reversed", justify="right")
+    for name, value in sorted(rows, key=lambda r: -abs(r[1] - 0.5)):
+        table.add_row(name, f"{value:.3f}", f"{1.0 - value:.3f}" if name != "subject oracle" else "")
+    Console().print(table)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import numpy as np
 
 from llmo.router.learned.data import RoutingDataset, leave_subjects_out_split
 from llmo.router.learned.embed import Embedder
-from llmo.router.learned.features import feature_matrix
+from llmo.router.learned.features import FEATURE_NAMES, feature_matrix
 from llmo.router.learned.metrics import RouterMetrics, router_metrics
 from llmo.router.learned.model import (
     DEFAULT_HEAD_WEIGHT,
@@ -142,3 +142,20 @@ def holdout_evaluation(
 
 def default_cache_dir() -> Path:
     return Path(".llmo") / "router" / "embeddings"
+
+
+def signal_report(data: RoutingDataset) -> list[tuple[str, float]]:
+    """APGR of each cheap text signal used as the routing score on all of `data` (higher value =
+    send to the strong model; a signal below 0.5 works reversed), the complexity prior, and, with
+    several subjects, the subject oracle. No training: a screen for signals worth learning from."""
+    feats = feature_matrix(data.prompts)
+    jitter = np.random.default_rng(0).random(len(data)) * 1e-9
+    rows = [
+        (name, router_metrics(feats[:, j] + jitter, data.weak_correct, data.strong_correct).apgr)
+        for j, name in enumerate(FEATURE_NAMES)
+    ]
+    rows.append(("complexity prior", router_metrics(complexity_prior(feats) + jitter, data.weak_correct, data.strong_correct).apgr))
+    if len(set(data.subjects)) > 1:
+        rows.append(("subject oracle", subject_oracle_apgr(data)))
+    return rows
+

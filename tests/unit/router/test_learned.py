@@ -226,3 +226,19 @@ def test_router_with_option_signal_round_trips(tmp_path: Path, embedder: Embedde
     assert np.isfinite(scores).all() and scores.min() >= 0 and scores.max() <= 1
     assert np.allclose(scores, router.score_prompts(data.prompts, embedder.encode))
     assert evaluate_router(loaded, embedder, data).apgr > 0.6
+
+
+def test_cli_signals_screens_text_signals_without_training(tmp_path: Path) -> None:
+    # The strong model wins exactly on the long prompts: prompt length must score well above random.
+    rows = [(f"short question {i}?", True, True) for i in range(15)]
+    rows += [(f"a much longer question number {i} " + "with many more words " * 6 + "?", False, True) for i in range(15)]
+    write_routing_csv(tmp_path / "mmlu_toy.csv", rows)
+    res = CliRunner().invoke(cli, ["signals", "--data", str(tmp_path), "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["prompts"] == 30
+    assert report["apgr"]["log_words"] > 0.7
+    assert "subject oracle" not in report["apgr"]  # one subject: no oracle to speak of
+    res = CliRunner().invoke(cli, ["signals", "--data", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert "log_words" in res.stdout and "reversed" in res.stdout
