@@ -242,3 +242,11 @@ def test_cli_signals_screens_text_signals_without_training(tmp_path: Path) -> No
     res = CliRunner().invoke(cli, ["signals", "--data", str(tmp_path)])
     assert res.exit_code == 0, res.output
     assert "log_words" in res.stdout and "reversed" in res.stdout
+
+
+def test_cli_signals_explains_data_without_a_gap(tmp_path: Path) -> None:
+    write_routing_csv(tmp_path / "mmlu_flat.csv", [(f"q{i}", True, True) for i in range(10)])
+    res = CliRunner().invoke(cli, ["signals", "--data", str(tmp_path)])
+    assert res.exit_code != 0
+    assert "not more accurate than the weak one" in res.output
+    assert "Traceback" not in res.output
