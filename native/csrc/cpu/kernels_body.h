@@ -1083,7 +1083,7 @@ inline void int4_columns(const Int4GemmArgs& p, const QuantizedActs& xa, int64_t
   // Scales and zero points of the tile after next: without this every tile starts
   // with dependent DRAM misses, which cost a third of the bandwidth at K = 4096.
   if (n0 + 3 * NT <= p.N) {
-    const int64_t scale_bytes = p.scale_dtype == kF32 ? 4 : 2;
+    const int64_t scale_bytes = dtype_size(p.scale_dtype);
     prefetch_span(static_cast<const char*>(p.scales) + (n0 + 2 * NT) * groups * scale_bytes, NT * groups * scale_bytes);
     prefetch_span(reinterpret_cast<const char*>(p.zeros + (n0 + 2 * NT) * groups), NT * groups);
   }
@@ -1139,10 +1139,10 @@ void int4_gemm_gs(const Int4GemmArgs& p) {
   // A single activation row streams two weight rows at once (shared activation loads).
   const int nt = M == 1 ? 2 : 1;
 #endif
-  // Each thread takes long runs of adjacent columns, about four per thread: the longer a sequential run, the better the hardware
-  // prefetcher streams it (16-tile runs measured 5-10% slower at M = 1). Dynamic runs
-  // let one thread take a preempted one's share on a shared machine; nowait: one
-  // barrier per call.
+  // Each thread takes long runs of adjacent columns, about four per thread: the
+  // longer a sequential run, the better the hardware prefetcher streams it (16-tile
+  // runs measured 5-10% slower at M = 1). Dynamic runs let one thread take a
+  // preempted one's share on a shared machine; nowait: one barrier per call.
   const int64_t tiles = p.N / nt;
   const int threads = num_threads();
   const int64_t run = std::max<int64_t>(16, tiles / (4 * static_cast<int64_t>(threads)));
