@@ -107,16 +107,20 @@ class HoldoutReport:
     subject_oracle_apgr: float
 
 
+def _apgr_of(scores: np.ndarray, data: RoutingDataset) -> float:
+    """APGR of `scores` on `data`; tied scores (a subject's prompts, a binary feature) are
+    broken in a fixed random order rather than by position in the file."""
+    jitter = np.random.default_rng(0).random(len(data)) * 1e-9
+    return router_metrics(scores.astype(np.float64) + jitter, data.weak_correct, data.strong_correct).apgr
+
+
 def subject_oracle_apgr(data: RoutingDataset) -> float:
     """APGR of an oracle that knows each subject's exact mean gain (strong minus weak accuracy)
     on `data` and nothing about single prompts: the ceiling of subject-level difficulty alone."""
     gain = data.strong_correct.astype(np.float64) - data.weak_correct.astype(np.float64)
     subjects = np.array(data.subjects)
     by_subject = {name: float(gain[subjects == name].mean()) for name in set(data.subjects)}
-    # Prompts of one subject tie; a fixed random order inside each subject breaks the ties.
-    jitter = np.random.default_rng(0).random(len(data)) * 1e-9
-    scores = np.array([by_subject[name] for name in data.subjects]) + jitter
-    return router_metrics(scores, data.weak_correct, data.strong_correct).apgr
+    return _apgr_of(np.array([by_subject[name] for name in data.subjects]), data)
 
 
 def holdout_evaluation(
@@ -149,12 +153,8 @@ def signal_report(data: RoutingDataset) -> list[tuple[str, float]]:
     send to the strong model; a signal below 0.5 works reversed), the complexity prior, and, with
     several subjects, the subject oracle. No training: a screen for signals worth learning from."""
     feats = feature_matrix(data.prompts)
-    jitter = np.random.default_rng(0).random(len(data)) * 1e-9
-    rows = [
-        (name, router_metrics(feats[:, j] + jitter, data.weak_correct, data.strong_correct).apgr)
-        for j, name in enumerate(FEATURE_NAMES)
-    ]
-    rows.append(("complexity prior", router_metrics(complexity_prior(feats) + jitter, data.weak_correct, data.strong_correct).apgr))
+    rows = [(name, _apgr_of(feats[:, j], data)) for j, name in enumerate(FEATURE_NAMES)]
+    rows.append(("complexity prior", _apgr_of(complexity_prior(feats), data)))
     if len(set(data.subjects)) > 1:
         rows.append(("subject oracle", subject_oracle_apgr(data)))
     return rows
