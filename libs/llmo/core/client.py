@@ -56,11 +56,16 @@ def create_channel(target: str, *, max_attempts: int = 4) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(target, options=options)
 
 
-def outgoing_metadata(api_key: str | None = None) -> list[tuple[str, str]]:
-    """Metadata for a downstream call: API key, request id and a child trace span."""
+def outgoing_metadata(api_key: str | None = None, *, on_behalf_of: str | None = None) -> list[tuple[str, str]]:
+    """Metadata for a downstream call: API key, request id and a child trace span.
+
+    `on_behalf_of` names the end tenant when a service calls for a caller; the
+    downstream service honours it only from an admin key (see `llmo.core.auth`)."""
     metadata: list[tuple[str, str]] = []
     if api_key:
         metadata.append(("authorization", f"Bearer {api_key}"))
+    if on_behalf_of:
+        metadata.append(("x-llmo-tenant", on_behalf_of))
     request_id = ctx.current_request_id()
     if request_id:
         metadata.append(("x-request-id", request_id))

@@ -24,7 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from llmo.core import context as ctx
-from llmo.core.auth import acts_across_tenants, tenant_for
+from llmo.core.auth import resolve_caller
 from llmo.core.errors import STATUS_DETAILS_KEY, ServiceError
 from llmo.core.logging import configure_logging, get_logger
 from llmo.core.metrics import GRPC_IN_FLIGHT, GRPC_LATENCY, GRPC_REQUESTS
@@ -122,23 +122,26 @@ class _CallScope:
         self.started = time.perf_counter()
         self.owner.in_flight.inc()
         metadata = {k: v for k, v in self.context.invocation_metadata() or () if isinstance(v, str)}
-        request_id = metadata.get("x-request-id") or ctx.new_request_id()
         incoming = ctx.TraceContext.parse(metadata.get("traceparent"))
         trace = incoming.child() if incoming else ctx.TraceContext.new()
         remaining = self.context.time_remaining()
         platform = self.owner.platform
         try:
-            tenant = tenant_for(metadata, platform.api_keys, default_tenant=platform.default_tenant)
-            admin = acts_across_tenants(tenant, platform.api_keys, platform.admin_tenants)
+            caller = resolve_caller(metadata, platform.api_keys, platform.admin_tenants,
+                                    default_tenant=platform.default_tenant)
         except ServiceError as error:
-            self._bound = ctx.bind(request_id=request_id, trace=trace, timeout=remaining, method=self.method)
+            self._bound = ctx.bind(request_id=ctx.new_request_id(), trace=trace, timeout=remaining, method=self.method)
             self._bound.__enter__()
             try:
                 await self._finish_with(error)  # aborts the call: raises
             finally:
                 self._cleanup()
+        extra = {"client_request_id": caller.client_request_id} if caller.client_request_id else {}
+        if caller.key_tenant != caller.tenant:
+            extra["on_behalf_of"] = caller.key_tenant
         # one binding for the whole call (each bind costs a context manager and a structlog merge)
-        self._bound = ctx.bind(request_id=request_id, trace=trace, timeout=remaining, method=self.method, tenant=tenant, admin=admin)
+        self._bound = ctx.bind(request_id=caller.request_id, trace=trace, timeout=remaining, method=self.method,
+                               tenant=caller.tenant, admin=caller.admin, **extra)
         self._bound.__enter__()
 
     async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:

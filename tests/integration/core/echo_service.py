@@ -36,6 +36,7 @@ async def echo(request: common_pb2.Usage, context: grpc.aio.ServicerContext) -> 
     if request.input_tokens == SLOW:
         await asyncio.sleep(request.output_tokens / 1000)
     seen["tenant"] = ctx.current_tenant()
+    seen["admin"] = ctx.is_admin()
     seen["request_id"] = ctx.current_request_id()
     trace = ctx.current_trace()
     seen["trace_id"] = trace.trace_id if trace else None
@@ -62,8 +63,10 @@ def add_echo(_servicer: object, server: grpc.aio.Server) -> None:
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
 
 
-def make_server(api_keys: dict[str, str] | None = None, drain_seconds: float = 5.0) -> GrpcServer:
-    settings = EchoSettings(platform=PlatformSettings(api_keys=api_keys or {}, drain_seconds=drain_seconds))
+def make_server(api_keys: dict[str, str] | None = None, drain_seconds: float = 5.0,
+                admin_tenants: frozenset[str] = frozenset()) -> GrpcServer:
+    settings = EchoSettings(platform=PlatformSettings(api_keys=api_keys or {}, drain_seconds=drain_seconds,
+                                                      admin_tenants=admin_tenants))
     server = GrpcServer("test", settings, port=0)
     server.add_service(add_echo, None, SERVICE)
     return server

@@ -29,7 +29,8 @@ from .echo_service import FAIL_CRASH, FAIL_INVALID, SERVICE, SLOW, make_server, 
 
 @pytest.fixture
 async def server() -> AsyncIterator[GrpcServer]:
-    srv = make_server(api_keys={"key-a": "tenant-a", "key-b": "tenant-b"})
+    srv = make_server(api_keys={"key-a": "tenant-a", "key-b": "tenant-b", "key-svc": "svc"},
+                      admin_tenants=frozenset({"svc"}))
     await srv.start()
     yield srv
     await srv.stop(0)
@@ -105,7 +106,7 @@ async def test_request_id_trace_and_deadline_reach_the_handler(channel: grpc.aio
     echo, _ = stubs(channel)
     parent = ctx.TraceContext.new()
     with ctx.bind(request_id="req-123", trace=parent):
-        metadata = [*AUTH_A, *outgoing_metadata()]
+        metadata = [("authorization", "Bearer key-svc"), *outgoing_metadata()]
     await echo(common_pb2.Usage(), metadata=metadata, timeout=5)
     assert echo_service.seen["request_id"] == "req-123"
     assert echo_service.seen["trace_id"] == parent.trace_id
@@ -171,3 +172,32 @@ def test_sigterm_drains_in_flight_call_before_exit(tmp_path: Path) -> None:
     finally:
         if child.poll() is None:
             child.kill()
+
+
+async def test_a_client_cannot_choose_its_request_id(channel: grpc.aio.Channel) -> None:
+    """Request ids are exactly-once keys downstream: a non-admin's x-request-id is not trusted."""
+    echo, _ = stubs(channel)
+    ids = set()
+    for _ in range(3):
+        await echo(common_pb2.Usage(), metadata=[*AUTH_A, ("x-request-id", "reuse-1")])
+        ids.add(echo_service.seen["request_id"])
+    assert "reuse-1" not in ids and len(ids) == 3
+
+
+async def test_a_service_key_acts_for_the_end_tenant(channel: grpc.aio.Channel) -> None:
+    echo, _ = stubs(channel)
+    with ctx.bind(request_id="svc-req-1"):
+        metadata = [("authorization", "Bearer key-svc"), *outgoing_metadata(on_behalf_of="tenant-b")]
+    await echo(common_pb2.Usage(), metadata=metadata)
+    assert echo_service.seen["tenant"] == "tenant-b"
+    assert echo_service.seen["admin"] is False  # scoped to the end tenant, not across tenants
+    assert echo_service.seen["request_id"] == "svc-req-1"
+
+
+async def test_a_tenant_cannot_act_for_another(channel: grpc.aio.Channel) -> None:
+    echo, _ = stubs(channel)
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await echo(common_pb2.Usage(), metadata=[*AUTH_A, ("x-llmo-tenant", "tenant-b")])
+    assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    info = error_info(raised.value)
+    assert info is not None and info.reason == "ON_BEHALF_FORBIDDEN"
