@@ -25,6 +25,7 @@ from typing import Any
 
 import grpc
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from prometheus_client import Counter, Histogram
 
 from llmo.core import context as ctx
@@ -120,7 +121,7 @@ def caller_of(request: web.Request) -> Caller:
 
 def edge_middleware(
     service: str, platform: PlatformSettings, *, public_paths: Collection[str] = PUBLIC_PATHS
-) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+) -> Middleware:
     """The middleware of `service`'s HTTP app: auth, context, metrics and the one error body."""
 
     @web.middleware
@@ -146,7 +147,9 @@ def edge_middleware(
                         status = response.status
                         return response
                 request[CALLER_KEY] = caller
-                extra = {"client_request_id": caller.client_request_id} if caller.client_request_id else {}
+                extra: dict[str, Any] = (
+                    {"client_request_id": caller.client_request_id} if caller.client_request_id else {}
+                )
                 with ctx.bind(request_id=caller.request_id, trace=trace, tenant=caller.tenant, admin=caller.admin,
                               route=route, **extra):
                     response = await _guarded(request, handler)
