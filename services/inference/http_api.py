@@ -5,16 +5,25 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
-import grpc
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from llmo.core.auth import tenant_for
+from llmo.core import context as ctx
 from llmo.core.errors import ServiceError, invalid_argument
+from llmo.core.http_edge import (
+    DEFAULT_MAX_BODY_BYTES,
+    HTTP_STATUS,
+    PUBLIC_PATHS,
+    caller_of,
+    edge_middleware,
+    error_payload,
+    health_routes,
+    read_json,
+)
+from llmo.core.limits import MAX_LABEL_LEN, check_text, preview
 from llmo.core.logging import get_logger
 from llmo.core.settings import PlatformSettings
 from llmo.inference import metrics
@@ -31,74 +40,101 @@ from llmo.inference.service import Caller, InferenceService
 
 log = get_logger(__name__)
 
-HTTP_STATUS = {
-    grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.FAILED_PRECONDITION: 400,
-    grpc.StatusCode.UNAUTHENTICATED: 401, grpc.StatusCode.PERMISSION_DENIED: 403,
-    grpc.StatusCode.NOT_FOUND: 404, grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
-    grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.DEADLINE_EXCEEDED: 504,
-}
-ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-              404: "not_found_error", 429: "rate_limit_error"}
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+APPLICATION_HEADER = "x-llmo-application"
+# OpenAI parameters this server does not implement: a request that sets one gets a 400 naming it
+# rather than an answer that silently ignores it.
+UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "response_format", "logit_bias", "suffix",
+               "parallel_tool_calls", "modalities", "audio", "prediction", "best_of")
+_KIND_NAME = {int: "an integer", float: "a number", bool: "a boolean", str: "a string", dict: "an object",
+              list: "a list"}
 
 
-def error_body(status: int, message: str, code: str, param: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": ERROR_TYPE.get(status, "server_error"), "param": param,
-                      "code": code}}
+def _bad(key: str, message: str) -> ServiceError:
+    return invalid_argument("INVALID_SAMPLING_PARAMS", message, field=key)
 
 
-def _service_error_response(exc: ServiceError) -> web.Response:
-    status = HTTP_STATUS.get(exc.code, 500)
-    return web.json_response(error_body(status, exc.message, exc.reason, exc.metadata.get("field")), status=status)
-
-
-def _number(body: dict[str, Any], key: str, kind: type, default: Any) -> Any:
+def _field(body: dict[str, Any], key: str, kind: type, default: Any) -> Any:
+    """`body[key]` checked to be of `kind` (an int is a valid float, a bool is never a number)."""
     value = body.get(key)
     if value is None:
         return default
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+    if kind is float and type(value) is int:
         value = float(value)
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise invalid_argument("INVALID_SAMPLING_PARAMS", f"{key} must be a {kind.__name__}", field=key)
+    if type(value) is not kind:
+        raise _bad(key, f"{key} must be {_KIND_NAME[kind]}, not {type(value).__name__}")
     return value
 
 
-def sampling_from_body(body: dict[str, Any], chat: bool) -> SamplingParams:
+def _int_list(body: dict[str, Any], key: str) -> list[int]:
+    value = body.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(type(t) is int for t in value):
+        raise _bad(key, f"{key} must be a list of integers")
+    return value
+
+
+def _stop(body: dict[str, Any]) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        return [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise _bad("stop", "stop must be a string or a list of strings")
+    return stop
+
+
+def _check_supported(body: dict[str, Any]) -> None:
     for key in ("presence_penalty", "frequency_penalty"):
         if body.get(key):
-            raise invalid_argument("INVALID_SAMPLING_PARAMS", f"{key} is not supported; use repetition_penalty",
-                                   field=key)
-    stop = body.get("stop") or []
-    if isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-        raise invalid_argument("INVALID_SAMPLING_PARAMS", "stop must be a string or a list of strings", field="stop")
+            raise _bad(key, f"{key} is not supported; use repetition_penalty")
+    for key in UNSUPPORTED:
+        value = body.get(key)
+        if value is not None and value != [] and value != {} and not (key == "best_of" and value == 1):
+            raise invalid_argument("UNSUPPORTED_PARAMETER", f"{key} is not supported by this server", field=key)
+
+
+def sampling_from_body(body: dict[str, Any], chat: bool) -> tuple[SamplingParams, dict[str, str]]:
+    """The request's sampling parameters (types checked here, ranges in `check_sampling`) and the names
+    of the body fields they came from, for the error `param`."""
+    _check_supported(body)
+    names: dict[str, str] = {}
     if chat:
-        logprobs = _number(body, "top_logprobs", int, 0) if body.get("logprobs") else None
-        max_tokens = _number(body, "max_completion_tokens", int, None) or _number(body, "max_tokens", int, 16)
+        logprobs = _field(body, "top_logprobs", int, 0) if _field(body, "logprobs", bool, False) else None
+        names["logprobs"] = "top_logprobs"
+        max_tokens = _field(body, "max_completion_tokens", int, None)
+        if max_tokens is None:
+            max_tokens = _field(body, "max_tokens", int, 16)
+        else:
+            names["max_tokens"] = "max_completion_tokens"
     else:
-        logprobs = _number(body, "logprobs", int, None)
-        max_tokens = _number(body, "max_tokens", int, 16)
+        logprobs = _field(body, "logprobs", int, None)
+        max_tokens = _field(body, "max_tokens", int, 16)
     prompt_logprobs: int | None = None
-    if not chat and body.get("echo"):
+    if not chat and _field(body, "echo", bool, False):
         # echo + logprobs: the prompt tokens' logprobs come first; max_tokens 0 echoes the prompt only.
         prompt_logprobs = logprobs if logprobs is not None else (0 if max_tokens == 0 else None)
+        names["prompt_logprobs"] = "logprobs"
     elif max_tokens == 0:
-        raise invalid_argument("INVALID_SAMPLING_PARAMS", "max_tokens must be >= 1 (0 only with echo)",
-                               field="max_tokens")
+        raise _bad("max_tokens", "max_tokens must be >= 1 (0 only with echo)")
     params = SamplingParams(
-        max_tokens=max_tokens, temperature=_number(body, "temperature", float, 1.0),
-        top_p=_number(body, "top_p", float, 1.0), top_k=_number(body, "top_k", int, 0),
-        seed=_number(body, "seed", int, None),
-        repetition_penalty=_number(body, "repetition_penalty", float, 1.0), stop=stop,
-        stop_token_ids=list(body.get("stop_token_ids") or []), ignore_eos=bool(body.get("ignore_eos", False)),
-        n=_number(body, "n", int, 1), logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+        max_tokens=max_tokens, temperature=_field(body, "temperature", float, 1.0),
+        top_p=_field(body, "top_p", float, 1.0), top_k=_field(body, "top_k", int, 0),
+        seed=_field(body, "seed", int, None),
+        repetition_penalty=_field(body, "repetition_penalty", float, 1.0), stop=_stop(body),
+        stop_token_ids=_int_list(body, "stop_token_ids"), ignore_eos=_field(body, "ignore_eos", bool, False),
+        n=_field(body, "n", int, 1), logprobs=logprobs, prompt_logprobs=prompt_logprobs,
     )
-    try:
-        params.validate()
-    except ValueError as exc:
-        raise invalid_argument("INVALID_SAMPLING_PARAMS", str(exc), field=str(exc).split(" ", 1)[0]) from exc
-    return params
+    return params, names
+
+
+def _include_usage(body: dict[str, Any]) -> bool:
+    options = _field(body, "stream_options", dict, {})
+    include = options.get("include_usage")
+    if include is not None and type(include) is not bool:
+        raise _bad("stream_options", "stream_options.include_usage must be a boolean")
+    return bool(include)
 
 
 def _usage(usage: Usage) -> dict[str, Any]:
@@ -143,11 +179,41 @@ def _joined(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
     return {key: first[key] + second[key] for key in first}
 
 
+def _request_id() -> str:
+    """The edge's id of this call: minted, or the trusted `x-request-id` of a service key (the event's
+    request id, so the ledger can join it with the caller's own event)."""
+    request_id = ctx.current_request_id()
+    assert request_id, "the HTTP edge binds a request id to every call"
+    return request_id
+
+
+def _message(m: Any) -> dict[str, str]:
+    role = m.get("role") if isinstance(m, dict) else None
+    content = m.get("content") if isinstance(m, dict) else None
+    if isinstance(content, list):  # content parts: text only
+        if not all(isinstance(p, dict) and p.get("type", "text") == "text" and isinstance(p.get("text"), str)
+                   for p in content):
+            raise invalid_argument("PROMPT_MISSING", "message content parts must be text parts "
+                                   "({\"type\": \"text\", \"text\": ...}); other parts are not supported",
+                                   field="messages")
+        content = "".join(p["text"] for p in content)
+    if not isinstance(role, str) or not isinstance(content, str):
+        raise invalid_argument("PROMPT_MISSING", "each message needs a string role and content", field="messages")
+    check_text(role, "messages.role", max_len=MAX_LABEL_LEN, reason="PROMPT_MISSING")
+    return {"role": role, "content": content}
+
+
 class OpenAIApp:
-    def __init__(self, service: InferenceService, platform: PlatformSettings) -> None:
+    """The HTTP app. The shared edge (`llmo.core.http_edge`) authenticates, resolves the tenant (the end
+    tenant when a service key acts for one) and the request id, bounds the body and turns every error into
+    the JSON error body; the handlers here only speak OpenAI."""
+
+    def __init__(self, service: InferenceService, platform: PlatformSettings, *,
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
         self.service = service
         self.platform = platform
-        self.app = web.Application(middlewares=[self._errors])
+        edge = edge_middleware("inference", platform, public_paths=PUBLIC_PATHS | {"/health"})
+        self.app = web.Application(middlewares=[edge], client_max_size=max_body_bytes)
         self.app.add_routes([
             web.get("/v1/models", self.list_models),
             web.get("/v1/models/{model:.+}", self.get_model),
@@ -155,27 +221,13 @@ class OpenAIApp:
             web.post("/v1/chat/completions", self.chat_completions),
             web.get("/health", self.health),
             web.get("/metrics", self.metrics),
+            *health_routes(lambda: True),
         ])
 
-    @web.middleware
-    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except ServiceError as exc:
-            return _service_error_response(exc)
-        except web.HTTPException as exc:
-            if exc.status >= 400:
-                return web.json_response(error_body(exc.status, exc.reason, "HTTP_ERROR"), status=exc.status)
-            raise
-        except Exception:
-            log.exception("http handler failed", path=request.path)
-            return web.json_response(error_body(500, "internal error", "INTERNAL"), status=500)
-
-    def _caller(self, request: web.Request, body: dict[str, Any] | None = None) -> Caller:
-        headers = {k.lower(): v for k, v in request.headers.items()}
-        tenant = tenant_for(headers, self.platform.api_keys, default_tenant=self.platform.default_tenant)
-        user = str((body or {}).get("user") or "")
-        return Caller(tenant, headers.get("x-llmo-application", ""), user)
+    @staticmethod
+    def _caller(request: web.Request, body: dict[str, Any]) -> Caller:
+        user = _field(body, "user", str, "")
+        return Caller(caller_of(request).tenant, request.headers.get(APPLICATION_HEADER, ""), user)
 
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -190,35 +242,23 @@ class OpenAIApp:
                 "engine": info.engine, "context_length": info.context_length, "quantization": info.quantization}
 
     async def list_models(self, request: web.Request) -> web.Response:
-        self._caller(request)
         return web.json_response({"object": "list",
                                   "data": [self._model_json(m) for m in self.service.registry.ids()]})
 
     async def get_model(self, request: web.Request) -> web.Response:
-        self._caller(request)
         return web.json_response(self._model_json(request.match_info["model"]))
 
-    async def _body(self, request: web.Request) -> dict[str, Any]:
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise invalid_argument("INVALID_JSON", f"request body is not JSON: {exc}") from exc
-        if not isinstance(body, dict):
-            raise invalid_argument("INVALID_JSON", "request body must be a JSON object")
-        return body
-
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        body = await self._body(request)
+        body = await read_json(request)
         caller = self._caller(request, body)
-        params = sampling_from_body(body, chat=False)
+        params, names = sampling_from_body(body, chat=False)
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
             prompt = prompt[0]
-        gen = GenerationRequest(request_id=self._request_id(request, "cmpl"), params=params,
-                                priority=_number(body, "priority", int, 0))
+        gen = GenerationRequest(request_id=_request_id(), params=params, priority=_field(body, "priority", int, 0))
         if isinstance(prompt, str):
             gen.prompt = prompt
-        elif isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+        elif isinstance(prompt, list) and all(type(t) is int for t in prompt):
             gen.prompt_token_ids = prompt
         else:
             raise invalid_argument("PROMPT_MISSING", "prompt must be a string or a list of token ids",
@@ -228,41 +268,31 @@ class OpenAIApp:
             if gen.prompt is None:
                 raise invalid_argument("INVALID_SAMPLING_PARAMS", "echo needs a string prompt", field="echo")
             echo = gen.prompt
-        return await self._respond(request, body, gen, caller, chat=False, echo=echo)
+        return await self._respond(request, body, gen, caller, names, chat=False, echo=echo)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        body = await self._body(request)
+        body = await read_json(request)
         caller = self._caller(request, body)
-        params = sampling_from_body(body, chat=True)
+        params, names = sampling_from_body(body, chat=True)
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise invalid_argument("PROMPT_MISSING", "messages must be a non-empty list", field="messages")
-        clean = []
-        for m in messages:
-            content = m.get("content") if isinstance(m, dict) else None
-            if isinstance(content, list):  # content parts: keep the text ones
-                content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(content, str):
-                raise invalid_argument("PROMPT_MISSING", "each message needs a string role and content",
-                                       field="messages")
-            clean.append({"role": m["role"], "content": content})
-        gen = GenerationRequest(request_id=self._request_id(request, "chatcmpl"), params=params, messages=clean,
-                                priority=_number(body, "priority", int, 0))
-        return await self._respond(request, body, gen, caller, chat=True)
-
-    @staticmethod
-    def _request_id(request: web.Request, prefix: str) -> str:
-        return request.headers.get("x-request-id") or f"{prefix}-{uuid.uuid4().hex}"
+        gen = GenerationRequest(request_id=_request_id(), params=params, messages=[_message(m) for m in messages],
+                                priority=_field(body, "priority", int, 0))
+        return await self._respond(request, body, gen, caller, names, chat=True)
 
     async def _respond(self, request: web.Request, body: dict[str, Any], gen: GenerationRequest, caller: Caller,
-                       chat: bool, echo: str | None = None) -> web.StreamResponse:
-        """`echo`: the prompt text to put before each completion (with its logprobs when they were asked for)."""
-        model = str(body.get("model") or "")
+                       names: dict[str, str], chat: bool, echo: str | None = None) -> web.StreamResponse:
+        """`echo`: the prompt text to put before each completion (with its logprobs when they were asked for);
+        `names`: the body fields the sampling parameters came from (for the error `param`)."""
+        model = _field(body, "model", str, "")
+        streaming = _field(body, "stream", bool, False)
+        include_usage = _include_usage(body)
         backend = self.service.registry.get(model)
-        stream = self.service.generate(model, gen, caller)
-        base = {"id": gen.request_id, "created": int(time.time()), "model": backend.model_id}
-        if body.get("stream"):
-            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        stream = self.service.generate(model, gen, caller, names)
+        prefix = "chatcmpl" if chat else "cmpl"
+        base = {"id": f"{prefix}-{gen.request_id}", "created": int(time.time()), "model": backend.model_id}
+        if streaming:
             return await self._stream(request, stream, base, chat, include_usage, gen.params.n, echo,
                                       gen.params.logprobs is not None)
         async with contextlib.aclosing(stream):
@@ -340,11 +370,16 @@ class OpenAIApp:
                     usage = chunk.usage or usage
                     chunk = await anext(stream, None)
             except ServiceError as exc:
+                # The 200 is out: the error goes in the stream, with the body an unstreamed call would get.
                 status = HTTP_STATUS.get(exc.code, 500)
-                await send(error_body(status, exc.message, exc.reason))
+                await send(error_payload(status, exc.message, exc.reason, exc.metadata.get("field") or None))
             except ConnectionResetError:
                 log.info("client went away; request aborted", request_id=base["id"])
                 return response
+            except Exception as exc:
+                log.exception("stream failed", error=preview(str(exc), 200))
+                request_id = ctx.current_request_id()
+                await send(error_payload(500, f"internal error (request id {request_id})", "INTERNAL"))
             if include_usage and usage is not None:
                 await send({**base, "object": obj, "choices": [], "usage": _usage(usage)})
             await send("[DONE]")

@@ -109,7 +109,8 @@ async def start(settings: InferenceSettings, *, port: int | None = None, http_po
     bound_http: int | None = None
     wanted_http = settings.resolved_http_port() if http_port is None else http_port
     if wanted_http is not None and wanted_http >= 0:
-        runner = web.AppRunner(OpenAIApp(service, settings.platform).app)
+        app = OpenAIApp(service, settings.platform, max_body_bytes=settings.http_max_body_bytes).app
+        runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, settings.host, wanted_http)
         await site.start()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from llmo.core.errors import invalid_argument, not_found
+from llmo.core.limits import preview
 from llmo.inference.backends.base import Backend
 
 
@@ -24,13 +25,14 @@ class ModelRegistry:
         model_id = model.removeprefix("models/") if model else self.default
         backend = self._backends.get(model_id)
         if backend is None:
-            raise not_found("MODEL_NOT_FOUND", f"model {model_id!r} is not served here; see ListModels",
-                            model=model_id)
+            raise not_found("MODEL_NOT_FOUND", f"model {preview(model_id)!r} is not served here; see ListModels",
+                            model=preview(model_id))
         return backend
 
     def by_name(self, name: str) -> Backend:
         if not name.startswith("models/") or len(name) <= len("models/"):
-            raise invalid_argument("INVALID_MODEL_NAME", f"model name must be 'models/{{model}}', got {name!r}")
+            raise invalid_argument("INVALID_MODEL_NAME",
+                                   f"model name must be 'models/{{model}}', got {preview(name)!r}", field="name")
         return self.get(name)
 
     async def start(self) -> None:

@@ -6,16 +6,18 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
 from google.protobuf import timestamp_pb2
 
 from llmo.core.errors import invalid_argument
 from llmo.core.events import EventBus
+from llmo.core.limits import MAX_ID_LEN, check_text
 from llmo.core.logging import get_logger
 from llmo.inference import metrics
 from llmo.inference.backends.base import GenerationChunk, GenerationRequest, Timings, Usage
+from llmo.inference.engine.params import SamplingError, SamplingParams
 from llmo.inference.registry import ModelRegistry
 from llmo.protos.common.v1 import common_pb2
 from llmo.protos.events.v1 import events_pb2
@@ -25,9 +27,29 @@ log = get_logger(__name__)
 
 @dataclass
 class Caller:
+    """Whom an inference is attributed to: the tenant comes from the edge (API key, or the end tenant a
+    service key acts for), application and user from the request (bounded: they go into every event)."""
+
     tenant: str
     application: str = ""
     user: str = ""
+
+    def __post_init__(self) -> None:
+        check_text(self.application, "application", max_len=MAX_ID_LEN, reason="INVALID_ATTRIBUTION")
+        check_text(self.user, "user", max_len=MAX_ID_LEN, reason="INVALID_ATTRIBUTION")
+
+
+def check_sampling(params: SamplingParams, vocab_size: int = 0,
+                   names: Mapping[str, str] | None = None) -> SamplingParams:
+    """The one validation of sampling parameters for every edge: INVALID_ARGUMENT
+    (`INVALID_SAMPLING_PARAMS`) with `field` the request's name for the bad parameter (`names` maps
+    SamplingParams attributes to an edge's own names, e.g. HTTP chat's `top_logprobs`)."""
+    try:
+        params.validate(vocab_size)
+    except SamplingError as exc:
+        field = (names or {}).get(exc.field, exc.field)
+        raise invalid_argument("INVALID_SAMPLING_PARAMS", str(exc), field=field) from exc
+    return params
 
 
 class InferenceService:
@@ -36,10 +58,13 @@ class InferenceService:
         self.bus = bus
         self._pending: set[asyncio.Task[None]] = set()
 
-    async def generate(self, model: str, request: GenerationRequest,
-                       caller: Caller) -> AsyncIterator[GenerationChunk]:
+    async def generate(self, model: str, request: GenerationRequest, caller: Caller,
+                       param_names: Mapping[str, str] | None = None) -> AsyncIterator[GenerationChunk]:
+        """`request.request_id` is the platform's id of the call (minted, or a trusted service's), used as
+        the event's request id; `param_names` as in `check_sampling`."""
         backend = self.registry.get(model)
         request.check_input()
+        check_sampling(request.params, backend.vocab_size, param_names)
         if request.params.prompt_logprobs is not None and backend.engine_name != "native":
             raise invalid_argument("INVALID_SAMPLING_PARAMS",
                                    f"prompt_logprobs is not supported by the {backend.engine_name} backend",

@@ -9,12 +9,16 @@ import grpc
 
 from llmo.core import context as ctx
 from llmo.core.errors import invalid_argument
+from llmo.core.limits import MAX_ID_LEN, check_identifier, preview
+from llmo.core.logging import get_logger
 from llmo.core.pagination import decode_page_token, encode_page_token, page_size
 from llmo.inference.backends.base import GenerationRequest, ModelInfo
 from llmo.inference.engine.params import SamplingParams
 from llmo.inference.service import Caller, InferenceService
 from llmo.protos.inference.v1 import inference_service_pb2 as pb
 from llmo.protos.inference.v1 import inference_service_pb2_grpc as pb_grpc
+
+log = get_logger(__name__)
 
 FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
 QUANT = {"none": pb.QUANTIZATION_NONE, "int8": pb.QUANTIZATION_INT8, "int4": pb.QUANTIZATION_INT4}
@@ -37,14 +41,6 @@ def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
     )
 
 
-def check_sampling(params: SamplingParams) -> SamplingParams:
-    try:
-        params.validate()
-    except ValueError as exc:
-        raise invalid_argument("INVALID_SAMPLING_PARAMS", str(exc), field=str(exc).split(" ", 1)[0]) from exc
-    return params
-
-
 def model_to_proto(info: ModelInfo) -> pb.Model:
     return pb.Model(
         name=f"models/{info.model_id}", model_id=info.model_id, engine=info.engine, architecture=info.architecture,
@@ -63,13 +59,14 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[pb.GenerateResponse]:
-        params = check_sampling(sampling_from_proto(request.sampling))
-        request_id = request.request_id or ctx.current_request_id() or ctx.new_request_id()
+        request_id = self._request_id(request.request_id)
         gen = GenerationRequest(
-            request_id=request_id, params=params, prompt=request.prompt or None,
+            request_id=request_id, params=sampling_from_proto(request.sampling), prompt=request.prompt or None,
             messages=[{"role": m.role, "content": m.content} for m in request.messages] or None,
             prompt_token_ids=list(request.prompt_token_ids) or None, priority=request.priority,
         )
+        # The interceptor resolved the tenant (the end tenant when a service key acts for one); a tenant
+        # the request body names is never trusted.
         caller = Caller(ctx.current_tenant() or "", request.attribution.application, request.attribution.user)
         model_id = self.registry.get(request.model).model_id
         async for chunk in self.service.generate(request.model, gen, caller):
@@ -101,6 +98,19 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 out.latency.tpot_ms = t.tpot_s * 1000
                 out.latency.e2e_ms = t.e2e_s * 1000
             yield out
+
+    @staticmethod
+    def _request_id(requested: str) -> str:
+        """The call's id: the interceptor's (minted, or a service key's trusted `x-request-id`). The body's
+        `request_id` is honoured only from an admin key acting as itself, like `x-request-id`; anyone
+        else's is kept for log correlation only, so no client picks the dedupe key of its usage event."""
+        current = ctx.current_request_id() or ctx.new_request_id()
+        if not requested or requested == current:
+            return current
+        if ctx.is_admin():
+            return check_identifier(requested, "request_id")
+        log.info("client request id not trusted", client_request_id=preview(requested, MAX_ID_LEN))
+        return current
 
     async def CountTokens(self, request: pb.CountTokensRequest, context: Any) -> pb.CountTokensResponse:
         if bool(request.text) == bool(request.messages):

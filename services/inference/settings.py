@@ -6,6 +6,7 @@ from typing import ClassVar, Literal
 
 from pydantic_settings import SettingsConfigDict
 
+from llmo.core.http_edge import DEFAULT_MAX_BODY_BYTES
 from llmo.core.settings import DEFAULT_HTTP_PORTS, ServiceSettings
 
 
@@ -15,6 +16,8 @@ class InferenceSettings(ServiceSettings):
 
     # OpenAI-compatible HTTP; 0 picks 8000, -1 disables it.
     http_port: int = 0
+    # Largest HTTP request body accepted (bytes); larger ones get 413 BODY_TOO_LARGE.
+    http_max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     backend: Literal["native", "openai", "vllm", "tensorrt_llm"] = "native"
     # Served model id (what clients put in `model`).
     model_name: str = "llmo-demo"

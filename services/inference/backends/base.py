@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from llmo.core.errors import invalid_argument
-from llmo.inference.engine.params import SamplingParams
+from llmo.inference.engine.params import MAX_INT32, SamplingParams
 
 
 @dataclass
@@ -24,6 +24,9 @@ class GenerationRequest:
         if given != 1:
             raise invalid_argument("PROMPT_MISSING", "set exactly one of prompt, messages and prompt_token_ids "
                                    "(non-empty)")
+        if not -MAX_INT32 - 1 <= self.priority <= MAX_INT32:
+            raise invalid_argument("INVALID_PRIORITY", f"priority must be in [{-MAX_INT32 - 1}, {MAX_INT32}]",
+                                   field="priority")
 
 
 @dataclass
@@ -96,6 +99,8 @@ class ModelInfo:
 class Backend(Protocol):
     model_id: str
     engine_name: str
+    # Bounds token ids and top_k in requests; 0 when the backend does not know its vocabulary.
+    vocab_size: int
 
     async def start(self) -> None: ...
 

@@ -22,6 +22,7 @@ from llmo.inference.backends.base import (
 )
 from llmo.inference.engine.async_engine import AsyncEngine
 from llmo.inference.engine.engine import ContextLengthError, LLMEngine, QueueFullError
+from llmo.inference.engine.params import SamplingError
 from llmo.inference.engine.sequence import Request, SequenceDelta
 from llmo.inference.models.loader import LoadedModel
 from llmo.inference.tokenizer import ChatTemplateError
@@ -37,15 +38,16 @@ def to_service_error(exc: Exception) -> ServiceError:
         return resource_exhausted("QUEUE_FULL", str(exc), limit=exc.limit)
     if isinstance(exc, ChatTemplateError):
         return invalid_argument("CHAT_TEMPLATE_ERROR", str(exc))
+    if isinstance(exc, SamplingError):
+        return invalid_argument("INVALID_SAMPLING_PARAMS", str(exc), field=exc.field)
     if not isinstance(exc, ValueError):
         return ServiceError(grpc.StatusCode.INTERNAL, "ENGINE_ERROR", f"the engine failed: {exc}")
     message = str(exc)
     if "token ids" in message:
-        return invalid_argument("INVALID_TOKEN_ID", message)
+        return invalid_argument("INVALID_TOKEN_ID", message, field="prompt_token_ids")
     if "prompt is empty" in message:
         return invalid_argument("PROMPT_MISSING", message)
-    field = message.split(" ", 1)[0] if message else ""
-    return invalid_argument("INVALID_SAMPLING_PARAMS", message, field=field)
+    return invalid_argument("INVALID_REQUEST", message)
 
 
 class NativeBackend:
@@ -57,6 +59,7 @@ class NativeBackend:
         self.engine = engine
         self.async_engine = AsyncEngine(engine)
         self.tokenizer = loaded.tokenizer
+        self.vocab_size = loaded.config.vocab_size
 
     async def start(self) -> None:
         await self.async_engine.start()

@@ -90,6 +90,7 @@ def _completion_logprobs(raw: dict[str, Any] | None) -> list[TokenInfo]:
 
 class OpenAIBackend:
     engine_name = "openai"
+    vocab_size = 0
 
     def __init__(self, model_id: str, base_url: str, api_key: str = "", upstream_model: str = "",
                  timeout_s: float = 120.0, context_length: int = 0) -> None:

@@ -17,6 +17,7 @@ def tensorrt_llm_available() -> bool:
 
 class TensorRTLLMBackend:
     engine_name = "tensorrt_llm"
+    vocab_size = 0
 
     def __init__(self, model_id: str, model_path: str, **llm_args: Any) -> None:
         if not tensorrt_llm_available():

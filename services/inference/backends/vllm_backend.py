@@ -17,6 +17,7 @@ def vllm_available() -> bool:
 
 class VllmBackend:
     engine_name = "vllm"
+    vocab_size = 0
 
     def __init__(self, model_id: str, model_path: str, dtype: str = "auto", **engine_args: Any) -> None:
         if not vllm_available():

@@ -66,13 +66,14 @@ class AsyncEngine:
 
     def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams, priority: int = 0) -> _Stream:
         """Validate now (errors raise here) and queue the request for the engine thread."""
-        params.validate()
+        vocab = self.engine.loaded.config.vocab_size
+        params.validate(vocab)
         if not prompt_ids:
             raise ValueError("the prompt is empty")
-        vocab = self.engine.loaded.config.vocab_size
+        # The length check first: it is O(1), the token id scan is not.
+        self.engine.check_length(len(prompt_ids), params.max_tokens)
         if any(t < 0 or t >= vocab for t in prompt_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        self.engine.check_length(len(prompt_ids), params.max_tokens)
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         if self.num_waiting() >= self.engine.config.max_queue:

@@ -111,12 +111,12 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                     priority: int = 0, arrival_time: float | None = None) -> Request:
-        params.validate()
+        vocab = self.loaded.config.vocab_size
+        params.validate(vocab)
         if not prompt_ids:
             raise ValueError("the prompt is empty")
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        vocab = self.loaded.config.vocab_size
         if any(t < 0 or t >= vocab for t in prompt_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         self.check_length(len(prompt_ids), params.max_tokens)

@@ -211,7 +211,11 @@ def test_engine_failures_are_internal_errors_not_bad_input() -> None:
     err = to_service_error(ContextLengthError("too long", 512, 600))
     assert (err.reason, err.metadata["limit"]) == ("CONTEXT_LENGTH_EXCEEDED", "512")
     assert to_service_error(QueueFullError(3)).code == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert to_service_error(ValueError("top_p must be in (0, 1], got 2")).metadata["field"] == "top_p"
+    from llmo.inference.engine.params import SamplingError
+
+    assert to_service_error(SamplingError("top_p", "top_p must be in (0, 1], got 2")).metadata["field"] == "top_p"
+    # An engine message never becomes a `field` by guessing (it used to give "at" or "Overflow").
+    assert "field" not in to_service_error(ValueError("at most 16 stop strings")).metadata
 
 
 def test_without_chunked_prefill_whole_prompts_run_and_must_fit_the_budget(loaded: LoadedModel) -> None:
