@@ -62,7 +62,7 @@ buf: $(BUF)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check libs services tests scripts
-	$(VENV)/bin/mypy libs
+	$(PY) scripts/typecheck.py
 
 test: install lint check-protos buf
 	$(PY) -m pytest -q -p no:cacheprovider tests
