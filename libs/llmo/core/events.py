@@ -2,9 +2,14 @@
 
 - One stream per domain: `LLMO_COST` holds `llmo.cost.>`; dead letters live in
   `LLMO_DLQ` (`llmo.dlq.>`).
-- `publish()` sends a protobuf message on the subject named by its `subject`
-  option, with headers `Nats-Msg-Id` (the event id: JetStream drops a re-publish
-  inside the duplicate window), `llmo-type` and `traceparent`.
+- `envelope()` turns a protobuf message into what goes on the wire: the subject
+  named by its `subject` option and headers `Nats-Msg-Id` (the event id: JetStream
+  drops a re-publish inside the duplicate window), `llmo-type` and `traceparent`.
+  Services publish through `llmo.core.outbox.Publisher` (durable, never blocks on
+  NATS); `EventBus.publish()` is the direct, blocking path beneath it.
+- `EventBus.connect_in_background()` is the one connection policy of every
+  service: start without NATS, connect whenever it comes up, then run the
+  `when_connected` start-ups (consumers) once.
 - `Consumer` is a durable pull consumer: it hands batches to an async handler
   and acks only after the handler returns (the handler commits its side effect
   first). A failing batch is retried message by message so one poison message
@@ -33,6 +38,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 
 from llmo.core import context as ctx
+from llmo.core import tracing
 from llmo.core.logging import get_logger
 from llmo.core.metrics import EVENTS_DEAD_LETTERED, EVENTS_HANDLED, EVENTS_PUBLISHED
 from llmo.protos.events.v1 import events_pb2
@@ -61,6 +67,34 @@ def domain_of(subject: str) -> str:
     return parts[1]
 
 
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """An event as it goes on the wire (and into the outbox)."""
+
+    subject: str
+    event_id: str
+    headers: dict[str, str]
+    payload: bytes
+
+
+def envelope(message: Message, *, event_id: str | None = None, subject: str | None = None) -> Envelope:
+    """Subject, headers and payload of an event; the trace is the caller's, captured now.
+
+    A message with an empty `event_id` field gets the id it is published under.
+    """
+    subject = subject or subject_of(message)
+    event_id = event_id or getattr(message, "event_id", "") or str(uuid.uuid4())
+    if hasattr(message, "event_id") and not message.event_id:  # type: ignore[attr-defined]
+        message.event_id = event_id  # type: ignore[attr-defined]
+    trace = ctx.current_trace()
+    headers = {
+        "Nats-Msg-Id": event_id,
+        "llmo-type": message.DESCRIPTOR.full_name,
+        "traceparent": (trace.child() if trace else ctx.TraceContext.new()).header(),
+    }
+    return Envelope(subject, event_id, headers, message.SerializeToString())
+
+
 def stream_name(domain: str) -> str:
     return f"LLMO_{domain.upper()}"
 
@@ -78,6 +112,9 @@ class EventBus:
         self._nc: NatsClient | None = None
         self._js: JetStreamContext | None = None
         self._streams: set[str] = set()
+        self._up = asyncio.Event()
+        self._connecting: asyncio.Task[None] | None = None
+        self._on_connected: list[Callable[[], Awaitable[None]]] = []
 
     async def connect(self, *, timeout: float = 5.0) -> EventBus:
         """Connect, failing after `timeout` seconds if no server answers.
@@ -104,9 +141,61 @@ class EventBus:
         except TimeoutError as error:
             raise ConnectionError(f"no NATS server answered at {self.url} within {timeout}s") from error
         self._js = self._nc.jetstream()
+        self._up.set()
         return self
 
+    def connect_in_background(self, *, attempt_s: float = 2.0, retry_s: float = 0.5) -> asyncio.Task[None]:
+        """Connect without blocking start-up, retrying forever; then run the `when_connected` start-ups.
+
+        A service starts whether or not NATS is up: its publisher keeps events
+        in the outbox and its consumers start once the first connection is made
+        (after that, nats-py reconnects on its own).
+        """
+        if self._connecting is None:
+            self._connecting = asyncio.create_task(self._connect_forever(attempt_s, retry_s), name=f"nats-connect:{self.name}")
+        return self._connecting
+
+    def when_connected(self, start: Callable[[], Awaitable[None]]) -> None:
+        """Run `start` once connected (by `connect_in_background`), retried until it succeeds."""
+        self._on_connected.append(start)
+
+    @property
+    def connected(self) -> bool:
+        return self._nc is not None and self._nc.is_connected
+
+    async def wait_connected(self) -> None:
+        await self._up.wait()
+
+    async def _connect_forever(self, attempt_s: float, retry_s: float) -> None:
+        attempts = 0
+        while self._nc is None:
+            try:
+                await self.connect(timeout=attempt_s)
+            except Exception as error:
+                attempts += 1
+                if attempts == 1 or attempts % 60 == 0:
+                    log.warning("NATS unreachable; still connecting in the background", url=self.url, attempts=attempts, error=repr(error))
+                await asyncio.sleep(retry_s)
+        if attempts:
+            log.info("connected to NATS", url=self.url, attempts=attempts + 1)
+        for start in self._on_connected:
+            delay = retry_s
+            while True:
+                try:
+                    await start()
+                    break
+                except Exception as error:  # JetStream not ready yet, connection lost again
+                    log.warning("start-up after NATS connect failed; retrying", step=getattr(start, "__qualname__", "?"), error=repr(error))
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+
     async def close(self) -> None:
+        if self._connecting is not None:
+            self._connecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._connecting
+            self._connecting = None
+        self._up.clear()
         if self._nc and not self._nc.is_closed:
             # Consumers ack before they stop, so flushing pending publishes is all
             # that is left; drain() would wait out its timeout on pull subscriptions.
@@ -173,29 +262,61 @@ class EventBus:
         timeout: float = 5.0,
         retries: int = 3,
     ) -> bool:
-        """Publish an event; returns False when JetStream saw the event id already.
+        """Publish an event now, waiting for JetStream; returns False when it saw the event id already.
 
-        Retries with the same `Nats-Msg-Id`, so a retry never duplicates.
+        Retries with the same `Nats-Msg-Id`, so a retry never duplicates. Services
+        use `llmo.core.outbox.Publisher` instead, which never waits on NATS.
         """
-        subject = subject or subject_of(message)
-        event_id = event_id or getattr(message, "event_id", "") or str(uuid.uuid4())
-        if hasattr(message, "event_id") and not message.event_id:  # type: ignore[attr-defined]
-            message.event_id = event_id  # type: ignore[attr-defined]
-        await self.ensure_stream(domain_of(subject))
-        headers = {"Nats-Msg-Id": event_id, "llmo-type": message.DESCRIPTOR.full_name}
-        trace = ctx.current_trace()
-        headers["traceparent"] = (trace.child() if trace else ctx.TraceContext.new()).header()
-        payload = message.SerializeToString()
+        event = envelope(message, event_id=event_id, subject=subject)
         for attempt in range(retries + 1):
             try:
-                ack = await self.js.publish(subject, payload, timeout=timeout, headers=headers)
-                EVENTS_PUBLISHED.labels(subject).inc()
-                return not ack.duplicate
+                return await self.send(event, timeout=timeout)
             except (nats.errors.TimeoutError, nats.js.errors.NoStreamResponseError, nats.errors.NoRespondersError):
                 if attempt == retries:
                     raise
                 await asyncio.sleep(0.1 * 2**attempt)
         raise AssertionError("unreachable")
+
+    async def send(self, event: Envelope, *, timeout: float = 5.0) -> bool:
+        """One JetStream publish of an envelope; returns False for a duplicate."""
+        [result] = await self.send_many([event], timeout=timeout)
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    async def send_many(self, events: Sequence[Envelope], *, timeout: float = 5.0) -> list[bool | BaseException]:
+        """Publish envelopes in this order on the wire and wait for their acks together.
+
+        Per event: True when stored, False when JetStream saw its id already, or the error.
+        """
+        for domain in {domain_of(event.subject) for event in events}:
+            await self.ensure_stream(domain)
+        acks: list[asyncio.Future[Any] | BaseException] = []
+        for event in events:
+            try:
+                # a copy: nats-py adds its own headers to the dict it is given
+                acks.append(await self.js.publish_async(event.subject, event.payload, headers=dict(event.headers)))
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # connection lost mid-window: the rest waits for the next try
+                acks.extend([error] * (len(events) - len(acks)))
+                break
+        waited = await asyncio.gather(
+            *(asyncio.wait_for(ack, timeout) for ack in acks if not isinstance(ack, BaseException)), return_exceptions=True
+        )
+        answers = iter(waited)
+        results: list[bool | BaseException] = []
+        for event, ack in zip(events, acks, strict=True):
+            outcome = ack if isinstance(ack, BaseException) else next(answers)
+            if isinstance(outcome, BaseException):
+                if isinstance(outcome, nats.js.errors.NoStreamResponseError):
+                    # the stream was deleted or this is a fresh server: create it again next time
+                    self._streams.discard(stream_name(domain_of(event.subject)))
+                results.append(outcome)
+            else:
+                EVENTS_PUBLISHED.labels(event.subject).inc()
+                results.append(not outcome.duplicate)
+        return results
 
     def consumer(
         self,
@@ -210,9 +331,11 @@ class EventBus:
         log.warning("nats error", error=str(error))
 
     async def _on_disconnect(self) -> None:
+        self._up.clear()
         log.warning("nats disconnected", url=self.url)
 
     async def _on_reconnect(self) -> None:
+        self._up.set()
         log.info("nats reconnected", url=self.url)
 
 
@@ -339,16 +462,21 @@ class Consumer(Generic[T]):
                     await self._failed(delivery, single_error)
 
     async def _handle(self, deliveries: list[Delivery[T]]) -> None:
-        first = deliveries[0]
-        trace = ctx.TraceContext.parse(first.headers.get("traceparent"))
-        with ctx.bind(trace=trace, consumer=self.durable, batch=len(deliveries)):
-            await self.handler(deliveries)
-        for delivery in deliveries:
-            if delivery.rejection:
-                await self._dead_letter(delivery.msg, delivery.event_id, *delivery.rejection)
-            else:
-                await delivery.msg.ack()
-                EVENTS_HANDLED.labels(self.durable, "ok").inc()
+        spans = tracing.message_spans(self.subject, self.durable, (d.headers.get("traceparent") for d in deliveries))
+        try:
+            with ctx.bind(trace=spans.trace, consumer=self.durable, batch=len(deliveries)):
+                await self.handler(deliveries)
+            for index, delivery in enumerate(deliveries):
+                if delivery.rejection:
+                    spans.fail(index, delivery.rejection[0])
+                    await self._dead_letter(delivery.msg, delivery.event_id, *delivery.rejection)
+                else:
+                    await delivery.msg.ack()
+                    EVENTS_HANDLED.labels(self.durable, "ok").inc()
+        except BaseException as error:
+            spans.end(error)
+            raise
+        spans.end()
 
     def _decode(self, msg: Msg) -> Delivery[T] | tuple[str, str, str]:
         """The delivery, or (event id, reason, detail) when the payload is unreadable."""

@@ -29,6 +29,19 @@ EVENTS_HANDLED = Counter(
 EVENTS_DEAD_LETTERED = Counter(
     "llmo_events_dead_lettered_total", "Events sent to a dead-letter subject", ["consumer", "reason"]
 )
+OUTBOX_DEPTH = Gauge("llmo_outbox_depth", "Events in the outbox not yet acknowledged by JetStream", ["service"])
+OUTBOX_OLDEST_AGE = Gauge(
+    "llmo_outbox_oldest_age_seconds", "Age of the oldest event waiting in the outbox (0 when empty)", ["service"]
+)
+OUTBOX_APPEND_LATENCY = Histogram(
+    "llmo_outbox_append_duration_seconds",
+    "Time publish() waits for its event to be written to the outbox",
+    ["service"],
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5),
+)
+OUTBOX_PUBLISH_FAILURES = Counter(
+    "llmo_outbox_publish_failures_total", "Outbox publishes to JetStream that failed (retried later)", ["service", "reason"]
+)
 
 _servers: list[Any] = []
 _lock = threading.Lock()

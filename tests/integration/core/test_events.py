@@ -186,3 +186,38 @@ async def test_message_never_acked_is_parked_after_max_deliver(nats_server: Nats
         letters = [events_pb2.DeadLetter.FromString(m.data) for m in await dead.fetch(1, timeout=5)]
     assert [(d.event_id, d.reason) for d in letters] == [("hang-1", "max_deliveries_exceeded")]
     assert letters[0].deliveries == 3
+
+
+async def test_connecting_in_the_background_starts_consumers_once_nats_comes_up(nats_server: NatsServer) -> None:
+    """The one connection policy: a service starts with NATS down, and its start-ups
+    (consumers) run once the server appears; a start-up that fails is retried."""
+    received: list[str] = []
+    starts: list[bool] = []
+
+    async def handle(batch: list[Delivery[events_pb2.InferenceCompleted]]) -> None:
+        received.extend(d.event_id for d in batch)
+
+    nats_server.stop()
+    bus = EventBus(nats_server.url)
+    consumer = bus.consumer(events_pb2.InferenceCompleted, "late-start", handle, fetch_timeout=0.3)
+
+    async def start_consumer() -> None:
+        starts.append(True)
+        if len(starts) == 1:
+            raise RuntimeError("first start-up fails")
+        await bus.ensure_stream("inference")
+        consumer.start()
+
+    bus.when_connected(start_consumer)
+    bus.connect_in_background(attempt_s=0.5, retry_s=0.1)
+    await asyncio.sleep(0.5)
+    assert not bus.connected and not starts
+    try:
+        await asyncio.to_thread(nats_server.start)
+        await asyncio.wait_for(bus.wait_connected(), 30)
+        await wait_until(lambda: len(starts) == 2)
+        await bus.publish(completed(1))
+        await wait_until(lambda: received == ["evt-00001"])
+    finally:
+        await consumer.stop()
+        await bus.close()
