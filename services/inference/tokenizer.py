@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +60,17 @@ class TextTokenizer:
     @property
     def vocab_size(self) -> int:
         return int(self.tokenizer.get_vocab_size())
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The longest token's vocabulary string, in characters: no token covers more text than that
+        (byte-level strings have one character per byte, byte-fallback tokens are longer than their byte)."""
+        return max((len(token) for token in self.tokenizer.get_vocab(with_added_tokens=True)), default=1) or 1
+
+    def min_tokens(self, num_chars: int) -> int:
+        """A lower bound on the tokens of `num_chars` characters of text, without tokenizing it. The
+        factor 4 leaves room for a normalizer composing characters (e + combining accent -> é)."""
+        return num_chars // (4 * self.max_token_chars)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)

@@ -118,6 +118,29 @@ async def test_http_bad_input_is_a_json_4xx_naming_the_param(running: RunningInf
         assert ok.status_code == 200, ok.text
 
 
+@pytest.mark.asyncio(loop_scope="module")
+async def test_text_far_over_the_context_is_refused_without_tokenizing_it(running: RunningInference) -> None:
+    prompt = "To be or not to be. " * 3000  # 60,000 characters: at least 1,071 tokens, the context is 512
+    base = f"http://127.0.0.1:{running.http_port}/v1"
+    async with httpx.AsyncClient() as http:
+        for path, body in (("completions", {"prompt": prompt}),
+                           ("chat/completions", {"messages": [{"role": "user", "content": prompt}]})):
+            response = await http.post(f"{base}/{path}", json=body, timeout=60)
+            assert response.status_code == 400, response.text
+            error = response.json()["error"]
+            assert error["code"] == "CONTEXT_LENGTH_EXCEEDED"
+            assert "60000 characters, at least" in error["message"]
+    # Text that may fit is tokenized and measured exactly.
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        stub = pb_grpc.InferenceServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            async for _ in stub.Generate(pb.GenerateRequest(prompt="To be. " * 200), timeout=60):
+                pass
+        detail = error_info(info.value)
+        assert detail is not None and detail.reason == "CONTEXT_LENGTH_EXCEEDED"
+        assert "characters" not in (info.value.details() or "")
+
+
 GRPC_CASES = [
     (pb.SamplingParams(temperature=float("inf")), "temperature"),
     (pb.SamplingParams(temperature=float("nan")), "temperature"),

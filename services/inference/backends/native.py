@@ -109,11 +109,23 @@ class NativeBackend:
             for lp in delta.prompt_logprobs or []
         ]
 
+    def _check_text_length(self, request: GenerationRequest) -> None:
+        """Refuse text that cannot fit the context before spending seconds of CPU tokenizing it."""
+        chars = len(request.prompt or "") + sum(len(str(m.get("content", ""))) for m in request.messages or [])
+        at_least = self.tokenizer.min_tokens(chars)
+        total = at_least + request.params.max_tokens
+        limit = self.loaded.context_length
+        if total > limit:
+            raise to_service_error(ContextLengthError(
+                f"the prompt ({chars} characters, at least {at_least} tokens) + max_tokens "
+                f"({request.params.max_tokens}) exceeds the model's context length of {limit} tokens", limit, total))
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         request.check_input()
         if request.prompt_token_ids:
             prompt_ids = list(request.prompt_token_ids)
         else:
+            self._check_text_length(request)
             prompt_ids = await asyncio.to_thread(self.encode, request.prompt, request.messages)
         try:
             stream = self.async_engine.generate(request.request_id, prompt_ids, request.params, request.priority)

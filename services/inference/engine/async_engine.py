@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import threading
 import time
@@ -47,9 +48,13 @@ class AsyncEngine:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Steps run on their own thread: they never wait for a slot in the default pool behind
+        # tokenization or JSON parsing of other requests.
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llmo-engine-step")
         self._task = asyncio.create_task(self._run(), name="llmo-engine-loop")
 
     async def stop(self) -> None:
@@ -58,6 +63,9 @@ class AsyncEngine:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+            self._executor = None
         for stream in list(self._streams.values()):
             stream.queue.put_nowait(RuntimeError("the engine stopped"))
 
@@ -145,7 +153,7 @@ class AsyncEngine:
                 await self._wake.wait()
                 continue
             try:
-                deltas = await asyncio.to_thread(self._step)
+                deltas = await asyncio.get_running_loop().run_in_executor(self._executor, self._step)
             except Exception as exc:
                 log.exception("engine step failed")
                 for stream in list(self._streams.values()):
