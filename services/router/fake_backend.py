@@ -30,6 +30,8 @@ class FakeBackend:
     calls: dict[str, int] = field(default_factory=dict)
     requests: list[dict[str, Any]] = field(default_factory=list)
     request_ids: list[str] = field(default_factory=list)
+    # The LLMO headers of each request (x-llmo-*, x-request-id, authorization).
+    headers: list[dict[str, str]] = field(default_factory=list)
     _runner: web.AppRunner | None = None
     _released: asyncio.Event = field(default_factory=asyncio.Event)
     port: int = 0
@@ -71,6 +73,9 @@ class FakeBackend:
         model = str(body.get("model", ""))
         self.requests.append(body)
         self.request_ids.append(request.headers.get("x-request-id", ""))
+        self.headers.append(
+            {k.lower(): v for k, v in request.headers.items() if k.lower().startswith("x-") or k.lower() == "authorization"}
+        )
         n = self.calls[model] = self.calls.get(model, 0) + 1
         behaviour = self.behaviours.get(model, "ok")
         if self.latency_s:

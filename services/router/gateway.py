@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from llmo.core.errors import ServiceError, invalid_argument, resource_exhausted, unavailable
@@ -34,11 +35,13 @@ from llmo.router.prompts import PromptRegistry, parse_template_name
 from llmo.router.providers.base import ChatRequest, Chunk, ProviderClient, ProviderError, Usage
 from llmo.router.providers.openai_http import OpenAIHttpClient
 from llmo.router.resilience import BreakerBoard, backoff_delay
+from llmo.router.sampling import Sampling
 from llmo.router.tokens import count_message_tokens, count_tokens
 
 log = get_logger(__name__)
 
 ROLES = frozenset({"system", "user", "assistant", "tool"})
+POLICIES = frozenset({"", policies.EXPLICIT, policies.CONSTRAINTS, policies.LEARNED, policies.BANDIT})
 # Reward scale: a request costing this much loses `cost_weight` of its quality reward.
 COST_SCALE_MICROS = 10_000
 
@@ -64,9 +67,7 @@ class GatewayRequest:
     compress_message_tokens: int = 0
     token_keep_ratio: float = 0.0
     max_tokens: int = 0
-    temperature: float | None = None
-    top_p: float | None = None
-    stop: list[str] = field(default_factory=list)
+    sampling: Sampling = field(default_factory=Sampling)
     experiment: str = ""
     user: str = ""
     application: str = ""
@@ -159,6 +160,7 @@ def _provider_client(portfolio: Portfolio, model: Model) -> ProviderClient:
     assert provider.target is not None
     return InferenceGrpcClient(
         provider.target,
+        provider.api_key(),
         first_token_timeout_s=provider.first_token_timeout_s,
         idle_timeout_s=provider.idle_timeout_s,
         total_timeout_s=provider.timeout_s,
@@ -226,7 +228,14 @@ class Gateway:
             if m.role not in ROLES:
                 raise invalid_argument("INVALID_ROLE", f"messages[{i}].role {m.role!r} is not one of {sorted(ROLES)}")
         if req.max_tokens < 0:
-            raise invalid_argument("INVALID_MAX_TOKENS", "max_tokens must be >= 0")
+            raise invalid_argument("INVALID_MAX_TOKENS", "max_tokens must be >= 0", field="max_tokens")
+        if req.policy not in POLICIES:
+            raise invalid_argument(
+                "INVALID_POLICY", f"policy must be one of {sorted(POLICIES - {''})}", field="policy"
+            )
+        if req.strong_share is not None and not (math.isfinite(req.strong_share) and 0.0 <= req.strong_share <= 1.0):
+            raise invalid_argument("INVALID_STRONG_SHARE", "strong_share must be in [0, 1]", field="strong_share")
+        req.sampling.check()
         request_id = req.request_id or f"rtr-{uuid.uuid4().hex}"
         messages = list(req.messages)
         prompt_version = ""
@@ -254,7 +263,8 @@ class Gateway:
             )
             prompt_version = version_info.name
             messages.insert(0, Message("system", text))
-        before = count_message_tokens([(m.role, m.content) for m in messages])
+        # Tokenizing a large prompt is CPU work: keep it off the event loop.
+        before = await asyncio.to_thread(count_message_tokens, [(m.role, m.content) for m in messages])
         if req.token_keep_ratio:
             messages = await self._prune_tokens(messages, req.token_keep_ratio)
         if req.compress_message_tokens > 0:
@@ -262,7 +272,10 @@ class Gateway:
         if req.max_prompt_tokens > 0:
             pruned = await asyncio.to_thread(prune_history, messages, req.max_prompt_tokens, self.encoder)
             messages = pruned.messages
-        input_tokens = count_message_tokens([(m.role, m.content) for m in messages])
+        reduced = bool(req.token_keep_ratio) or req.compress_message_tokens > 0 or req.max_prompt_tokens > 0
+        input_tokens = (
+            await asyncio.to_thread(count_message_tokens, [(m.role, m.content) for m in messages]) if reduced else before
+        )
         latest = next((m.content for m in reversed(messages) if m.role == "user"), messages[-1].content)
         inp = policies.RoutingInput(
             tenant=req.tenant,
@@ -355,7 +368,9 @@ class Gateway:
         prepared = await self.prepare(req)
         decision = prepared.decision
         portfolio = self.portfolio
-        scope = f"{decision.model.name if req.model or req.experiment else 'auto'}|{req.temperature}|{req.max_tokens}|{decision.prompt_version}"
+        # Everything that changes the answer is in the scope: a request differing in any of it misses.
+        target = decision.model.name if req.model or req.experiment else "auto"
+        scope = f"{target}|{req.max_tokens}|{decision.prompt_version}|{req.sampling.cache_key()}"
         pairs = [(m.role, m.content) for m in prepared.messages]
         if self.cache is not None and not req.skip_cache:
             hit = await asyncio.to_thread(self.cache.lookup, req.tenant, scope, pairs)
@@ -466,12 +481,13 @@ class Gateway:
                     model=model.upstream_name,
                     messages=messages,
                     max_tokens=policies.output_tokens(model, req.max_tokens),
-                    temperature=req.temperature,
-                    top_p=req.top_p,
-                    stop=req.stop,
+                    sampling=req.sampling,
                     extra=extra,
                     stream=req.stream or bool(self.hedge_after_s),
                     request_id=prepared.request_id,
+                    tenant=req.tenant,
+                    application=req.application,
+                    user=req.user,
                 )
                 sent_before = len(text_parts)
                 try:
@@ -490,10 +506,16 @@ class Gateway:
                     state["fallbacks"] = index
                     return
                 except ProviderError as err:
+                    if err.client_error:
+                        # The caller's request was refused: the provider is healthy, and one
+                        # tenant's bad requests must not open the breaker for everyone.
+                        breaker.record_neutral()
+                        log.info("router.upstream_rejected_request", model=model.name, reason=err.reason, status=err.status)
+                        raise invalid_argument(
+                            "UPSTREAM_REJECTED_REQUEST", err.message, model=model.name, upstream_status=str(err.status or "")
+                        ) from err
                     breaker.record_failure()
                     log.warning("router.provider_failed", model=model.name, reason=err.reason, error=err.message, attempt=attempt)
-                    if err.client_error:
-                        raise invalid_argument("UPSTREAM_REJECTED_REQUEST", err.message, model=model.name) from err
                     errors.append(f"{model.name}: {err.reason}")
                     state.pop("finish_reason", None)
                     if err.retryable and len(text_parts) == sent_before and attempt < provider.max_retries:
@@ -522,15 +544,7 @@ class Gateway:
             winner, first = primary, first_task.result()
         else:
             backup_model = rest[0]
-            hedge_req = ChatRequest(
-                model=backup_model.upstream_name,
-                messages=upstream.messages,
-                max_tokens=upstream.max_tokens,
-                temperature=upstream.temperature,
-                top_p=upstream.top_p,
-                stop=upstream.stop,
-                request_id=upstream.request_id,
-            )
+            hedge_req = replace(upstream, model=backup_model.upstream_name, extra={})
             backup = self.client_for(backup_model).stream(hedge_req)
             backup_task = asyncio.ensure_future(anext(backup))
             done, pending = await asyncio.wait({first_task, backup_task}, return_when=asyncio.FIRST_COMPLETED)
@@ -604,8 +618,6 @@ class Gateway:
 
 
 def _with_prompt(req: GatewayRequest, prompt: PromptSpec) -> GatewayRequest:
-    from dataclasses import replace
-
     return replace(req, prompt=prompt)
 
 

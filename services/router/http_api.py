@@ -6,8 +6,11 @@ LLMO extensions ride in an optional `llmo` object: `policy`, `experiment`, `stro
 `max_prompt_tokens`, `compress_message_tokens`, `token_keep_ratio`, `skip_cache`, `prompt` ({template,
 version, label, variables}) and `constraints` ({max_cost_micros, max_ttft_ms,
 required_capabilities, min_quality}). Errors use OpenAI's error body with the LLMO reason
-as `code`. Headers are only sent once the first token is in hand, so a request that fails
-before any text gets a proper HTTP status, never a broken stream.
+as `code` and the parameter at fault as `param`. Headers are only sent once the first token
+is in hand, so a request that fails before any text gets a proper HTTP status, never a
+broken stream. Sampling parameters are validated here and forwarded (`temperature`,
+`top_p`, `top_k`, `seed`, `presence_penalty`, `frequency_penalty`, `stop`); those the
+router cannot honour (`n` > 1, tools, logprobs, `response_format`, ...) are refused.
 """
 
 from __future__ import annotations
@@ -18,142 +21,196 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import grpc
 from aiohttp import web
 
-from llmo.core.auth import tenant_for
 from llmo.core.errors import ServiceError, invalid_argument
+from llmo.core.http_edge import (
+    DEFAULT_MAX_BODY_BYTES,
+    HTTP_STATUS,
+    caller_of,
+    edge_app,
+    error_payload,
+    read_json,
+)
+from llmo.core.limits import MAX_LABEL_LEN, check_text
 from llmo.core.logging import get_logger
 from llmo.core.settings import PlatformSettings
 from llmo.router import policies
 from llmo.router.context import Message
 from llmo.router.gateway import Delta, Finished, Gateway, GatewayEvent, GatewayRequest, PromptSpec, Started
+from llmo.router.sampling import Sampling
 
 log = get_logger(__name__)
 
 AUTO_MODELS = frozenset({"auto", "llmo-auto", "router"})
-_HTTP_STATUS = {
-    grpc.StatusCode.INVALID_ARGUMENT: 400,
-    grpc.StatusCode.FAILED_PRECONDITION: 400,
-    grpc.StatusCode.NOT_FOUND: 404,
-    grpc.StatusCode.ALREADY_EXISTS: 409,
-    grpc.StatusCode.UNAUTHENTICATED: 401,
-    grpc.StatusCode.PERMISSION_DENIED: 403,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
-    grpc.StatusCode.UNAVAILABLE: 503,
-}
-_ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}
+# OpenAI parameters the router's one-choice, text-only answers cannot honour: refused,
+# never silently dropped.
+UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "response_format",
+               "logit_bias", "logprobs", "top_logprobs", "audio", "modalities", "prediction")
+CLIENT_REQUEST_ID_HEADER = "x-client-request-id"
 
 
 def error_body(err: ServiceError) -> tuple[int, dict[str, Any]]:
-    status = _HTTP_STATUS.get(err.code, 500)
-    return status, {
-        "error": {
-            "message": err.message,
-            "type": _ERROR_TYPE.get(status, "api_error"),
-            "code": err.reason,
-            "param": None,
-            "metadata": err.metadata,
-        }
-    }
+    """(HTTP status, OpenAI error body) of a ServiceError (`param` is its `field`)."""
+    status = HTTP_STATUS.get(err.code, 500)
+    metadata = {k: v for k, v in err.metadata.items() if k != "field"}
+    return status, error_payload(status, err.message, err.reason, err.metadata.get("field") or None, metadata=metadata)
 
 
-def _str_map(value: Any, what: str) -> dict[str, str]:
+def _bad(field: str, message: str, reason: str = "INVALID_REQUEST") -> ServiceError:
+    return invalid_argument(reason, message, field=field)
+
+
+def _get(obj: dict[str, Any], key: str, kinds: tuple[type, ...], what: str, field: str = "") -> Any:
+    """obj[key] when present and of one of `kinds` (bool is never a number), None when absent or null."""
+    value = obj.get(key)
     if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise invalid_argument("INVALID_REQUEST", f"{what} must be an object")
-    return {str(k): str(v) for k, v in value.items()}
+        return None
+    if isinstance(value, bool) and bool not in kinds:
+        value = object()
+    if not isinstance(value, kinds):
+        raise _bad(field or key, f"{field or key} must be {what}")
+    return value
 
 
-def parse_body(body: Any, tenant: str, request_id: str) -> tuple[GatewayRequest, bool, bool]:
-    """(request, stream, include_usage)."""
-    if not isinstance(body, dict):
-        raise invalid_argument("INVALID_REQUEST", "the request body must be a JSON object")
-    raw_messages = body.get("messages")
-    if not isinstance(raw_messages, list) or not raw_messages:
-        raise invalid_argument("EMPTY_MESSAGES", "messages must be a non-empty array")
-    messages = []
-    for i, m in enumerate(raw_messages):
+def _number(obj: dict[str, Any], key: str, field: str = "") -> float | None:
+    value = _get(obj, key, (int, float), "a number", field)
+    return None if value is None else float(value)
+
+
+def _int(obj: dict[str, Any], key: str, field: str = "", *, minimum: int | None = 0) -> int | None:
+    value = _get(obj, key, (int,), "an integer", field)
+    if value is not None and minimum is not None and value < minimum:
+        raise _bad(field or key, f"{field or key} must be >= {minimum}")
+    return value  # type: ignore[no-any-return]
+
+
+def _str(obj: dict[str, Any], key: str, field: str = "", max_len: int = MAX_LABEL_LEN) -> str:
+    value = _get(obj, key, (str,), "a string", field)
+    return check_text(value, field or key, max_len=max_len) if value is not None else ""
+
+
+def _messages(body: dict[str, Any]) -> list[Message]:
+    raw = body.get("messages")
+    if not isinstance(raw, list) or not raw:
+        raise invalid_argument("EMPTY_MESSAGES", "messages must be a non-empty array", field="messages")
+    out = []
+    for i, m in enumerate(raw):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise invalid_argument("INVALID_ROLE", f"messages[{i}] needs a string role")
+            raise invalid_argument("INVALID_ROLE", f"messages[{i}] needs a string role", field="messages")
         content = m.get("content")
         if isinstance(content, list):  # OpenAI content parts: keep the text parts
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+            content = "".join(
+                p["text"] for p in content if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+            )
         if content is None:
             content = ""
         if not isinstance(content, str):
-            raise invalid_argument("INVALID_REQUEST", f"messages[{i}].content must be a string")
-        messages.append(Message(m["role"], content))
-    model = body.get("model") or "auto"
-    if not isinstance(model, str):
-        raise invalid_argument("UNKNOWN_MODEL", "model must be a string")
-    ext = body.get("llmo") or {}
-    if not isinstance(ext, dict):
-        raise invalid_argument("INVALID_REQUEST", "llmo must be an object")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens")) or 0
-    if not isinstance(max_tokens, int) or max_tokens < 0:
-        raise invalid_argument("INVALID_MAX_TOKENS", "max_tokens must be a non-negative integer")
-    stop = body.get("stop") or []
-    if isinstance(stop, str):
-        stop = [stop]
+            raise _bad("messages", f"messages[{i}].content must be a string or an array of content parts")
+        out.append(Message(m["role"], content))
+    return out
+
+
+def _sampling(body: dict[str, Any]) -> Sampling:
+    stop = body.get("stop")
+    if stop is None:
+        stops: tuple[str, ...] = ()
+    elif isinstance(stop, str):
+        stops = (stop,)
+    elif isinstance(stop, list) and all(isinstance(x, str) for x in stop):
+        stops = tuple(stop)
+    else:
+        raise _bad("stop", "stop must be a string or an array of strings", "INVALID_STOP")
+    return Sampling(
+        temperature=_number(body, "temperature"),
+        top_p=_number(body, "top_p"),
+        top_k=_int(body, "top_k", minimum=None),
+        seed=_int(body, "seed", minimum=None),
+        presence_penalty=_number(body, "presence_penalty"),
+        frequency_penalty=_number(body, "frequency_penalty"),
+        stop=stops,
+    ).check()
+
+
+def _refuse_unsupported(body: dict[str, Any]) -> None:
+    n = _int(body, "n", minimum=1)
+    if n is not None and n != 1:
+        raise invalid_argument(
+            "UNSUPPORTED_PARAMETER", "the router returns one choice per request: n must be 1 (send n requests)", field="n"
+        )
+    for key in UNSUPPORTED:
+        if body.get(key) not in (None, False):
+            raise invalid_argument("UNSUPPORTED_PARAMETER", f"{key} is not supported by the router", field=key)
+
+
+def parse_body(body: dict[str, Any], tenant: str, request_id: str) -> tuple[GatewayRequest, bool, bool]:
+    """(request, stream, include_usage); raises INVALID_ARGUMENT naming the parameter."""
+    messages = _messages(body)
+    _refuse_unsupported(body)
+    model = _str(body, "model") or "auto"
+    ext = _get(body, "llmo", (dict,), "an object") or {}
+    max_tokens = _int(body, "max_completion_tokens") if body.get("max_completion_tokens") is not None else _int(body, "max_tokens")
+    stream = bool(_get(body, "stream", (bool,), "a boolean"))
+    options = _get(body, "stream_options", (dict,), "an object") or {}
+    include_usage = bool(_get(options, "include_usage", (bool,), "a boolean", "stream_options.include_usage"))
     prompt = None
-    if ext.get("prompt"):
+    if ext.get("prompt") is not None:
         p = ext["prompt"]
         if not isinstance(p, dict) or not isinstance(p.get("template"), str):
-            raise invalid_argument("INVALID_REQUEST", "llmo.prompt needs a template name")
-        prompt = PromptSpec(p["template"], int(p.get("version", 0)), str(p.get("label", "")), _str_map(p.get("variables"), "llmo.prompt.variables"))
-    c = ext.get("constraints") or {}
-    try:
-        constraints = policies.Constraints(
-            max_cost_micros=int(c.get("max_cost_micros", 0)),
-            max_ttft_ms=float(c.get("max_ttft_ms", 0.0)),
-            required_capabilities=frozenset(c.get("required_capabilities", [])),
-            min_quality=float(c.get("min_quality", 0.0)),
+            raise _bad("llmo.prompt", "llmo.prompt needs a template name")
+        variables = _get(p, "variables", (dict,), "an object", "llmo.prompt.variables") or {}
+        if not all(isinstance(v, str) for v in variables.values()):
+            raise _bad("llmo.prompt.variables", "llmo.prompt.variables must map names to strings")
+        prompt = PromptSpec(
+            p["template"], _int(p, "version", "llmo.prompt.version") or 0, _str(p, "label", "llmo.prompt.label"), variables
         )
-        temperature = None if body.get("temperature") is None else float(body["temperature"])
-        top_p = None if body.get("top_p") is None else float(body["top_p"])
-        strong_share = None if ext.get("strong_share") is None else float(ext["strong_share"])
-    except (TypeError, ValueError, AttributeError) as exc:
-        raise invalid_argument("INVALID_REQUEST", f"invalid numeric field: {exc}") from exc
-    stream = bool(body.get("stream", False))
-    include_usage = bool((body.get("stream_options") or {}).get("include_usage", False))
+    c = _get(ext, "constraints", (dict,), "an object", "llmo.constraints") or {}
+    capabilities = c.get("required_capabilities") or []
+    if not isinstance(capabilities, list) or not all(isinstance(x, str) for x in capabilities):
+        raise _bad("llmo.constraints.required_capabilities", "required_capabilities must be an array of strings")
+    constraints = policies.Constraints(
+        max_cost_micros=_int(c, "max_cost_micros", "llmo.constraints.max_cost_micros") or 0,
+        max_ttft_ms=_number(c, "max_ttft_ms", "llmo.constraints.max_ttft_ms") or 0.0,
+        required_capabilities=frozenset(capabilities),
+        min_quality=_number(c, "min_quality", "llmo.constraints.min_quality") or 0.0,
+    )
     req = GatewayRequest(
         tenant=tenant,
         messages=messages,
         prompt=prompt,
-        policy=str(ext.get("policy", "")),
+        policy=_str(ext, "policy", "llmo.policy"),
         model="" if model in AUTO_MODELS else model,
         constraints=constraints,
-        strong_share=strong_share,
-        max_prompt_tokens=int(ext.get("max_prompt_tokens", 0)),
-        compress_message_tokens=int(ext.get("compress_message_tokens", 0)),
-        token_keep_ratio=float(ext.get("token_keep_ratio", 0.0)),
-        max_tokens=max_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        stop=[str(s) for s in stop],
-        experiment=str(ext.get("experiment", "")),
-        user=str(body.get("user", "")),
-        application=str(ext.get("application", "")),
-        skip_cache=bool(ext.get("skip_cache", False)),
+        strong_share=_number(ext, "strong_share", "llmo.strong_share"),
+        max_prompt_tokens=_int(ext, "max_prompt_tokens", "llmo.max_prompt_tokens") or 0,
+        compress_message_tokens=_int(ext, "compress_message_tokens", "llmo.compress_message_tokens") or 0,
+        token_keep_ratio=_number(ext, "token_keep_ratio", "llmo.token_keep_ratio") or 0.0,
+        max_tokens=max_tokens or 0,
+        sampling=_sampling(body),
+        experiment=_str(ext, "experiment", "llmo.experiment"),
+        user=_str(body, "user"),
+        application=_str(ext, "application", "llmo.application"),
+        skip_cache=bool(_get(ext, "skip_cache", (bool,), "a boolean", "llmo.skip_cache")),
         request_id=request_id,
-        stream=bool(body.get("stream", False)),
+        stream=stream,
     )
     return req, stream, include_usage
 
 
 class OpenAIFront:
-    def __init__(self, gateway: Gateway, platform: PlatformSettings) -> None:
+    def __init__(self, gateway: Gateway, platform: PlatformSettings, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
         self.gw = gateway
         self.platform = platform
+        self.max_body_bytes = max_body_bytes
         self._tasks: set[asyncio.Task[None]] = set()
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=16 * 1024 * 1024)
+        # The shared edge authenticates (resolving the end tenant and minting the request
+        # id: a client's x-request-id is never the exactly-once key of its usage), bounds
+        # the body (413), and turns every error, expected or not, into a JSON body.
+        app = edge_app("router", self.platform, max_body_bytes=self.max_body_bytes)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_get("/v1/models", self.models)
-        app.router.add_get("/healthz", self.health)
         return app
 
     def _background(self, events: AsyncIterator[GatewayEvent]) -> None:
@@ -168,42 +225,23 @@ class OpenAIFront:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def health(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
-
-    def _tenant(self, request: web.Request) -> str:
-        return tenant_for(
-            {"authorization": request.headers.get("Authorization", "")},
-            self.platform.api_keys,
-            default_tenant=self.platform.default_tenant,
-        )
-
     async def models(self, request: web.Request) -> web.Response:
-        try:
-            self._tenant(request)
-        except ServiceError as err:
-            status, body = error_body(err)
-            return web.json_response(body, status=status)
         data = [{"id": "auto", "object": "model", "owned_by": "llmo-router"}]
         data += [{"id": m.name, "object": "model", "owned_by": m.provider} for m in self.gw.portfolio.models]
         return web.json_response({"object": "list", "data": data})
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
-        request_id = request.headers.get("x-request-id") or f"chatcmpl-{_rand()}"
-        try:
-            tenant = self._tenant(request)
-            try:
-                body = await request.json()
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise invalid_argument("INVALID_JSON", f"the request body is not JSON: {exc}") from exc
-            req, stream, include_usage = parse_body(body, tenant, request_id)
-            events = self.gw.complete(req)
-            if stream:
-                return await self._stream(request, events, request_id, include_usage)
-            return await self._unary(events, request_id)
-        except ServiceError as err:
-            status, payload = error_body(err)
-            return web.json_response(payload, status=status)
+        caller = caller_of(request)
+        request_id = caller.request_id
+        body = await read_json(request)
+        req, stream, include_usage = parse_body(body, caller.tenant, request_id)
+        events = self.gw.complete(req)
+        if stream:
+            return await self._stream(request, events, request_id, include_usage, caller.client_request_id)
+        response = await self._unary(events, request_id)
+        if caller.client_request_id:
+            response.headers[CLIENT_REQUEST_ID_HEADER] = caller.client_request_id
+        return response
 
     async def _unary(self, events: AsyncIterator[GatewayEvent], request_id: str) -> web.Response:
         text: list[str] = []
@@ -232,7 +270,12 @@ class OpenAIFront:
         )
 
     async def _stream(
-        self, request: web.Request, events: AsyncIterator[GatewayEvent], request_id: str, include_usage: bool
+        self,
+        request: web.Request,
+        events: AsyncIterator[GatewayEvent],
+        request_id: str,
+        include_usage: bool,
+        client_request_id: str,
     ) -> web.StreamResponse:
         created = int(time.time())
         resp: web.StreamResponse | None = None
@@ -252,9 +295,10 @@ class OpenAIFront:
             return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
         async def open_stream() -> web.StreamResponse:
-            r = web.StreamResponse(
-                headers={"content-type": "text/event-stream", "cache-control": "no-cache", "x-request-id": request_id}
-            )
+            headers = {"content-type": "text/event-stream", "cache-control": "no-cache", "x-request-id": request_id}
+            if client_request_id:
+                headers[CLIENT_REQUEST_ID_HEADER] = client_request_id
+            r = web.StreamResponse(headers=headers)
             await r.prepare(request)
             await r.write(chunk({"role": "assistant", "content": ""}, None))
             return r
@@ -301,8 +345,3 @@ def _usage(fin: Finished) -> dict[str, int]:
         "total_tokens": fin.usage.prompt_tokens + fin.usage.completion_tokens,
     }
 
-
-def _rand() -> str:
-    import secrets
-
-    return secrets.token_hex(12)

@@ -178,7 +178,7 @@ async def start(
     bound_http: int | None = None
     want_http = settings.resolved_http_port() if http_port is None else http_port
     if want_http is not None and want_http >= 0:
-        runner = web.AppRunner(OpenAIFront(gateway, settings.platform).app(), access_log=None)
+        runner = web.AppRunner(OpenAIFront(gateway, settings.platform, max_body_bytes=settings.max_body_bytes).app(), access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, settings.host, want_http)
         await site.start()

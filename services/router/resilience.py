@@ -17,8 +17,9 @@ class BreakerState(StrEnum):
 
 @dataclass
 class CircuitBreaker:
-    """Opens after `failure_threshold` consecutive failures; after `reset_s` lets one
-    trial call through (half-open): success closes it, failure opens it again."""
+    """Opens after `failure_threshold` consecutive provider failures; after `reset_s` lets
+    one trial call through (half-open): success closes it, failure opens it again. Client
+    errors (the upstream refusing a bad request) are neutral: they never open it."""
 
     failure_threshold: int = 5
     reset_s: float = 30.0
@@ -47,6 +48,11 @@ class CircuitBreaker:
     def record_success(self) -> None:
         self.failures = 0
         self.opened_at = None
+        self._trial_in_flight = False
+
+    def record_neutral(self) -> None:
+        """The call says nothing about the provider's health (it refused the caller's
+        request): counts stay as they are; a half-open trial slot is given back."""
         self._trial_in_flight = False
 
     def record_failure(self) -> None:

@@ -21,6 +21,7 @@ from llmo.router.experiments import BANDIT, FIXED_SPLIT, Arm, ExperimentInfo, pa
 from llmo.router.feedback import FeedbackRecorder
 from llmo.router.gateway import Delta, Finished, Gateway, GatewayRequest, PromptSpec, Started
 from llmo.router.prompts import TemplateInfo, VersionInfo, parse_template_name, parse_version_name
+from llmo.router.sampling import Sampling
 
 _POLICIES = {
     pb.ROUTING_POLICY_UNSPECIFIED: "",
@@ -69,7 +70,7 @@ def gateway_request(r: Any, tenant: str, skip_cache: bool = False) -> GatewayReq
         compress_message_tokens=r.context.compress_message_tokens,
         token_keep_ratio=r.context.token_keep_ratio,
         max_tokens=r.max_tokens,
-        temperature=r.temperature if "temperature" in r.DESCRIPTOR.fields_by_name and r.HasField("temperature") else None,
+        sampling=Sampling(temperature=r.temperature if "temperature" in r.DESCRIPTOR.fields_by_name and r.HasField("temperature") else None),
         experiment=r.experiment,
         user=r.user,
         application=r.application,

@@ -4,33 +4,31 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from pydantic import AliasChoices, Field
-from pydantic_settings import SettingsConfigDict
+from pydantic import Field
 
-from llmo.core.settings import DEFAULT_HTTP_PORTS, ServiceSettings
+from llmo.core.settings import DEFAULT_HTTP_PORTS, ServiceSettings, platform_fallback
 
 
 class RouterSettings(ServiceSettings):
-    model_config = SettingsConfigDict(env_prefix="LLMO_ROUTER_", extra="ignore", populate_by_name=True)
     service: ClassVar[str] = "router"
 
     # OpenAI-compatible HTTP front; 0 picks 8080, -1 disables it.
     http_port: int = 0
+    # Largest accepted HTTP request body; larger ones get 413 BODY_TOO_LARGE (a JSON error).
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
     # Portfolio YAML (models and providers); empty: <data_dir>/router/portfolio.yaml.
     portfolio_path: str = ""
     # Seconds between checks of the portfolio file for changes (hot reload).
     portfolio_reload_s: float = 2.0
     # Trained complexity-router artifact directory; empty: learned routing off.
     learned_router_dir: str = ""
-    # Cost service "host:port" for CheckBudget before each completion; empty: no budget checks.
-    # `llmo up` sets LLMO_COST_ADDRESS.
-    cost_target: str = Field(default="", validation_alias=AliasChoices("LLMO_ROUTER_COST_TARGET", "LLMO_COST_ADDRESS"))
+    # Cost service "host:port" for CheckBudget before each completion; unset: LLMO_COST_ADDRESS
+    # (`llmo up` sets it); empty: no budget checks.
+    cost_target: str = Field(default="", json_schema_extra=platform_fallback("cost_address"))
     # Where the default portfolio (written when portfolio_path does not exist) sends traffic:
-    # the inference service's OpenAI-compatible HTTP base URL and its served model.
-    inference_http_url: str = Field(
-        default="http://127.0.0.1:8000",
-        validation_alias=AliasChoices("LLMO_ROUTER_INFERENCE_HTTP_URL", "LLMO_INFERENCE_HTTP_URL"),
-    )
+    # the inference service's OpenAI-compatible HTTP base URL (unset: LLMO_INFERENCE_HTTP_URL, else
+    # this default) and its served model.
+    inference_http_url: str = Field(default="http://127.0.0.1:8000", json_schema_extra=platform_fallback("inference_http_url"))
     inference_model: str = "llmo-demo"
     # API key the router presents to the cost service. With authentication on there, its
     # tenant must be one of the cost service's LLMO_ADMIN_TENANTS (it checks end tenants'

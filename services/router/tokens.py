@@ -7,8 +7,16 @@ few percent, which is why budgets leave headroom.
 from __future__ import annotations
 
 import functools
+import math
+import re
 from collections.abc import Sequence
 from typing import Any
+
+# WordPiece turns any word longer than this into one [UNK] (and takes seconds to do it for a
+# megabyte-long word), so such runs are counted apart: about 4 characters per token for
+# ASCII (what BPE tokenizers give for such strings), one per character otherwise.
+MAX_WORD_CHARS = 100
+_LONG_WORD = re.compile(rf"[^\W_]{{{MAX_WORD_CHARS + 1},}}")
 
 
 @functools.cache
@@ -23,16 +31,29 @@ def _tokenizer() -> Any:
     return tok
 
 
+def _split_long_words(text: str) -> tuple[str, int]:
+    """(text without its over-long words, the tokens those words count for)."""
+    extra = 0
+
+    def cut(match: re.Match[str]) -> str:
+        nonlocal extra
+        word = match.group()
+        extra += math.ceil(len(word) / 4) if word.isascii() else len(word)
+        return " "
+
+    return _LONG_WORD.sub(cut, text), extra
+
+
 def count_tokens(text: str) -> int:
-    if not text:
-        return 0
-    return len(_tokenizer().encode(text, add_special_tokens=False).ids)
+    return count_tokens_batch([text])[0]
 
 
 def count_tokens_batch(texts: Sequence[str]) -> list[int]:
     if not texts:
         return []
-    return [len(e.ids) for e in _tokenizer().encode_batch(list(texts), add_special_tokens=False)]
+    split = [_split_long_words(t) for t in texts]
+    encoded = _tokenizer().encode_batch([t for t, _ in split], add_special_tokens=False)
+    return [len(e.ids) + extra for e, (_, extra) in zip(encoded, split, strict=True)]
 
 
 # Per-message framing overhead (role markers, separators) used when counting chat requests.

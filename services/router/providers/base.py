@@ -6,6 +6,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from llmo.router.sampling import Sampling
+
 
 @dataclass(frozen=True)
 class ChatRequest:
@@ -14,9 +16,7 @@ class ChatRequest:
     model: str
     messages: list[dict[str, str]]
     max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    stop: list[str] = field(default_factory=list)
+    sampling: Sampling = field(default_factory=Sampling)
     extra: dict[str, Any] = field(default_factory=dict)
     # False: the caller wants the whole answer at once; providers may then make one
     # non-streaming upstream call (cheaper) and yield a single chunk.
@@ -24,6 +24,11 @@ class ChatRequest:
     # Sent upstream (`x-request-id`) so the upstream's usage event and the router's
     # describe the same call and the cost ledger charges it once.
     request_id: str = ""
+    # The end tenant the call is for (`x-llmo-tenant`), and its application and user: the
+    # upstream charges them, not the router's own key (honoured from service keys only).
+    tenant: str = ""
+    application: str = ""
+    user: str = ""
 
 
 @dataclass(frozen=True)
@@ -42,7 +47,8 @@ class Chunk:
 class ProviderError(Exception):
     """A provider call failed. `retryable` errors may be retried on the same provider;
     every provider error moves the request down its fallback chain. `client_error` marks
-    a request the upstream rejected as malformed, which no fallback would accept either."""
+    a request the upstream rejected as malformed (or too large), which no fallback would
+    accept either: it is the caller's fault, so it never counts against the provider's breaker."""
 
     def __init__(
         self, reason: str, message: str, *, retryable: bool, status: int | None = None, client_error: bool = False

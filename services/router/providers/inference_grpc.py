@@ -8,11 +8,14 @@ from typing import Any
 
 import grpc
 
+from llmo.core.auth import REQUEST_ID_HEADER
 from llmo.core.client import create_channel, outgoing_metadata
 from llmo.router.providers.base import ChatRequest, Chunk, ProviderError, Usage
 
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED}
-_CLIENT = {grpc.StatusCode.INVALID_ARGUMENT}
+# The request was refused as such (bad parameters, unknown model, prompt too long).
+_CLIENT = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.OUT_OF_RANGE,
+           grpc.StatusCode.FAILED_PRECONDITION}
 _FINISH = {1: "stop", 2: "length"}
 
 
@@ -20,12 +23,14 @@ class InferenceGrpcClient:
     def __init__(
         self,
         target: str,
+        api_key: str | None = None,
         *,
         first_token_timeout_s: float = 10.0,
         idle_timeout_s: float = 10.0,
         total_timeout_s: float = 120.0,
     ) -> None:
         self.target = target
+        self.api_key = api_key
         self.first_token_timeout_s = first_token_timeout_s
         self.idle_timeout_s = idle_timeout_s
         self.total_timeout_s = total_timeout_s
@@ -47,21 +52,33 @@ class InferenceGrpcClient:
             self._stub = None
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[Chunk]:
+        from llmo.protos.common.v1 import common_pb2
         from llmo.protos.inference.v1 import inference_service_pb2 as pb
 
-        sampling = pb.SamplingParams(max_tokens=request.max_tokens or 0, stop=request.stop)
-        if request.temperature is not None:
-            sampling.temperature = request.temperature
-        if request.top_p is not None:
-            sampling.top_p = request.top_p
+        s = request.sampling
+        if s.presence_penalty or s.frequency_penalty:
+            raise ProviderError(
+                "UPSTREAM_UNSUPPORTED", "the llmo inference service has no presence/frequency penalty",
+                retryable=False, client_error=True,
+            )
+        sampling = pb.SamplingParams(max_tokens=request.max_tokens or 0, stop=list(s.stop), top_k=s.top_k or 0)
+        if s.temperature is not None:
+            sampling.temperature = s.temperature
+        if s.top_p is not None:
+            sampling.top_p = s.top_p
+        if s.seed is not None:
+            sampling.seed = s.seed
         msg = pb.GenerateRequest(
             model=request.model,
             messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in request.messages],
             sampling=sampling,
+            attribution=common_pb2.Attribution(application=request.application, user=request.user),
         )
-        metadata = [(k, v) for k, v in outgoing_metadata() if k != "x-request-id"]
+        metadata = [
+            (k, v) for k, v in outgoing_metadata(self.api_key, on_behalf_of=request.tenant or None) if k != REQUEST_ID_HEADER
+        ]
         if request.request_id:
-            metadata.append(("x-request-id", request.request_id))
+            metadata.append((REQUEST_ID_HEADER, request.request_id))
         call = self._get_stub().Generate(msg, timeout=self.total_timeout_s, metadata=metadata)
         first = True
         finished = False

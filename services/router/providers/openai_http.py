@@ -14,9 +14,15 @@ from typing import Any
 
 import aiohttp
 
+from llmo.core.auth import ON_BEHALF_HEADER, REQUEST_ID_HEADER
+from llmo.core.limits import preview
 from llmo.router.providers.base import ChatRequest, Chunk, ProviderError, Usage
 
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+# The request itself was refused (malformed, unknown model, too large, unprocessable):
+# the caller's fault, not the provider's.
+CLIENT_ERROR_STATUS = frozenset({400, 404, 413, 422})
+APPLICATION_HEADER = "x-llmo-application"
 
 
 class OpenAIHttpClient:
@@ -60,12 +66,9 @@ class OpenAIHttpClient:
             body["stream_options"] = {"include_usage": True}
         if request.max_tokens is not None:
             body["max_tokens"] = request.max_tokens
-        if request.temperature is not None:
-            body["temperature"] = request.temperature
-        if request.top_p is not None:
-            body["top_p"] = request.top_p
-        if request.stop:
-            body["stop"] = request.stop
+        body.update(request.sampling.openai_fields())
+        if request.user:
+            body["user"] = request.user
         body.update(request.extra)
         return body
 
@@ -74,7 +77,11 @@ class OpenAIHttpClient:
         if self.api_key:
             headers["authorization"] = f"Bearer {self.api_key}"
         if request.request_id:
-            headers["x-request-id"] = request.request_id
+            headers[REQUEST_ID_HEADER] = request.request_id
+        if request.tenant:
+            headers[ON_BEHALF_HEADER] = request.tenant
+        if request.application:
+            headers[APPLICATION_HEADER] = request.application
         # sock_read also bounds the wait for the response headers, so an upstream that
         # accepts the connection and never answers is cut off too.
         timeout = aiohttp.ClientTimeout(
@@ -87,13 +94,13 @@ class OpenAIHttpClient:
         try:
             async with session.post(self.url, json=self._body(request), headers=headers, timeout=timeout) as resp:
                 if resp.status != 200:
-                    text = (await resp.text())[:300]
+                    text = (await resp.content.read(2048)).decode("utf-8", errors="replace")
                     raise ProviderError(
                         "UPSTREAM_STATUS",
-                        f"upstream answered HTTP {resp.status}: {text}",
+                        f"upstream answered HTTP {resp.status}: {preview(text, 300)}",
                         retryable=resp.status in RETRYABLE_STATUS,
                         status=resp.status,
-                        client_error=resp.status in (400, 422),
+                        client_error=resp.status in CLIENT_ERROR_STATUS,
                     )
                 if not request.stream:
                     yield await self._whole(resp)

@@ -11,6 +11,7 @@ from sqlalchemy.engine import Engine
 from llmo.protos.common.v1 import common_pb2
 from llmo.protos.inference.v1 import inference_service_pb2 as ipb
 from llmo.protos.inference.v1 import inference_service_pb2_grpc as ipb_grpc
+from llmo.router.sampling import Sampling
 
 from .gw_helpers import collect, load, make_gateway, user
 
@@ -18,12 +19,17 @@ from .gw_helpers import collect, load, make_gateway, user
 class Inference(ipb_grpc.InferenceServiceServicer):
     def __init__(self) -> None:
         self.fail = False
+        self.reject = False
         self.seen: list[ipb.GenerateRequest] = []
+        self.metadata: list[dict[str, str]] = []
 
     async def Generate(self, request: ipb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[ipb.GenerateResponse]:  # type: ignore[override]
         self.seen.append(request)
+        self.metadata.append({k: str(v) for k, v in context.invocation_metadata() or ()})
         if self.fail:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "engine down")
+        if self.reject:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "temperature must be in [0, 2]")
         for i in range(3):
             yield ipb.GenerateResponse(model=request.model, choices=[ipb.ChoiceDelta(text=f"t{i} ")])
         yield ipb.GenerateResponse(
@@ -50,7 +56,9 @@ providers:
   inference:
     kind: llmo_inference
     target: 127.0.0.1:{port}
+    api_key_env: TEST_ROUTER_INFERENCE_KEY
     max_retries: 0
+    breaker_failures: 2
   http:
     kind: openai
     base_url: {backup_url}
@@ -73,7 +81,7 @@ models:
 async def test_streams_from_the_inference_service(engine: Engine, inference: tuple[Inference, int], backend) -> None:  # type: ignore[no-untyped-def]
     servicer, port = inference
     gw = make_gateway(engine, load(portfolio(port, backend.base_url)))
-    _, text, fin = await collect(gw, user("hello", model="local", max_tokens=5, temperature=0.0))
+    _, text, fin = await collect(gw, user("hello", model="local", max_tokens=5, sampling=Sampling(temperature=0.0)))
     assert text == "t0 t1 t2 " and fin.finish_reason == "stop" and fin.model == "local"
     assert (fin.usage.prompt_tokens, fin.usage.completion_tokens) == (7, 3)
     assert fin.cost_micros == 10  # 10 tokens at 1 USD per million
@@ -88,4 +96,42 @@ async def test_inference_outage_falls_back(engine: Engine, inference: tuple[Infe
     gw = make_gateway(engine, load(portfolio(port, backend.base_url)))
     _, text, fin = await collect(gw, user("hello", model="local"))
     assert fin.model == "backup" and text.startswith("backup-w0")
+    await gw.close()
+
+
+async def test_calls_carry_the_end_tenant_and_the_routers_own_request_id(  # type: ignore[no-untyped-def]
+    engine: Engine, inference: tuple[Inference, int], backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TEST_ROUTER_INFERENCE_KEY", "router-key")
+    servicer, port = inference
+    gw = make_gateway(engine, load(portfolio(port, backend.base_url)))
+    started, _, _ = await collect(
+        gw, user("hello", tenant="tenant-b", model="local", user="u7", application="app1", sampling=Sampling(seed=5, top_k=3))
+    )
+    md = servicer.metadata[-1]
+    assert md["authorization"] == "Bearer router-key"
+    assert md["x-llmo-tenant"] == "tenant-b" and md["x-request-id"] == started.request_id
+    sent = servicer.seen[-1]
+    assert (sent.attribution.user, sent.attribution.application) == ("u7", "app1")
+    assert (sent.sampling.seed, sent.sampling.top_k) == (5, 3)
+    await gw.close()
+
+
+async def test_requests_the_inference_service_refuses_never_open_its_breaker(  # type: ignore[no-untyped-def]
+    engine: Engine, inference: tuple[Inference, int], backend
+) -> None:
+    from llmo.core.errors import ServiceError
+
+    servicer, port = inference
+    servicer.reject = True
+    gw = make_gateway(engine, load(portfolio(port, backend.base_url)))
+    for _ in range(4):  # twice the breaker's limit
+        with pytest.raises(ServiceError) as err:
+            await collect(gw, user("hello", model="local"))
+        assert err.value.reason == "UPSTREAM_REJECTED_REQUEST"
+    assert backend.calls == {}  # a refused request is not sent down the fallback chain either
+    servicer.reject = False
+    _, text, fin = await collect(gw, user("hello", tenant="t2", model="local"))
+    assert fin.model == "local" and text == "t0 t1 t2 "
+    assert gw.breakers.states()["inference"] == "closed"
     await gw.close()
