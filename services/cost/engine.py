@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from google.protobuf import timestamp_pb2
 from prometheus_client import Counter
 
-from llmo.core.events import EventBus
+from llmo.core.events import EventPublisher
 from llmo.core.logging import get_logger
 from llmo.cost.budgets import Budget, BudgetGuard, window_key
 from llmo.cost.prices import PriceCatalog
@@ -62,7 +62,7 @@ class CostEngine:
         self,
         store: CostStore,
         catalog: PriceCatalog,
-        bus: EventBus | None = None,
+        bus: EventPublisher | None = None,
         *,
         reservation_ttl_s: float = 120.0,
     ) -> None:

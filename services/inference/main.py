@@ -12,6 +12,7 @@ from aiohttp import web
 from llmo.core.events import EventBus
 from llmo.core.logging import get_logger
 from llmo.core.metrics import start_service_metrics
+from llmo.core.outbox import Publisher
 from llmo.core.server import GrpcServer, serve_until_signal
 from llmo.inference import metrics
 from llmo.inference.backends.base import Backend
@@ -72,6 +73,7 @@ class RunningInference:
     http_port: int | None
     bus: EventBus | None
     gauges: asyncio.Task[None] | None = None
+    publisher: Publisher | None = None
 
     async def stop(self) -> None:
         if self.gauges is not None:
@@ -83,6 +85,8 @@ class RunningInference:
             await self.http_runner.cleanup()
         await self.registry.stop()
         await self.service.drain()
+        if self.publisher is not None:
+            await self.publisher.stop()
         if self.bus is not None:
             await self.bus.close()
 
@@ -95,12 +99,13 @@ async def start(settings: InferenceSettings, *, port: int | None = None, http_po
     registry = ModelRegistry(backends)
     await registry.start()
     bus: EventBus | None = None
+    publisher: Publisher | None = None
     if settings.publish_events:
-        try:
-            bus = await EventBus(settings.platform.nats_url, name="llmo-inference").connect()
-        except Exception as exc:
-            log.warning("NATS unavailable; inference events will not be published", error=str(exc))
-    service = InferenceService(registry, bus)
+        # usage events wait in the outbox while NATS is down or not yet connected
+        bus = EventBus(settings.platform.nats_url, name="llmo-inference")
+        bus.connect_in_background()
+        publisher = await Publisher.for_service(settings, bus).start()
+    service = InferenceService(registry, publisher)
     server = GrpcServer("inference", settings, port=port)
     server.add_service(inference_service_pb2_grpc.add_InferenceServiceServicer_to_server,
                        InferenceServicer(service), SERVICE_NAME)
@@ -120,7 +125,7 @@ async def start(settings: InferenceSettings, *, port: int | None = None, http_po
     gauges = asyncio.create_task(_refresh_gauges(registry, settings.gauge_interval_s), name="llmo-inference-gauges")
     log.info("inference service started", grpc_port=bound, http_port=bound_http, models=registry.ids(),
              backend=settings.backend, events=bus is not None)
-    return RunningInference(settings, registry, service, server, bound, runner, bound_http, bus, gauges)
+    return RunningInference(settings, registry, service, server, bound, runner, bound_http, bus, gauges, publisher)
 
 
 async def _refresh_gauges(registry: ModelRegistry, interval_s: float) -> None:

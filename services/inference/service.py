@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from google.protobuf import timestamp_pb2
 
 from llmo.core.errors import invalid_argument
-from llmo.core.events import EventBus
+from llmo.core.events import EventPublisher
 from llmo.core.limits import MAX_ID_LEN, check_text
 from llmo.core.logging import get_logger
 from llmo.inference import metrics
@@ -53,7 +53,7 @@ def check_sampling(params: SamplingParams, vocab_size: int = 0,
 
 
 class InferenceService:
-    def __init__(self, registry: ModelRegistry, bus: EventBus | None = None) -> None:
+    def __init__(self, registry: ModelRegistry, bus: EventPublisher | None = None) -> None:
         self.registry = registry
         self.bus = bus
         self._pending: set[asyncio.Task[None]] = set()

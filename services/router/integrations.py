@@ -14,7 +14,7 @@ import numpy as np
 
 from llmo.core.client import create_channel, outgoing_metadata
 from llmo.core.errors import ServiceError, failed_precondition
-from llmo.core.events import Delivery, EventBus
+from llmo.core.events import Delivery, EventBus, EventPublisher
 from llmo.core.logging import get_logger
 from llmo.protos.common.v1 import common_pb2
 from llmo.protos.cost.v1 import cost_service_pb2, cost_service_pb2_grpc
@@ -108,7 +108,7 @@ def _money(micros: int) -> common_pb2.Money:
 
 
 class NatsEventSink:
-    def __init__(self, bus: EventBus, portfolio: Callable[[], Portfolio] | None = None) -> None:
+    def __init__(self, bus: EventPublisher, portfolio: Callable[[], Portfolio] | None = None) -> None:
         self.bus = bus
         self.portfolio = portfolio
 

@@ -14,6 +14,7 @@ from aiohttp import web
 from llmo.core.events import EventBus
 from llmo.core.logging import get_logger
 from llmo.core.metrics import start_service_metrics
+from llmo.core.outbox import Publisher
 from llmo.core.server import GrpcServer, serve_until_signal
 from llmo.protos.router.v1 import router_service_pb2_grpc
 from llmo.router.bandit import BanditStore
@@ -56,6 +57,7 @@ class RunningRouter:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     runner: web.AppRunner | None = None
     consumer: ScoreConsumer | None = None
+    publisher: Publisher | None = None
 
     async def stop(self) -> None:
         await self.server.stop()
@@ -70,6 +72,8 @@ class RunningRouter:
         await self.gateway.close()
         if self.budget is not None:
             await self.budget.close()
+        if self.publisher is not None:
+            await self.publisher.stop()
         if self.bus is not None:
             await self.bus.close()
         await asyncio.to_thread(self.engine.dispose)
@@ -150,8 +154,11 @@ async def start(
             max_entries_per_tenant=settings.cache_max_entries,
         )
     bus: EventBus | None = None
+    publisher: Publisher | None = None
     if settings.events:
-        bus = await EventBus(settings.platform.nats_url, name="llmo-router").connect()
+        # start-up and requests never wait on NATS: events go through the outbox
+        bus = EventBus(settings.platform.nats_url, name="llmo-router")
+        publisher = await Publisher.for_service(settings, bus).start()
     budget = CostBudgetChecker(settings.cost_target, settings.budget_timeout_s, settings.cost_api_key) if settings.cost_target else None
     gateway = Gateway(
         lambda: store.current,
@@ -161,7 +168,7 @@ async def start(
         learned=learned,
         cache=cache,
         budget=budget,
-        events=NatsEventSink(bus, lambda: store.current) if bus is not None else None,
+        events=NatsEventSink(publisher, lambda: store.current) if publisher is not None else None,
         encoder=encoder_of(embedder),
         hedge_after_s=settings.hedge_after_ms / 1000.0,
     )
@@ -170,7 +177,8 @@ async def start(
     consumer = None
     if bus is not None:
         consumer = ScoreConsumer(bus, feedback, f"{settings.consumer_name}-scores")
-        await consumer.start()
+        bus.when_connected(consumer.start)
+        bus.connect_in_background()
     server = GrpcServer("router", settings, port=port)
     server.add_service(router_service_pb2_grpc.add_RouterServiceServicer_to_server, RouterServicer(gateway, feedback), SERVICE_NAME)
     bound = await server.start()
@@ -196,7 +204,7 @@ async def start(
         budget=bool(budget),
         events=bus is not None,
     )
-    return RunningRouter(settings, gateway, server, bound, bound_http, store, engine, bus, budget, tasks, runner, consumer)
+    return RunningRouter(settings, gateway, server, bound, bound_http, store, engine, bus, budget, tasks, runner, consumer, publisher)
 
 
 async def serve(settings: RouterSettings | None = None) -> None:

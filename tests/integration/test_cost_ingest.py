@@ -109,7 +109,7 @@ async def test_the_service_serves_without_nats_and_consumes_once_it_is_up(nats_s
     )
     running = await start(settings, port=0, metrics=False)
     try:
-        assert running.bus is None and running.connecting is not None
+        assert running.bus is not None and not running.bus.connected
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             check = await pb_grpc.CostServiceStub(channel).CheckBudget(pb.CheckBudgetRequest(tenant="t", model="gpt-4o"))
             assert check.decision == pb.BUDGET_DECISION_ALLOW

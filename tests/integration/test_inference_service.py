@@ -259,6 +259,7 @@ async def test_completed_event_is_published(nats_server: Any, demo: LoadedModel)
             await _generate(stub, prompt="ROMEO:\n", request_id="req-42",
                             sampling=pb.SamplingParams(max_tokens=5, ignore_eos=True))
         await running.service.drain()
+        assert running.publisher is not None and await running.publisher.flush(10)  # out of the outbox
         sub = await js.pull_subscribe("llmo.inference.v1.completed", durable="test")
         (msg,) = await sub.fetch(1, timeout=10)
         event = events_pb2.InferenceCompleted.FromString(msg.data)
