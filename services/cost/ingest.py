@@ -25,6 +25,7 @@ from google.protobuf import timestamp_pb2
 from google.protobuf.message import DecodeError, Message
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from llmo.core import tracing
 from llmo.core.events import EventBus, dlq_subject, domain_of, stream_name, subject_of
 from llmo.core.jspull import PullClient, PulledMessage
 from llmo.core.logging import get_logger
@@ -58,6 +59,8 @@ class _Prepared:
     records: list[LedgerRecord] = field(default_factory=list)
     owners: list[PulledMessage] = field(default_factory=list)
     rejected: list[tuple[PulledMessage, str, str, str]] = field(default_factory=list)
+    # one consumer span per message (owners first, then rejected), only with tracing on
+    spans: tracing.MessageSpans | None = None
 
 
 class UsageConsumer:
@@ -179,6 +182,9 @@ class UsageConsumer:
             except RecordRejected as error:
                 USAGE_REJECTED.labels(error.reason.value).inc()
                 prepared.rejected.append((msg, msg.header("Nats-Msg-Id"), error.reason.value, error.detail))
+        if tracing.enabled():
+            consumed = [*prepared.owners, *(rejected[0] for rejected in prepared.rejected)]
+            prepared.spans = tracing.message_spans(self.subject, self.durable, (m.header("traceparent") for m in consumed))
         return prepared
 
     async def _finish(self, prepared: _Prepared) -> None:
@@ -191,6 +197,13 @@ class UsageConsumer:
         ok = len(records) - len(failed)
         if ok:
             EVENTS_HANDLED.labels(self.durable, "ok").inc(ok)
+        if prepared.spans is not None:
+            for index, record in enumerate(records):
+                if record.event_id in failed:
+                    prepared.spans.fail(index, "storage_error")
+            for index, (_, _, reason, _) in enumerate(prepared.rejected, start=len(records)):
+                prepared.spans.fail(index, reason)
+            prepared.spans.end()
 
     async def _commit(self, records: list[LedgerRecord], owners: list[PulledMessage]) -> set[str]:
         """Commit the batch; returns the event ids that were dead-lettered instead.

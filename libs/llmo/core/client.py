@@ -57,7 +57,7 @@ def create_channel(target: str, *, max_attempts: int = 4) -> grpc.aio.Channel:
 
 
 def outgoing_metadata(api_key: str | None = None, *, on_behalf_of: str | None = None) -> list[tuple[str, str]]:
-    """Metadata for a downstream call: API key, request id and a child trace span.
+    """Metadata for a downstream call: API key, request id and the trace (the current span as parent).
 
     `on_behalf_of` names the end tenant when a service calls for a caller; the
     downstream service honours it only from an admin key (see `llmo.core.auth`)."""
@@ -71,7 +71,8 @@ def outgoing_metadata(api_key: str | None = None, *, on_behalf_of: str | None = 
         metadata.append(("x-request-id", request_id))
     trace = ctx.current_trace()
     if trace:
-        metadata.append(("traceparent", trace.child().header()))
+        # the span being served is the parent: it is the one exported and logged (llmo.core.tracing)
+        metadata.append(("traceparent", trace.header()))
     return metadata
 
 

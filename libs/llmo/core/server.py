@@ -24,6 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from llmo.core import context as ctx
+from llmo.core import tracing
 from llmo.core.auth import resolve_caller
 from llmo.core.errors import STATUS_DETAILS_KEY, ServiceError
 from llmo.core.logging import configure_logging, get_logger
@@ -122,8 +123,8 @@ class _CallScope:
         self.started = time.perf_counter()
         self.owner.in_flight.inc()
         metadata = {k: v for k, v in self.context.invocation_metadata() or () if isinstance(v, str)}
-        incoming = ctx.TraceContext.parse(metadata.get("traceparent"))
-        trace = incoming.child() if incoming else ctx.TraceContext.new()
+        self.span = tracing.rpc_span(self.method, metadata.get("traceparent"))
+        trace = self.span.trace
         remaining = self.context.time_remaining()
         platform = self.owner.platform
         try:
@@ -139,6 +140,8 @@ class _CallScope:
         extra = {"client_request_id": caller.client_request_id} if caller.client_request_id else {}
         if caller.key_tenant != caller.tenant:
             extra["on_behalf_of"] = caller.key_tenant
+        self.span.set_attribute("llmo.tenant", caller.tenant)
+        self.span.set_attribute("llmo.request_id", caller.request_id)
         # one binding for the whole call (each bind costs a context manager and a structlog merge)
         self._bound = ctx.bind(request_id=caller.request_id, trace=trace, timeout=remaining, method=self.method,
                                tenant=caller.tenant, admin=caller.admin, **extra)
@@ -172,6 +175,8 @@ class _CallScope:
 
     def _cleanup(self) -> None:
         self._record()
+        self.span.set_grpc_status(self.code.name)
+        self.span.end()
         self._bound.__exit__(None, None, None)
 
     async def _finish_with(self, error: ServiceError) -> None:
@@ -273,11 +278,15 @@ async def serve_until_signal(
     """What every service's `serve()` does: configure logging, start, run until
     SIGTERM/SIGINT (or cancellation), then stop (drain)."""
     configure_logging(service, env=settings.platform.env, level=settings.platform.log_level)
-    running = await start(settings)
+    tracing.configure_tracing(service, settings.platform.otel_endpoint)
     try:
-        await wait_for_shutdown_signal()
+        running = await start(settings)
+        try:
+            await wait_for_shutdown_signal()
+        finally:
+            await running.stop()
     finally:
-        await running.stop()
+        await asyncio.to_thread(tracing.shutdown_tracing)
 
 
 async def wait_for_shutdown_signal() -> None:

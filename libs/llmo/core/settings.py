@@ -104,6 +104,10 @@ class PlatformSettings(BaseSettings):
     cost_address: str = ""
     router_http_url: str = ""
     inference_http_url: str = ""
+    otel_endpoint: str = Field(
+        default="",
+        description="OTLP/gRPC collector (host:port, http:// or https://) that receives trace spans; empty: tracing off.",
+    )
 
     @field_validator("api_keys", mode="before")
     @classmethod
