@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from aiohttp import web
@@ -330,13 +330,13 @@ class OpenAIApp:
         return {**base, "object": "chat.completion" if chat else "text_completion", "choices": choices,
                 "usage": _usage(usage)}
 
-    async def _stream(self, request: web.Request, stream: AsyncIterator[GenerationChunk], base: dict[str, Any],
+    async def _stream(self, request: web.Request, stream: AsyncGenerator[GenerationChunk, None], base: dict[str, Any],
                       chat: bool, include_usage: bool, n: int, echo: str | None = None,
                       want_logprobs: bool = False) -> web.StreamResponse:
         obj = "chat.completion.chunk" if chat else "text_completion"
         # Fail before the 200 goes out when the request is rejected outright (bad length, queue full).
         first: GenerationChunk | None = None
-        async with contextlib.aclosing(stream):  # type: ignore[type-var]
+        async with contextlib.aclosing(stream):
             try:
                 first = await anext(stream)
             except StopAsyncIteration:

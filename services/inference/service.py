@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 
 from google.protobuf import timestamp_pb2
@@ -59,7 +59,7 @@ class InferenceService:
         self._pending: set[asyncio.Task[None]] = set()
 
     async def generate(self, model: str, request: GenerationRequest, caller: Caller,
-                       param_names: Mapping[str, str] | None = None) -> AsyncIterator[GenerationChunk]:
+                       param_names: Mapping[str, str] | None = None) -> AsyncGenerator[GenerationChunk, None]:
         """`request.request_id` is the platform's id of the call (minted, or a trusted service's), used as
         the event's request id; `param_names` as in `check_sampling`."""
         backend = self.registry.get(model)

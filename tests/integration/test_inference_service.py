@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -245,11 +246,12 @@ async def test_openai_backend_serves_through_our_http_endpoint(server: RunningIn
         await proxy.stop()
 
 
-async def test_completed_event_is_published(nats_server: Any, demo: LoadedModel) -> None:
+async def test_completed_event_is_published(nats_server: Any, demo: LoadedModel, tmp_path: Path) -> None:
     import nats
 
+    # The outbox under tmp_path: nothing left over from another run is sent before this test's event.
     settings = InferenceSettings(publish_events=True, metrics_port=-1,
-                                 platform=PlatformSettings(nats_url=nats_server.url))
+                                 platform=PlatformSettings(nats_url=nats_server.url, data_dir=tmp_path))
     running = await start(settings, port=0, http_port=-1, metrics=False, backends=[_native(demo, DEMO)])
     nc = await nats.connect(nats_server.url)
     try:

@@ -5,6 +5,7 @@ tenant key may neither act for another tenant nor choose the request id (the led
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -35,8 +36,9 @@ def demo() -> LoadedModel:
 
 
 @pytest_asyncio.fixture
-async def running(nats_server: Any, demo: LoadedModel) -> AsyncIterator[RunningInference]:
-    platform = PlatformSettings(nats_url=nats_server.url, api_keys=KEYS, admin_tenants=frozenset({"router"}))
+async def running(nats_server: Any, demo: LoadedModel, tmp_path: Path) -> AsyncIterator[RunningInference]:
+    platform = PlatformSettings(nats_url=nats_server.url, api_keys=KEYS, admin_tenants=frozenset({"router"}),
+                                data_dir=tmp_path)
     settings = InferenceSettings(publish_events=True, metrics_port=-1, platform=platform)
     backend = NativeBackend(demo, LLMEngine(demo, EngineConfig(num_blocks=64)), DEMO)
     server = await start(settings, port=0, http_port=0, metrics=False, backends=[backend])
@@ -48,6 +50,7 @@ async def _events(running: RunningInference, nats_url: str, count: int) -> list[
     import nats
 
     await running.service.drain()
+    assert running.publisher is not None and await running.publisher.flush(10)  # out of the outbox
     nc = await nats.connect(nats_url)
     try:
         sub = await nc.jetstream().pull_subscribe(SUBJECT, durable="trust-test")

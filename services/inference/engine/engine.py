@@ -191,10 +191,10 @@ class LLMEngine:
                 if request.first_token_time is None:
                     request.first_token_time = now
                 deltas.append(self._attach_prompt_logprobs(request, self._append(member, token, lp)))
-        for request in {d.request_id: self.requests.get(d.request_id) for d in deltas}.values():
-            if request is not None and request.finished:
-                request.finished_time = now
-                self.requests.pop(request.request_id, None)
+        for stepped in {d.request_id: self.requests.get(d.request_id) for d in deltas}.values():
+            if stepped is not None and stepped.finished:
+                stepped.finished_time = now
+                self.requests.pop(stepped.request_id, None)
         return deltas
 
     def _build_batch(self, ordered: list[tuple[Sequence, int]], num_prefills: int
