@@ -46,6 +46,8 @@ from llmo.core.settings import (
     parse_admin_tenants,
     parse_api_keys,
 )
+from llmo.inference.settings import InferenceSettings
+from llmo.router.settings import RouterSettings
 
 DEPLOY = Path(__file__).resolve().parents[3] / "deploy"
 KUSTOMIZE = DEPLOY / "kustomize"
@@ -526,7 +528,8 @@ def test_service_ports_match_the_settings(
     assert settings.resolved_grpc_port() == expected["grpc"]
     assert settings.resolved_metrics_port() == expected["metrics"]
     if "http" in expected:
-        assert settings.resolved_http_port() == expected["http"]  # type: ignore[attr-defined]
+        assert isinstance(settings, RouterSettings | InferenceSettings)
+        assert settings.resolved_http_port() == expected["http"]
     env = {e["name"]: e for e in container["env"]}
     assert env["LLMO_API_KEYS"]["valueFrom"]["secretKeyRef"]["name"].startswith("llmo-api-keys")
     database = env[f"LLMO_{service.upper()}_DATABASE_URL"]["valueFrom"]["secretKeyRef"]
@@ -582,16 +585,17 @@ def test_router_is_wired_to_inference_and_cost(overlay: str, monkeypatch: pytest
         ref = env[name]["valueFrom"]["secretKeyRef"]
         assert ref["name"].startswith("llmo-router-keys") and ref["key"] == key and not ref.get("optional")
     settings = _settings(monkeypatch, "router", _environment(manifests, router))
+    assert isinstance(settings, RouterSettings)
     # The cost address is a Service of this overlay whose gRPC port reaches the cost pods.
-    host, port = settings.cost_target.rsplit(":", 1)  # type: ignore[attr-defined]
+    host, port = settings.cost_target.rsplit(":", 1)
     assert (host, int(port)) == ("cost", DEFAULT_GRPC_PORTS["cost"])
     cost_ports = {p["name"]: p["port"] for p in _one(manifests, "Service", host)["spec"]["ports"]}
     assert cost_ports["grpc"] == int(port)
-    url = urlsplit(settings.inference_http_url)  # type: ignore[attr-defined]
+    url = urlsplit(settings.inference_http_url)
     assert (url.scheme, url.hostname, url.port) == ("http", "inference", DEFAULT_HTTP_PORTS["inference"])
     inference_ports = {p["name"]: p["port"] for p in _one(manifests, "Service", "inference")["spec"]["ports"]}
     assert inference_ports["http"] == url.port
-    assert settings.cost_api_key  # type: ignore[attr-defined]
+    assert settings.cost_api_key
 
 
 @needs_kubectl
@@ -601,10 +605,11 @@ def test_dev_router_keys_are_admin_keys_of_cost_and_inference(monkeypatch: pytes
         s: _environment(manifests, _one(manifests, "Deployment", s)) for s in ("router", "inference", "cost")
     }
     router = _settings(monkeypatch, "router", env["router"])
+    assert isinstance(router, RouterSettings)
     cost = _settings(monkeypatch, "cost", env["cost"])
     inference = _settings(monkeypatch, "inference", env["inference"])
     # Each callee maps the router's key to a tenant it lets act for end tenants.
-    assert cost.platform.api_keys[router.cost_api_key] in cost.platform.admin_tenants  # type: ignore[attr-defined]
+    assert cost.platform.api_keys[router.cost_api_key] in cost.platform.admin_tenants
     inference_key = env["router"]["LLMO_ROUTER_INFERENCE_API_KEY"]
     assert inference.platform.api_keys[inference_key] in inference.platform.admin_tenants
     assert parse_admin_tenants(env["cost"]["LLMO_ADMIN_TENANTS"]) == {"router"}
