@@ -1,0 +1,336 @@
+"""Which services the generated suites run against, and what they already know fails.
+
+A service joins the bad-input and tenancy suites with one `ServiceEntry` in `SERVICES`:
+how to start it (on free ports, against the shared nats-server), its gRPC service
+descriptor, its HTTP app (routes are discovered from the aiohttp router), string hints
+that let generated requests reach past the first validation, a known-good check run
+before and after the generated traffic, and its tenancy fixtures (tenancy.py).
+
+`KNOWN_FAILURES` is the one table of generated cases that fail against today's code:
+each becomes `xfail(strict=True)`, so a fix makes its entry fail loudly until removed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from aiohttp import web
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import timestamp_pb2
+
+from llmo.core.settings import PlatformSettings
+from llmo.protos.common.v1 import common_pb2
+from llmo.protos.cost.v1 import cost_service_pb2 as cost_pb
+from llmo.protos.cost.v1 import cost_service_pb2_grpc as cost_grpc
+from llmo.protos.inference.v1 import inference_service_pb2 as inf_pb
+from llmo.protos.inference.v1 import inference_service_pb2_grpc as inf_grpc
+from llmo.protos.router.v1 import router_service_pb2 as router_pb
+from llmo.protos.router.v1 import router_service_pb2_grpc as router_grpc
+from tests.suites.stack import UPSTREAM_KEY_ENV, Endpoint, Stack, platform
+
+DEMO = "llmo-demo"
+TIMEOUT = 120.0
+
+
+def auth(key: str) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {key}")]
+
+
+@dataclass(frozen=True)
+class HttpRoute:
+    method: str
+    path: str  # aiohttp canonical form, e.g. /v1/models/{model}
+
+    @property
+    def label(self) -> str:
+        return f"{self.method} {self.path}"
+
+
+@dataclass
+class ServiceEntry:
+    name: str
+    descriptor: _descriptor.ServiceDescriptor
+    start: Callable[[Stack], Awaitable[Endpoint]]
+    # Builds the service's aiohttp app without starting anything (route discovery at collection).
+    http_app: Callable[[], web.Application] | None = None
+    # Valid-looking values generated strings are drawn from, besides random text.
+    string_hints: tuple[str, ...] = ()
+    # Valid request bodies per POST route; the suite mutates one field at a time.
+    http_bodies: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Run before the generated traffic; returns state for `verify`.
+    seed: Callable[[Stack], Any] = lambda stack: None
+    # Run after it: the service still serves a known-good request, and nothing accepted is lost.
+    verify: Callable[[Stack, Any], None] = lambda stack, state: None
+
+    @property
+    def domain(self) -> str:
+        return f"llmo.{self.name}"
+
+    def methods(self) -> list[_descriptor.MethodDescriptor]:
+        return list(self.descriptor.methods)
+
+    def routes(self) -> list[HttpRoute]:
+        if self.http_app is None:
+            return []
+        return sorted({HttpRoute(r.method, r.resource.canonical) for r in self.http_app().router.routes()
+                       if r.resource is not None and r.method != "HEAD"}, key=lambda r: r.label)
+
+
+# ---------------------------------------------------------------- inference
+
+
+async def _start_inference(stack: Stack) -> Endpoint:
+    import asyncio
+
+    from llmo.inference.backends.native import NativeBackend
+    from llmo.inference.engine.engine import EngineConfig, LLMEngine
+    from llmo.inference.main import start
+    from llmo.inference.models.loader import load_model
+    from llmo.inference.settings import InferenceSettings
+
+    loaded = await asyncio.to_thread(load_model, name=DEMO)
+    backend = NativeBackend(loaded, LLMEngine(loaded, EngineConfig(num_blocks=256)), DEMO)
+    settings = InferenceSettings(publish_events=True, metrics_port=-1,
+                                 platform=platform(stack.nats.url, stack.data_dir / "inference"))
+    running = await start(settings, port=0, http_port=0, metrics=False, backends=[backend])
+    app = running.http_runner.app if running.http_runner is not None else None
+    return Endpoint(f"127.0.0.1:{running.port}", running.http_port, app, running.stop, running)
+
+
+def _inference_app() -> web.Application:
+    from llmo.inference.http_api import OpenAIApp
+
+    return OpenAIApp(None, PlatformSettings()).app  # type: ignore[arg-type]
+
+
+def _inference_verify(stack: Stack, state: Any) -> None:
+    stub = inf_grpc.InferenceServiceStub(stack.channel("inference"))
+    chunks = list(stub.Generate(inf_pb.GenerateRequest(
+        model=DEMO, prompt="ROMEO:\n", sampling=inf_pb.SamplingParams(max_tokens=3, ignore_eos=True)),
+        metadata=auth("k-probe"), timeout=TIMEOUT))
+    assert chunks[-1].usage.output_tokens == 3, chunks[-1]
+    counted = stub.CountTokens(inf_pb.CountTokensRequest(model=DEMO, text="To be"), metadata=auth("k-probe"),
+                               timeout=TIMEOUT)
+    assert len(counted.token_ids) > 0
+    _http_known_good(stack, "inference", "/v1/chat/completions", {
+        "model": DEMO, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 3})
+
+
+INFERENCE = ServiceEntry(
+    name="inference",
+    descriptor=inf_pb.DESCRIPTOR.services_by_name["InferenceService"],
+    start=_start_inference,
+    http_app=_inference_app,
+    string_hints=(DEMO, f"models/{DEMO}", "user", "assistant", "system", "ROMEO:\n"),
+    http_bodies={
+        "/v1/chat/completions": {"model": DEMO, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4},
+        "/v1/completions": {"model": DEMO, "prompt": "ROMEO:\n", "max_tokens": 4},
+    },
+    verify=_inference_verify,
+)
+
+
+# ---------------------------------------------------------------- cost
+
+
+async def _start_cost(stack: Stack) -> Endpoint:
+    from llmo.cost.main import start
+    from llmo.cost.settings import CostSettings
+
+    data = stack.data_dir / "cost"
+    data.mkdir(parents=True, exist_ok=True)
+    settings = CostSettings(database_url=f"sqlite:///{data / 'cost.db'}", metrics_port=-1, ingest_batch=50,
+                            ack_wait_s=5, budget_refresh_s=0.2, alert_retry_s=0.5,
+                            platform=platform(stack.nats.url, data))
+    running = await start(settings, port=0, metrics=False)
+    return Endpoint(f"127.0.0.1:{running.port}", None, None, running.stop, running)
+
+
+def usage_record(event_id: str, *, inp: int = 1000, out: int = 500, model: str = "gpt-4o-mini",
+                 tenant: str = "") -> cost_pb.UsageRecord:
+    return cost_pb.UsageRecord(event_id=event_id, model=model,
+                               attribution=common_pb2.Attribution(tenant=tenant, application="suite"),
+                               usage=common_pb2.Usage(input_tokens=inp, output_tokens=out),
+                               latency=common_pb2.Latency(ttft_ms=10.0, e2e_ms=20.0))
+
+
+def ledger_total(stack: Stack, key: str) -> tuple[int, int]:
+    """(requests, cost micros) the caller's tenant has in the ledger over the longest range a report allows."""
+    stub = cost_grpc.CostServiceStub(stack.channel("cost"))
+    start = timestamp_pb2.Timestamp()
+    start.FromDatetime(datetime.now(UTC).replace(tzinfo=None) - timedelta(days=399))  # reports span <= 400 days
+    report = stub.GetCostReport(cost_pb.GetCostReportRequest(start_time=start), metadata=auth(key), timeout=TIMEOUT)
+    return report.total.requests, report.total.cost.micros
+
+
+def _cost_seed(stack: Stack) -> dict[str, int]:
+    stub = cost_grpc.CostServiceStub(stack.channel("cost"))
+    records = [usage_record(f"suite-ledger-before-{i}", inp=100 * (i + 1)) for i in range(3)]
+    result = stub.RecordUsage(cost_pb.RecordUsageRequest(records=records), metadata=auth("k-ledger"), timeout=TIMEOUT)
+    assert [r.duplicate for r in result.results] == [False] * 3
+    return {"requests": 3, "micros": sum(r.cost.micros for r in result.results)}
+
+
+def _cost_verify(stack: Stack, state: dict[str, int]) -> None:
+    stub = cost_grpc.CostServiceStub(stack.channel("cost"))
+    assert ledger_total(stack, "k-ledger") == (state["requests"], state["micros"]), "the ledger lost accepted usage"
+    after = stub.RecordUsage(cost_pb.RecordUsageRequest(records=[usage_record("suite-ledger-after")]),
+                             metadata=auth("k-ledger"), timeout=TIMEOUT)
+    (result,) = after.results
+    assert not result.duplicate and result.cost.micros > 0
+    assert ledger_total(stack, "k-ledger") == (state["requests"] + 1, state["micros"] + result.cost.micros)
+
+
+COST = ServiceEntry(
+    name="cost",
+    descriptor=cost_pb.DESCRIPTOR.services_by_name["CostService"],
+    start=_start_cost,
+    string_hints=("gpt-4o-mini", "gpt-4o", "openai", "USD", "tenantA", "tenantB", "budgets/b1", "b1", "chat",
+                  "H100", "2024-01-01"),
+    seed=_cost_seed,
+    verify=_cost_verify,
+)
+
+
+# ---------------------------------------------------------------- router
+
+PORTFOLIO = """
+providers:
+  inference:
+    kind: openai
+    base_url: http://127.0.0.1:{port}/v1
+    api_key_env: {key_env}
+    max_retries: 0
+    first_token_timeout_s: 60
+    idle_timeout_s: 30
+    timeout_s: 120
+models:
+  - name: {model}
+    provider: inference
+    input_price_micros_per_mtok: 50000
+    output_price_micros_per_mtok: 100000
+    context_window: 512
+    max_output_tokens: 16
+    quality: 0.3
+    fallbacks: [demo-strong]
+  - name: demo-strong
+    provider: inference
+    provider_model: {model}
+    input_price_micros_per_mtok: 500000
+    output_price_micros_per_mtok: 1000000
+    context_window: 512
+    max_output_tokens: 16
+    capabilities: [json]
+    quality: 0.8
+routing:
+  default_model: {model}
+"""
+
+
+async def _start_router(stack: Stack) -> Endpoint:
+    from llmo.router.main import start
+    from llmo.router.settings import RouterSettings
+
+    data = stack.data_dir / "router"
+    data.mkdir(parents=True, exist_ok=True)
+    pf = data / "portfolio.yaml"
+    pf.write_text(PORTFOLIO.format(port=stack.endpoints["inference"].http_port, key_env=UPSTREAM_KEY_ENV, model=DEMO))
+    settings = RouterSettings(database_url=f"sqlite:///{data / 'router.db'}", metrics_port=-1,
+                              portfolio_path=str(pf), portfolio_reload_s=1.0,
+                              cost_target=stack.endpoints["cost"].grpc_address, cost_api_key="k-router",
+                              budget_timeout_s=5.0, platform=platform(stack.nats.url, data))
+    running = await start(settings, port=0, http_port=0, metrics=False)
+    app = running.runner.app if running.runner is not None else None
+    return Endpoint(f"127.0.0.1:{running.port}", running.http_port, app, running.stop, running)
+
+
+def _router_app() -> web.Application:
+    from llmo.router.http_api import OpenAIFront
+
+    return OpenAIFront(None, PlatformSettings()).app()  # type: ignore[arg-type]
+
+
+def _router_seed(stack: Stack) -> None:
+    stub = router_grpc.RouterServiceStub(stack.channel("router"))
+    stub.CreatePromptTemplate(router_pb.CreatePromptTemplateRequest(prompt_template_id="probe-tpl"),
+                              metadata=auth("k-probe"), timeout=TIMEOUT)
+    stub.CreatePromptVersion(router_pb.CreatePromptVersionRequest(parent="promptTemplates/probe-tpl",
+                                                                  body="Be brief.", labels=["production"]),
+                             metadata=auth("k-probe"), timeout=TIMEOUT)
+
+
+def _router_verify(stack: Stack, state: Any) -> None:
+    stub = router_grpc.RouterServiceStub(stack.channel("router"))
+    got = stub.GetPromptTemplate(router_pb.GetPromptTemplateRequest(name="promptTemplates/probe-tpl"),
+                                 metadata=auth("k-probe"), timeout=TIMEOUT).prompt_template
+    assert got.latest_version == 1 and dict(got.labels) == {"production": 1}, got
+    out = list(stub.Complete(router_pb.CompleteRequest(
+        messages=[router_pb.ChatMessage(role="user", content="Hello there")], max_tokens=3, skip_cache=True,
+        prompt=router_pb.PromptRef(template="promptTemplates/probe-tpl")),
+        metadata=auth("k-probe"), timeout=TIMEOUT))
+    assert out[-1].finish_reason and out[-1].usage.output_tokens > 0, out[-1]
+    _http_known_good(stack, "router", "/v1/chat/completions", {
+        "model": DEMO, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 3})
+
+
+ROUTER = ServiceEntry(
+    name="router",
+    descriptor=router_pb.DESCRIPTOR.services_by_name["RouterService"],
+    start=_start_router,
+    http_app=_router_app,
+    string_hints=(DEMO, "demo-strong", "user", "assistant", "system", "json", "production", "promptTemplates/probe-tpl",
+                  "promptTemplates/suite", "suite", "experiments/suite", "{{name}}"),
+    http_bodies={
+        "/v1/chat/completions": {"model": DEMO, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4},
+    },
+    seed=_router_seed,
+    verify=_router_verify,
+)
+
+
+def _http_known_good(stack: Stack, service: str, path: str, body: dict[str, Any]) -> None:
+    from tests.suites.httpclient import send_json
+
+    status, _, payload = send_json(stack.endpoints[service].http_port or 0, "POST", path, body, key="k-probe")
+    assert status == 200, (status, payload[:500])
+
+
+# Start order matters: the router calls inference (HTTP) and cost (budgets).
+SERVICES: list[ServiceEntry] = [INFERENCE, COST, ROUTER]
+BY_NAME = {entry.name: entry for entry in SERVICES}
+
+
+# ---------------------------------------------------------------- known failures
+#
+# (service, case, family) -> why it fails today. `case` is a gRPC method name, an HTTP
+# route label ("POST /v1/chat/completions") or a tenancy probe name; `*` matches every
+# gRPC method of the service. Remove an entry once its fix lands (strict xfail fails on a pass).
+
+_WIRE_UTF8 = ("a string field with invalid UTF-8 on the wire fails in the generated deserializer before any "
+              "servicer code: UNKNOWN 'DecodeError ... bad UTF-8' with no ErrorInfo (llmo.core.server should "
+              "answer INVALID_ARGUMENT)")
+_ECHO = ("the error message quotes the unbounded input (a ~1-100k char name/id): the status exceeds gRPC's 16 KB "
+         "metadata limit, the client gets RESOURCE_EXHAUSTED 'Stream removed' without ErrorInfo (issue 13 #8)")
+
+KNOWN_FAILURES: dict[tuple[str, str, str], str] = {
+    ("inference", "*", "invalid_utf8"): _WIRE_UTF8,
+    ("cost", "*", "invalid_utf8"): _WIRE_UTF8,
+    ("router", "*", "invalid_utf8"): _WIRE_UTF8,
+    **{("cost", method, "fields"): _ECHO
+       for method in ("RecordUsage", "GetCostReport", "GetBudget", "DeleteBudget")},
+    **{("router", method, "fields"): _ECHO
+       for method in ("Route", "CreatePromptTemplate", "CreatePromptVersion", "GetPromptTemplate", "RenderPrompt",
+                      "GetExperiment", "StopExperiment")},
+    ("router", "POST /v1/chat/completions", "huge_string"):
+        "a 53k-char message role comes back in a 318 KB 400 error body (input echoed unbounded)",
+}
+
+
+def known_failure(service: str, case: str, family: str) -> str | None:
+    """The known failure of one case; `*` stands for every gRPC method (never an HTTP route)."""
+    if (service, case, family) in KNOWN_FAILURES:
+        return KNOWN_FAILURES[(service, case, family)]
+    return None if " " in case else KNOWN_FAILURES.get((service, "*", family))
