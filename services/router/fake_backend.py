@@ -27,6 +27,8 @@ class FakeBackend:
     token_delay_s: float = 0.0
     tokens: int = 8
     hang_s: float = 3600.0
+    # When set, requests without `authorization: Bearer <api_key>` get 401 (like a server with keys on).
+    api_key: str = ""
     calls: dict[str, int] = field(default_factory=dict)
     requests: list[dict[str, Any]] = field(default_factory=list)
     request_ids: list[str] = field(default_factory=list)
@@ -76,6 +78,8 @@ class FakeBackend:
         self.headers.append(
             {k.lower(): v for k, v in request.headers.items() if k.lower().startswith("x-") or k.lower() == "authorization"}
         )
+        if self.api_key and request.headers.get("authorization") != f"Bearer {self.api_key}":
+            return web.json_response({"error": {"message": "invalid api key", "code": "API_KEY_INVALID"}}, status=401)
         n = self.calls[model] = self.calls.get(model, 0) + 1
         behaviour = self.behaviours.get(model, "ok")
         if self.latency_s:

@@ -19,6 +19,7 @@ from llmo.core.server import GrpcServer, serve_until_signal
 from llmo.protos.router.v1 import router_service_pb2_grpc
 from llmo.router.bandit import BanditStore
 from llmo.router.cache import SemanticCache
+from llmo.router.default_portfolio import ensure_portfolio
 from llmo.router.experiments import ExperimentStore
 from llmo.router.feedback import FeedbackRecorder
 from llmo.router.gateway import Gateway
@@ -84,45 +85,6 @@ def _pruner(settings: RouterSettings) -> SurprisalPruner | None:
         return None
     directory = Path(settings.compression_model_dir) if settings.compression_model_dir else default_model_dir()
     return SurprisalPruner(directory) if directory is not None else None
-
-
-def portfolio_path(settings: RouterSettings) -> Path:
-    return Path(settings.portfolio_path) if settings.portfolio_path else settings.platform.data_dir / "router" / "portfolio.yaml"
-
-
-DEFAULT_PORTFOLIO = """\
-# Written by the router on first start; edit it (it is hot-reloaded).
-providers:
-  inference:
-    kind: openai
-    base_url: {base}
-    first_token_timeout_s: 60
-    idle_timeout_s: 30
-    timeout_s: 300
-models:
-  - name: {model}
-    provider: inference
-    input_price_micros_per_mtok: 50000
-    output_price_micros_per_mtok: 100000
-    context_window: 2048
-    max_output_tokens: 256
-    quality: 0.3
-    latency: {{ttft_ms: 100, tokens_per_s: 50}}
-routing:
-  default_model: {model}
-"""
-
-
-def ensure_portfolio(settings: RouterSettings) -> Path:
-    """The portfolio path; a default one pointing at the inference service is written if absent."""
-    path = portfolio_path(settings)
-    if not path.exists():
-        base = settings.inference_http_url.rstrip("/")
-        base = base if base.endswith("/v1") else base + "/v1"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(DEFAULT_PORTFOLIO.format(base=base, model=settings.inference_model))
-        log.info("router.default_portfolio_written", path=str(path), upstream=base)
-    return path
 
 
 async def start(

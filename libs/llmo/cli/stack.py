@@ -12,10 +12,12 @@ import asyncio
 import importlib.util
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -30,6 +32,8 @@ from llmo.core.settings import (
     DEFAULT_HTTP_PORTS,
     DEFAULT_METRICS_PORTS,
     SERVICES,
+    parse_admin_tenants,
+    parse_api_keys,
     service_env_prefix,
 )
 
@@ -37,6 +41,8 @@ log = get_logger(__name__)
 
 STATE_FILE = "stack.json"
 MAX_RESTARTS = 5
+# The tenant of the service key `llmo up` mints for the router when API keys are on.
+ROUTER_SERVICE_TENANT = "llmo-router"
 
 
 def implemented_services() -> list[str]:
@@ -118,6 +124,7 @@ class Stack:
         self.random_ports = random_ports
         self.host = host
         self.extra_env = env or {}
+        self.shared_env, self.router_env = router_service_key({**os.environ, **self.extra_env})
         self.nats = NatsServer(self.data_dir / "nats", port=0 if random_ports else _port_or_free(4222, host), host=host)
         self.state = StackState(data_dir=str(self.data_dir), nats_url=self.nats.url)
         self._processes: dict[str, subprocess.Popen[bytes]] = {}
@@ -170,6 +177,8 @@ class Stack:
             f"{prefix}HOST": self.host,
             f"{prefix}GRPC_PORT": endpoint.grpc.rsplit(":", 1)[1],
             f"{prefix}METRICS_PORT": endpoint.metrics.rsplit(":", 1)[1].split("/")[0],
+            **self.shared_env,
+            **(self.router_env if name == "router" else {}),
         }
         if endpoint.http:
             env[f"{prefix}HTTP_PORT"] = endpoint.http.rsplit(":", 1)[1]
@@ -260,6 +269,27 @@ class Stack:
 
     async def __aexit__(self, *_: Any) -> None:
         await self.stop()
+
+
+def router_service_key(env: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """(variables for every service, variables for the router) that give the router a service key.
+
+    With API keys on (`LLMO_API_KEYS`) and no key chosen for the router
+    (`LLMO_ROUTER_INFERENCE_API_KEY`), the stack mints one for the admin tenant
+    `llmo-router`: every service accepts it, and the router presents it to inference
+    (which then charges the end tenant the router names) and, unless one is set, to cost.
+    """
+    keys = parse_api_keys(env.get("LLMO_API_KEYS"))
+    if not keys or env.get("LLMO_ROUTER_INFERENCE_API_KEY"):
+        return {}, {}
+    key = f"llmo-svc-{secrets.token_urlsafe(24)}"
+    keys[key] = ROUTER_SERVICE_TENANT
+    admins = parse_admin_tenants(env.get("LLMO_ADMIN_TENANTS")) | {ROUTER_SERVICE_TENANT}
+    shared = {"LLMO_API_KEYS": json.dumps(keys), "LLMO_ADMIN_TENANTS": ",".join(sorted(admins))}
+    router = {"LLMO_ROUTER_INFERENCE_API_KEY": key}
+    if not env.get("LLMO_ROUTER_COST_API_KEY"):
+        router["LLMO_ROUTER_COST_API_KEY"] = key
+    return shared, router
 
 
 def _port_or_free(preferred: int, host: str) -> int:
