@@ -84,7 +84,8 @@ def configure_tracing(service_name: str, endpoint: str, *, schedule_delay_ms: in
         shutdown_tracing()
     provider = TracerProvider(resource=Resource.create({"service.name": f"llmo-{service_name}"}),
                               shutdown_on_exit=False)
-    exporter = OTLPSpanExporter(endpoint=endpoint, insecure=not endpoint.startswith("https://"))
+    # a short export timeout: a collector that is down must not hold a stopping service for long
+    exporter = OTLPSpanExporter(endpoint=endpoint, insecure=not endpoint.startswith("https://"), timeout=5)
     provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=schedule_delay_ms))
 
     def parent(traceparent: str | None) -> Any:
@@ -106,7 +107,7 @@ def configure_tracing(service_name: str, endpoint: str, *, schedule_delay_ms: in
     return True
 
 
-def shutdown_tracing(timeout_s: float = 5.0) -> None:
+def shutdown_tracing(timeout_s: float = 3.0) -> None:
     """Export what is buffered and stop the exporter (blocking: call it with asyncio.to_thread)."""
     global _sdk
     sdk, _sdk = _sdk, None

@@ -293,6 +293,26 @@ async def test_the_cost_usage_consumer_exports_a_span_per_event(
     assert unpriced.status == trace_pb2.Status.STATUS_CODE_ERROR  # parked on the dead-letter subject
 
 
+async def test_http_span_is_a_server_span_with_the_route_and_status(receiver: tuple[Receiver, str]) -> None:
+    collector, endpoint = receiver
+    caller = ctx.TraceContext.new()
+    assert tracing.configure_tracing("http-test", endpoint, schedule_delay_ms=50)
+    try:
+        with tracing.http_span("POST", "/v1/chat/completions", caller.header()) as span:
+            span.set_http_status(503)
+    finally:
+        await asyncio.to_thread(tracing.shutdown_tracing)
+    await collector.wait_for(1)
+
+    (exported,) = collector.of("llmo-http-test")
+    assert exported.name == "POST /v1/chat/completions" and exported.kind == trace_pb2.Span.SPAN_KIND_SERVER
+    assert (exported.trace_id, exported.parent_span_id) == (caller.trace_id, caller.span_id)
+    assert (exported.trace_id, exported.span_id) == (span.trace.trace_id, span.trace.span_id)
+    assert exported.attributes["http.route"] == "/v1/chat/completions"
+    assert exported.attributes["http.response.status_code"] == 503
+    assert exported.status == trace_pb2.Status.STATUS_CODE_ERROR
+
+
 def test_without_an_endpoint_nothing_of_the_sdk_is_loaded() -> None:
     assert tracing.configure_tracing("off", "") is False and not tracing.enabled()
     probe = (
