@@ -5,13 +5,12 @@ from __future__ import annotations
 from typing import Annotated, ClassVar
 
 from pydantic import Field, field_validator
-from pydantic_settings import NoDecode, SettingsConfigDict
+from pydantic_settings import NoDecode
 
 from llmo.core.settings import ServiceSettings
 
 
 class CostSettings(ServiceSettings):
-    model_config = SettingsConfigDict(env_prefix="LLMO_COST_", extra="ignore")
     service: ClassVar[str] = "cost"
 
     # Extra price catalogs merged over the shipped prices.yaml, comma-separated paths.

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic_settings import SettingsConfigDict
-
 from llmo.core.http_edge import DEFAULT_MAX_BODY_BYTES
 from llmo.core.settings import DEFAULT_HTTP_PORTS, ServiceSettings
 
 
 class InferenceSettings(ServiceSettings):
-    model_config = SettingsConfigDict(env_prefix="LLMO_INFERENCE_", extra="ignore")
     service: ClassVar[str] = "inference"
 
     # OpenAI-compatible HTTP; 0 picks 8000, -1 disables it.

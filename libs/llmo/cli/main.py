@@ -6,16 +6,17 @@ import asyncio
 import importlib
 import importlib.util
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import click
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from llmo.core.settings import SERVICES, PlatformSettings
+from llmo.cli.config import config
+from llmo.core.settings import SERVICES, CommandSettings, PlatformSettings
 
 console = Console(stderr=True)
 out = Console()
@@ -57,7 +58,7 @@ def cli() -> None:
     from llmo.core.logging import configure_logging
 
     # Logs go to stderr, so stdout carries only results (tables, --json, bench JSON).
-    configure_logging("llmo", level=os.environ.get("LLMO_LOG_LEVEL", "warning"))
+    configure_logging("llmo", level=_command_settings().log_level)
 
 
 @cli.command()
@@ -158,8 +159,15 @@ def status(data_dir: str | None, as_json: bool) -> None:
         sys.exit(1)
 
 
+def _command_settings() -> CommandSettings:
+    try:
+        return CommandSettings()
+    except ValidationError as error:
+        raise click.ClickException(f"bad environment: {error}") from error
+
+
 def _benchmarks_dir() -> Path:
-    configured = os.environ.get("LLMO_BENCHMARKS_DIR")
+    configured = _command_settings().benchmarks_dir
     if configured:
         return Path(configured)
     import llmo
@@ -171,15 +179,19 @@ def _bench_areas() -> list[str]:
     return sorted(p.stem.removeprefix("bench_") for p in _benchmarks_dir().glob("bench_*.py"))
 
 
-@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+# No click --help here: after an area, --help belongs to the benchmark (its argparse prints its options).
+@cli.command(add_help_option=False, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.argument("area", required=False)
 @click.option("--list", "list_areas", is_flag=True, help="List the benchmark areas.")
 @click.pass_context
 def bench(ctx: click.Context, area: str | None, list_areas: bool) -> None:
     """Run `tests/benchmarks/bench_<AREA>.py` and print one JSON object.
 
-    Extra arguments go to the benchmark (`llmo bench cost --help`).
+    Extra arguments go to the benchmark; `llmo bench <AREA> --help` shows its options.
     """
+    if area in ("--help", "-h") or (not area and {"--help", "-h"} & set(ctx.args)):
+        click.echo(ctx.get_help())
+        return
     areas = _bench_areas()
     if list_areas or not area:
         click.echo(" ".join(areas))
@@ -255,6 +267,9 @@ def _demo_order(services: list[str]) -> list[str]:
     # Producers of traffic first so the consumers (cost) have something to report.
     order = ["inference", "router", "retrieval", "evaluation", "visibility", "cost"]
     return [s for s in order if s in services]
+
+
+cli.add_command(config)
 
 
 def main() -> None:

@@ -2,8 +2,10 @@
 
 Platform-wide knobs use the `LLMO_` prefix (`LLMO_ENV`, `LLMO_DATA_DIR`,
 `LLMO_NATS_URL`, `LLMO_API_KEYS`, `LLMO_ADMIN_TENANTS`, ...). Each service adds its own knobs under
-`LLMO_<SERVICE>_` by subclassing `ServiceSettings` (for example
-`LLMO_COST_GRPC_PORT`, `LLMO_COST_DATABASE_URL`).
+`LLMO_<SERVICE>_` by subclassing `ServiceSettings` and naming its `service` (the prefix is derived
+from it: `LLMO_COST_GRPC_PORT`, `LLMO_COST_DATABASE_URL`). The `llmo` command, the op registry
+(`llmo.ops`) and the native kernels have their own classes below. Document a knob with a docstring
+under it (or a comment above it): `llmo config` and the README table are generated from these classes.
 """
 
 from __future__ import annotations
@@ -11,9 +13,10 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, Self
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 SERVICES: tuple[str, ...] = ("router", "inference", "retrieval", "evaluation", "visibility", "cost")
@@ -36,6 +39,9 @@ DEFAULT_METRICS_PORTS: dict[str, int] = {
     "cost": 9096,
 }
 DEFAULT_HTTP_PORTS: dict[str, int] = {"router": 8080, "inference": 8000}
+
+# json_schema_extra key naming the PlatformSettings field a service knob falls back to.
+PLATFORM_FALLBACK = "platform_fallback"
 
 
 def parse_api_keys(raw: str | dict[str, str] | None) -> dict[str, str]:
@@ -77,33 +83,34 @@ def parse_admin_tenants(raw: str | Iterable[str] | None) -> frozenset[str]:
 class PlatformSettings(BaseSettings):
     """Knobs shared by every service and the `llmo` command (`LLMO_*`)."""
 
-    model_config = SettingsConfigDict(env_prefix="LLMO_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="LLMO_", extra="ignore", use_attribute_docstrings=True)
 
     env: Literal["dev", "prod"] = "dev"
+    """`prod` switches logs to JSON."""
     log_level: str = "info"
-    # Where embedded state lives: SQLite files, the NATS JetStream store, models.
+    """Log level of the services (debug, info, warning, error)."""
     data_dir: Path = Path(".llmo")
+    """Where embedded state lives: SQLite files, the NATS JetStream store, logs, models."""
     nats_url: str = "nats://127.0.0.1:4222"
-    # API key -> tenant. Empty means authentication is off (development only):
-    # every call is attributed to `default_tenant`.
+    """NATS server (`llmo up` sets it to the embedded one)."""
     api_keys: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    """API key -> tenant, as `key=tenant,key2=tenant2` or a JSON object; callers send
+    `authorization: Bearer <key>`. Empty: authentication off (development only), every call
+    is attributed to `default_tenant`."""
     default_tenant: str = "default"
-    # Tenants whose keys act across tenants (FinOps operators, service identities
-    # such as the router, which checks budgets for end tenants). Only meaningful
-    # with api_keys set: with authentication off every caller acts across tenants.
+    """Tenant of every call while authentication is off."""
     admin_tenants: Annotated[frozenset[str], NoDecode] = Field(default_factory=frozenset)
-    # Seconds a stopping server waits for in-flight calls before cancelling them.
+    """Tenants whose keys act across tenants (FinOps operators, service identities such as the
+    router, which checks budgets for end tenants), comma-separated. Only meaningful with
+    api_keys set: with authentication off every caller acts across tenants."""
     drain_seconds: float = 10.0
-    # Where the other services are (host:port for gRPC, base URL for HTTP); empty
-    # means "not deployed". `llmo up` sets them; in Kubernetes they are Service DNS names.
-    router_address: str = ""
-    inference_address: str = ""
-    retrieval_address: str = ""
-    evaluation_address: str = ""
-    visibility_address: str = ""
+    """Seconds a stopping server waits for in-flight calls before cancelling them."""
     cost_address: str = ""
-    router_http_url: str = ""
+    """The cost service's gRPC `host:port` (`llmo up` sets it; in Kubernetes a Service DNS name);
+    the router's budget checks use it unless `LLMO_ROUTER_COST_TARGET` is set."""
     inference_http_url: str = ""
+    """The inference service's OpenAI-compatible base URL (`llmo up` sets it); the router's
+    default portfolio uses it unless `LLMO_ROUTER_INFERENCE_HTTP_URL` is set."""
     otel_endpoint: str = Field(
         default="",
         description="OTLP/gRPC collector (host:port, http:// or https://) that receives trace spans; empty: tracing off.",
@@ -120,23 +127,61 @@ class PlatformSettings(BaseSettings):
         return parse_admin_tenants(value)
 
 
+def platform_fallback(field: str) -> dict[str, Any]:
+    """`json_schema_extra` of a service knob that, when not set, takes `PlatformSettings.<field>` if that is set."""
+    if field not in PlatformSettings.model_fields:
+        raise ValueError(f"PlatformSettings has no field {field!r}")
+    return {PLATFORM_FALLBACK: field}
+
+
+def fallback_of(info: FieldInfo) -> str | None:
+    """The PlatformSettings field a knob falls back to (see `platform_fallback`)."""
+    extra = info.json_schema_extra
+    return str(extra[PLATFORM_FALLBACK]) if isinstance(extra, dict) and PLATFORM_FALLBACK in extra else None
+
+
+def service_env_prefix(service: str) -> str:
+    return f"LLMO_{service.upper()}_"
+
+
 class ServiceSettings(BaseSettings):
     """Knobs of one service, under `LLMO_<SERVICE>_`.
 
-    Subclasses set `service` and `model_config = SettingsConfigDict(env_prefix=...)`.
+    Subclasses set `service`; the environment prefix is derived from it.
     """
 
-    model_config = SettingsConfigDict(extra="ignore")
+    model_config = SettingsConfigDict(extra="ignore", use_attribute_docstrings=True)
     service: ClassVar[str] = ""
 
     host: str = "127.0.0.1"
-    # 0 picks the service's default port; see DEFAULT_GRPC_PORTS.
+    """Interface the service listens on."""
     grpc_port: int = 0
-    # Prometheus /metrics; 0 picks the default, -1 disables it.
+    """gRPC port; 0 picks the service's default (router 50051, inference 50052, ..., cost 50056)."""
     metrics_port: int = 0
-    # SQLAlchemy URL; empty means a SQLite file `<data_dir>/<service>.db`.
+    """Prometheus `/metrics` port; 0 picks the default (9091 ... 9096 in the same order), -1 disables it."""
     database_url: str = ""
+    """SQLAlchemy URL (`postgresql://...` uses psycopg 3); empty: a SQLite file `<data_dir>/<service>.db`."""
     platform: PlatformSettings = Field(default_factory=PlatformSettings)
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        if not cls.service:
+            return
+        prefix = service_env_prefix(cls.service)
+        typed = cls.model_config.get("env_prefix")
+        if typed and typed != prefix:
+            raise TypeError(f"{cls.__name__}: env_prefix is derived from service={cls.service!r}; do not set it")
+        # Every pydantic class holds its own merged model_config dict, so this changes only cls (and its subclasses).
+        cls.model_config["env_prefix"] = prefix
+
+    @model_validator(mode="after")
+    def _apply_platform_fallbacks(self) -> Self:
+        for name, info in type(self).model_fields.items():
+            source = fallback_of(info)
+            if source and name not in self.model_fields_set and getattr(self.platform, source):
+                setattr(self, name, getattr(self.platform, source))
+        return self
 
     def resolved_grpc_port(self) -> int:
         return self.grpc_port or DEFAULT_GRPC_PORTS[self.service]
@@ -153,5 +198,39 @@ class ServiceSettings(BaseSettings):
         return f"sqlite:///{path}"
 
 
-def service_env_prefix(service: str) -> str:
-    return f"LLMO_{service.upper()}_"
+class CommandSettings(BaseSettings):
+    """Knobs of the `llmo` command itself (`LLMO_*`): its logs, `llmo bench`, the client subcommands."""
+
+    model_config = SettingsConfigDict(env_prefix="LLMO_", extra="ignore", use_attribute_docstrings=True)
+
+    log_level: str = "warning"
+    """The same variable as the services' log level, but the `llmo` command defaults to `warning`
+    (its logs go to stderr; stdout carries only results)."""
+    benchmarks_dir: str = ""
+    """Folder of the `bench_<area>.py` files `llmo bench` runs; empty: the repository's `tests/benchmarks`."""
+    api_key: str = ""
+    """API key (Bearer) the client subcommands (`llmo cost ...`) present when the service requires one."""
+    cost_endpoint: str = ""
+    """Cost service `host:port` for `llmo cost ...`; empty: the running `llmo up` stack's, else 127.0.0.1:50056."""
+
+
+class OpsSettings(BaseSettings):
+    """Knobs of the op registry `llmo.ops` (`LLMO_OPS_*`), read once when `llmo.ops` is imported."""
+
+    model_config = SettingsConfigDict(env_prefix="LLMO_OPS_", extra="ignore", use_attribute_docstrings=True)
+
+    backend: Literal["", "reference", "cpu", "cuda", "triton"] = ""
+    """Force one backend for every op (`reference` = the pure PyTorch oracle); empty: the best
+    available backend per device."""
+
+
+class NativeSettings(BaseSettings):
+    """Knobs of the native kernels `llmo_native` (`LLMO_NATIVE_*`), read by its C++/CMake code, not by Python."""
+
+    model_config = SettingsConfigDict(env_prefix="LLMO_NATIVE_", extra="ignore", use_attribute_docstrings=True)
+
+    isa: Literal["", "generic", "avx2", "avx512vnni"] = ""
+    """CPU kernel path, read by `llmo_native` when its kernels are first used; a path the CPU
+    lacks is ignored. Empty: the best the CPU supports."""
+    cuda: Literal["auto", "on", "off"] = "auto"
+    """Build time (`make native`): build the CUDA kernels; `auto` builds them whenever CMake finds `nvcc`."""

@@ -11,7 +11,6 @@ otherwise the reference runs. The choice is observable through
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 
 from llmo.core.logging import get_logger
+from llmo.core.settings import OpsSettings
 from llmo.ops.platform import current_platform
 
 log = get_logger("llmo.ops")
@@ -82,7 +82,7 @@ class Op:
 _ops: dict[str, Op] = {}
 _forced: dict[str, str] = {}
 # LLMO_OPS_BACKEND is read once, when llmo.ops is imported (dispatch is on the hot path).
-_ENV_BACKEND = os.environ.get("LLMO_OPS_BACKEND") or None
+_ENV_BACKEND = OpsSettings().backend or None
 # Dispatch is on the hot path: each (op, backend) choice is logged once, not per call.
 _announced: set[tuple[str, str]] = set()
 
