@@ -145,3 +145,18 @@ async def test_grpc_tenant_key_does_not_choose_the_request_id(running: RunningIn
     assert sorted(e.request_id for e in events) == sorted(answered)
     assert len({e.event_id for e in events}) == 3
     assert {e.attribution.tenant for e in events} == {"tenantB"}
+
+
+async def test_a_service_may_reuse_its_request_id_while_the_first_call_runs(running: RunningInference) -> None:
+    headers = {"authorization": "Bearer ksvc", "x-llmo-tenant": "tenantB", "x-request-id": "router-dup"}
+    url = f"http://127.0.0.1:{running.http_port}/v1/chat/completions"
+    long = {**CHAT, "max_tokens": 200, "ignore_eos": True, "stream": True}
+    async with httpx.AsyncClient() as http, http.stream("POST", url, json=long, headers=headers,
+                                                        timeout=60) as first:
+        assert first.status_code == 200
+        async for line in first.aiter_lines():
+            if line.startswith("data:"):
+                break  # the first call is in the engine now
+        second = await http.post(url, json=CHAT, headers=headers, timeout=60)
+        assert second.status_code == 200, second.text
+        assert second.headers["x-request-id"] == "router-dup"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -12,12 +13,14 @@ from llmo.inference.engine.params import MAX_INT32, SamplingParams
 
 @dataclass
 class GenerationRequest:
-    request_id: str
+    request_id: str  # the platform's id of the call (events, responses); a trusted caller may reuse one
     params: SamplingParams
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
     prompt_token_ids: list[int] | None = None
     priority: int = 0
+    # What an engine knows this generation by: unique even when two calls share a request id.
+    engine_id: str = field(default_factory=lambda: secrets.token_hex(8))
 
     def check_input(self) -> None:
         given = sum(x is not None and len(x) > 0 for x in (self.prompt, self.messages, self.prompt_token_ids))

@@ -128,7 +128,7 @@ class NativeBackend:
             self._check_text_length(request)
             prompt_ids = await asyncio.to_thread(self.encode, request.prompt, request.messages)
         try:
-            stream = self.async_engine.generate(request.request_id, prompt_ids, request.params, request.priority)
+            stream = self.async_engine.generate(request.engine_id, prompt_ids, request.params, request.priority)
             start = time.monotonic()
             first_token: float | None = None
             completion = 0

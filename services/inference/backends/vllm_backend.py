@@ -63,7 +63,7 @@ class VllmBackend:
         prompt_tokens, cached = len(ids), 0
         finished = False
         try:
-            async for out in self.engine.generate({"prompt_token_ids": list(ids)}, sampling, request.request_id,
+            async for out in self.engine.generate({"prompt_token_ids": list(ids)}, sampling, request.engine_id,
                                                   priority=request.priority):
                 cached = int(getattr(out, "num_cached_tokens", 0) or 0)
                 choices = []
@@ -83,7 +83,7 @@ class VllmBackend:
                 finished = bool(out.finished)
         finally:
             if not finished:
-                await self.engine.abort(request.request_id)
+                await self.engine.abort(request.engine_id)
         if not finished:
             raise unavailable("BACKEND_UNAVAILABLE", "vLLM ended the stream before the request finished")
         yield tracker.final(prompt_tokens, cached)
