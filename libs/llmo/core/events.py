@@ -25,7 +25,7 @@ import contextlib
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import nats
 import nats.errors
@@ -90,9 +90,15 @@ def envelope(message: Message, *, event_id: str | None = None, subject: str | No
     headers = {
         "Nats-Msg-Id": event_id,
         "llmo-type": message.DESCRIPTOR.full_name,
-        "traceparent": (trace.child() if trace else ctx.TraceContext.new()).header(),
+        "traceparent": (trace or ctx.TraceContext.new()).header(),
     }
     return Envelope(subject, event_id, headers, message.SerializeToString())
+
+
+class EventPublisher(Protocol):
+    """What a publishing component needs: `llmo.core.outbox.Publisher` in services."""
+
+    async def publish(self, message: Message, *, event_id: str | None = None, subject: str | None = None) -> object: ...
 
 
 def stream_name(domain: str) -> str:

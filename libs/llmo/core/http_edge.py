@@ -29,6 +29,7 @@ from aiohttp.typedefs import Middleware
 from prometheus_client import Counter, Histogram
 
 from llmo.core import context as ctx
+from llmo.core import tracing
 from llmo.core.auth import Caller, resolve_caller
 from llmo.core.errors import ServiceError, invalid_argument
 from llmo.core.limits import preview
@@ -128,10 +129,11 @@ def edge_middleware(
     async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.perf_counter()
         route = _route_of(request)
-        incoming = ctx.TraceContext.parse(request.headers.get("traceparent"))
-        trace = incoming.child() if incoming else ctx.TraceContext.new()
         headers = {k.lower(): v for k, v in request.headers.items()}
         status = 500
+        span = tracing.start_span("server", f"{request.method} {route}", headers.get("traceparent"),
+                                  {"http.request.method": request.method, "http.route": route})
+        trace = span.trace
         try:
             if request.path in public_paths:
                 with ctx.bind(request_id=ctx.new_request_id(), trace=trace, route=route):
@@ -156,6 +158,8 @@ def edge_middleware(
             status = response.status
             return response
         finally:
+            span.set_http_status(status)
+            span.end()
             HTTP_REQUESTS.labels(service, route, str(status)).inc()
             HTTP_LATENCY.labels(service, route).observe(time.perf_counter() - started)
 

@@ -27,10 +27,10 @@ from aiohttp import web
 
 from llmo.core.events import EventBus
 from llmo.core.http_edge import DEFAULT_MAX_BODY_BYTES, edge_app, start_site
-from llmo.core.logging import configure_logging, get_logger
+from llmo.core.logging import get_logger
 from llmo.core.metrics import start_service_metrics
 from llmo.core.outbox import Publisher
-from llmo.core.server import GrpcServer, wait_for_shutdown_signal
+from llmo.core.server import GrpcServer, serve_until_signal
 from llmo.core.settings import DEFAULT_HTTP_PORTS, ServiceSettings
 
 log = get_logger(__name__)
@@ -231,11 +231,6 @@ async def start_service(spec: ServiceSpec[S], settings: S | None = None, *, port
 
 
 async def serve(spec: ServiceSpec[S], settings: S | None = None) -> None:
-    """What `llmo serve <name>` runs: configure logging, start, run until SIGTERM/SIGINT, then drain and stop."""
+    """What `llmo serve <name>` runs: logging and tracing set up, start, run until SIGTERM/SIGINT, drain, stop."""
     settings = settings if settings is not None else spec.settings()
-    configure_logging(spec.name, env=settings.platform.env, level=settings.platform.log_level)
-    running = await start_service(spec, settings)
-    try:
-        await wait_for_shutdown_signal()
-    finally:
-        await running.stop()
+    await serve_until_signal(spec.name, settings, lambda s: start_service(spec, s))
