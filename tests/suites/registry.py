@@ -33,6 +33,7 @@ from tests.suites.stack import UPSTREAM_KEY_ENV, Endpoint, Stack, platform
 
 DEMO = "llmo-demo"
 TIMEOUT = 120.0
+SUITE_APP = "suite"  # the application of every usage the suites record directly
 
 
 def auth(key: str) -> list[tuple[str, str]]:
@@ -152,17 +153,18 @@ async def _start_cost(stack: Stack) -> Endpoint:
 def usage_record(event_id: str, *, inp: int = 1000, out: int = 500, model: str = "gpt-4o-mini",
                  tenant: str = "") -> cost_pb.UsageRecord:
     return cost_pb.UsageRecord(event_id=event_id, model=model,
-                               attribution=common_pb2.Attribution(tenant=tenant, application="suite"),
+                               attribution=common_pb2.Attribution(tenant=tenant, application=SUITE_APP),
                                usage=common_pb2.Usage(input_tokens=inp, output_tokens=out),
                                latency=common_pb2.Latency(ttft_ms=10.0, e2e_ms=20.0))
 
 
-def ledger_total(stack: Stack, key: str) -> tuple[int, int]:
+def ledger_total(stack: Stack, key: str, application: str = "") -> tuple[int, int]:
     """(requests, cost micros) the caller's tenant has in the ledger over the longest range a report allows."""
     stub = cost_grpc.CostServiceStub(stack.channel("cost"))
     start = timestamp_pb2.Timestamp()
     start.FromDatetime(datetime.now(UTC).replace(tzinfo=None) - timedelta(days=399))  # reports span <= 400 days
-    report = stub.GetCostReport(cost_pb.GetCostReportRequest(start_time=start), metadata=auth(key), timeout=TIMEOUT)
+    report = stub.GetCostReport(cost_pb.GetCostReportRequest(start_time=start, application=application),
+                                metadata=auth(key), timeout=TIMEOUT)
     return report.total.requests, report.total.cost.micros
 
 

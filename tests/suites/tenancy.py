@@ -1,0 +1,232 @@
+"""Tenancy plans: per service, the resources tenantA creates and the probes tenantB runs.
+
+Each probe is one request naming tenantA's resource ("theirs") and, where there is one, the
+same request naming a resource that does not exist ("missing"). TenantB must get the same
+answer for both (code, reason and the probe's digest of an OK response), so it can neither
+use nor tell the existence of what tenantA owns, and no OK answer may contain tenantA's
+markers. After every probe, tenantA's resources and ledger are as they were.
+Every RPC of a service is either probed or listed as naming no tenant resource.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from google.protobuf import message as _message
+
+from llmo.protos.common.v1 import common_pb2
+from llmo.protos.cost.v1 import cost_service_pb2 as cost_pb
+from llmo.protos.cost.v1 import cost_service_pb2_grpc as cost_grpc
+from llmo.protos.router.v1 import router_service_pb2 as rpb
+from llmo.protos.router.v1 import router_service_pb2_grpc as router_grpc
+from tests.suites.registry import DEMO, SUITE_APP, TIMEOUT, auth, ledger_total, usage_record
+from tests.suites.stack import Stack
+
+A_KEY, B_KEY = "k1", "k2"
+SECRET = "sec-a"  # every id tenantA creates starts with it
+Request = Callable[[dict[str, Any]], _message.Message]
+
+
+@dataclass
+class Probe:
+    name: str
+    method: str
+    theirs: Request
+    missing: Request | None = None  # None: a list, checked by markers only
+    digest: Callable[[Any], Any] = lambda response: None
+    markers: tuple[str, ...] = (SECRET,)
+
+
+@dataclass
+class Plan:
+    setup: Callable[[Stack], dict[str, Any]]
+    probes: list[Probe]
+    verify: Callable[[Stack, dict[str, Any]], None]
+    tenant_free: frozenset[str] = field(default_factory=frozenset)  # RPCs that name no tenant resource
+
+
+def usd(micros: int) -> common_pb2.Money:
+    return common_pb2.Money(currency_code="USD", micros=micros)
+
+
+# ---------------------------------------------------------------- cost
+
+
+def _cost(stack: Stack) -> cost_grpc.CostServiceStub:
+    return cost_grpc.CostServiceStub(stack.channel("cost"))
+
+
+def _budget(stack: Stack, key: str = A_KEY) -> cost_pb.GetBudgetResponse:
+    return _cost(stack).GetBudget(cost_pb.GetBudgetRequest(name=f"budgets/{SECRET}-budget"), metadata=auth(key),
+                                  timeout=TIMEOUT)
+
+
+def _cost_setup(stack: Stack) -> dict[str, Any]:
+    stub, meta = _cost(stack), auth(A_KEY)
+    stub.CreateBudget(cost_pb.CreateBudgetRequest(budget_id=f"{SECRET}-budget", budget=cost_pb.Budget(
+        display_name=f"{SECRET} budget", window=cost_pb.BUDGET_WINDOW_MONTHLY, hard_limit=usd(50_000_000))),
+        metadata=meta, timeout=TIMEOUT)
+    stub.RecordUsage(cost_pb.RecordUsageRequest(records=[usage_record(f"{SECRET}-ev1")]), metadata=meta,
+                     timeout=TIMEOUT)
+    check = stub.CheckBudget(cost_pb.CheckBudgetRequest(estimated_cost=usd(1234), request_id=f"{SECRET}-req"),
+                             metadata=meta, timeout=TIMEOUT)
+    assert check.reservation_id, check
+    budget = _budget(stack)
+    return {"reservation": check.reservation_id, "ledger": ledger_total(stack, A_KEY, SUITE_APP),
+            "reserved": budget.status.reserved.micros, "limit": budget.budget.hard_limit.micros}
+
+
+def _cost_verify(stack: Stack, state: dict[str, Any]) -> None:
+    budget = _budget(stack)
+    assert (budget.budget.hard_limit.micros, budget.status.reserved.micros) == (state["limit"], state["reserved"])
+    # Only usage recorded directly (the router's completions for tenantA arrive later, by events).
+    assert ledger_total(stack, A_KEY, SUITE_APP) == state["ledger"], "tenantB's calls changed tenantA's ledger"
+
+
+def _name(kind: str) -> Request:
+    return lambda s: cost_pb.GetBudgetRequest(name=f"budgets/{kind}-budget")
+
+
+COST_PLAN = Plan(
+    setup=_cost_setup,
+    verify=_cost_verify,
+    tenant_free=frozenset({"ListPrices", "ComputeTco"}),
+    probes=[
+        Probe("GetBudget", "GetBudget", _name(SECRET), _name("sec-z")),
+        Probe("DeleteBudget", "DeleteBudget", lambda s: cost_pb.DeleteBudgetRequest(name=f"budgets/{SECRET}-budget"),
+              lambda s: cost_pb.DeleteBudgetRequest(name="budgets/sec-z-budget")),
+        Probe("ListBudgets", "ListBudgets", lambda s: cost_pb.ListBudgetsRequest()),
+        Probe("ListBudgets-tenant", "ListBudgets", lambda s: cost_pb.ListBudgetsRequest(tenant="tenantA"),
+              lambda s: cost_pb.ListBudgetsRequest(tenant="tenant-nobody"),
+              digest=lambda r: [b.name for b in r.budgets]),
+        Probe("CheckBudget-tenant", "CheckBudget",
+              lambda s: cost_pb.CheckBudgetRequest(tenant="tenantA", estimated_cost=usd(1000), request_id="b-req-1"),
+              lambda s: cost_pb.CheckBudgetRequest(tenant="tenant-nobody", estimated_cost=usd(1000),
+                                                   request_id="b-req-2"),
+              digest=lambda r: (r.decision, r.budget)),
+        Probe("ReleaseReservation", "ReleaseReservation",
+              lambda s: cost_pb.ReleaseReservationRequest(reservation_id=s["reservation"]),
+              lambda s: cost_pb.ReleaseReservationRequest(reservation_id="sec-z-reservation"),
+              digest=lambda r: r.released),
+        Probe("GetCostReport-tenant", "GetCostReport", lambda s: cost_pb.GetCostReportRequest(tenant="tenantA"),
+              lambda s: cost_pb.GetCostReportRequest(tenant="tenant-nobody"),
+              digest=lambda r: (r.total.requests, r.total.cost.micros)),
+        Probe("GetCostReport", "GetCostReport",
+              lambda s: cost_pb.GetCostReportRequest(group_by=[cost_pb.COST_DIMENSION_TENANT]), markers=("tenantA",)),
+        Probe("Forecast-tenant", "Forecast", lambda s: cost_pb.ForecastRequest(tenant="tenantA"),
+              lambda s: cost_pb.ForecastRequest(tenant="tenant-nobody"), digest=lambda r: r.history_total.micros),
+        Probe("RecordUsage-bill-other-tenant", "RecordUsage",
+              lambda s: cost_pb.RecordUsageRequest(records=[usage_record("b-ev-1", tenant="tenantA")]),
+              lambda s: cost_pb.RecordUsageRequest(records=[usage_record("b-ev-2", tenant="tenant-nobody")]),
+              digest=lambda r: [x.duplicate for x in r.results]),
+        Probe("RecordUsage-event-id", "RecordUsage",
+              lambda s: cost_pb.RecordUsageRequest(records=[usage_record(f"{SECRET}-ev1")]),
+              lambda s: cost_pb.RecordUsageRequest(records=[usage_record("sec-z-ev1")]),
+              digest=lambda r: [x.duplicate for x in r.results], markers=()),
+        # Squatting: tenantB creating a budget with tenantA's id is like creating a fresh one.
+        Probe("CreateBudget-same-id", "CreateBudget",
+              lambda s: cost_pb.CreateBudgetRequest(budget_id=f"{SECRET}-budget", budget=cost_pb.Budget(
+                  window=cost_pb.BUDGET_WINDOW_MONTHLY, hard_limit=usd(1000))),
+              lambda s: cost_pb.CreateBudgetRequest(budget_id="sec-z-budget2", budget=cost_pb.Budget(
+                  window=cost_pb.BUDGET_WINDOW_MONTHLY, hard_limit=usd(1000))), markers=()),
+    ],
+)
+
+
+# ---------------------------------------------------------------- router
+
+
+def _router(stack: Stack) -> router_grpc.RouterServiceStub:
+    return router_grpc.RouterServiceStub(stack.channel("router"))
+
+
+def _user(text: str = "Hello") -> list[rpb.ChatMessage]:
+    return [rpb.ChatMessage(role="user", content=text)]
+
+
+def _router_setup(stack: Stack) -> dict[str, Any]:
+    stub, meta = _router(stack), auth(A_KEY)
+    stub.CreatePromptTemplate(rpb.CreatePromptTemplateRequest(prompt_template_id=f"{SECRET}-tpl",
+                                                              description=f"{SECRET} template"),
+                              metadata=meta, timeout=TIMEOUT)
+    stub.CreatePromptVersion(rpb.CreatePromptVersionRequest(parent=f"promptTemplates/{SECRET}-tpl",
+                                                            body=f"{SECRET} system prompt", labels=["production"]),
+                             metadata=meta, timeout=TIMEOUT)
+    stub.CreateExperiment(rpb.CreateExperimentRequest(experiment_id=f"{SECRET}-exp", experiment=rpb.Experiment(
+        allocation=rpb.EXPERIMENT_ALLOCATION_FIXED_SPLIT,
+        arms=[rpb.ExperimentArm(arm="a1", model=DEMO, weight=1.0),
+              rpb.ExperimentArm(arm="a2", model="demo-strong", weight=1.0)])), metadata=meta, timeout=TIMEOUT)
+    out = list(stub.Complete(rpb.CompleteRequest(messages=_user(), max_tokens=2, skip_cache=True,
+                                                 experiment=f"experiments/{SECRET}-exp"),
+                             metadata=meta, timeout=TIMEOUT))
+    return {"request_id": out[-1].request_id or out[0].request_id}
+
+
+def _router_verify(stack: Stack, state: dict[str, Any]) -> None:
+    stub, meta = _router(stack), auth(A_KEY)
+    tpl = stub.GetPromptTemplate(rpb.GetPromptTemplateRequest(name=f"promptTemplates/{SECRET}-tpl"), metadata=meta,
+                                 timeout=TIMEOUT).prompt_template
+    assert (tpl.latest_version, dict(tpl.labels)) == (1, {"production": 1}), tpl
+    exp = stub.GetExperiment(rpb.GetExperimentRequest(name=f"experiments/{SECRET}-exp"), metadata=meta,
+                             timeout=TIMEOUT).experiment
+    assert exp.state == rpb.EXPERIMENT_STATE_RUNNING, exp
+
+
+def _tpl(kind: str) -> str:
+    return f"promptTemplates/{kind}-tpl"
+
+
+def _exp(kind: str) -> str:
+    return f"experiments/{kind}-exp"
+
+
+def _arms() -> rpb.Experiment:
+    return rpb.Experiment(allocation=rpb.EXPERIMENT_ALLOCATION_FIXED_SPLIT,
+                          arms=[rpb.ExperimentArm(arm="a1", model=DEMO, weight=1.0),
+                                rpb.ExperimentArm(arm="a2", model="demo-strong", weight=1.0)])
+
+
+def _pair(method: str, build: Callable[[str], _message.Message], **kw: Any) -> Probe:
+    return Probe(kw.pop("name", method), method, lambda s: build(SECRET), lambda s: build("sec-z"), **kw)
+
+
+ROUTER_PLAN = Plan(
+    setup=_router_setup,
+    verify=_router_verify,
+    tenant_free=frozenset({"ListModels"}),
+    probes=[
+        _pair("GetPromptTemplate", lambda k: rpb.GetPromptTemplateRequest(name=_tpl(k))),
+        _pair("ListPromptVersions", lambda k: rpb.ListPromptVersionsRequest(parent=_tpl(k))),
+        _pair("RenderPrompt", lambda k: rpb.RenderPromptRequest(name=_tpl(k))),
+        _pair("CreatePromptVersion", lambda k: rpb.CreatePromptVersionRequest(parent=_tpl(k), body="B was here")),
+        _pair("SetPromptLabel", lambda k: rpb.SetPromptLabelRequest(name=_tpl(k), label="production", version=1)),
+        _pair("Route", lambda k: rpb.RouteRequest(messages=_user(), prompt=rpb.PromptRef(template=_tpl(k))),
+              name="Route-prompt"),
+        _pair("Complete", lambda k: rpb.CompleteRequest(messages=_user(), max_tokens=2, skip_cache=True,
+                                                        prompt=rpb.PromptRef(template=_tpl(k))), name="Complete-prompt"),
+        _pair("GetExperiment", lambda k: rpb.GetExperimentRequest(name=_exp(k))),
+        _pair("Route", lambda k: rpb.RouteRequest(messages=_user(), experiment=_exp(k)), name="Route-experiment"),
+        _pair("Complete", lambda k: rpb.CompleteRequest(messages=_user(), max_tokens=2, skip_cache=True,
+                                                        experiment=_exp(k)), name="Complete-experiment"),
+        _pair("StopExperiment", lambda k: rpb.StopExperimentRequest(name=_exp(k))),
+        Probe("RecordFeedback", "RecordFeedback",
+              lambda s: rpb.RecordFeedbackRequest(request_id=s["request_id"], score=0.0, event_id="b-fb-1"),
+              lambda s: rpb.RecordFeedbackRequest(request_id="sec-z-request", score=0.0, event_id="b-fb-2"),
+              digest=lambda r: r.applied),
+        Probe("ListPromptTemplates", "ListPromptTemplates", lambda s: rpb.ListPromptTemplatesRequest()),
+        Probe("ListExperiments", "ListExperiments", lambda s: rpb.ListExperimentsRequest()),
+        Probe("AuditPromptTokens", "AuditPromptTokens", lambda s: rpb.AuditPromptTokensRequest()),
+        _pair("CreatePromptTemplate", lambda k: rpb.CreatePromptTemplateRequest(prompt_template_id=f"{k}-tpl"),
+              name="CreatePromptTemplate-same-id", markers=()),
+        _pair("CreateExperiment", lambda k: rpb.CreateExperimentRequest(experiment_id=f"{k}-exp", experiment=_arms()),
+              name="CreateExperiment-same-id", markers=()),
+    ],
+)
+
+# Models are the platform's, not a tenant's: inference names no tenant resource.
+INFERENCE_PLAN = Plan(setup=lambda stack: {}, verify=lambda stack, state: None, probes=[],
+                      tenant_free=frozenset({"Generate", "CountTokens", "ListModels", "GetModel"}))
+
+PLANS: dict[str, Plan] = {"cost": COST_PLAN, "router": ROUTER_PLAN, "inference": INFERENCE_PLAN}
