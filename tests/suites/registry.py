@@ -322,7 +322,7 @@ KNOWN_FAILURES: dict[tuple[str, str, str], str] = {
     ("cost", "*", "invalid_utf8"): _WIRE_UTF8,
     ("router", "*", "invalid_utf8"): _WIRE_UTF8,
     **{("cost", method, "fields"): _ECHO
-       for method in ("RecordUsage", "GetCostReport", "GetBudget", "DeleteBudget")},
+       for method in ("GetCostReport",)},
     **{("router", method, "fields"): _ECHO
        for method in ("Route", "CreatePromptTemplate", "CreatePromptVersion", "GetPromptTemplate", "RenderPrompt",
                       "GetExperiment", "StopExperiment")},
