@@ -204,13 +204,17 @@ class OpenAIFront:
         self.max_body_bytes = max_body_bytes
         self._tasks: set[asyncio.Task[None]] = set()
 
+    def routes(self) -> list[web.RouteDef]:
+        """The OpenAI routes, for an app behind the shared edge (`llmo.core.http_edge`), which
+        authenticates (resolving the end tenant and minting the request id: a client's
+        x-request-id is never the exactly-once key of its usage), bounds the body (413), and
+        turns every error, expected or not, into a JSON body."""
+        return [web.post("/v1/chat/completions", self.chat), web.get("/v1/models", self.models)]
+
     def app(self) -> web.Application:
-        # The shared edge authenticates (resolving the end tenant and minting the request
-        # id: a client's x-request-id is never the exactly-once key of its usage), bounds
-        # the body (413), and turns every error, expected or not, into a JSON body.
+        """A stand-alone app with the edge and these routes (the service gets its app from the kit)."""
         app = edge_app("router", self.platform, max_body_bytes=self.max_body_bytes)
-        app.router.add_post("/v1/chat/completions", self.chat)
-        app.router.add_get("/v1/models", self.models)
+        app.add_routes(self.routes())
         return app
 
     def _background(self, events: AsyncIterator[GatewayEvent]) -> None:

@@ -95,16 +95,16 @@ class Kit(Generic[S]):
         self._closers["storage"].append(lambda: asyncio.to_thread(close, store))
         return store
 
-    def bus(self) -> EventBus:
-        """The service's NATS connection; it connects in the background, so a service starts without NATS."""
+    def event_bus(self) -> EventBus:
+        """Declare (once) and return the service's NATS connection; it connects in the background, so a service starts without NATS."""
         if self._bus is None:
             self._bus = EventBus(self.settings.platform.nats_url, name=f"llmo-{self.name}")
         return self._bus
 
-    def publisher(self) -> Publisher:
-        """The durable publisher (outbox) every event of this service goes through."""
+    def outbox_publisher(self) -> Publisher:
+        """Declare (once) and return the durable publisher (outbox) every event of this service goes through."""
         if self._publisher is None:
-            self._publisher = Publisher.for_service(self.settings, self.bus())
+            self._publisher = Publisher.for_service(self.settings, self.event_bus())
         return self._publisher
 
     def consumer(self, consumer: Startable) -> None:
@@ -139,12 +139,16 @@ class Kit(Generic[S]):
         raise AttributeError(f"{type(self).__name__} of {self.__dict__.get('name', '?')!r} has no part {name!r}")
 
     @property
-    def publishing(self) -> Publisher | None:
+    def publisher(self) -> Publisher | None:
         return self._publisher
 
     @property
-    def events(self) -> EventBus | None:
+    def bus(self) -> EventBus | None:
         return self._bus
+
+    @property
+    def consumers(self) -> list[Startable]:
+        return list(self._consumers)
 
     # --- lifecycle ----------------------------------------------------------------------------
 

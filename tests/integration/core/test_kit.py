@@ -37,7 +37,7 @@ def spec_with(log: list[str]) -> ServiceSpec[EchoSettings]:
     async def build(kit: Kit[EchoSettings]) -> None:
         store = await kit.storage(lambda: log.append("open storage") or "store",
                                   lambda s: log.append(f"close {s}"))
-        kit.publisher()
+        kit.outbox_publisher()
         kit.consumer(Recorder(log, "consumer"))
 
         async def tick() -> None:
@@ -107,7 +107,7 @@ async def test_a_service_starts_without_nats_and_consumes_once_it_is_up(tmp_path
     try:
         assert running.port > 0 and running.http_port is None
         assert "start consumer" not in log
-        publisher = running.publishing
+        publisher = running.publisher
         assert publisher is not None
         await publisher.publish(_event())
         assert publisher.depth >= 1
