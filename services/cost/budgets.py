@@ -20,6 +20,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 THRESHOLDS_PERCENT: tuple[int, ...] = (50, 80, 100)
+# Budget ids: letters, digits, '-' and '_', at most this long (documented in the proto).
+MAX_BUDGET_ID_LEN = 64
+
+
+def budget_key(tenant: str, budget_id: str) -> str:
+    """A budget's storage key: budget ids are per tenant, so two tenants may both have "a-secret".
+    Budget ids never contain '/', so the key splits back at its last one."""
+    return f"{tenant}/{budget_id}"
 
 
 class Window(enum.StrEnum):
@@ -59,8 +67,15 @@ class Budget:
     downgrade_model: str = ""
     display_name: str = ""
 
+    @property
+    def key(self) -> str:
+        """Storage and spend key, unique across tenants (``budget_id`` is unique within one)."""
+        return budget_key(self.tenant, self.budget_id)
+
     def validate(self) -> None:
-        if not self.budget_id or not all(c.isalnum() or c in "-_" for c in self.budget_id):
+        if len(self.budget_id) > MAX_BUDGET_ID_LEN:
+            raise BudgetValidationError("budget_id", f"is {len(self.budget_id)} characters; the limit is {MAX_BUDGET_ID_LEN}")
+        if not is_budget_id(self.budget_id):
             raise BudgetValidationError("budget_id", "must be non-empty letters, digits, '-' or '_'")
         if self.soft_limit_micros < 0 or self.hard_limit_micros < 0:
             raise BudgetValidationError("limit", "limits must not be negative")
@@ -100,6 +115,10 @@ class Budget:
         if self.custom_start <= at < self.custom_end:
             return self.custom_start, self.custom_end
         return None
+
+
+def is_budget_id(value: str) -> bool:
+    return 0 < len(value) <= MAX_BUDGET_ID_LEN and all(c.isascii() and (c.isalnum() or c in "-_") for c in value)
 
 
 def reached_thresholds(spent_micros: int, limit_micros: int) -> list[int]:
@@ -157,7 +176,7 @@ class BudgetGuard:
         return self.clock()
 
     def set_budgets(self, budgets: Iterable[Budget]) -> None:
-        self._budgets = {b.budget_id: b for b in budgets}
+        self._budgets = {b.key: b for b in budgets}
         index: dict[str, list[Budget]] = {}
         for b in self._budgets.values():
             index.setdefault(b.tenant, []).append(b)
@@ -176,18 +195,20 @@ class BudgetGuard:
         """Replace committed spend with a snapshot read from the database."""
         self._committed = dict(spend)
 
-    def add_committed(self, deltas: Mapping[tuple[str, int], int], settled_requests: Iterable[str] = ()) -> None:
-        """Advance committed spend after a ledger commit and settle those requests' reservations."""
+    def add_committed(self, deltas: Mapping[tuple[str, int], int], settled: Iterable[tuple[str, str]] = ()) -> None:
+        """Advance committed spend after a ledger commit and settle the reservations of those
+        (request id, tenant) pairs: usage settles only a reservation held for its own tenant."""
         for key, delta in deltas.items():
             self._committed[key] = self._committed.get(key, 0) + delta
-        for request_id in settled_requests:
-            self.release(request_id)
+        for request_id, tenant in settled:
+            self.release(request_id, tenant)
 
-    def committed(self, budget_id: str, window_start: int) -> int:
-        return self._committed.get((budget_id, window_start), 0)
+    def committed(self, key: str, window_start: int) -> int:
+        return self._committed.get((key, window_start), 0)
 
-    def reserved(self, budget_id: str, window_start: int) -> int:
-        return self._reserved.get((budget_id, window_start), 0)
+    def reserved(self, key: str, window_start: int) -> int:
+        """Reserved spend of the budget with storage key ``key`` (``Budget.key``) in a window."""
+        return self._reserved.get((key, window_start), 0)
 
     def release(self, reservation_id: str, tenant: str | None = None) -> bool:
         """Give a reservation back; with ``tenant``, only one that tenant holds."""
@@ -238,7 +259,7 @@ class BudgetGuard:
             window = budget.window_at(at)
             if window is None:
                 continue
-            key = (budget.budget_id, window_key(window[0]))
+            key = (budget.key, window_key(window[0]))
             keys.append(key)
             matched.append(budget.budget_id)
             verdict = self._judge(budget, key, estimated_cost_micros)

@@ -16,6 +16,7 @@ from google.protobuf import timestamp_pb2
 from prometheus_client import Counter
 
 from llmo.core.events import EventPublisher
+from llmo.core.limits import preview
 from llmo.core.logging import get_logger
 from llmo.cost.budgets import Budget, BudgetGuard, window_key
 from llmo.cost.prices import PriceCatalog
@@ -107,7 +108,7 @@ class CostEngine:
             for budget in budgets:
                 window = budget.window_at(now)
                 if window is not None:
-                    keys.append((budget.budget_id, window_key(window[0])))
+                    keys.append((budget.key, window_key(window[0])))
             snapshot = await asyncio.to_thread(self.store.spend_snapshot, keys)
             self.guard.set_budgets(budgets)
             self.guard.set_committed(snapshot)
@@ -119,7 +120,7 @@ class CostEngine:
         """Commit priced records (one transaction) and advance budget state; then publish alerts."""
         async with self._lock:
             outcome = await asyncio.to_thread(self.store.record_batch, records)
-            self.guard.add_committed(outcome.deltas, (r.request_id for r in records if r.request_id))
+            self.guard.add_committed(outcome.deltas, ((r.request_id, r.tenant) for r in records if r.request_id))
             self.records_committed += len(outcome.inserted)
         by_source: dict[str, int] = {}
         for record in outcome.inserted:
@@ -143,12 +144,14 @@ class CostEngine:
             except asyncio.CancelledError:
                 raise
             except Exception as error:
-                log.warning("budget alert publish failed; will retry", event_id=alert.event_id, error=repr(error))
+                # bounded: a failed publish is retried every few seconds, its log line must stay small
+                log.warning("budget alert publish failed; will retry", event_id=preview(alert.event_id), error=preview(repr(error), 300))
                 continue
             ALERTS_PUBLISHED.labels(str(alert.threshold_percent)).inc()
             log.info(
                 "budget threshold crossed",
                 budget=alert.budget.budget_id,
+                tenant=alert.budget.tenant,
                 threshold_percent=alert.threshold_percent,
                 spent_micros=alert.spent_micros,
                 limit_micros=alert.limit_micros,
@@ -170,8 +173,8 @@ class CostEngine:
             await self.publish_alerts(alerts)
         return created
 
-    async def delete_budget(self, budget_id: str) -> bool:
-        deleted = await asyncio.to_thread(self.store.delete_budget, budget_id)
+    async def delete_budget(self, key: str) -> bool:
+        deleted = await asyncio.to_thread(self.store.delete_budget, key)
         if deleted:
             await self.refresh()
         return deleted

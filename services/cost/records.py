@@ -3,8 +3,18 @@
 A ledger record is one priced model call. It is keyed by ``event_id`` (exactly
 once per event) and by ``request_key`` (``<request_id>/<model>``, or the event
 id when the request id is empty) so the router's and the inference service's
-events about the same model call are charged once: whichever arrives first is
-recorded and the other only fills in attribution it lacked.
+events about the same model call are charged once. Whichever arrives first is
+recorded; the router's event is authoritative for who is charged (tenant,
+application, user), so when it arrives second the row takes its attribution
+(``CostStore.record_batch`` moves the budget spend with it).
+
+``RecordUsage`` records carry client-chosen ids: their ledger keys live in the
+tenant's own namespace (``api_ledger_keys``), so they never meet another tenant's
+ids nor the platform's event ids.
+
+Bounds (documented in the protos): ids ``MAX_ID_LEN``, labels ``MAX_LABEL_LEN``,
+token counts ``MAX_TOKENS``, timestamps within ``[MIN_TIME_US, MAX_TIME_US)``.
+Event latencies outside ``(0, MAX_LATENCY_MS]`` (NaN, infinite) count as missing.
 """
 
 from __future__ import annotations
@@ -15,11 +25,19 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from llmo.core.limits import MAX_ID_LEN, MAX_LABEL_LEN
 from llmo.cost.prices import NoPriceAtTimeError, PriceCatalog, UnknownModelError
 from llmo.protos.events.v1 import events_pb2
 
-MAX_ID_LEN = 128
-MAX_LABEL_LEN = 256
+# Per record: far above any model call, low enough that no cost or ledger sum overflows int64.
+MAX_TOKENS = 1_000_000_000
+# Latencies above a day are not latencies.
+MAX_LATENCY_MS = 86_400_000.0
+# Usage and report times: [2000-01-01, 2100-01-01) UTC.
+MIN_TIME_US = 946_684_800_000_000
+MAX_TIME_US = 4_102_444_800_000_000
+# Separates a tenant from its ids in ledger keys: identifiers never contain it.
+_SCOPE_SEP = "|"
 
 
 class Source(enum.StrEnum):
@@ -81,6 +99,10 @@ class LedgerRecord:
     @property
     def occurred_at(self) -> datetime:
         return datetime.fromtimestamp(self.occurred_at_us / 1_000_000, tz=UTC)
+
+    def attribution(self) -> tuple[str, str, str]:
+        """(tenant, application, user): who the call is charged to."""
+        return self.tenant, self.application, self.user
 
     def params(self) -> tuple[object, ...]:
         """Column values in ``usage_ledger`` column order."""
@@ -210,10 +232,10 @@ def _priced(
         raise RecordRejected(RejectReason.MALFORMED, f"event_id and request_id are limited to {MAX_ID_LEN} characters", "event_id")
     if max(len(tenant), len(application), len(user), len(model), len(provider), len(prompt_version), len(route_reason)) > MAX_LABEL_LEN:
         raise RecordRejected(RejectReason.MALFORMED, f"attribution labels are limited to {MAX_LABEL_LEN} characters", "attribution")
-    if occurred_at_us <= 0:
-        raise RecordRejected(RejectReason.MALFORMED, "occurred_at is required", "occurred_at")
-    if input_tokens < 0 or cached_input_tokens < 0 or output_tokens < 0:
-        raise RecordRejected(RejectReason.MALFORMED, "token counts must not be negative", "usage")
+    if not MIN_TIME_US <= occurred_at_us < MAX_TIME_US:
+        raise RecordRejected(RejectReason.MALFORMED, "occurred_at is required, within [2000-01-01, 2100-01-01)", "occurred_at")
+    if not (0 <= input_tokens <= MAX_TOKENS and 0 <= cached_input_tokens <= MAX_TOKENS and 0 <= output_tokens <= MAX_TOKENS):
+        raise RecordRejected(RejectReason.MALFORMED, f"token counts must be within [0, {MAX_TOKENS}]", "usage")
     if free:
         cost = 0
     else:
@@ -260,7 +282,18 @@ def price_router_event(event: events_pb2.RouterCompleted, catalog: PriceCatalog)
 def _latency(event: events_pb2.InferenceCompleted | events_pb2.RouterCompleted) -> tuple[float | None, float | None]:
     latency = event.latency  # an unset message reads as zeros: no HasField round trip on the hot path
     ttft, e2e = latency.ttft_ms, latency.e2e_ms
-    return (ttft if ttft > 0 else None), (e2e if e2e > 0 else None)
+    # chained comparisons are False for NaN: out of range reads as missing
+    return (ttft if 0 < ttft <= MAX_LATENCY_MS else None), (e2e if 0 < e2e <= MAX_LATENCY_MS else None)
+
+
+def api_ledger_keys(tenant: str, event_id: str, request_id: str, model: str) -> tuple[str, str]:
+    """(event key, request key) of a ``RecordUsage`` record, in its tenant's namespace.
+
+    The ids are the client's own: scoped by tenant, tenantB reusing tenantA's id
+    (or a platform request id it saw) records its own usage and blocks nothing.
+    """
+    scope = f"api{_SCOPE_SEP}{tenant}{_SCOPE_SEP}"
+    return scope + event_id, scope + (f"{request_id}/{model}" if request_id else event_id)
 
 
 def usage_from_inference(event: events_pb2.InferenceCompleted) -> UsageInput:

@@ -13,22 +13,44 @@ from google.protobuf import timestamp_pb2
 
 from llmo.core import context as ctx
 from llmo.core.auth import may_access, scoped_tenant
-from llmo.core.errors import already_exists, invalid_argument, not_found
+from llmo.core.errors import already_exists, failed_precondition, invalid_argument, not_found
+from llmo.core.limits import MAX_LABEL_LEN, check_identifier, check_text, preview
 from llmo.core.pagination import decode_page_token, encode_page_token, page_size
-from llmo.cost.budgets import Budget, BudgetValidationError, Decision, Window, window_key
+from llmo.cost.budgets import (
+    MAX_BUDGET_ID_LEN,
+    Budget,
+    BudgetValidationError,
+    Decision,
+    Window,
+    budget_key,
+    is_budget_id,
+    window_key,
+)
 from llmo.cost.engine import CostEngine
 from llmo.cost.forecast import fill_days, forecast
 from llmo.cost.prices import PriceVersion
-from llmo.cost.records import RecordRejected, RejectReason, Source, UsageInput
+from llmo.cost.records import (
+    MAX_LATENCY_MS,
+    MAX_TIME_US,
+    MIN_TIME_US,
+    LedgerRecord,
+    RecordRejected,
+    RejectReason,
+    Source,
+    UsageInput,
+    api_ledger_keys,
+)
 from llmo.cost.reports import kpis, percentile
 from llmo.cost.storage import ReportQuery, ReportRow
-from llmo.cost.tco import TcoInput, TcoInputError, compute_tco
+from llmo.cost.tco import TcoInput, TcoInputError, TcoResult, compute_tco
 from llmo.protos.common.v1 import common_pb2
 from llmo.protos.cost.v1 import cost_service_pb2 as pb
 from llmo.protos.cost.v1 import cost_service_pb2_grpc as pb_grpc
 
 MAX_RECORDS_PER_CALL = 1000
 MAX_RANGE = timedelta(days=400)
+MAX_PAGE_TOKEN_LEN = 1024  # our tokens are a few dozen characters
+TIME_BOUNDS = "[2000-01-01, 2100-01-01) UTC"
 
 DIMENSIONS: dict[Any, str] = {
     pb.COST_DIMENSION_TENANT: "tenant",
@@ -67,8 +89,28 @@ def timestamp(value: datetime) -> timestamp_pb2.Timestamp:
     return stamp
 
 
-def from_timestamp(value: timestamp_pb2.Timestamp) -> datetime:
-    return datetime.fromtimestamp(value.seconds + value.nanos / 1e9, tz=UTC)
+def from_timestamp(value: timestamp_pb2.Timestamp, field_name: str, reason: str = "INVALID_TIME_RANGE") -> datetime:
+    """A request time, which must lie within TIME_BOUNDS (INVALID_ARGUMENT otherwise)."""
+    us = value.seconds * 1_000_000 + value.nanos // 1000
+    if not (MIN_TIME_US <= us < MAX_TIME_US and 0 <= value.nanos < 1_000_000_000):
+        raise invalid_argument(reason, f"{field_name} must be within {TIME_BOUNDS}", field=field_name)
+    return datetime.fromtimestamp(us / 1_000_000, tz=UTC)
+
+
+def label(value: str, field_name: str) -> str:
+    """A model, provider, application, user or other short label: at most MAX_LABEL_LEN characters."""
+    return check_text(value, field_name, max_len=MAX_LABEL_LEN)
+
+
+def latency_ms(value: float, field_name: str) -> float | None:
+    """A RecordUsage latency: 0 (unset) or within (0, MAX_LATENCY_MS]; NaN and infinities are refused."""
+    if value == 0:
+        return None
+    if not 0 < value <= MAX_LATENCY_MS:
+        raise invalid_argument(
+            "INVALID_USAGE", f"{field_name} must be a finite number of milliseconds in (0, {MAX_LATENCY_MS:.0f}]", field=field_name
+        )
+    return value
 
 
 def fraction(value: float, field_name: str) -> Fraction:
@@ -78,6 +120,8 @@ def fraction(value: float, field_name: str) -> Fraction:
 
 
 def page_offset(token: str, query: str) -> int:
+    if len(token) > MAX_PAGE_TOKEN_LEN:
+        raise invalid_argument("INVALID_PAGE_TOKEN", "page_token is malformed or belongs to another query")
     offset = (decode_page_token(token, query=query) or {}).get("offset", 0)
     if not isinstance(offset, int) or offset < 0:
         raise invalid_argument("INVALID_PAGE_TOKEN", "page_token is malformed or belongs to another query")
@@ -86,8 +130,13 @@ def page_offset(token: str, query: str) -> int:
 
 def budget_id_of(name: str) -> str:
     prefix, _, budget_id = name.partition("/")
-    if prefix != "budgets" or not budget_id:
-        raise invalid_argument("INVALID_BUDGET_NAME", f"budget name must be budgets/{{budget}}, got {name!r}", name=name)
+    if prefix != "budgets" or not is_budget_id(budget_id):
+        raise invalid_argument(
+            "INVALID_BUDGET_NAME",
+            f"budget name must be budgets/{{budget}}, the id at most {MAX_BUDGET_ID_LEN} letters, digits, '-' or '_'; "
+            f"got {preview(name)!r}",
+            name=preview(name),
+        )
     return budget_id
 
 
@@ -158,18 +207,68 @@ class CostServicer(pb_grpc.CostServiceServicer):
         self.engine = engine
 
     @staticmethod
-    def _tenant(requested: str) -> str:
+    def _tenant(requested: str, field_name: str = "tenant") -> str:
         """The tenant a write or a budget check acts on: `requested`, defaulting to the
         caller's own; another tenant's only for admins (PERMISSION_DENIED otherwise)."""
+        check_identifier(requested, field_name)
         return scoped_tenant(requested or ctx.current_tenant() or "")
 
-    async def _visible_budget(self, name: str) -> Budget:
-        """The budget called `name`, if the caller may see it. Another tenant's budget is
-        NOT_FOUND, exactly like a missing one, so its existence does not leak."""
-        budget = await asyncio.to_thread(self.engine.store.get_budget, budget_id_of(name))
+    @staticmethod
+    def _filter_tenant(requested: str) -> str:
+        """A tenant filter (empty: the caller's own, or every tenant for admins)."""
+        return scoped_tenant(check_identifier(requested, "tenant"))
+
+    async def _visible_budget(self, name: str, tenant: str) -> Budget:
+        """The budget called `name` in the caller's tenant (or, for admins, in `tenant`, else
+        the only one of that id). Budget ids are per tenant: another tenant's is never found."""
+        budget_id = budget_id_of(name)
+        store = self.engine.store
+        budget: Budget | None
+        if tenant or not ctx.is_admin():
+            owner = self._tenant(tenant)
+            budget = await asyncio.to_thread(store.get_budget, budget_key(owner, budget_id))
+        else:
+            candidates = await asyncio.to_thread(store.budgets_named, budget_id)
+            own = [b for b in candidates if b.tenant == (ctx.current_tenant() or "")]
+            if len(candidates) > 1 and not own:
+                raise failed_precondition(
+                    "BUDGET_NAME_AMBIGUOUS", f"{len(candidates)} tenants have budget {name!r}: set tenant", name=name
+                )
+            budget = (own or candidates or [None])[0]
         if budget is None or not may_access(budget.tenant):
             raise not_found("BUDGET_NOT_FOUND", f"no budget {name!r}", name=name)
         return budget
+
+    def _usage(self, i: int, rec: pb.UsageRecord, now_us: int) -> UsageInput:
+        """One RecordUsage record, its ids and labels bounded (INVALID_ARGUMENT otherwise)."""
+        where, bad = f"records[{i}]", "INVALID_USAGE"
+        check_identifier(rec.event_id, f"{where}.event_id", required=True, reason=bad)
+        check_identifier(rec.request_id, f"{where}.request_id", reason=bad)
+        check_identifier(rec.attribution.tenant, f"{where}.attribution.tenant", reason=bad)
+        who = rec.attribution
+        for field_name in ("model", "provider", "prompt_version", "route_reason"):
+            check_text(getattr(rec, field_name), f"{where}.{field_name}", max_len=MAX_LABEL_LEN, reason=bad)
+        check_text(who.application, f"{where}.attribution.application", max_len=MAX_LABEL_LEN, reason=bad)
+        check_text(who.user, f"{where}.attribution.user", max_len=MAX_LABEL_LEN, reason=bad)
+        occurred = rec.occurred_at.seconds * 1_000_000 + rec.occurred_at.nanos // 1000 if rec.HasField("occurred_at") else now_us
+        return UsageInput(
+            event_id=rec.event_id,
+            request_id=rec.request_id,
+            source=Source.API,
+            occurred_at_us=occurred,
+            tenant=self._tenant(who.tenant, f"{where}.attribution.tenant"),
+            application=who.application,
+            user=who.user,
+            model=rec.model,
+            provider=rec.provider,
+            prompt_version=rec.prompt_version,
+            route_reason=rec.route_reason,
+            input_tokens=rec.usage.input_tokens,
+            cached_input_tokens=rec.usage.cached_input_tokens,
+            output_tokens=rec.usage.output_tokens,
+            ttft_ms=latency_ms(rec.latency.ttft_ms, f"{where}.latency.ttft_ms"),
+            latency_ms=latency_ms(rec.latency.e2e_ms, f"{where}.latency.e2e_ms"),
+        )
 
     async def RecordUsage(self, request: pb.RecordUsageRequest, context: grpc.aio.ServicerContext) -> pb.RecordUsageResponse:
         if not request.records:
@@ -177,30 +276,11 @@ class CostServicer(pb_grpc.CostServiceServicer):
         if len(request.records) > MAX_RECORDS_PER_CALL:
             raise invalid_argument("TOO_MANY_RECORDS", f"at most {MAX_RECORDS_PER_CALL} records per call")
         now_us = int(datetime.now(UTC).timestamp() * 1_000_000)
-        records = []
+        records: list[LedgerRecord] = []
         for i, rec in enumerate(request.records):
-            occurred = rec.occurred_at.seconds * 1_000_000 + rec.occurred_at.nanos // 1000 if rec.HasField("occurred_at") else now_us
-            has_latency = rec.HasField("latency")
-            usage = UsageInput(
-                event_id=rec.event_id,
-                request_id=rec.request_id,
-                source=Source.API,
-                occurred_at_us=occurred,
-                tenant=self._tenant(rec.attribution.tenant),
-                application=rec.attribution.application,
-                user=rec.attribution.user,
-                model=rec.model,
-                provider=rec.provider,
-                prompt_version=rec.prompt_version,
-                route_reason=rec.route_reason,
-                input_tokens=rec.usage.input_tokens,
-                cached_input_tokens=rec.usage.cached_input_tokens,
-                output_tokens=rec.usage.output_tokens,
-                ttft_ms=rec.latency.ttft_ms if has_latency and rec.latency.ttft_ms > 0 else None,
-                latency_ms=rec.latency.e2e_ms if has_latency and rec.latency.e2e_ms > 0 else None,
-            )
+            usage = self._usage(i, rec, now_us)
             try:
-                records.append(self.engine.price(usage))
+                record = self.engine.price(usage)
             except RecordRejected as rejected:
                 reason = "UNKNOWN_MODEL" if rejected.reason is RejectReason.UNKNOWN_MODEL else "INVALID_USAGE"
                 if rejected.reason is RejectReason.NO_PRICE:
@@ -208,18 +288,21 @@ class CostServicer(pb_grpc.CostServiceServicer):
                 raise invalid_argument(
                     reason, f"records[{i}]: {rejected.detail}", index=i, field=rejected.field, event_id=rec.event_id
                 ) from rejected
+            record.event_id, record.request_key = api_ledger_keys(record.tenant, rec.event_id, rec.request_id, rec.model)
+            records.append(record)
         outcome = await self.engine.ingest(records)
         inserted = {r.event_id for r in outcome.inserted}
-        return pb.RecordUsageResponse(
-            results=[
-                pb.RecordUsageResult(event_id=r.event_id, cost=money(r.cost_micros), duplicate=r.event_id not in inserted)
-                for r in records
-            ]
-        )
+        results = []
+        for rec, record in zip(request.records, records, strict=True):
+            # only the first copy of an event id in the call is the one that was recorded
+            fresh = record.event_id in inserted
+            inserted.discard(record.event_id)
+            results.append(pb.RecordUsageResult(event_id=rec.event_id, cost=money(record.cost_micros), duplicate=not fresh))
+        return pb.RecordUsageResponse(results=results)
 
     async def GetCostReport(self, request: pb.GetCostReportRequest, context: grpc.aio.ServicerContext) -> pb.GetCostReportResponse:
-        filters = {k: getattr(request, k) for k in ("application", "model", "provider") if getattr(request, k)}
-        tenant = scoped_tenant(request.tenant)
+        filters = {k: label(getattr(request, k), k) for k in ("application", "model", "provider") if getattr(request, k)}
+        tenant = self._filter_tenant(request.tenant)
         if tenant:
             filters["tenant"] = tenant
         # The fingerprint holds the scoped filters, so a page token only continues the query it came from.
@@ -228,14 +311,15 @@ class CostServicer(pb_grpc.CostServiceServicer):
             request.end_time.ToJsonString() if request.HasField("end_time") else "",
         )
         fingerprint = f"{explicit}|{list(request.group_by)}|{sorted(filters.items())}"
+        page_offset(request.page_token, fingerprint)  # bounds and checks the token before it is read
         position = decode_page_token(request.page_token, query=fingerprint) or {}
         # Later pages keep the range of the first one, even where it defaulted to "now".
-        end = from_timestamp(request.end_time) if request.HasField("end_time") else datetime.now(UTC)
+        end = from_timestamp(request.end_time, "end_time") if request.HasField("end_time") else datetime.now(UTC)
         if "end_us" in position:
-            if not isinstance(position["end_us"], int):
+            if not isinstance(position["end_us"], int) or not MIN_TIME_US <= position["end_us"] < MAX_TIME_US:
                 raise invalid_argument("INVALID_PAGE_TOKEN", "page_token is malformed or belongs to another query")
             end = datetime.fromtimestamp(position["end_us"] / 1_000_000, tz=UTC)
-        start = from_timestamp(request.start_time) if request.HasField("start_time") else end - timedelta(days=30)
+        start = from_timestamp(request.start_time, "start_time") if request.HasField("start_time") else end - timedelta(days=30)
         if end <= start:
             raise invalid_argument("INVALID_TIME_RANGE", "end_time must be after start_time")
         if end - start > MAX_RANGE:
@@ -264,10 +348,11 @@ class CostServicer(pb_grpc.CostServiceServicer):
 
     async def ListPrices(self, request: pb.ListPricesRequest, context: grpc.aio.ServicerContext) -> pb.ListPricesResponse:
         catalog = self.engine.catalog
+        label(request.model, "model")
         if request.model and not catalog.knows(request.model):
             raise not_found("UNKNOWN_MODEL", f"no price for model {request.model!r}", model=request.model)
         if request.HasField("at_time"):
-            at = from_timestamp(request.at_time)
+            at = from_timestamp(request.at_time, "at_time")
             names = [catalog.canonical(request.model)] if request.model else catalog.models()
             versions = []
             for name in names:
@@ -291,6 +376,8 @@ class CostServicer(pb_grpc.CostServiceServicer):
         window = WINDOWS.get(spec.window)
         if window is None:
             raise invalid_argument("INVALID_BUDGET", "window must be DAILY, MONTHLY or CUSTOM", field="window")
+        for field_name in ("display_name", "application", "model", "downgrade_model"):
+            label(getattr(spec, field_name), field_name)
         budget = Budget(
             budget_id=request.budget_id,
             display_name=spec.display_name,
@@ -300,8 +387,12 @@ class CostServicer(pb_grpc.CostServiceServicer):
             window=window,
             soft_limit_micros=micros_of(spec.soft_limit, "soft_limit"),
             hard_limit_micros=micros_of(spec.hard_limit, "hard_limit"),
-            custom_start=from_timestamp(spec.custom_start_time) if spec.HasField("custom_start_time") else None,
-            custom_end=from_timestamp(spec.custom_end_time) if spec.HasField("custom_end_time") else None,
+            custom_start=from_timestamp(spec.custom_start_time, "custom_start_time", "INVALID_BUDGET")
+            if spec.HasField("custom_start_time")
+            else None,
+            custom_end=from_timestamp(spec.custom_end_time, "custom_end_time", "INVALID_BUDGET")
+            if spec.HasField("custom_end_time")
+            else None,
             downgrade_model=spec.downgrade_model,
         )
         try:
@@ -313,8 +404,8 @@ class CostServicer(pb_grpc.CostServiceServicer):
         return pb.CreateBudgetResponse(budget=budget_proto(budget))
 
     async def GetBudget(self, request: pb.GetBudgetRequest, context: grpc.aio.ServicerContext) -> pb.GetBudgetResponse:
-        budget = await self._visible_budget(request.name)
-        budget_id = budget.budget_id
+        budget = await self._visible_budget(request.name, request.tenant)
+        key = budget.key
         store = self.engine.store
         response = pb.GetBudgetResponse(budget=budget_proto(budget))
         window = budget.window_at(datetime.now(UTC))
@@ -322,9 +413,9 @@ class CostServicer(pb_grpc.CostServiceServicer):
             response.status.active = False
             return response
         start = window_key(window[0])
-        spent = await asyncio.to_thread(store.window_spend, budget_id, start)
-        fired = [a.threshold_percent for a in await asyncio.to_thread(store.alerts, budget_id) if a.window_start == start]
-        reserved = self.engine.guard.reserved(budget_id, start)
+        spent = await asyncio.to_thread(store.window_spend, key, start)
+        fired = [a.threshold_percent for a in await asyncio.to_thread(store.alerts, key) if a.window_start == start]
+        reserved = self.engine.guard.reserved(key, start)
         limit = budget.limit_micros
         response.status.CopyFrom(
             pb.BudgetStatus(
@@ -340,7 +431,7 @@ class CostServicer(pb_grpc.CostServiceServicer):
         return response
 
     async def ListBudgets(self, request: pb.ListBudgetsRequest, context: grpc.aio.ServicerContext) -> pb.ListBudgetsResponse:
-        tenant = scoped_tenant(request.tenant)
+        tenant = self._filter_tenant(request.tenant)
         size = page_size(request.page_size)
         offset = page_offset(request.page_token, tenant)
         budgets = await asyncio.to_thread(self.engine.store.list_budgets, tenant, offset, size + 1)
@@ -350,8 +441,8 @@ class CostServicer(pb_grpc.CostServiceServicer):
         return response
 
     async def DeleteBudget(self, request: pb.DeleteBudgetRequest, context: grpc.aio.ServicerContext) -> pb.DeleteBudgetResponse:
-        budget = await self._visible_budget(request.name)
-        if not await self.engine.delete_budget(budget.budget_id):
+        budget = await self._visible_budget(request.name, request.tenant)
+        if not await self.engine.delete_budget(budget.key):
             raise not_found("BUDGET_NOT_FOUND", f"no budget {request.name!r}", name=request.name)
         return pb.DeleteBudgetResponse()
 
@@ -359,6 +450,9 @@ class CostServicer(pb_grpc.CostServiceServicer):
         estimate = micros_of(request.estimated_cost, "estimated_cost")
         if estimate < 0:
             raise invalid_argument("INVALID_ESTIMATE", "estimated_cost must not be negative", field="estimated_cost")
+        label(request.application, "application")
+        label(request.model, "model")
+        check_identifier(request.request_id, "request_id")
         verdict = self.engine.guard.check(
             self._tenant(request.tenant),
             request.application,
@@ -384,8 +478,7 @@ class CostServicer(pb_grpc.CostServiceServicer):
     async def ReleaseReservation(
         self, request: pb.ReleaseReservationRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReleaseReservationResponse:
-        if not request.reservation_id:
-            raise invalid_argument("INVALID_RESERVATION", "reservation_id is required")
+        check_identifier(request.reservation_id, "reservation_id", required=True, reason="INVALID_RESERVATION")
         # a tenant gives back only its own reservations; admins (the router) any
         owner = None if ctx.is_admin() else (ctx.current_tenant() or "")
         return pb.ReleaseReservationResponse(released=self.engine.guard.release(request.reservation_id, owner))
@@ -395,6 +488,8 @@ class CostServicer(pb_grpc.CostServiceServicer):
             raise invalid_argument("INVALID_TCO_INPUT", "input_fraction is required", field="input_fraction")
         if request.tokens_per_day and request.tokens_per_month:
             raise invalid_argument("INVALID_TCO_INPUT", "give tokens_per_day or tokens_per_month, not both", field="tokens_per_day")
+        label(request.api_model, "api_model")
+        label(request.gpu_type, "gpu_type")
         hours = fraction(request.hours_per_month, "hours_per_month") if request.hours_per_month else Fraction(730)
         tokens_per_day = Fraction(request.tokens_per_day)
         if request.tokens_per_month:
@@ -434,6 +529,13 @@ class CostServicer(pb_grpc.CostServiceServicer):
             result = compute_tco(inp)
         except TcoInputError as exc:
             raise invalid_argument("INVALID_TCO_INPUT", str(exc), field=exc.field) from exc
+        try:
+            return self._tco_response(result)
+        except ValueError as exc:  # protobuf refuses integers past int32/int64
+            raise invalid_argument("INVALID_TCO_INPUT", "the inputs give results beyond the response's integer ranges") from exc
+
+    @staticmethod
+    def _tco_response(result: TcoResult) -> pb.ComputeTcoResponse:
         option = {"api": pb.TCO_OPTION_API, "self_hosted": pb.TCO_OPTION_SELF_HOSTED}
         response = pb.ComputeTcoResponse(
             api_monthly=money(result.api_monthly_micros),
@@ -482,13 +584,13 @@ class CostServicer(pb_grpc.CostServiceServicer):
             raise invalid_argument("INVALID_FORECAST", "horizon_days must be within [1, 366]", field="horizon_days")
         if not 0 < confidence < 1:
             raise invalid_argument("INVALID_FORECAST", "confidence must be within (0, 1)", field="confidence")
-        end = from_timestamp(request.end_time) if request.HasField("end_time") else datetime.now(UTC)
+        end = from_timestamp(request.end_time, "end_time") if request.HasField("end_time") else datetime.now(UTC)
         last_day = end.date() - timedelta(days=1)
         first_day = last_day - timedelta(days=history_days - 1)
         start_dt = datetime(first_day.year, first_day.month, first_day.day, tzinfo=UTC)
         end_dt = start_dt + timedelta(days=history_days)
-        filters = {k: getattr(request, k) for k in ("application", "model") if getattr(request, k)}
-        tenant = scoped_tenant(request.tenant)
+        filters = {k: label(getattr(request, k), k) for k in ("application", "model") if getattr(request, k)}
+        tenant = self._filter_tenant(request.tenant)
         if tenant:
             filters["tenant"] = tenant
         spend = await asyncio.to_thread(

@@ -4,6 +4,10 @@ Every method is blocking; callers run them off the event loop. ``record_batch``
 is the exactly-once write: ledger rows, budget spend and threshold alerts of one
 batch commit in a single transaction, and a redelivered or re-published event
 inserts nothing (ON CONFLICT DO NOTHING on the event id and the request key).
+
+Key widths: ledger event keys hold a tenant-scoped ``RecordUsage`` id
+(``records.api_ledger_keys``), budget keys are ``<tenant>/<budget id>``
+(``budgets.budget_key``); migration 0002 widened the columns for them.
 """
 
 from __future__ import annotations
@@ -31,8 +35,8 @@ metadata = sa.MetaData()
 usage_ledger = sa.Table(
     "usage_ledger",
     metadata,
-    sa.Column("event_id", sa.String(128), primary_key=True),
-    sa.Column("request_key", sa.String(400), nullable=False, unique=True),
+    sa.Column("event_id", sa.String(300), primary_key=True),
+    sa.Column("request_key", sa.String(700), nullable=False, unique=True),
     sa.Column("request_id", sa.String(128), nullable=False, server_default=""),
     sa.Column("source", sa.String(16), nullable=False),
     sa.Column("occurred_at_us", sa.BigInteger, nullable=False),
@@ -58,7 +62,8 @@ usage_ledger = sa.Table(
 budgets_table = sa.Table(
     "budgets",
     metadata,
-    sa.Column("budget_id", sa.String(64), primary_key=True),
+    # the budget's key, "<tenant>/<budget id>" (Budget.key): ids are per tenant
+    sa.Column("budget_id", sa.String(300), primary_key=True),
     sa.Column("display_name", sa.String(256), nullable=False, server_default=""),
     sa.Column("tenant", sa.String(256), nullable=False),
     sa.Column("application", sa.String(256), nullable=False),
@@ -75,7 +80,7 @@ budgets_table = sa.Table(
 budget_spend = sa.Table(
     "budget_spend",
     metadata,
-    sa.Column("budget_id", sa.String(64), sa.ForeignKey("budgets.budget_id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("budget_id", sa.String(300), sa.ForeignKey("budgets.budget_id", ondelete="CASCADE"), primary_key=True),
     sa.Column("window_start", sa.BigInteger, primary_key=True),
     sa.Column("spent_micros", sa.BigInteger, nullable=False),
 )
@@ -83,10 +88,10 @@ budget_spend = sa.Table(
 budget_alerts = sa.Table(
     "budget_alerts",
     metadata,
-    sa.Column("budget_id", sa.String(64), sa.ForeignKey("budgets.budget_id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("budget_id", sa.String(300), sa.ForeignKey("budgets.budget_id", ondelete="CASCADE"), primary_key=True),
     sa.Column("window_start", sa.BigInteger, primary_key=True),
     sa.Column("threshold_percent", sa.Integer, primary_key=True),
-    sa.Column("event_id", sa.String(200), nullable=False, unique=True),
+    sa.Column("event_id", sa.String(400), nullable=False, unique=True),
     sa.Column("spent_micros", sa.BigInteger, nullable=False),
     sa.Column("limit_micros", sa.BigInteger, nullable=False),
     sa.Column("fired_at_us", sa.BigInteger, nullable=False),
@@ -116,9 +121,10 @@ GROUP_COLUMNS: dict[str, sa.Column[Any]] = {
 FILTER_COLUMNS = ("tenant", "application", "model", "provider")
 
 
-def alert_event_id(budget_id: str, window_start: int, threshold: int) -> str:
-    """Deterministic id, so a re-published alert is dropped by JetStream and by consumers."""
-    return f"budget-threshold:{budget_id}:{window_start}:{threshold}"
+def alert_event_id(budget_key: str, window_start: int, threshold: int) -> str:
+    """Deterministic id, so a re-published alert is dropped by JetStream and by consumers;
+    it names the budget's key, so two tenants' budgets of the same id never share one."""
+    return f"budget-threshold:{budget_key}:{window_start}:{threshold}"
 
 
 @dataclass(frozen=True)
@@ -161,6 +167,41 @@ class ReportRow:
     cost_micros: int
     ttft_ms: list[float]
     latency_ms: list[float]
+
+
+_ROUTER = Source.ROUTER.value
+Attribution = tuple[str, str, str]  # (tenant, application, user)
+
+
+@dataclass(frozen=True)
+class _Move:
+    """A recorded call whose attribution the router's event corrected."""
+
+    cost_micros: int
+    model: str
+    occurred_at_us: int
+    before: Attribution
+    after: Attribution
+
+    @property
+    def occurred_at(self) -> datetime:
+        return datetime.fromtimestamp(self.occurred_at_us / 1_000_000, tz=UTC)
+
+
+def _charge(
+    deltas: dict[tuple[str, int], int], budgets: list[Budget], cost: int, who: Attribution, model: str, at: datetime
+) -> None:
+    """Add ``cost`` to the window spend of every budget matching the attribution."""
+    if cost == 0:
+        return
+    for budget in budgets:
+        if not budget.matches(who[0], who[1], model):
+            continue
+        window = budget.window_at(at)
+        if window is None:
+            continue
+        key = (budget.key, window_key(window[0]))
+        deltas[key] = deltas.get(key, 0) + cost
 
 
 def _now_us() -> int:
@@ -215,23 +256,24 @@ class CostStore:
             inserted_ids = self._insert_ledger_rows(conn, list(unique.values()))
             outcome.inserted = [r for r in unique.values() if r.event_id in inserted_ids]
             outcome.duplicates += len(unique) - len(inserted_ids)
-            outcome.enriched = self._enrich(conn, [r for r in unique.values() if r.event_id not in inserted_ids])
+            routed = [r for r in unique.values() if r.source == _ROUTER and r.event_id not in inserted_ids]
+            moves = self._apply_router_attribution(conn, routed) if routed else []
+            outcome.enriched = len(moves)
             budgets = self._load_budgets(conn)
             for record in outcome.inserted:
-                if record.cost_micros == 0:
-                    continue
-                for budget in budgets:
-                    if not budget.matches(record.tenant, record.application, record.model):
-                        continue
-                    window = budget.window_at(record.occurred_at)
-                    if window is None:
-                        continue
-                    key = (budget.budget_id, window_key(window[0]))
-                    outcome.deltas[key] = outcome.deltas.get(key, 0) + record.cost_micros
-            by_id = {b.budget_id: b for b in budgets}
+                _charge(outcome.deltas, budgets, record.cost_micros, record.attribution(), record.model, record.occurred_at)
+            for move in moves:
+                # the row's cost leaves the budgets of its old attribution for those of the router's
+                _charge(outcome.deltas, budgets, -move.cost_micros, move.before, move.model, move.occurred_at)
+                _charge(outcome.deltas, budgets, move.cost_micros, move.after, move.model, move.occurred_at)
+            by_key = {b.key: b for b in budgets}
             for key, delta in outcome.deltas.items():
+                if delta == 0:
+                    continue
                 total = self._add_spend(conn, key, delta)
-                outcome.alerts += self._fire_thresholds(conn, by_id[key[0]], key[1], total)
+                if delta > 0:
+                    outcome.alerts += self._fire_thresholds(conn, by_key[key[0]], key[1], total)
+            outcome.deltas = {key: delta for key, delta in outcome.deltas.items() if delta}
         return outcome
 
     def _insert_ledger_rows(self, conn: Connection, records: list[LedgerRecord]) -> set[str]:
@@ -271,24 +313,52 @@ class CostStore:
         found = conn.exec_driver_sql("SELECT event_id FROM usage_ledger WHERE rowid > ?", (before,))
         return {row[0] for row in found}
 
-    def _enrich(self, conn: Connection, not_inserted: list[LedgerRecord]) -> int:
-        """Give a row recorded from the inference event the router's route reason and prompt version."""
-        changed = 0
-        for record in not_inserted:
-            if record.source != Source.ROUTER.value or not (record.route_reason or record.prompt_version):
+    def _apply_router_attribution(self, conn: Connection, routed: list[LedgerRecord]) -> list[_Move]:
+        """Router events that found their call already recorded (from the inference event):
+        the router's non-empty tenant, application and user replace the row's, and its
+        route reason and prompt version fill the row's empty ones. One read and one
+        executemany for the whole batch; returns the changed rows' attribution moves."""
+        c = usage_ledger.c
+        by_key = {r.request_key: r for r in routed}
+        existing: list[Any] = []
+        keys = list(by_key)
+        for start in range(0, len(keys), 500):
+            existing += conn.execute(
+                sa.select(
+                    c.event_id, c.request_key, c.tenant, c.application, c.user_id, c.model,
+                    c.cost_micros, c.occurred_at_us, c.route_reason, c.prompt_version,
+                ).where(c.request_key.in_(keys[start : start + 500]))
+            ).all()
+        moves: list[_Move] = []
+        updates: list[dict[str, object]] = []
+        for row in existing:
+            record = by_key[row.request_key]
+            if row.event_id == record.event_id:
+                continue  # a redelivery of the router event itself
+            before = (row.tenant, row.application, row.user_id)
+            after = (record.tenant or row.tenant, record.application or row.application, record.user or row.user_id)
+            route_reason = row.route_reason or record.route_reason
+            prompt_version = row.prompt_version or record.prompt_version
+            if (after, route_reason, prompt_version) == (before, row.route_reason, row.prompt_version):
                 continue
-            c = usage_ledger.c
-            result = conn.execute(
-                sa.update(usage_ledger)
-                .where(c.request_key == record.request_key, c.event_id != record.event_id)
-                .where(sa.or_(c.route_reason == "", c.prompt_version == ""))
-                .values(
-                    route_reason=sa.case((c.route_reason == "", record.route_reason), else_=c.route_reason),
-                    prompt_version=sa.case((c.prompt_version == "", record.prompt_version), else_=c.prompt_version),
-                )
+            updates.append(
+                {"key": row.event_id, "t": after[0], "a": after[1], "u": after[2], "rr": route_reason, "pv": prompt_version}
             )
-            changed += result.rowcount or 0
-        return changed
+            moves.append(_Move(int(row.cost_micros), row.model, int(row.occurred_at_us), before, after))
+        if updates:
+            conn.execute(
+                sa.update(usage_ledger)
+                .where(c.event_id == sa.bindparam("key"))
+                .values(
+                    tenant=sa.bindparam("t"),
+                    application=sa.bindparam("a"),
+                    user_id=sa.bindparam("u"),
+                    route_reason=sa.bindparam("rr"),
+                    prompt_version=sa.bindparam("pv"),
+                ),
+                updates,
+            )
+        return moves
 
     def _add_spend(self, conn: Connection, key: tuple[str, int], delta: int) -> int:
         insert = self._insert(budget_spend).values(budget_id=key[0], window_start=key[1], spent_micros=delta)
@@ -302,11 +372,11 @@ class CostStore:
         fired = []
         limit = budget.limit_micros
         for pct in reached_thresholds(spent, limit):
-            alert = Alert(budget, window_start, pct, alert_event_id(budget.budget_id, window_start, pct), spent, limit, _now_us())
+            alert = Alert(budget, window_start, pct, alert_event_id(budget.key, window_start, pct), spent, limit, _now_us())
             stmt = (
                 self._insert(budget_alerts)
                 .values(
-                    budget_id=budget.budget_id,
+                    budget_id=budget.key,
                     window_start=window_start,
                     threshold_percent=pct,
                     event_id=alert.event_id,
@@ -374,13 +444,19 @@ class CostStore:
             if spent == 0:
                 return True, []
             start = window_key(window[0])
-            total = self._add_spend(conn, (budget.budget_id, start), spent)
+            total = self._add_spend(conn, (budget.key, start), spent)
             return True, self._fire_thresholds(conn, budget, start, total)
 
-    def get_budget(self, budget_id: str) -> Budget | None:
+    def get_budget(self, key: str) -> Budget | None:
+        """The budget with storage key ``key`` (``budget_key(tenant, budget_id)``)."""
         with self.engine.connect() as conn:
-            row = conn.execute(sa.select(budgets_table).where(budgets_table.c.budget_id == budget_id)).mappings().first()
+            row = conn.execute(sa.select(budgets_table).where(budgets_table.c.budget_id == key)).mappings().first()
         return _budget_from_row(row) if row else None
+
+    def budgets_named(self, budget_id: str) -> list[Budget]:
+        """Every tenant's budget with this id (admins naming a budget without its tenant)."""
+        with self.engine.connect() as conn:
+            return [b for b in self._load_budgets(conn) if b.budget_id == budget_id]
 
     def list_budgets(self, tenant: str, offset: int, limit: int) -> list[Budget]:
         stmt = sa.select(budgets_table).order_by(budgets_table.c.budget_id).offset(offset).limit(limit)
@@ -389,11 +465,11 @@ class CostStore:
         with self.engine.connect() as conn:
             return [_budget_from_row(row) for row in conn.execute(stmt).mappings()]
 
-    def delete_budget(self, budget_id: str) -> bool:
+    def delete_budget(self, key: str) -> bool:
         with self.engine.begin() as conn:
             for table in (budget_alerts, budget_spend):
-                conn.execute(sa.delete(table).where(table.c.budget_id == budget_id))
-            result = conn.execute(sa.delete(budgets_table).where(budgets_table.c.budget_id == budget_id))
+                conn.execute(sa.delete(table).where(table.c.budget_id == key))
+            result = conn.execute(sa.delete(budgets_table).where(budgets_table.c.budget_id == key))
             return bool(result.rowcount)
 
     def spend_snapshot(self, keys: Iterable[tuple[str, int]]) -> dict[tuple[str, int], int]:
@@ -406,18 +482,19 @@ class CostStore:
         with self.engine.connect() as conn:
             return {(r.budget_id, int(r.window_start)): int(r.spent_micros) for r in conn.execute(stmt)}
 
-    def window_spend(self, budget_id: str, window_start: int) -> int:
-        return self.spend_snapshot([(budget_id, window_start)]).get((budget_id, window_start), 0)
+    def window_spend(self, key: str, window_start: int) -> int:
+        return self.spend_snapshot([(key, window_start)]).get((key, window_start), 0)
 
-    def alerts(self, budget_id: str | None = None, unpublished_only: bool = False) -> list[Alert]:
+    def alerts(self, key: str | None = None, unpublished_only: bool = False) -> list[Alert]:
+        """Fired alerts (of the budget with storage key ``key``)."""
         stmt = sa.select(budget_alerts).order_by(budget_alerts.c.fired_at_us, budget_alerts.c.threshold_percent)
-        if budget_id:
-            stmt = stmt.where(budget_alerts.c.budget_id == budget_id)
+        if key:
+            stmt = stmt.where(budget_alerts.c.budget_id == key)
         if unpublished_only:
             stmt = stmt.where(budget_alerts.c.published == sa.false())
         with self.engine.connect() as conn:
             rows = list(conn.execute(stmt).mappings())
-            budgets = {b.budget_id: b for b in self._load_budgets(conn)}
+            budgets = {b.key: b for b in self._load_budgets(conn)}
         return [
             Alert(
                 budgets[r["budget_id"]],
@@ -529,7 +606,7 @@ class CostStore:
 
 def _budget_row(budget: Budget) -> dict[str, Any]:
     return {
-        "budget_id": budget.budget_id,
+        "budget_id": budget.key,
         "display_name": budget.display_name,
         "tenant": budget.tenant,
         "application": budget.application,
@@ -546,7 +623,7 @@ def _budget_row(budget: Budget) -> dict[str, Any]:
 
 def _budget_from_row(row: Any) -> Budget:
     return Budget(
-        budget_id=row["budget_id"],
+        budget_id=row["budget_id"][len(row["tenant"]) + 1 :],
         display_name=row["display_name"],
         tenant=row["tenant"],
         application=row["application"],

@@ -211,7 +211,7 @@ async def test_budgets_allow_downgrade_deny_and_alert_once_per_threshold(svc: Ha
     await svc.running.engine.publish_pending_alerts()
     await three_alerts()
     assert sorted(a.threshold_percent for a in received) == [50, 80, 100]
-    assert {a.event_id for a in received} == {f"budget-threshold:acme-daily:{a.window_start.seconds}:{a.threshold_percent}" for a in received}
+    assert {a.event_id for a in received} == {f"budget-threshold:acme/acme-daily:{a.window_start.seconds}:{a.threshold_percent}" for a in received}
     assert all(a.hard and a.limit.micros == 4500 and a.budget == "budgets/acme-daily" for a in received)
 
     listed = await stub.ListBudgets(pb.ListBudgetsRequest(tenant="acme", page_size=10))

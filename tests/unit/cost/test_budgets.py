@@ -31,7 +31,7 @@ def guard_with(*budgets: Budget, spent: int = 0, clock: FakeClock | None = None)
     for b in budgets:
         window = b.window_at(NOW)
         assert window is not None
-        guard.set_committed({(b.budget_id, window_key(window[0])): spent})
+        guard.set_committed({(b.key, window_key(window[0])): spent})
     return guard
 
 
@@ -60,6 +60,8 @@ def test_thresholds_are_exact_integer_comparisons() -> None:
     [
         (Budget("", "t", Window.DAILY, hard_limit_micros=1), "budget_id"),
         (Budget("a b", "t", Window.DAILY, hard_limit_micros=1), "budget_id"),
+        (Budget("x" * 65, "t", Window.DAILY, hard_limit_micros=1), "budget_id"),
+        (Budget("été", "t", Window.DAILY, hard_limit_micros=1), "budget_id"),
         (Budget("x", "t", Window.DAILY), "limit"),
         (Budget("x", "t", Window.DAILY, soft_limit_micros=5, hard_limit_micros=4), "soft_limit"),
         (Budget("x", "t", Window.CUSTOM, hard_limit_micros=4), "window"),
@@ -98,16 +100,18 @@ def test_concurrent_admissions_overshoot_by_at_most_one_request() -> None:
             admitted += 1
     # 4 * 300 = 1200: the fourth request is the one in flight when the headroom ran out
     assert admitted == 4
-    assert guard.reserved("b", window_key(NOW.replace(hour=0))) == 1200
+    assert guard.reserved("t/b", window_key(NOW.replace(hour=0))) == 1200
 
 
 def test_recorded_usage_settles_the_reservation() -> None:
     budget = Budget("b", "t", Window.DAILY, hard_limit_micros=1000)
     guard = guard_with(budget)
-    key = ("b", window_key(NOW.replace(hour=0)))
+    key = ("t/b", window_key(NOW.replace(hour=0)))
     guard.check("t", "", "m", 900, NOW, reservation_id="req-1")
     assert guard.check("t", "", "m", 200, NOW, reserve=False).decision is Decision.DOWNGRADE
-    guard.add_committed({key: 850}, settled_requests=["req-1"])
+    guard.add_committed({key: 850}, [("req-1", "other-tenant")])
+    assert guard.reserved(*key) == 900  # usage of another tenant never settles it
+    guard.add_committed({}, [("req-1", "t")])
     assert guard.reserved(*key) == 0
     assert guard.committed(*key) == 850
     assert guard.check("t", "", "m", 100, NOW, reserve=False).decision is Decision.ALLOW
@@ -126,7 +130,7 @@ def test_reservations_expire() -> None:
 def test_release_and_rereserve_with_same_id_does_not_double_count() -> None:
     budget = Budget("b", "t", Window.DAILY, hard_limit_micros=1000)
     guard = guard_with(budget)
-    key = ("b", window_key(NOW.replace(hour=0)))
+    key = ("t/b", window_key(NOW.replace(hour=0)))
     guard.check("t", "", "m", 400, NOW, reservation_id="same")
     guard.check("t", "", "m", 400, NOW, reservation_id="same")
     assert guard.reserved(*key) == 400
@@ -138,7 +142,7 @@ def test_release_and_rereserve_with_same_id_does_not_double_count() -> None:
 def test_a_tenant_cannot_release_or_take_over_another_tenants_reservation() -> None:
     mine, theirs = Budget("a", "acme", Window.DAILY, hard_limit_micros=1000), Budget("g", "globex", Window.DAILY, hard_limit_micros=1000)
     guard = guard_with(mine, theirs)
-    key = ("a", window_key(NOW.replace(hour=0)))
+    key = ("acme/a", window_key(NOW.replace(hour=0)))
     guard.check("acme", "", "m", 400, NOW, reservation_id="req-1")
     assert guard.release("req-1", "globex") is False and guard.reserved(*key) == 400
     # globex checking with acme's id gets a reservation of its own; acme's stays
@@ -154,7 +158,7 @@ def test_most_restrictive_budget_decides_and_global_budgets_apply() -> None:
     everyone = Budget("all", "", Window.DAILY, soft_limit_micros=50)
     guard = BudgetGuard()
     guard.set_budgets([tenant_budget, app_budget, everyone])
-    guard.set_committed({("app", window_key(NOW.replace(hour=0))): 100})
+    guard.set_committed({("t/app", window_key(NOW.replace(hour=0))): 100})
     verdict = guard.check("t", "chat", "m", 1, NOW, reserve=False)
     assert (verdict.decision, verdict.budget_id) == (Decision.DENY, "app")
     assert set(verdict.matched) == {"tenant", "app", "all"}

@@ -33,6 +33,8 @@ def event(**changes: object) -> events_pb2.InferenceCompleted:
             e.ClearField("latency")
         elif name == "occurred_at" and value is None:
             e.ClearField("occurred_at")
+        elif name in ("usage", "latency"):
+            getattr(e, name).CopyFrom(value)
         else:
             setattr(e, name, value)
     return e
@@ -65,3 +67,34 @@ def test_fast_path_rejects_what_the_generic_path_rejects(changes: dict[str, obje
         price_usage(usage_from_inference(e), CATALOG)
     assert fast.value.reason.value == generic.value.reason.value == reason
     assert fast.value.detail == generic.value.detail
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [
+        common_pb2.Usage(input_tokens=2**62),  # its cost would overflow SQLite's 64-bit integers
+        common_pb2.Usage(output_tokens=1_000_000_001),
+        common_pb2.Usage(cached_input_tokens=-1),
+    ],
+)
+def test_token_counts_past_the_bound_are_malformed(usage: common_pb2.Usage) -> None:
+    with pytest.raises(RecordRejected) as rejected:
+        price_inference_event(event(usage=usage), CATALOG)
+    assert rejected.value.reason.value == "malformed_payload" and rejected.value.field == "usage"
+    assert "1000000000" in rejected.value.detail
+
+
+@pytest.mark.parametrize("seconds", [-10**12, 4_102_444_800, 10**12])
+def test_times_outside_the_bounds_are_malformed(seconds: int) -> None:
+    e = event()
+    e.occurred_at.seconds = seconds
+    with pytest.raises(RecordRejected) as rejected:
+        price_inference_event(e, CATALOG)
+    assert rejected.value.field == "occurred_at"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -5.0, 1e12])
+def test_non_finite_or_absurd_event_latency_reads_as_missing(bad: float) -> None:
+    record = price_inference_event(event(latency=common_pb2.Latency(ttft_ms=bad, e2e_ms=bad)), CATALOG)
+    assert (record.ttft_ms, record.latency_ms) == (None, None)
+    assert price_usage(usage_from_inference(event(latency=common_pb2.Latency(ttft_ms=bad, e2e_ms=bad))), CATALOG) == record

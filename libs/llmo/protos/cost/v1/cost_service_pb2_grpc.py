@@ -30,6 +30,24 @@ class CostServiceStub:
     """FinOps for LLM traffic: an exactly-once usage ledger, prices, reports,
     budgets with fast admission checks, TCO and spend forecasts.
     Money is always integer micro-dollars (llmo.common.v1.Money).
+
+    Bounds (every string field; llmo.core.limits):
+    - identifiers (tenant, event_id, request_id, reservation_id): at most 128
+    characters of letters, digits and `._:@/+=-`; else INVALID_ARGUMENT
+    `INVALID_IDENTIFIER` (metadata `field`, `max_length`);
+    - labels (application, user, model, provider, prompt_version, route_reason,
+    display_name, downgrade_model, api_model, gpu_type): at most 256 characters;
+    else INVALID_ARGUMENT `FIELD_TOO_LONG` (metadata `field`, `max_length`);
+    - budget ids: 1 to 64 letters, digits, '-' or '_'; page tokens: 1024 characters;
+    - times (occurred_at, start/end times, at_time, custom windows):
+    within [2000-01-01, 2100-01-01) UTC.
+    Errors quote at most 64 characters of any input.
+
+    Every RPC may also fail with UNAUTHENTICATED `API_KEY_MISSING`,
+    `API_KEY_MALFORMED`, `API_KEY_INVALID` (API keys on), PERMISSION_DENIED
+    `ON_BEHALF_FORBIDDEN` (a non-admin sent `x-llmo-tenant`) and INVALID_ARGUMENT
+    `INVALID_IDENTIFIER` (a malformed `x-llmo-tenant`). `TENANT_FORBIDDEN` below is
+    PERMISSION_DENIED: a non-admin named another tenant.
     """
 
     def __init__(self, channel):
@@ -99,10 +117,35 @@ class CostServiceServicer:
     """FinOps for LLM traffic: an exactly-once usage ledger, prices, reports,
     budgets with fast admission checks, TCO and spend forecasts.
     Money is always integer micro-dollars (llmo.common.v1.Money).
+
+    Bounds (every string field; llmo.core.limits):
+    - identifiers (tenant, event_id, request_id, reservation_id): at most 128
+    characters of letters, digits and `._:@/+=-`; else INVALID_ARGUMENT
+    `INVALID_IDENTIFIER` (metadata `field`, `max_length`);
+    - labels (application, user, model, provider, prompt_version, route_reason,
+    display_name, downgrade_model, api_model, gpu_type): at most 256 characters;
+    else INVALID_ARGUMENT `FIELD_TOO_LONG` (metadata `field`, `max_length`);
+    - budget ids: 1 to 64 letters, digits, '-' or '_'; page tokens: 1024 characters;
+    - times (occurred_at, start/end times, at_time, custom windows):
+    within [2000-01-01, 2100-01-01) UTC.
+    Errors quote at most 64 characters of any input.
+
+    Every RPC may also fail with UNAUTHENTICATED `API_KEY_MISSING`,
+    `API_KEY_MALFORMED`, `API_KEY_INVALID` (API keys on), PERMISSION_DENIED
+    `ON_BEHALF_FORBIDDEN` (a non-admin sent `x-llmo-tenant`) and INVALID_ARGUMENT
+    `INVALID_IDENTIFIER` (a malformed `x-llmo-tenant`). `TENANT_FORBIDDEN` below is
+    PERMISSION_DENIED: a non-admin named another tenant.
     """
 
     def RecordUsage(self, request, context):
-        """Record usage directly (idempotent on event_id; same ledger as the NATS events).
+        """Record usage directly: same ledger as the NATS events, idempotent on event_id
+        within the record's tenant. event_id and request_id are the client's own and
+        scoped by tenant: another tenant's equal ids neither block nor dedupe these.
+        Errors (INVALID_ARGUMENT unless noted): `NO_RECORDS`, `TOO_MANY_RECORDS`,
+        `INVALID_USAGE` (metadata `field`: a missing, malformed or too long id or label,
+        token counts outside [0, 1000000000], a latency not in (0, 86400000] ms (NaN,
+        infinite), occurred_at out of bounds), `UNKNOWN_MODEL`, `NO_PRICE_AT_TIME`;
+        PERMISSION_DENIED `TENANT_FORBIDDEN`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -110,6 +153,10 @@ class CostServiceServicer:
 
     def GetCostReport(self, request, context):
         """Spend, tokens per dollar and latency percentiles grouped by dimensions over a time range.
+        Errors (INVALID_ARGUMENT): `INVALID_TIME_RANGE` (times out of bounds, end not after
+        start, longer than 400 days), `INVALID_GROUP_BY`, `INVALID_PAGE_SIZE`,
+        `INVALID_PAGE_TOKEN`, `INVALID_IDENTIFIER`, `FIELD_TOO_LONG`; PERMISSION_DENIED
+        `TENANT_FORBIDDEN`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -117,37 +164,52 @@ class CostServiceServicer:
 
     def ListPrices(self, request, context):
         """The price catalog (every version, or the versions in force at a time).
+        Errors: NOT_FOUND `UNKNOWN_MODEL`; INVALID_ARGUMENT `FIELD_TOO_LONG`,
+        `INVALID_TIME_RANGE` (at_time out of bounds), `INVALID_PAGE_SIZE`, `INVALID_PAGE_TOKEN`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CreateBudget(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Budget ids are per tenant: two tenants may both have "a-secret".
+        Errors: ALREADY_EXISTS `BUDGET_EXISTS` (the tenant already has this id);
+        INVALID_ARGUMENT `INVALID_BUDGET` (metadata `field`), `UNSUPPORTED_CURRENCY`,
+        `INVALID_IDENTIFIER`, `FIELD_TOO_LONG`; PERMISSION_DENIED `TENANT_FORBIDDEN`.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetBudget(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Errors: NOT_FOUND `BUDGET_NOT_FOUND` (also another tenant's: existence never leaks);
+        INVALID_ARGUMENT `INVALID_BUDGET_NAME`, `INVALID_IDENTIFIER`; FAILED_PRECONDITION
+        `BUDGET_NAME_AMBIGUOUS` (an admin named an id several tenants have, without tenant);
+        PERMISSION_DENIED `TENANT_FORBIDDEN`.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListBudgets(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Errors: INVALID_ARGUMENT `INVALID_IDENTIFIER`, `INVALID_PAGE_SIZE`,
+        `INVALID_PAGE_TOKEN`; PERMISSION_DENIED `TENANT_FORBIDDEN`.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DeleteBudget(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Errors: as GetBudget.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CheckBudget(self, request, context):
         """Admission check for one request: allow, downgrade or deny. Answered from memory.
+        Errors (INVALID_ARGUMENT): `INVALID_ESTIMATE`, `UNSUPPORTED_CURRENCY`,
+        `INVALID_IDENTIFIER`, `FIELD_TOO_LONG`; PERMISSION_DENIED `TENANT_FORBIDDEN`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -155,6 +217,7 @@ class CostServiceServicer:
 
     def ReleaseReservation(self, request, context):
         """Drop a reservation made by CheckBudget (the request was not sent after all).
+        Errors: INVALID_ARGUMENT `INVALID_RESERVATION` (missing or malformed reservation_id).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -162,6 +225,9 @@ class CostServiceServicer:
 
     def ComputeTco(self, request, context):
         """API spend versus self-hosting for a workload: monthly cost, break-even, payback, sensitivity.
+        Errors (INVALID_ARGUMENT): `INVALID_TCO_INPUT` (metadata `field`; also results
+        beyond the response's integer ranges), `UNKNOWN_MODEL`, `UNSUPPORTED_CURRENCY`,
+        `FIELD_TOO_LONG`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -169,6 +235,9 @@ class CostServiceServicer:
 
     def Forecast(self, request, context):
         """Spend projection from the ledger: linear trend with a prediction band.
+        Errors (INVALID_ARGUMENT): `INVALID_FORECAST` (metadata `field`),
+        `INVALID_TIME_RANGE` (end_time out of bounds), `INVALID_IDENTIFIER`,
+        `FIELD_TOO_LONG`; PERMISSION_DENIED `TENANT_FORBIDDEN`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -244,6 +313,24 @@ class CostService:
     """FinOps for LLM traffic: an exactly-once usage ledger, prices, reports,
     budgets with fast admission checks, TCO and spend forecasts.
     Money is always integer micro-dollars (llmo.common.v1.Money).
+
+    Bounds (every string field; llmo.core.limits):
+    - identifiers (tenant, event_id, request_id, reservation_id): at most 128
+    characters of letters, digits and `._:@/+=-`; else INVALID_ARGUMENT
+    `INVALID_IDENTIFIER` (metadata `field`, `max_length`);
+    - labels (application, user, model, provider, prompt_version, route_reason,
+    display_name, downgrade_model, api_model, gpu_type): at most 256 characters;
+    else INVALID_ARGUMENT `FIELD_TOO_LONG` (metadata `field`, `max_length`);
+    - budget ids: 1 to 64 letters, digits, '-' or '_'; page tokens: 1024 characters;
+    - times (occurred_at, start/end times, at_time, custom windows):
+    within [2000-01-01, 2100-01-01) UTC.
+    Errors quote at most 64 characters of any input.
+
+    Every RPC may also fail with UNAUTHENTICATED `API_KEY_MISSING`,
+    `API_KEY_MALFORMED`, `API_KEY_INVALID` (API keys on), PERMISSION_DENIED
+    `ON_BEHALF_FORBIDDEN` (a non-admin sent `x-llmo-tenant`) and INVALID_ARGUMENT
+    `INVALID_IDENTIFIER` (a malformed `x-llmo-tenant`). `TENANT_FORBIDDEN` below is
+    PERMISSION_DENIED: a non-admin named another tenant.
     """
 
     @staticmethod
