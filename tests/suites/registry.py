@@ -80,6 +80,17 @@ class ServiceEntry:
                        if r.resource is not None and r.method != "HEAD"}, key=lambda r: r.label)
 
 
+def endpoint_of(running: Any) -> Endpoint:
+    """The endpoint of a started service's handle (its own Running* dataclass, or the service kit's)."""
+    app = None
+    for attr in ("runner", "http_runner", "_runner"):
+        runner = getattr(running, attr, None)
+        if runner is not None:
+            app = runner.app
+            break
+    return Endpoint(f"127.0.0.1:{running.port}", getattr(running, "http_port", None), app, running.stop, running)
+
+
 # ---------------------------------------------------------------- inference
 
 
@@ -97,8 +108,7 @@ async def _start_inference(stack: Stack) -> Endpoint:
     settings = InferenceSettings(publish_events=True, metrics_port=-1,
                                  platform=platform(stack.nats.url, stack.data_dir / "inference"))
     running = await start(settings, port=0, http_port=0, metrics=False, backends=[backend])
-    app = running.http_runner.app if running.http_runner is not None else None
-    return Endpoint(f"127.0.0.1:{running.port}", running.http_port, app, running.stop, running)
+    return endpoint_of(running)
 
 
 def _inference_app() -> web.Application:
@@ -147,7 +157,7 @@ async def _start_cost(stack: Stack) -> Endpoint:
                             ack_wait_s=5, budget_refresh_s=0.2, alert_retry_s=0.5,
                             platform=platform(stack.nats.url, data))
     running = await start(settings, port=0, metrics=False)
-    return Endpoint(f"127.0.0.1:{running.port}", None, None, running.stop, running)
+    return endpoint_of(running)
 
 
 def usage_record(event_id: str, *, inp: int = 1000, out: int = 500, model: str = "gpt-4o-mini",
@@ -245,8 +255,7 @@ async def _start_router(stack: Stack) -> Endpoint:
                               cost_target=stack.endpoints["cost"].grpc_address, cost_api_key="k-router",
                               budget_timeout_s=5.0, platform=platform(stack.nats.url, data))
     running = await start(settings, port=0, http_port=0, metrics=False)
-    app = running.runner.app if running.runner is not None else None
-    return Endpoint(f"127.0.0.1:{running.port}", running.http_port, app, running.stop, running)
+    return endpoint_of(running)
 
 
 def _router_app() -> web.Application:
