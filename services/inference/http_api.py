@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import time
 from collections.abc import AsyncGenerator
@@ -18,9 +19,8 @@ from llmo.core.http_edge import (
     HTTP_STATUS,
     PUBLIC_PATHS,
     caller_of,
-    edge_middleware,
+    edge_app,
     error_payload,
-    health_routes,
     read_json,
 )
 from llmo.core.limits import MAX_LABEL_LEN, check_text, preview
@@ -203,6 +203,10 @@ def _message(m: Any) -> dict[str, str]:
     return {"role": role, "content": content}
 
 
+# Paths that need no API key: the edge's health routes and vLLM's /health and /metrics.
+PUBLIC = PUBLIC_PATHS | {"/health"}
+
+
 class OpenAIApp:
     """The HTTP app. The shared edge (`llmo.core.http_edge`) authenticates, resolves the tenant (the end
     tenant when a service key acts for one) and the request id, bounds the body and turns every error into
@@ -212,17 +216,25 @@ class OpenAIApp:
                  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
         self.service = service
         self.platform = platform
-        edge = edge_middleware("inference", platform, public_paths=PUBLIC_PATHS | {"/health"})
-        self.app = web.Application(middlewares=[edge], client_max_size=max_body_bytes)
-        self.app.add_routes([
+        self.max_body_bytes = max_body_bytes
+
+    def routes(self) -> list[web.RouteDef]:
+        """The OpenAI routes, plus vLLM's `/health` and `/metrics` (public, see PUBLIC)."""
+        return [
             web.get("/v1/models", self.list_models),
             web.get("/v1/models/{model:.+}", self.get_model),
             web.post("/v1/completions", self.completions),
             web.post("/v1/chat/completions", self.chat_completions),
             web.get("/health", self.health),
             web.get("/metrics", self.metrics),
-            *health_routes(lambda: True),
-        ])
+        ]
+
+    @functools.cached_property
+    def app(self) -> web.Application:
+        """A stand-alone app with the edge and these routes (the service gets its app from the kit)."""
+        app = edge_app("inference", self.platform, max_body_bytes=self.max_body_bytes, public_paths=PUBLIC)
+        app.add_routes(self.routes())
+        return app
 
     @staticmethod
     def _caller(request: web.Request, body: dict[str, Any]) -> Caller:

@@ -1,22 +1,19 @@
-"""Run the inference service: gRPC InferenceService + OpenAI-compatible HTTP + /metrics + events."""
+"""The inference service, declared on the service kit: gRPC InferenceService, OpenAI-compatible
+HTTP, engine gauges and usage events through the outbox."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from dataclasses import dataclass
+import functools
 
 import torch
-from aiohttp import web
 
-from llmo.core.events import EventBus
+from llmo.core import kit as service_kit
+from llmo.core.kit import Kit, ServiceSpec
 from llmo.core.logging import get_logger
-from llmo.core.metrics import start_service_metrics
-from llmo.core.outbox import Publisher
-from llmo.core.server import GrpcServer, serve_until_signal
 from llmo.inference import metrics
 from llmo.inference.backends.base import Backend
-from llmo.inference.http_api import OpenAIApp
+from llmo.inference.http_api import PUBLIC, OpenAIApp
 from llmo.inference.registry import ModelRegistry
 from llmo.inference.service import InferenceService
 from llmo.inference.servicer import InferenceServicer
@@ -62,70 +59,37 @@ def build_backend(settings: InferenceSettings) -> Backend:
     return NativeBackend(loaded, engine, settings.model_name)
 
 
-@dataclass
-class RunningInference:
-    settings: InferenceSettings
-    registry: ModelRegistry
-    service: InferenceService
-    server: GrpcServer
-    port: int
-    http_runner: web.AppRunner | None
-    http_port: int | None
-    bus: EventBus | None
-    gauges: asyncio.Task[None] | None = None
-    publisher: Publisher | None = None
-
-    async def stop(self) -> None:
-        if self.gauges is not None:
-            self.gauges.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.gauges
-        await self.server.stop()
-        if self.http_runner is not None:
-            await self.http_runner.cleanup()
-        await self.registry.stop()
-        await self.service.drain()
-        if self.publisher is not None:
-            await self.publisher.stop()
-        if self.bus is not None:
-            await self.bus.close()
-
-
-async def start(settings: InferenceSettings, *, port: int | None = None, http_port: int | None = None,
-                metrics: bool = True, backends: list[Backend] | None = None) -> RunningInference:
-    """Start everything and return a handle; port=0 / http_port=0 bind free ports."""
+async def build(kit: Kit[InferenceSettings], backends: list[Backend] | None = None) -> None:
+    settings = kit.settings
     if backends is None:
         backends = [await asyncio.to_thread(build_backend, settings)]
     registry = ModelRegistry(backends)
     await registry.start()
-    bus: EventBus | None = None
-    publisher: Publisher | None = None
-    if settings.publish_events:
-        # usage events wait in the outbox while NATS is down or not yet connected
-        bus = EventBus(settings.platform.nats_url, name="llmo-inference")
-        bus.connect_in_background()
-        publisher = await Publisher.for_service(settings, bus).start()
+    # usage events wait in the outbox while NATS is down or not yet connected
+    publisher = kit.outbox_publisher() if settings.publish_events else None
     service = InferenceService(registry, publisher)
-    server = GrpcServer("inference", settings, port=port)
-    server.add_service(inference_service_pb2_grpc.add_InferenceServiceServicer_to_server,
-                       InferenceServicer(service), SERVICE_NAME)
-    bound = await server.start()
-    runner: web.AppRunner | None = None
-    bound_http: int | None = None
-    wanted_http = settings.resolved_http_port() if http_port is None else http_port
-    if wanted_http is not None and wanted_http >= 0:
-        app = OpenAIApp(service, settings.platform, max_body_bytes=settings.http_max_body_bytes).app
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, settings.host, wanted_http)
-        await site.start()
-        bound_http = runner.addresses[0][1] if runner.addresses else wanted_http
-    if metrics:
-        start_service_metrics(settings)
-    gauges = asyncio.create_task(_refresh_gauges(registry, settings.gauge_interval_s), name="llmo-inference-gauges")
-    log.info("inference service started", grpc_port=bound, http_port=bound_http, models=registry.ids(),
-             backend=settings.backend, events=bus is not None)
-    return RunningInference(settings, registry, service, server, bound, runner, bound_http, bus, gauges, publisher)
+    kit.on_stop(service.drain)
+    kit.on_stop(registry.stop)  # closers run last-declared first: the models stop, then in-flight work drains
+    kit.task("gauges", lambda: _refresh_gauges(registry, settings.gauge_interval_s))
+    kit.grpc(inference_service_pb2_grpc.add_InferenceServiceServicer_to_server, InferenceServicer(service),
+             SERVICE_NAME)
+    front = OpenAIApp(service, settings.platform, max_body_bytes=settings.http_max_body_bytes)
+    kit.http(max_body_bytes=settings.http_max_body_bytes, public_paths=PUBLIC).add_routes(front.routes())
+    kit.expose(registry=registry, service=service)
+    log.info("inference models loaded", models=registry.ids(), backend=settings.backend)
+
+
+SERVICE = ServiceSpec("inference", InferenceSettings, build)
+RunningInference = Kit[InferenceSettings]
+
+
+async def start(settings: InferenceSettings, *, port: int | None = None, http_port: int | None = None,
+                metrics: bool = True, backends: list[Backend] | None = None) -> RunningInference:
+    """Start the inference service and return its handle; port=0 / http_port=0 bind free ports.
+    `backends` replaces the configured one (tests, embedding in another process)."""
+    spec = SERVICE if backends is None else ServiceSpec(SERVICE.name, InferenceSettings,
+                                                         functools.partial(build, backends=backends))
+    return await service_kit.start_service(spec, settings, port=port, http_port=http_port, metrics=metrics)
 
 
 async def _refresh_gauges(registry: ModelRegistry, interval_s: float) -> None:
@@ -136,5 +100,5 @@ async def _refresh_gauges(registry: ModelRegistry, interval_s: float) -> None:
 
 
 async def serve(settings: InferenceSettings | None = None) -> None:
-    """Run until SIGTERM/SIGINT or cancellation, then drain."""
-    await serve_until_signal("inference", settings or InferenceSettings(), start)
+    """Run until SIGTERM/SIGINT, then drain."""
+    await service_kit.serve(SERVICE, settings)

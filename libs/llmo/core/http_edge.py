@@ -291,9 +291,10 @@ def health_routes(ready: Callable[[], bool]) -> list[web.RouteDef]:
 
 
 def edge_app(service: str, platform: PlatformSettings, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-             ready: Callable[[], bool] = lambda: True) -> web.Application:
+             ready: Callable[[], bool] = lambda: True, public_paths: Collection[str] = PUBLIC_PATHS) -> web.Application:
     """An aiohttp application with the edge middleware, a body bound and the health routes."""
-    app = web.Application(middlewares=[edge_middleware(service, platform)], client_max_size=max_body_bytes)
+    app = web.Application(middlewares=[edge_middleware(service, platform, public_paths=public_paths)],
+                          client_max_size=max_body_bytes)
     app.add_routes(health_routes(ready))
     return app
 

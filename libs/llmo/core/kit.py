@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Collection, Coroutine
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
 from aiohttp import web
 
 from llmo.core.events import EventBus
-from llmo.core.http_edge import DEFAULT_MAX_BODY_BYTES, edge_app, start_site
+from llmo.core.http_edge import DEFAULT_MAX_BODY_BYTES, PUBLIC_PATHS, edge_app, start_site
 from llmo.core.logging import get_logger
 from llmo.core.metrics import start_service_metrics
 from llmo.core.outbox import Publisher
@@ -122,11 +122,17 @@ class Kit(Generic[S]):
     def grpc(self, add_to_server: Callable[[Any, Any], None], servicer: Any, full_name: str) -> None:
         self._grpc.append(_GrpcBinding(add_to_server, servicer, full_name))
 
-    def http(self, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> web.Application:
-        """The service's HTTP app, behind the shared edge; add routes to it."""
+    def http(self, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+             public_paths: Collection[str] = PUBLIC_PATHS) -> web.Application:
+        """The service's HTTP app behind the shared edge, with `/healthz` and `/readyz`; add routes to it.
+        `public_paths` need no API key."""
         if self._http is None:
             self._http = edge_app(self.name, self.settings.platform, max_body_bytes=max_body_bytes,
-                                  ready=lambda: self.ready)
+                                  ready=lambda: self.ready, public_paths=public_paths)
+        return self._http
+
+    @property
+    def http_app(self) -> web.Application | None:
         return self._http
 
     def expose(self, **parts: Any) -> None:
