@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -75,7 +76,7 @@ class LlmoServerInterceptor(grpc.aio.ServerInterceptor):
 
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         kwargs = {
-            "request_deserializer": handler.request_deserializer,
+            "request_deserializer": _tolerant(handler.request_deserializer),
             "response_serializer": handler.response_serializer,
         }
         if handler.unary_unary:
@@ -89,6 +90,7 @@ class LlmoServerInterceptor(grpc.aio.ServerInterceptor):
     def _unary(self, behavior: Callable[..., Any], method: str) -> Callable[..., Awaitable[Any]]:
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
             async with self._call(method, context):
+                _check_decoded(request)
                 return await behavior(request, context)
 
         return call
@@ -96,6 +98,7 @@ class LlmoServerInterceptor(grpc.aio.ServerInterceptor):
     def _stream(self, behavior: Callable[..., Any], method: str) -> Callable[..., AsyncIterator[Any]]:
         async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             async with self._call(method, context):
+                _check_decoded(request)
                 result = behavior(request, context)
                 if inspect.isasyncgen(result):
                     async for item in result:
@@ -107,6 +110,37 @@ class LlmoServerInterceptor(grpc.aio.ServerInterceptor):
 
     def _call(self, method: str, context: grpc.aio.ServicerContext) -> _CallScope:
         return _CallScope(self, method, context)
+
+
+class _Undecodable:
+    """A request the protobuf runtime refused (invalid UTF-8 in a string field, truncated bytes)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """Decode errors become a value the call then rejects with INVALID_ARGUMENT and ErrorInfo;
+    raised inside grpc's deserializer they would reach the client as UNKNOWN with no detail."""
+    if deserializer is None:
+        return None
+
+    def decode(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError as error:
+            return _Undecodable(str(error)[:200])
+
+    return decode
+
+
+def _check_decoded(request: Any) -> None:
+    if isinstance(request, _Undecodable):
+        raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PROTOBUF",
+                           "the request is not a valid protobuf message (string fields must be UTF-8)",
+                           {"detail": request.error})
 
 
 class _CallScope:

@@ -201,3 +201,15 @@ async def test_a_tenant_cannot_act_for_another(channel: grpc.aio.Channel) -> Non
     assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
     info = error_info(raised.value)
     assert info is not None and info.reason == "ON_BEHALF_FORBIDDEN"
+
+
+async def test_an_undecodable_request_is_invalid_argument_with_error_info(channel: grpc.aio.Channel) -> None:
+    """Bytes protobuf refuses (here a truncated field) must not surface as UNKNOWN without ErrorInfo."""
+    raw = channel.unary_unary(f"/{SERVICE}/Echo", request_serializer=lambda b: b, response_deserializer=lambda b: b)
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await raw(b"\x0a\xff\xff", metadata=AUTH_A)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    info = error_info(raised.value)
+    assert info is not None and info.reason == "INVALID_PROTOBUF" and info.domain == "llmo.test"
+    echo, _ = stubs(channel)
+    assert (await echo(common_pb2.Usage(output_tokens=1), metadata=AUTH_A)).output_tokens == 2
