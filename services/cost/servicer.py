@@ -305,21 +305,23 @@ class CostServicer(pb_grpc.CostServiceServicer):
         tenant = self._filter_tenant(request.tenant)
         if tenant:
             filters["tenant"] = tenant
+        explicit_start = from_timestamp(request.start_time, "start_time") if request.HasField("start_time") else None
+        explicit_end = from_timestamp(request.end_time, "end_time") if request.HasField("end_time") else None
         # The fingerprint holds the scoped filters, so a page token only continues the query it came from.
         explicit = (
-            request.start_time.ToJsonString() if request.HasField("start_time") else "",
-            request.end_time.ToJsonString() if request.HasField("end_time") else "",
+            request.start_time.ToJsonString() if explicit_start else "",
+            request.end_time.ToJsonString() if explicit_end else "",
         )
         fingerprint = f"{explicit}|{list(request.group_by)}|{sorted(filters.items())}"
         page_offset(request.page_token, fingerprint)  # bounds and checks the token before it is read
         position = decode_page_token(request.page_token, query=fingerprint) or {}
         # Later pages keep the range of the first one, even where it defaulted to "now".
-        end = from_timestamp(request.end_time, "end_time") if request.HasField("end_time") else datetime.now(UTC)
+        end = explicit_end or datetime.now(UTC)
         if "end_us" in position:
             if not isinstance(position["end_us"], int) or not MIN_TIME_US <= position["end_us"] < MAX_TIME_US:
                 raise invalid_argument("INVALID_PAGE_TOKEN", "page_token is malformed or belongs to another query")
             end = datetime.fromtimestamp(position["end_us"] / 1_000_000, tz=UTC)
-        start = from_timestamp(request.start_time, "start_time") if request.HasField("start_time") else end - timedelta(days=30)
+        start = explicit_start or end - timedelta(days=30)
         if end <= start:
             raise invalid_argument("INVALID_TIME_RANGE", "end_time must be after start_time")
         if end - start > MAX_RANGE:

@@ -187,5 +187,5 @@ def test_ledger_totals_equal_events_sent_after_crashes_and_duplicates(env: dict[
         service.wait(timeout=60)
 
     assert store.ledger_totals() == (N_EVENTS, expected)
-    assert store.window_spend("acme-month", window_key(datetime(now.year, now.month, 1, tzinfo=UTC))) == expected
+    assert store.window_spend("acme/acme-month", window_key(datetime(now.year, now.month, 1, tzinfo=UTC))) == expected
     store.close()

@@ -230,3 +230,61 @@ async def test_without_api_keys_every_caller_sees_every_tenant(open_dev: pb_grpc
     check = await stub.CheckBudget(pb.CheckBudgetRequest(tenant="globex", estimated_cost=usd(1), dry_run=True))
     assert check.budget == "budgets/g"
 
+
+
+async def test_record_usage_ids_are_scoped_by_tenant(secured: pb_grpc.CostServiceStub) -> None:
+    stub = secured
+    mine = usage_record("reuse-1", tenant="", request_id="req-reuse")
+    first = await stub.RecordUsage(pb.RecordUsageRequest(records=[mine]), metadata=A)
+    assert [r.duplicate for r in first.results] == [False]
+    # globex reusing acme's event id and request id is recorded, and billed, for globex
+    theirs = await stub.RecordUsage(pb.RecordUsageRequest(records=[mine]), metadata=B)
+    assert [(r.event_id, r.duplicate, r.cost.micros) for r in theirs.results] == [("reuse-1", False, 450)]
+    # each tenant repeating its own id is a duplicate
+    for metadata in (A, B):
+        again = await stub.RecordUsage(pb.RecordUsageRequest(records=[mine]), metadata=metadata)
+        assert [r.duplicate for r in again.results] == [True]
+    same_request = usage_record("reuse-2", tenant="", request_id="req-reuse")
+    assert [r.duplicate for r in (await stub.RecordUsage(pb.RecordUsageRequest(records=[same_request]), metadata=B)).results] == [True]
+    for metadata in (A, B):
+        report = await stub.GetCostReport(BY_TENANT, metadata=metadata)
+        assert (report.total.requests, report.total.cost.micros) == (1, 450)
+
+
+async def test_budget_ids_are_per_tenant(secured: pb_grpc.CostServiceStub) -> None:
+    stub = secured
+    name = "budgets/a-secret"
+    created_a = await stub.CreateBudget(pb.CreateBudgetRequest(budget_id="a-secret", budget=budget()), metadata=A)
+    # globex gets its own "a-secret": no ALREADY_EXISTS for acme's, so nothing about it leaks
+    theirs = pb.Budget(window=pb.BUDGET_WINDOW_DAILY, hard_limit=usd(450))
+    created_b = await stub.CreateBudget(pb.CreateBudgetRequest(budget_id="a-secret", budget=theirs), metadata=B)
+    assert (created_a.budget.name, created_a.budget.tenant) == (name, "acme")
+    assert (created_b.budget.name, created_b.budget.tenant, created_b.budget.hard_limit.micros) == (name, "globex", 450)
+    assert await failure(stub.CreateBudget(pb.CreateBudgetRequest(budget_id="a-secret", budget=budget()), metadata=B)) == (
+        grpc.StatusCode.ALREADY_EXISTS, "BUDGET_EXISTS", {"budget": "a-secret"}
+    )
+    assert (await stub.GetBudget(pb.GetBudgetRequest(name=name), metadata=A)).budget.tenant == "acme"
+    assert (await stub.GetBudget(pb.GetBudgetRequest(name=name), metadata=B)).budget.tenant == "globex"
+    # usage moves only the tenant's own budget
+    await stub.RecordUsage(pb.RecordUsageRequest(records=[usage_record("g-1", tenant="")]), metadata=B)
+    status_b = await stub.GetBudget(pb.GetBudgetRequest(name=name), metadata=B)
+    status_a = await stub.GetBudget(pb.GetBudgetRequest(name=name), metadata=A)
+    assert (status_b.status.spent.micros, list(status_b.status.thresholds_fired)) == (450, [50, 80, 100])
+    assert (status_a.status.spent.micros, list(status_a.status.thresholds_fired)) == (0, [])
+    denied = await stub.CheckBudget(pb.CheckBudgetRequest(model="gpt-4o-mini", estimated_cost=usd(1)), metadata=B)
+    assert (denied.decision, denied.budget) == (pb.BUDGET_DECISION_DENY, name)
+    allowed = await stub.CheckBudget(pb.CheckBudgetRequest(model="gpt-4o-mini", estimated_cost=usd(1), dry_run=True), metadata=A)
+    assert allowed.decision == pb.BUDGET_DECISION_ALLOW
+    # a tenant naming another tenant's namespace is refused; admins name the tenant
+    assert (await failure(stub.GetBudget(pb.GetBudgetRequest(name=name, tenant="globex"), metadata=A)))[:2] == (
+        grpc.StatusCode.PERMISSION_DENIED, "TENANT_FORBIDDEN"
+    )
+    assert (await failure(stub.GetBudget(pb.GetBudgetRequest(name=name), metadata=ADMIN)))[:2] == (
+        grpc.StatusCode.FAILED_PRECONDITION, "BUDGET_NAME_AMBIGUOUS"
+    )
+    assert (await stub.GetBudget(pb.GetBudgetRequest(name=name, tenant="globex"), metadata=ADMIN)).budget.hard_limit.micros == 450
+    await stub.DeleteBudget(pb.DeleteBudgetRequest(name=name), metadata=B)
+    assert (await stub.GetBudget(pb.GetBudgetRequest(name=name), metadata=ADMIN)).budget.tenant == "acme"
+    assert (await failure(stub.GetBudget(pb.GetBudgetRequest(name=name), metadata=B)))[:2] == (
+        grpc.StatusCode.NOT_FOUND, "BUDGET_NOT_FOUND"
+    )
