@@ -320,24 +320,7 @@ BY_NAME = {entry.name: entry for entry in SERVICES}
 # route label ("POST /v1/chat/completions") or a tenancy probe name; `*` matches every
 # gRPC method of the service. Remove an entry once its fix lands (strict xfail fails on a pass).
 
-_WIRE_UTF8 = ("a string field with invalid UTF-8 on the wire fails in the generated deserializer before any "
-              "servicer code: UNKNOWN 'DecodeError ... bad UTF-8' with no ErrorInfo (llmo.core.server should "
-              "answer INVALID_ARGUMENT)")
-_ECHO = ("the error message quotes the unbounded input (a ~1-100k char name/id): the status exceeds gRPC's 16 KB "
-         "metadata limit, the client gets RESOURCE_EXHAUSTED 'Stream removed' without ErrorInfo (issue 13 #8)")
-
-KNOWN_FAILURES: dict[tuple[str, str, str], str] = {
-    ("inference", "*", "invalid_utf8"): _WIRE_UTF8,
-    ("cost", "*", "invalid_utf8"): _WIRE_UTF8,
-    ("router", "*", "invalid_utf8"): _WIRE_UTF8,
-    **{("cost", method, "fields"): _ECHO
-       for method in ("GetCostReport",)},
-    **{("router", method, "fields"): _ECHO
-       for method in ("Route", "CreatePromptTemplate", "CreatePromptVersion", "GetPromptTemplate", "RenderPrompt",
-                      "GetExperiment", "StopExperiment")},
-    ("router", "POST /v1/chat/completions", "huge_string"):
-        "a 53k-char message role comes back in a 318 KB 400 error body (input echoed unbounded)",
-}
+KNOWN_FAILURES: dict[tuple[str, str, str], str] = {}
 
 
 def known_failure(service: str, case: str, family: str) -> str | None:

@@ -17,6 +17,17 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
 
+MAX_MESSAGE_CHARS = 512
+MAX_METADATA_VALUE_CHARS = 128
+MAX_METADATA_ENTRIES = 16
+
+
+def _bounded(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    return f"{text[: limit - 30]}... ({len(text)} chars)"
+
+
 class ServiceError(Exception):
     def __init__(
         self,
@@ -27,11 +38,16 @@ class ServiceError(Exception):
         *,
         domain: str | None = None,
     ) -> None:
+        # Bounded here, once for every service and both edges: an error must never echo
+        # unbounded input (gRPC trailers are limited to 16 KB; past that the client gets a
+        # bare RESOURCE_EXHAUSTED with no ErrorInfo).
+        message = _bounded(message, MAX_MESSAGE_CHARS)
         super().__init__(message)
         self.code = code
-        self.reason = reason
+        self.reason = _bounded(reason, MAX_METADATA_VALUE_CHARS)
         self.message = message
-        self.metadata = {k: str(v) for k, v in (metadata or {}).items()}
+        items = list((metadata or {}).items())[:MAX_METADATA_ENTRIES]
+        self.metadata = {_bounded(str(k), 64): _bounded(str(v), MAX_METADATA_VALUE_CHARS) for k, v in items}
         self.domain = domain
 
     def to_status(self, domain: str) -> status_pb2.Status:
