@@ -75,6 +75,7 @@ class Kit(Generic[S]):
         self._grpc: list[_GrpcBinding] = []
         self._http: web.Application | None = None
         self._bus: EventBus | None = None
+        self._connect_attempt_s = 2.0
         self._publisher: Publisher | None = None
         self._consumers: list[Startable] = []
         self._task_factories: list[tuple[str, Callable[[], Coroutine[Any, Any, None]]]] = []
@@ -95,10 +96,11 @@ class Kit(Generic[S]):
         self._closers["storage"].append(lambda: asyncio.to_thread(close, store))
         return store
 
-    def event_bus(self) -> EventBus:
+    def event_bus(self, *, connect_attempt_s: float = 2.0) -> EventBus:
         """Declare (once) and return the service's NATS connection; it connects in the background, so a service starts without NATS."""
         if self._bus is None:
             self._bus = EventBus(self.settings.platform.nats_url, name=f"llmo-{self.name}")
+            self._connect_attempt_s = connect_attempt_s
         return self._bus
 
     def outbox_publisher(self) -> Publisher:
@@ -164,7 +166,7 @@ class Kit(Generic[S]):
             if self._bus is not None:
                 for consumer in self._consumers:
                     self._bus.when_connected(consumer.start)
-                self._bus.connect_in_background()
+                self._bus.connect_in_background(attempt_s=self._connect_attempt_s)
             if self._publisher is not None:
                 await self._publisher.start()
             self._tasks = [asyncio.create_task(run(), name=f"{self.name}:{name}") for name, run in self._task_factories]
