@@ -14,6 +14,20 @@ from llmo.core.natsd import NatsServer
 POSTGRES_URL = os.environ.get("LLMO_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _data_dir_outside_the_checkout(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Services a test starts without a data_dir keep their state (outboxes, SQLite) in a temp
+    dir, never in ./.llmo of the checkout, where a stale outbox from an earlier run would
+    publish old events into a new test."""
+    previous = os.environ.get("LLMO_DATA_DIR")
+    os.environ["LLMO_DATA_DIR"] = str(tmp_path_factory.mktemp("llmo-data"))
+    yield
+    if previous is None:
+        os.environ.pop("LLMO_DATA_DIR", None)
+    else:
+        os.environ["LLMO_DATA_DIR"] = previous
+
+
 @pytest.fixture
 def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
     """A real nats-server with JetStream on a random port, storing in a temp dir.

@@ -49,6 +49,7 @@ T = TypeVar("T", bound=Message)
 
 DLQ_STREAM = "LLMO_DLQ"
 DUPLICATE_WINDOW_SECONDS = 120.0
+ERROR_LOG_EVERY = 100
 
 
 def subject_of(message_type: type[Message] | Message) -> str:
@@ -119,6 +120,7 @@ class EventBus:
         self._js: JetStreamContext | None = None
         self._streams: set[str] = set()
         self._up = asyncio.Event()
+        self._errors_since_connect = 0
         self._connecting: asyncio.Task[None] | None = None
         self._on_connected: list[Callable[[], Awaitable[None]]] = []
 
@@ -334,7 +336,11 @@ class EventBus:
         return Consumer(self, message_type, durable, handler, **options)
 
     async def _on_error(self, error: Exception) -> None:
-        log.warning("nats error", error=str(error))
+        # While the server is down nats-py reports every reconnect attempt (about 4 a
+        # second): log the first of a run of errors, then one line per ERROR_LOG_EVERY.
+        self._errors_since_connect += 1
+        if self._errors_since_connect == 1 or self._errors_since_connect % ERROR_LOG_EVERY == 0:
+            log.warning("nats error", error=str(error)[:200], errors_in_a_row=self._errors_since_connect)
 
     async def _on_disconnect(self) -> None:
         self._up.clear()
@@ -342,7 +348,11 @@ class EventBus:
 
     async def _on_reconnect(self) -> None:
         self._up.set()
-        log.info("nats reconnected", url=self.url)
+        if self._errors_since_connect:
+            log.info("nats reconnected", url=self.url, errors_while_down=self._errors_since_connect)
+        else:
+            log.info("nats reconnected", url=self.url)
+        self._errors_since_connect = 0
 
 
 @dataclass

@@ -221,3 +221,19 @@ async def test_connecting_in_the_background_starts_consumers_once_nats_comes_up(
     finally:
         await consumer.stop()
         await bus.close()
+
+
+async def test_reconnect_errors_are_logged_once_per_run_not_per_attempt() -> None:
+    """While NATS is down nats-py reports every reconnect attempt; the log must not flood."""
+    from structlog.testing import capture_logs
+
+    from llmo.core.events import ERROR_LOG_EVERY
+
+    bus = EventBus("nats://127.0.0.1:1", name="flood-test")
+    with capture_logs() as logs:
+        for _ in range(2 * ERROR_LOG_EVERY + 5):
+            await bus._on_error(ConnectionRefusedError("refused"))
+        await bus._on_reconnect()
+        await bus._on_error(ConnectionRefusedError("refused again"))
+    errors = [entry for entry in logs if entry["event"] == "nats error"]
+    assert [entry["errors_in_a_row"] for entry in errors] == [1, ERROR_LOG_EVERY, 2 * ERROR_LOG_EVERY, 1]
