@@ -234,7 +234,8 @@ class CostServicer(pb_grpc.CostServiceServicer):
                 raise failed_precondition(
                     "BUDGET_NAME_AMBIGUOUS", f"{len(candidates)} tenants have budget {name!r}: set tenant", name=name
                 )
-            budget = (own or candidates or [None])[0]
+            found = own or candidates
+            budget = found[0] if found else None
         if budget is None or not may_access(budget.tenant):
             raise not_found("BUDGET_NOT_FOUND", f"no budget {name!r}", name=name)
         return budget
