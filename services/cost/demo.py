@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Mapping
 
 import grpc
 
-from llmo.core.client import create_channel
+from llmo.core.client import create_channel, outgoing_metadata
 from llmo.cost.money import format_usd
 from llmo.protos.common.v1 import common_pb2
 from llmo.protos.cost.v1 import cost_service_pb2 as pb
@@ -20,13 +21,14 @@ def _usd(micros: int) -> common_pb2.Money:
     return common_pb2.Money(currency_code="USD", micros=micros)
 
 
-async def _live_traffic(stub: pb_grpc.CostServiceStub, *, wait_s: float) -> list[str]:
+async def _live_traffic(stub: pb_grpc.CostServiceStub, metadata: list[tuple[str, str]], *, wait_s: float) -> list[str]:
     """What the ledger took in from the other services' `*.completed` events
     (waiting up to `wait_s` for the consumers to catch up)."""
     deadline = asyncio.get_running_loop().time() + wait_s
     while True:
         report = await stub.GetCostReport(
-            pb.GetCostReportRequest(group_by=[pb.COST_DIMENSION_TENANT, pb.COST_DIMENSION_MODEL], page_size=50), timeout=10
+            pb.GetCostReportRequest(group_by=[pb.COST_DIMENSION_TENANT, pb.COST_DIMENSION_MODEL], page_size=50),
+            metadata=metadata, timeout=10,
         )
         rows = [row for row in report.rows if row.keys[0].value != DEMO_TENANT]
         if rows or asyncio.get_running_loop().time() > deadline:
@@ -41,13 +43,15 @@ async def _live_traffic(stub: pb_grpc.CostServiceStub, *, wait_s: float) -> list
     ]
 
 
-async def run_demo(endpoints: dict[str, str]) -> list[str]:
+async def run_demo(endpoints: dict[str, str], *, tenants: Mapping[str, str] | None = None, admin_key: str = "") -> list[str]:
+    """With API keys on, `admin_key` (an admin tenant's) acts for the `demo` tenant and reads every tenant."""
     lines: list[str] = []
     run = uuid.uuid4().hex[:8]
+    metadata = outgoing_metadata(admin_key or None)
     async with create_channel(endpoints["cost"]) as channel:
         stub = pb_grpc.CostServiceStub(channel)
-        # The inference demo ran first; its completions reach the ledger as events.
-        lines += await _live_traffic(stub, wait_s=10.0 if "inference" in endpoints else 0.0)
+        # The router and inference demos ran first; their completions reach the ledger as events.
+        lines += await _live_traffic(stub, metadata, wait_s=10.0 if "inference" in endpoints else 0.0)
         calls = [("gpt-4o-mini", 1200, 300, 180.0, 900.0), ("gpt-4o", 3000, 800, 320.0, 2100.0), ("llmo-demo", 800, 200, 40.0, 350.0)]
         records = [
             pb.UsageRecord(
@@ -61,14 +65,15 @@ async def run_demo(endpoints: dict[str, str]) -> list[str]:
             )
             for i, (model, inp, out, ttft, e2e) in enumerate(calls)
         ]
-        recorded = await stub.RecordUsage(pb.RecordUsageRequest(records=records), timeout=10)
+        recorded = await stub.RecordUsage(pb.RecordUsageRequest(records=records), metadata=metadata, timeout=10)
         for record, result in zip(records, recorded.results, strict=True):
             lines.append(f"cost: recorded {record.model} {record.usage.input_tokens}+{record.usage.output_tokens} tokens = {format_usd(result.cost.micros, 6)}")
-        again = await stub.RecordUsage(pb.RecordUsageRequest(records=records[:1]), timeout=10)
+        again = await stub.RecordUsage(pb.RecordUsageRequest(records=records[:1]), metadata=metadata, timeout=10)
         lines.append(f"cost: re-sent {records[0].event_id}: duplicate={again.results[0].duplicate} (ledger is exactly-once)")
 
         report = await stub.GetCostReport(
-            pb.GetCostReportRequest(group_by=[pb.COST_DIMENSION_MODEL], tenant=DEMO_TENANT, page_size=10), timeout=10
+            pb.GetCostReportRequest(group_by=[pb.COST_DIMENSION_MODEL], tenant=DEMO_TENANT, page_size=10),
+            metadata=metadata, timeout=10,
         )
         for row in report.rows:
             lines.append(
@@ -79,7 +84,7 @@ async def run_demo(endpoints: dict[str, str]) -> list[str]:
 
         budget = pb.Budget(tenant=DEMO_TENANT, window=pb.BUDGET_WINDOW_DAILY, soft_limit=_usd(20_000), hard_limit=_usd(50_000), downgrade_model="gpt-4o-mini")
         try:
-            await stub.CreateBudget(pb.CreateBudgetRequest(budget_id="demo-daily", budget=budget), timeout=10)
+            await stub.CreateBudget(pb.CreateBudgetRequest(budget_id="demo-daily", budget=budget), metadata=metadata, timeout=10)
             lines.append("cost: created budget budgets/demo-daily (soft $0.02, hard $0.05 per day)")
         except grpc.aio.AioRpcError as error:
             if error.code() != grpc.StatusCode.ALREADY_EXISTS:
@@ -87,7 +92,7 @@ async def run_demo(endpoints: dict[str, str]) -> list[str]:
             lines.append("cost: budget budgets/demo-daily already exists")
         check = await stub.CheckBudget(
             pb.CheckBudgetRequest(tenant=DEMO_TENANT, application="demo-app", model="gpt-4o", estimated_cost=_usd(10_000), dry_run=True),
-            timeout=5,
+            metadata=metadata, timeout=5,
         )
         lines.append(
             f"cost: CheckBudget gpt-4o for {DEMO_TENANT}: {pb.BudgetDecision.Name(check.decision).removeprefix('BUDGET_DECISION_')} "
@@ -107,7 +112,7 @@ async def run_demo(endpoints: dict[str, str]) -> list[str]:
                 throughput_tokens_per_s=2500,
                 facility_overhead_fraction=0.15,
             ),
-            timeout=10,
+            metadata=metadata, timeout=10,
         )
         lines.append(
             f"cost: TCO 160M tokens/month: API {format_usd(tco.api_monthly.micros)} vs self-hosted {format_usd(tco.self_hosted_monthly.micros)}/month; "

@@ -212,7 +212,8 @@ def bench(ctx: click.Context, area: str | None, list_areas: bool) -> None:
 @click.option("--data-dir", help="Where the demo keeps its state (default: a fresh temp dir).")
 @click.option("--service", "services", multiple=True, type=click.Choice(SERVICES), help="Only these services.")
 def demo(data_dir: str | None, services: tuple[str, ...]) -> None:
-    """Start the embedded stack, drive real traffic through every implemented service, stop."""
+    """Start the embedded stack with API keys on, drive real traffic through every implemented
+    service as its users would (the router's OpenAI API, then the ledger over gRPC), stop."""
     import tempfile
 
     from llmo.cli.stack import Stack, implemented_services
@@ -222,16 +223,19 @@ def demo(data_dir: str | None, services: tuple[str, ...]) -> None:
     chosen = list(services) or implemented_services()
     if not chosen:
         raise click.ClickException("no service is implemented yet")
+    tenants, admin_key = _demo_keys()
 
     async def run(directory: Path) -> bool:
-        stack = Stack(directory, services=chosen, random_ports=True)
+        stack = Stack(directory, services=chosen, random_ports=True, env=_demo_env(tenants, admin_key))
         with console.status(f"starting nats-server and {', '.join(chosen)}..."):
             try:
                 state = await stack.start()
             except (RuntimeError, TimeoutError, ValueError) as error:
                 raise click.ClickException(str(error)) from error
         out.print(_endpoint_table(state))
-        ok = True
+        out.print(f"API keys (minted for this run): {', '.join(tenants)}, {DEMO_ADMIN_TENANT} (admin), the router's service key")
+        ran: list[str] = []
+        failed: list[str] = []
         try:
             for name in _demo_order(chosen):
                 if not _has_module(f"llmo.{name}.demo"):
@@ -239,21 +243,24 @@ def demo(data_dir: str | None, services: tuple[str, ...]) -> None:
                 out.rule(f"[bold]{name}")
                 module = importlib.import_module(f"llmo.{name}.demo")
                 try:
-                    for line in await module.run_demo(state.endpoints()):
-                        out.print(f"  {line}")
+                    for line in await module.run_demo(state.endpoints(), tenants=tenants, admin_key=admin_key):
+                        out.print(f"  {line}" if isinstance(line, str) else line)
+                    ran.append(name)
                 except Exception as error:
-                    ok = False
-                    out.print(f"  [red]demo failed: {error!r}[/]  (log: {state.services[name].log_file})")
+                    failed.append(name)
+                    out.print(f"  [red]demo failed: {error}[/]  (log: {state.services[name].log_file})")
         finally:
             with console.status("stopping..."):
                 codes = await stack.stop()
         bad = {n: c for n, c in codes.items() if c != 0}
         out.rule()
         if bad:
-            ok = False
             out.print(f"[red]services exited uncleanly: {bad}[/]")
-        out.print("[green]demo finished: every service answered[/]" if ok else "[red]demo failed[/]")
-        return ok
+        if failed or bad:
+            out.print(f"[red]demo failed[/] ({', '.join(failed) or 'unclean exit'})")
+            return False
+        out.print(f"[bold green]demo OK[/]: {', '.join(ran)} passed; every service stopped cleanly")
+        return True
 
     if data_dir:
         ok = asyncio.run(run(Path(data_dir)))
@@ -263,9 +270,28 @@ def demo(data_dir: str | None, services: tuple[str, ...]) -> None:
     sys.exit(0 if ok else 1)
 
 
+DEMO_TENANTS = ("tenantA", "tenantB")
+DEMO_ADMIN_TENANT = "finops"
+
+
+def _demo_keys() -> tuple[dict[str, str], str]:
+    """(end tenant -> API key, an admin tenant's key), fresh for each run."""
+    import secrets
+
+    tenants = {tenant: f"llmo-demo-{secrets.token_urlsafe(16)}" for tenant in DEMO_TENANTS}
+    return tenants, f"llmo-demo-{secrets.token_urlsafe(16)}"
+
+
+def _demo_env(tenants: dict[str, str], admin_key: str) -> dict[str, str]:
+    """The stack's API keys; the stack adds the router's service key (llmo.cli.stack.router_service_key)."""
+    keys = {key: tenant for tenant, key in tenants.items()} | {admin_key: DEMO_ADMIN_TENANT}
+    return {"LLMO_API_KEYS": json.dumps(keys), "LLMO_ADMIN_TENANTS": DEMO_ADMIN_TENANT}
+
+
 def _demo_order(services: list[str]) -> list[str]:
-    # Producers of traffic first so the consumers (cost) have something to report.
-    order = ["inference", "router", "retrieval", "evaluation", "visibility", "cost"]
+    # The router first: its step checks the ledger holds exactly its requests. The cost
+    # step last, so it reports what the others sent.
+    order = ["router", "inference", "retrieval", "evaluation", "visibility", "cost"]
     return [s for s in order if s in services]
 
 
