@@ -26,7 +26,7 @@ from llmo.protos.cost.v1 import cost_service_pb2 as pb
 from llmo.protos.cost.v1 import cost_service_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
-DIMENSION_NAMES = ("tenant", "application", "user", "model", "provider", "prompt_version", "route_reason", "day", "hour")
+DIMENSION_NAMES = ("tenant", "application", "user", "model", "provider", "prompt_version", "route_reason", "day", "hour", "request_id")
 REPORT_COLUMNS = (
     "requests",
     "input_tokens",

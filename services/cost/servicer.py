@@ -62,6 +62,7 @@ DIMENSIONS: dict[Any, str] = {
     pb.COST_DIMENSION_ROUTE_REASON: "route_reason",
     pb.COST_DIMENSION_DAY: "day",
     pb.COST_DIMENSION_HOUR: "hour",
+    pb.COST_DIMENSION_REQUEST_ID: "request_id",
 }
 DIMENSION_ENUM = {name: value for value, name in DIMENSIONS.items()}
 WINDOWS = {pb.BUDGET_WINDOW_DAILY: Window.DAILY, pb.BUDGET_WINDOW_MONTHLY: Window.MONTHLY, pb.BUDGET_WINDOW_CUSTOM: Window.CUSTOM}

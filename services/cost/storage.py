@@ -117,6 +117,7 @@ GROUP_COLUMNS: dict[str, sa.Column[Any]] = {
     "route_reason": usage_ledger.c.route_reason,
     "day": usage_ledger.c.day,
     "hour": usage_ledger.c.hour,
+    "request_id": usage_ledger.c.request_id,
 }
 FILTER_COLUMNS = ("tenant", "application", "model", "provider")
 

@@ -161,6 +161,15 @@ async def test_record_usage_is_idempotent_and_reports_kpis(svc: Harness) -> None
     assert svc.running.engine.store.ledger_totals() == (5, 15000 + 3 * 450)
 
 
+async def test_a_report_grouped_by_request_id_shows_what_each_call_cost(svc: Harness) -> None:
+    stub = svc.stub
+    records = [usage_record("r-a", request_id="req-a"), usage_record("r-b", model="gpt-4o", request_id="req-b")]
+    await stub.RecordUsage(pb.RecordUsageRequest(records=records))
+    report = await stub.GetCostReport(pb.GetCostReportRequest(group_by=[pb.COST_DIMENSION_REQUEST_ID]))
+    by_request = {row.keys[0].value: (row.requests, row.cost.micros) for row in report.rows}
+    assert by_request == {"req-a": (1, 450), "req-b": (1, 7500)}
+
+
 async def test_budgets_allow_downgrade_deny_and_alert_once_per_threshold(svc: Harness) -> None:
     stub = svc.stub
     await svc.bus.ensure_stream("cost")

@@ -24,6 +24,7 @@ class CostDimension(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     COST_DIMENSION_ROUTE_REASON: _ClassVar[CostDimension]
     COST_DIMENSION_DAY: _ClassVar[CostDimension]
     COST_DIMENSION_HOUR: _ClassVar[CostDimension]
+    COST_DIMENSION_REQUEST_ID: _ClassVar[CostDimension]
 
 class BudgetWindow(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -54,6 +55,7 @@ COST_DIMENSION_PROMPT_VERSION: CostDimension
 COST_DIMENSION_ROUTE_REASON: CostDimension
 COST_DIMENSION_DAY: CostDimension
 COST_DIMENSION_HOUR: CostDimension
+COST_DIMENSION_REQUEST_ID: CostDimension
 BUDGET_WINDOW_UNSPECIFIED: BudgetWindow
 BUDGET_WINDOW_DAILY: BudgetWindow
 BUDGET_WINDOW_MONTHLY: BudgetWindow
