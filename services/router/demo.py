@@ -5,9 +5,9 @@ completions to the router's HTTP port, the router routes them to the inference s
 and the demo then reads the cost ledger over gRPC and shows those very requests charged
 to the tenant that sent them (and to nobody else, the router's own tenant included).
 
-The cost report groups by dimensions, not by request id, so each completion carries a
-`user` label unique to it (`user` is attribution the router passes on to the ledger);
-the table pairs the request id the router answered with the ledger row of that label.
+The report is grouped by request id (`COST_DIMENSION_REQUEST_ID`): the table pairs the
+request id the router answered (the completion `id`, also its `x-request-id` header) with
+the ledger row of that id.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class Sent:
 @dataclass(frozen=True)
 class LedgerRow:
     tenant: str
-    user: str
+    request_id: str
     model: str
     route_reason: str
     requests: int
@@ -97,8 +97,8 @@ async def complete(client: openai.AsyncOpenAI, tenant: str, user: str, prompt: s
 
 
 async def ledger_rows(cost_target: str, api_key: str) -> list[LedgerRow]:
-    """Every ledger group by tenant, user, model and route reason the key may see (all pages)."""
-    group_by = [cost_pb.COST_DIMENSION_TENANT, cost_pb.COST_DIMENSION_USER, cost_pb.COST_DIMENSION_MODEL,
+    """Every ledger group by tenant, request id, model and route reason the key may see (all pages)."""
+    group_by = [cost_pb.COST_DIMENSION_TENANT, cost_pb.COST_DIMENSION_REQUEST_ID, cost_pb.COST_DIMENSION_MODEL,
                 cost_pb.COST_DIMENSION_ROUTE_REASON]
     rows: list[LedgerRow] = []
     token = ""
@@ -110,8 +110,8 @@ async def ledger_rows(cost_target: str, api_key: str) -> list[LedgerRow]:
                 metadata=outgoing_metadata(api_key or None), timeout=10,
             )
             for row in report.rows:
-                tenant, user, model, reason = (k.value for k in row.keys)
-                rows.append(LedgerRow(tenant, user, model, reason, row.requests, row.input_tokens, row.output_tokens,
+                tenant, request_id, model, reason = (k.value for k in row.keys)
+                rows.append(LedgerRow(tenant, request_id, model, reason, row.requests, row.input_tokens, row.output_tokens,
                                       row.cost.micros))
             token = report.next_page_token
             if not token:
@@ -123,7 +123,7 @@ def reconcile(sent: Sequence[Sent], rows: Sequence[LedgerRow]) -> list[str]:
     request of its own tenant, with the tokens its client was told)."""
     problems = []
     for s in sent:
-        mine = [r for r in rows if r.user == s.user]
+        mine = [r for r in rows if r.request_id == s.request_id]
         if not mine:
             problems.append(f"{s.request_id} ({s.tenant}) is not in the ledger")
             continue
@@ -145,12 +145,12 @@ def reconcile(sent: Sequence[Sent], rows: Sequence[LedgerRow]) -> list[str]:
 async def settled_rows(cost_target: str, api_key: str, sent: Sequence[Sent], timeout: float = LEDGER_WAIT_S) -> list[LedgerRow]:
     """The ledger once the router's event of every sent completion is in (the router's event
     fills the route reason; the inference service's event of the same call has none)."""
-    users = {s.user for s in sent}
+    ids = {s.request_id for s in sent}
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
         rows = await ledger_rows(cost_target, api_key)
-        routed = {r.user for r in rows if r.user in users and r.route_reason}
-        if routed == users or asyncio.get_running_loop().time() > deadline:
+        routed = {r.request_id for r in rows if r.request_id in ids and r.route_reason}
+        if routed == ids or asyncio.get_running_loop().time() > deadline:
             return rows
         await asyncio.sleep(0.25)
 
@@ -162,9 +162,9 @@ def ledger_table(sent: Sequence[Sent], rows: Sequence[LedgerRow]) -> Table:
         table.add_column(name)
     table.add_column("tokens", justify="right")
     table.add_column("cost", justify="right")
-    by_user = {r.user: r for r in rows}
+    by_id = {r.request_id: r for r in rows}
     for s in sent:
-        row = by_user.get(s.user)
+        row = by_id.get(s.request_id)
         if row is None:
             table.add_row(s.request_id, s.tenant, "[red]missing[/]", "-", "-", "-")
         else:
@@ -173,11 +173,11 @@ def ledger_table(sent: Sequence[Sent], rows: Sequence[LedgerRow]) -> Table:
     return table
 
 
-def tenant_totals(rows: Sequence[LedgerRow], users: set[str]) -> dict[str, tuple[int, int]]:
-    """(requests, micro-USD) per tenant over the rows of these users."""
+def tenant_totals(rows: Sequence[LedgerRow], request_ids: set[str]) -> dict[str, tuple[int, int]]:
+    """(requests, micro-USD) per tenant over the rows of these requests."""
     totals: dict[str, tuple[int, int]] = {}
     for r in rows:
-        if r.user in users:
+        if r.request_id in request_ids:
             requests, micros = totals.get(r.tenant, (0, 0))
             totals[r.tenant] = (requests + r.requests, micros + r.cost_micros)
     return totals
@@ -219,7 +219,7 @@ async def run_demo(
     problems = reconcile(sent, rows)
     if problems:
         raise RuntimeError("the ledger does not match what was sent: " + "; ".join(problems))
-    totals = tenant_totals(rows, {s.user for s in sent})
+    totals = tenant_totals(rows, {s.request_id for s in sent})
     for tenant in [*tenants, ROUTER_TENANT]:
         requests, micros = totals.get(tenant, (0, 0))
         who = f"{tenant} (the router's key)" if tenant == ROUTER_TENANT else tenant

@@ -129,17 +129,17 @@ async def events_drained(demo: DemoStack) -> bool:
         await nc.close()
 
 
-async def settle(demo: DemoStack, users: set[str], timeout: float = 60.0) -> None:
+async def settle(demo: DemoStack, request_ids: set[str], timeout: float = 60.0) -> None:
     """Until the router's event of every reply is in the ledger (it fills the route reason) and
     no usage event of either service is still waiting to be ingested."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        rows = await report(demo, demo.admin_key, cost_pb.COST_DIMENSION_USER, cost_pb.COST_DIMENSION_ROUTE_REASON)
+        rows = await report(demo, demo.admin_key, cost_pb.COST_DIMENSION_REQUEST_ID, cost_pb.COST_DIMENSION_ROUTE_REASON)
         routed = {r.keys[0].value for r in rows if r.keys[1].value}
-        if users <= routed and await events_drained(demo):
+        if request_ids <= routed and await events_drained(demo):
             return
         await asyncio.sleep(0.25)
-    raise AssertionError(f"not in the ledger after {timeout:.0f}s: {sorted(users - routed)}")
+    raise AssertionError(f"not in the ledger after {timeout:.0f}s: {sorted(request_ids - routed)}")
 
 
 def tenant_totals(rows: list[cost_pb.CostReportRow]) -> dict[str, tuple[int, int, int]]:
@@ -148,7 +148,7 @@ def tenant_totals(rows: list[cost_pb.CostReportRow]) -> dict[str, tuple[int, int
 
 def ledger_rows_of(demo: DemoStack, request_ids: list[str]) -> list[tuple[str, str, int, int]]:
     """(request id, tenant, input tokens, output tokens) of every ledger row of these requests,
-    straight from the cost service's SQLite ledger (the report API groups, it lists no ids)."""
+    straight from the cost service's SQLite ledger (rows, not the report's groups)."""
     path = Path(demo.stack.data_dir) / "cost.db"
     with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
         marks = ",".join("?" * len(request_ids))
@@ -166,18 +166,18 @@ async def test_completions_through_the_router_are_charged_once_to_the_tenant_tha
     replies = [r for tenant, count in SENT_BY.items() for r in await send(demo_stack, tenant, count, tag)]
     ids = [r.request_id for r in replies]
     assert len(set(ids)) == len(ids) == sum(SENT_BY.values())
-    await settle(demo_stack, {r.user for r in replies})
+    await settle(demo_stack, set(ids))
 
     # Each request id: exactly one ledger row, under its sender, with the tokens it was told.
     rows = ledger_rows_of(demo_stack, ids)
     assert sorted(rows) == sorted((r.request_id, r.tenant, r.prompt_tokens, r.completion_tokens) for r in replies)
 
-    # The report API agrees, per request (its `user` label) and per tenant; the router's own
-    # tenant is charged nothing.
-    by_user = await report(demo_stack, demo_stack.admin_key, cost_pb.COST_DIMENSION_USER, cost_pb.COST_DIMENSION_TENANT)
+    # The report API agrees, per request id and per tenant; the router's own tenant is charged nothing.
+    by_request = await report(demo_stack, demo_stack.admin_key, cost_pb.COST_DIMENSION_REQUEST_ID,
+                              cost_pb.COST_DIMENSION_TENANT)
     mine = sorted((r.keys[0].value, r.keys[1].value, r.requests, r.input_tokens, r.output_tokens)
-                  for r in by_user if r.keys[0].value.startswith(f"{tag}-"))
-    assert mine == sorted((r.user, r.tenant, 1, r.prompt_tokens, r.completion_tokens) for r in replies)
+                  for r in by_request if r.keys[0].value in set(ids))
+    assert mine == sorted((r.request_id, r.tenant, 1, r.prompt_tokens, r.completion_tokens) for r in replies)
     after = tenant_totals(await report(demo_stack, demo_stack.admin_key, cost_pb.COST_DIMENSION_TENANT))
     for tenant in SENT_BY:
         ours = [r for r in replies if r.tenant == tenant]

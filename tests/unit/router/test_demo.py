@@ -14,13 +14,13 @@ def sent(request_id: str, tenant: str, prompt: int = 10, completion: int = 4) ->
 
 def row(s: Sent, tenant: str = "", requests: int = 1, output: int | None = None, model: str = "llmo-demo") -> LedgerRow:
     out = s.completion_tokens if output is None else output
-    return LedgerRow(tenant or s.tenant, s.user, model, "default model", requests, s.prompt_tokens, out, 5)
+    return LedgerRow(tenant or s.tenant, s.request_id, model, "default model", requests, s.prompt_tokens, out, 5)
 
 
 def test_each_request_charged_once_to_its_tenant_passes() -> None:
     a, b = sent("r1", "tenantA"), sent("r2", "tenantB")
     assert reconcile([a, b], [row(a), row(b)]) == []
-    assert tenant_totals([row(a), row(b)], {a.user}) == {"tenantA": (1, 5)}
+    assert tenant_totals([row(a), row(b)], {a.request_id}) == {"tenantA": (1, 5)}
 
 
 A = sent("r1", "tenantA")
