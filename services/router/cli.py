@@ -13,8 +13,8 @@ from rich.console import Console
 from rich.table import Table
 
 from llmo.core.logging import configure_logging
+from llmo.embedding import Embedder
 from llmo.router.learned.data import RoutingDataError, load_routing_data
-from llmo.router.learned.embed import Embedder
 from llmo.router.learned.model import (
     DEFAULT_HEAD_WEIGHT,
     DEFAULT_OPTION_WEIGHT,

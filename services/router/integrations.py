@@ -16,12 +16,12 @@ from llmo.core.client import create_channel, outgoing_metadata
 from llmo.core.errors import ServiceError, failed_precondition
 from llmo.core.events import Delivery, EventBus, EventPublisher
 from llmo.core.logging import get_logger
+from llmo.embedding import Embedder
 from llmo.protos.common.v1 import common_pb2
 from llmo.protos.cost.v1 import cost_service_pb2, cost_service_pb2_grpc
 from llmo.protos.events.v1 import events_pb2
 from llmo.router.feedback import FeedbackRecorder
 from llmo.router.gateway import BudgetVerdict, Finished, GatewayRequest, Prepared
-from llmo.router.learned.embed import Embedder
 from llmo.router.learned.model import ComplexityRouter
 from llmo.router.portfolio import Portfolio
 

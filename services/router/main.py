@@ -10,6 +10,7 @@ from typing import Any
 
 from llmo.core import kit as service_kit
 from llmo.core.kit import Kit, ServiceSpec
+from llmo.embedding import Embedder
 from llmo.protos.router.v1 import router_service_pb2_grpc
 from llmo.router.bandit import BanditStore
 from llmo.router.cache import SemanticCache
@@ -25,7 +26,6 @@ from llmo.router.integrations import (
     ScoreConsumer,
     encoder_of,
 )
-from llmo.router.learned.embed import Embedder
 from llmo.router.lingua import SurprisalPruner, default_model_dir
 from llmo.router.portfolio import PortfolioStore
 from llmo.router.prompts import PromptRegistry

@@ -23,7 +23,7 @@ _LONG_WORD = re.compile(rf"[^\W_]{{{MAX_WORD_CHARS + 1},}}")
 def _tokenizer() -> Any:
     from tokenizers import Tokenizer
 
-    from llmo.router.learned.embed import model_path
+    from llmo.embedding import model_path
 
     tok = Tokenizer.from_file(str(model_path() / "tokenizer.json"))
     tok.no_truncation()

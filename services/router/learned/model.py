@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from llmo.router.learned.embed import EMBEDDING_MODEL
+from llmo.embedding import EMBEDDING_MODEL
 from llmo.router.learned.features import FEATURE_NAMES, feature_matrix, option_texts
 
 FORMAT = "llmo-router/complexity-v1"

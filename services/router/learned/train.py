@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from llmo.embedding import Embedder
 from llmo.router.learned.data import RoutingDataset, leave_subjects_out_split
-from llmo.router.learned.embed import Embedder
 from llmo.router.learned.features import FEATURE_NAMES, feature_matrix
 from llmo.router.learned.metrics import RouterMetrics, router_metrics
 from llmo.router.learned.model import (
