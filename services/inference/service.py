@@ -108,8 +108,10 @@ class InferenceService:
             attribution=common_pb2.Attribution(tenant=caller.tenant, application=caller.application,
                                                user=caller.user),
             model=model, engine=engine, provider="self-hosted" if engine == "native" else engine,
-            usage=common_pb2.Usage(input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens,
-                                   cached_input_tokens=usage.cached_tokens),
+            # cached tokens are counted apart from input_tokens (llmo.common.v1.Usage), as the router's
+            # event of the same call counts them, so the ledger bills the call the same either way
+            usage=common_pb2.Usage(input_tokens=max(0, usage.prompt_tokens - usage.cached_tokens),
+                                   output_tokens=usage.completion_tokens, cached_input_tokens=usage.cached_tokens),
             latency=common_pb2.Latency(queue_ms=timings.queue_s * 1000, ttft_ms=timings.ttft_s * 1000,
                                        tpot_ms=timings.tpot_s * 1000, e2e_ms=timings.e2e_s * 1000),
             finish_reason=finish, quantization=quantization,

@@ -88,7 +88,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                     ],
                 ))
             if chunk.usage is not None:
-                out.usage.input_tokens = chunk.usage.prompt_tokens
+                out.usage.input_tokens = max(0, chunk.usage.prompt_tokens - chunk.usage.cached_tokens)
                 out.usage.output_tokens = chunk.usage.completion_tokens
                 out.usage.cached_input_tokens = chunk.usage.cached_tokens
             if chunk.timings is not None:

@@ -342,10 +342,11 @@ class OpenAIFront:
         return resp
 
 
-def _usage(fin: Finished) -> dict[str, int]:
+def _usage(fin: Finished) -> dict[str, Any]:
     return {
         "prompt_tokens": fin.usage.prompt_tokens,
         "completion_tokens": fin.usage.completion_tokens,
         "total_tokens": fin.usage.prompt_tokens + fin.usage.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": fin.usage.cached_tokens},
     }
 

@@ -274,6 +274,38 @@ async def test_completed_event_is_published(nats_server: Any, demo: LoadedModel,
         await running.stop()
 
 
+async def test_cached_prompt_tokens_are_counted_apart_from_input_tokens(nats_server: Any, demo: LoadedModel,
+                                                                        tmp_path: Path) -> None:
+    """Regression: the event put the prefix-cache hits in `input_tokens` and again in
+    `cached_input_tokens`, so a call whose inference event reached the ledger first was billed
+    its cached tokens twice (llmo.common.v1.Usage: cached tokens are not part of input_tokens)."""
+    import nats
+
+    settings = InferenceSettings(publish_events=True, metrics_port=-1,
+                                 platform=PlatformSettings(nats_url=nats_server.url, data_dir=tmp_path))
+    running = await start(settings, port=0, http_port=-1, metrics=False, backends=[_native(demo, DEMO)])
+    prompt = "ROMEO:\nBut soft, what light through yonder window breaks? It is the east, and Juliet is the sun.\n" * 3
+    prompt_tokens = len(demo.tokenizer.encode(prompt))
+    nc = await nats.connect(nats_server.url)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = pb_grpc.InferenceServiceStub(channel)
+            answers = [await _generate(stub, prompt=prompt, sampling=pb.SamplingParams(max_tokens=2, ignore_eos=True))
+                       for _ in range(2)]
+        await running.service.drain()
+        assert running.publisher is not None and await running.publisher.flush(10)
+        sub = await nc.jetstream().pull_subscribe("llmo.inference.v1.completed", durable="cached")
+        events = [events_pb2.InferenceCompleted.FromString(m.data) for m in await sub.fetch(2, timeout=10)]
+        assert len(events) == 2
+        for usage in [a[-1].usage for a in answers] + [e.usage for e in events]:
+            assert usage.input_tokens + usage.cached_input_tokens == prompt_tokens
+        assert events[1].usage.cached_input_tokens > 0  # the second call hit the prefix cache
+        assert answers[1][-1].usage.cached_input_tokens == events[1].usage.cached_input_tokens
+    finally:
+        await nc.close()
+        await running.stop()
+
+
 async def test_demo_step_runs_against_the_service(server: RunningInference) -> None:
     from llmo.inference.demo import run_demo
 

@@ -33,8 +33,25 @@ class ChatRequest:
 
 @dataclass(frozen=True)
 class Usage:
+    """OpenAI's usage: `prompt_tokens` includes the `cached_tokens` the upstream served from its
+    prefix cache (`prompt_tokens_details.cached_tokens`)."""
+
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
+
+    @property
+    def uncached_prompt_tokens(self) -> int:
+        """What `llmo.common.v1.Usage.input_tokens` means (cached tokens are counted apart)."""
+        return max(0, self.prompt_tokens - self.cached_tokens)
+
+
+def usage_of(raw: dict[str, object]) -> Usage:
+    """The usage object of an OpenAI response or stream chunk (raises TypeError/ValueError on garbage)."""
+    details = raw.get("prompt_tokens_details")
+    cached = details.get("cached_tokens", 0) if isinstance(details, dict) else 0
+    return Usage(int(raw.get("prompt_tokens", 0) or 0), int(raw.get("completion_tokens", 0) or 0),  # type: ignore[call-overload]
+                 int(cached or 0))
 
 
 @dataclass(frozen=True)

@@ -96,7 +96,8 @@ class InferenceGrpcClient:
                 first = False
                 usage = None
                 if resp.HasField("usage"):
-                    usage = Usage(int(resp.usage.input_tokens), int(resp.usage.output_tokens))
+                    cached = int(resp.usage.cached_input_tokens)
+                    usage = Usage(int(resp.usage.input_tokens) + cached, int(resp.usage.output_tokens), cached)
                 text = "".join(c.text for c in resp.choices if c.index == 0)
                 reason = next((_FINISH.get(int(c.finish_reason)) for c in resp.choices if c.finish_reason), None)
                 finished = finished or reason is not None

@@ -16,7 +16,7 @@ import aiohttp
 
 from llmo.core.auth import ON_BEHALF_HEADER, REQUEST_ID_HEADER
 from llmo.core.limits import preview
-from llmo.router.providers.base import ChatRequest, Chunk, ProviderError, Usage
+from llmo.router.providers.base import ChatRequest, Chunk, ProviderError, Usage, usage_of
 
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 # The request itself was refused (malformed, unknown model, too large, unprocessable):
@@ -180,7 +180,7 @@ def parse_stream_event(data: str) -> tuple[str, str | None, Usage | None]:
     raw_usage = event.get("usage")
     if isinstance(raw_usage, dict):
         try:
-            usage = Usage(int(raw_usage.get("prompt_tokens", 0)), int(raw_usage.get("completion_tokens", 0)))
+            usage = usage_of(raw_usage)
         except (TypeError, ValueError) as exc:
             raise ProviderError("UPSTREAM_GARBAGE", "usage is not numeric", retryable=True) from exc
     choices = event.get("choices")
@@ -211,7 +211,7 @@ def parse_completion(raw: bytes) -> Chunk:
         if not isinstance(content, str) or not isinstance(reason, str):
             raise TypeError("content and finish_reason must be strings")
         raw_usage = body.get("usage") or {}
-        usage = Usage(int(raw_usage.get("prompt_tokens", 0)), int(raw_usage.get("completion_tokens", 0))) if raw_usage else None
+        usage = usage_of(raw_usage) if raw_usage else None
     except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
         raise ProviderError("UPSTREAM_GARBAGE", f"malformed chat.completion: {exc}", retryable=True) from exc
     return Chunk(text=content, finish_reason=reason, usage=usage)
