@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import aiohttp
 import grpc
@@ -40,17 +40,26 @@ class Totals:
     """One tenant's usage: what its clients were told, or what the ledger charged."""
 
     requests: int = 0
-    prompt_tokens: int = 0  # input + cached input: every prompt token of the call
-    completion_tokens: int = 0
+    input_tokens: int = 0  # prompt tokens not served from a prefix cache (llmo.common.v1.Usage)
+    cached_input_tokens: int = 0
+    output_tokens: int = 0
     cost_micros: int = 0
 
     def __add__(self, other: Totals) -> Totals:
         return Totals(
             self.requests + other.requests,
-            self.prompt_tokens + other.prompt_tokens,
-            self.completion_tokens + other.completion_tokens,
+            self.input_tokens + other.input_tokens,
+            self.cached_input_tokens + other.cached_input_tokens,
+            self.output_tokens + other.output_tokens,
             self.cost_micros + other.cost_micros,
         )
+
+    @classmethod
+    def of_response(cls, usage: Mapping[str, Any], price: Price) -> Totals:
+        """One call as an OpenAI `usage` tells it (`prompt_tokens` includes the cached ones)."""
+        cached = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+        uncached, output = int(usage["prompt_tokens"]) - cached, int(usage["completion_tokens"])
+        return cls(1, uncached, cached, output, price.cost_micros(uncached, cached, output))
 
 
 @dataclass(frozen=True)
@@ -61,10 +70,9 @@ class Price:
     cached_input: int
     output: int
 
-    def cost_micros(self, prompt_tokens: int, completion_tokens: int) -> int:
-        """One call's cost, rounded half up to a whole micro-dollar (the ledger's rule, per call)."""
-        assert self.cached_input == self.input, "a client cannot tell cached prompt tokens apart: price them equally"
-        numerator = prompt_tokens * self.input + completion_tokens * self.output
+    def cost_micros(self, input_tokens: int, cached_input_tokens: int, output_tokens: int) -> int:
+        """One call's cost, rounded half up to a whole micro-dollar (the ledger's rule, once per call)."""
+        numerator = input_tokens * self.input + cached_input_tokens * self.cached_input + output_tokens * self.output
         return (2 * numerator + 1_000_000) // 2_000_000
 
 
@@ -144,8 +152,7 @@ class Outcome:
     tenant: str
     valid: bool
     status: int
-    prompt_tokens: int
-    completion_tokens: int
+    usage: dict[str, Any]  # the 200 response's OpenAI usage; empty otherwise
     # the fault phase when the request was sent and when its answer came back
     sent_in: str
     answered_in: str
@@ -185,7 +192,11 @@ class Traffic:
             words = " ".join(f"w{(n * 7 + j) % 97}" for j in range(4 * long + n % 9))
             body = {
                 "model": "llmo-demo",
-                "messages": [{"role": "user", "content": f"{tenant} {worker} request {n}: {words} ROMEO:"}],
+                "messages": [
+                    # a tenant's fixed system prompt: its calls share a prefix inference serves from its cache
+                    {"role": "system", "content": f"You are the assistant of {tenant}; answer as a player would. " * long},
+                    {"role": "user", "content": f"{worker} request {n}: {words} ROMEO:"},
+                ],
                 "max_tokens": 2 + 3 * long + n % 5,
             }
             valid = not (self.invalid_every and n % self.invalid_every == self.invalid_every - 1)
@@ -201,12 +212,8 @@ class Traffic:
                     payload = await reply.json(content_type=None)
             except (TimeoutError, aiohttp.ClientError):
                 status, payload = 0, {}
-            usage = payload.get("usage") if status == 200 else None
-            self.outcomes.append(Outcome(
-                tenant, valid, status,
-                int(usage["prompt_tokens"]) if usage else 0, int(usage["completion_tokens"]) if usage else 0,
-                sent_in, self.phase,
-            ))
+            usage = (payload.get("usage") or {}) if status == 200 else {}
+            self.outcomes.append(Outcome(tenant, valid, status, usage, sent_in, self.phase))
             self._progress.set()
 
     async def wait_for(self, answered: int) -> None:
@@ -238,8 +245,7 @@ class Traffic:
         sent = {tenant: Totals() for tenant in self.keys}
         for o in self.outcomes:
             if o.status == 200:
-                cost = price.cost_micros(o.prompt_tokens, o.completion_tokens)
-                sent[o.tenant] += Totals(1, o.prompt_tokens, o.completion_tokens, cost)
+                sent[o.tenant] += Totals.of_response(o.usage, price)
         return sent
 
 
@@ -263,7 +269,7 @@ async def read_ledger(cost_address: str, api_key: str) -> dict[str, Totals]:
     assert not report.next_page_token
     return {
         row.keys[0].value: Totals(
-            row.requests, row.input_tokens + row.cached_input_tokens, row.output_tokens, row.cost.micros
+            row.requests, row.input_tokens, row.cached_input_tokens, row.output_tokens, row.cost.micros
         )
         for row in report.rows
     }

@@ -5,10 +5,11 @@ Real processes: nats-server (JetStream), inference with the demo model and the r
 router's OpenAI HTTP API with concurrent clients; mid-flow nats-server is SIGKILLed and
 restarted on the same port and store, then the cost service is SIGKILLed while the events
 held back by the outage drain into it, and restarted on the same port and data dir.
-Afterwards every tenant's ledger equals what its clients were told by the 200 responses,
-to the token and the micro-dollar: same request count (nothing lost, nothing counted
-twice, failed requests not billed), prompt and completion tokens, cost, and no usage
-charged to the router's own service tenant or anyone else.
+Afterwards every tenant's ledger equals what its clients were told by the 200 responses
+(OpenAI `usage`, priced with the ledger's own price of the model), to the token and the
+micro-dollar: same request count (nothing lost, nothing counted twice, refused requests not
+billed), input, prefix-cached input and output tokens, cost, and no usage charged to the
+router's own service tenant or anyone else.
 """
 
 from __future__ import annotations
@@ -65,9 +66,6 @@ async def faulty(tmp_path: Path) -> AsyncIterator[Faulty]:
         # every request reaches inference and is billed (a cache hit is free by design)
         "LLMO_ROUTER_CACHE_ENABLED": "false",
         "LLMO_ROUTER_COMPRESSION_MODEL_DIR": "none",
-        # Prefix caching off: with it on, inference's event counts cached prompt tokens twice
-        # (test_prefix_cache_billing.py, strict xfail). This suite is about kill -9.
-        "LLMO_INFERENCE_ENABLE_PREFIX_CACHING": "false",
         # events pulled by a cost process that is then SIGKILLed come back after this (default 30 s)
         "LLMO_COST_ACK_WAIT_S": "3",
     }
@@ -85,11 +83,14 @@ async def faulty(tmp_path: Path) -> AsyncIterator[Faulty]:
 
 
 def table(sent: dict[str, Totals], ledger: dict[str, Totals]) -> str:
-    lines = ["tenant    source  requests  prompt_tokens  completion_tokens  cost_micros"]
+    lines = ["tenant    source  requests  input_tokens  cached_input_tokens  output_tokens  cost_micros"]
     for tenant in sorted(set(sent) | set(ledger)):
         for source, totals in (("sent", sent.get(tenant)), ("ledger", ledger.get(tenant))):
             t = totals or Totals()
-            lines.append(f"{tenant:<9} {source:<7} {t.requests:>8} {t.prompt_tokens:>14} {t.completion_tokens:>18} {t.cost_micros:>12}")
+            lines.append(
+                f"{tenant:<9} {source:<7} {t.requests:>8} {t.input_tokens:>13} {t.cached_input_tokens:>20} "
+                f"{t.output_tokens:>14} {t.cost_micros:>12}"
+            )
     return "\n".join(lines)
 
 
