@@ -87,7 +87,7 @@ class FakeBackend:
         if behaviour == "error" or (behaviour == "flaky" and n % 2 == 1):
             return web.json_response({"error": {"message": "boom"}}, status=500 if behaviour == "error" else 503)
         if behaviour == "reject":
-            return web.json_response({"error": {"message": "bad request"}}, status=400)
+            return web.json_response({"error": {"message": "bad request", "param": "messages"}}, status=400)
         words = self._words(model)
         prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in body.get("messages", []))
         if not body.get("stream"):

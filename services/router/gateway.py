@@ -511,8 +511,10 @@ class Gateway:
                         # tenant's bad requests must not open the breaker for everyone.
                         breaker.record_neutral()
                         log.info("router.upstream_rejected_request", model=model.name, reason=err.reason, status=err.status)
+                        details = {"field": err.param} if err.param else {}
                         raise invalid_argument(
-                            "UPSTREAM_REJECTED_REQUEST", err.message, model=model.name, upstream_status=str(err.status or "")
+                            "UPSTREAM_REJECTED_REQUEST", err.message, model=model.name,
+                            upstream_status=str(err.status or ""), **details,
                         ) from err
                     breaker.record_failure()
                     log.warning("router.provider_failed", model=model.name, reason=err.reason, error=err.message, attempt=attempt)

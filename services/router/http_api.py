@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -76,6 +77,13 @@ def _get(obj: dict[str, Any], key: str, kinds: tuple[type, ...], what: str, fiel
 def _number(obj: dict[str, Any], key: str, field: str = "") -> float | None:
     value = _get(obj, key, (int, float), "a number", field)
     return None if value is None else float(value)
+
+
+def _strong_share(ext: dict[str, Any]) -> float | None:
+    share = _number(ext, "strong_share", "llmo.strong_share")
+    if share is not None and not (math.isfinite(share) and 0.0 <= share <= 1.0):
+        raise invalid_argument("INVALID_STRONG_SHARE", "llmo.strong_share must be in [0, 1]", field="llmo.strong_share")
+    return share
 
 
 def _int(obj: dict[str, Any], key: str, field: str = "", *, minimum: int | None = 0) -> int | None:
@@ -181,7 +189,7 @@ def parse_body(body: dict[str, Any], tenant: str, request_id: str) -> tuple[Gate
         policy=_str(ext, "policy", "llmo.policy"),
         model="" if model in AUTO_MODELS else model,
         constraints=constraints,
-        strong_share=_number(ext, "strong_share", "llmo.strong_share"),
+        strong_share=_strong_share(ext),
         max_prompt_tokens=_int(ext, "max_prompt_tokens", "llmo.max_prompt_tokens") or 0,
         compress_message_tokens=_int(ext, "compress_message_tokens", "llmo.compress_message_tokens") or 0,
         token_keep_ratio=_number(ext, "token_keep_ratio", "llmo.token_keep_ratio") or 0.0,

@@ -90,7 +90,7 @@ async def test_one_tenants_bad_requests_never_open_the_breaker_for_another(svc: 
     svc.backend.behaviours["small"] = "reject"
     for _ in range(7):
         assert_error(*await post(svc, {"model": "small", "messages": Q, "llmo": {"skip_cache": True}}), 400,
-                     "UPSTREAM_REJECTED_REQUEST")
+                     "UPSTREAM_REJECTED_REQUEST", "messages")  # the upstream's `param` is carried through
     assert svc.backend.calls == {"small": 7}  # a refused request does not walk the fallback chain
     svc.backend.behaviours["small"] = "ok"
     status, _, answer = await post(svc, {"model": "small", "messages": Q}, key="key-b")
@@ -131,7 +131,7 @@ BAD_INPUTS: list[tuple[str, bytes, str, str | None]] = [
     ("stop a number", json.dumps({"messages": Q, "stop": 5}).encode(), "INVALID_STOP", "stop"),
     ("n > 1", json.dumps({"messages": Q, "n": 1000}).encode(), "UNSUPPORTED_PARAMETER", "n"),
     ("strong_share out of range", json.dumps({"messages": Q, "llmo": {"strong_share": 5}}).encode(),
-     "INVALID_STRONG_SHARE", "strong_share"),
+     "INVALID_STRONG_SHARE", "llmo.strong_share"),
     ("policy a number", json.dumps({"messages": Q, "llmo": {"policy": 42}}).encode(), "INVALID_REQUEST", "llmo.policy"),
     ("unknown policy", json.dumps({"messages": Q, "llmo": {"policy": "cheapest-ever"}}).encode(), "INVALID_POLICY", "policy"),
     ("temperature Infinity", b'{"messages": [{"role": "user", "content": "q"}], "temperature": Infinity}',

@@ -68,7 +68,8 @@ class ProviderError(Exception):
     accept either: it is the caller's fault, so it never counts against the provider's breaker."""
 
     def __init__(
-        self, reason: str, message: str, *, retryable: bool, status: int | None = None, client_error: bool = False
+        self, reason: str, message: str, *, retryable: bool, status: int | None = None, client_error: bool = False,
+        param: str | None = None,
     ) -> None:
         super().__init__(message)
         self.reason = reason
@@ -76,6 +77,8 @@ class ProviderError(Exception):
         self.retryable = retryable
         self.status = status
         self.client_error = client_error
+        # The request field the upstream refused (its error's `param` / ErrorInfo `field`), if it named one.
+        self.param = param
 
     def __repr__(self) -> str:
         return f"ProviderError({self.reason!r}, {self.message!r}, retryable={self.retryable})"

@@ -10,6 +10,7 @@ import grpc
 
 from llmo.core.auth import REQUEST_ID_HEADER
 from llmo.core.client import create_channel, outgoing_metadata
+from llmo.core.errors import error_info
 from llmo.router.providers.base import ChatRequest, Chunk, ProviderError, Usage
 
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED}
@@ -60,6 +61,7 @@ class InferenceGrpcClient:
             raise ProviderError(
                 "UPSTREAM_UNSUPPORTED", "the llmo inference service has no presence/frequency penalty",
                 retryable=False, client_error=True,
+                param="presence_penalty" if s.presence_penalty else "frequency_penalty",
             )
         sampling = pb.SamplingParams(max_tokens=request.max_tokens or 0, stop=list(s.stop), top_k=s.top_k or 0)
         if s.temperature is not None:
@@ -105,11 +107,13 @@ class InferenceGrpcClient:
                     yield Chunk(text=text, finish_reason=reason, usage=usage)
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
+            info = error_info(exc)
             raise ProviderError(
                 f"UPSTREAM_{code.name}",
                 f"inference service: {exc.details()}",
                 retryable=code in _RETRYABLE,
                 client_error=code in _CLIENT,
+                param=(info.metadata.get("field") or None) if info is not None else None,
             ) from exc
         if not finished:
             raise ProviderError("UPSTREAM_TRUNCATED", "inference stream ended without a finish reason", retryable=True)

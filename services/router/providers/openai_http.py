@@ -94,13 +94,15 @@ class OpenAIHttpClient:
         try:
             async with session.post(self.url, json=self._body(request), headers=headers, timeout=timeout) as resp:
                 if resp.status != 200:
-                    text = (await resp.content.read(2048)).decode("utf-8", errors="replace")
+                    text = (await resp.content.read(4096)).decode("utf-8", errors="replace")
+                    message, param = upstream_error(text)
                     raise ProviderError(
                         "UPSTREAM_STATUS",
-                        f"upstream answered HTTP {resp.status}: {preview(text, 300)}",
+                        f"upstream answered HTTP {resp.status}: {preview(message, 300)}",
                         retryable=resp.status in RETRYABLE_STATUS,
                         status=resp.status,
                         client_error=resp.status in CLIENT_ERROR_STATUS,
+                        param=param,
                     )
                 if not request.stream:
                     yield await self._whole(resp)
@@ -199,6 +201,19 @@ def parse_stream_event(data: str) -> tuple[str, str | None, Usage | None]:
     if reason is not None and not isinstance(reason, str):
         raise ProviderError("UPSTREAM_GARBAGE", "finish_reason is not a string", retryable=True)
     return content or "", reason, usage
+
+
+def upstream_error(text: str) -> tuple[str, str | None]:
+    """The message and `param` of an OpenAI-style error body (the raw text when it is not one)."""
+    try:
+        error = json.loads(text).get("error")
+    except (ValueError, AttributeError):
+        return text, None
+    if not isinstance(error, dict):
+        return text, None
+    message = error.get("message")
+    param = error.get("param")
+    return (message if isinstance(message, str) else text), (param[:128] if isinstance(param, str) and param else None)
 
 
 def parse_completion(raw: bytes) -> Chunk:

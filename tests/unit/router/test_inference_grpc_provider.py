@@ -29,7 +29,11 @@ class Inference(ipb_grpc.InferenceServiceServicer):
         if self.fail:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "engine down")
         if self.reject:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "temperature must be in [0, 2]")
+            from llmo.core.errors import STATUS_DETAILS_KEY, invalid_argument
+
+            refusal = invalid_argument("INVALID_SAMPLING_PARAMS", "temperature must be in [0, 2]", field="temperature")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, refusal.message, trailing_metadata=(
+                (STATUS_DETAILS_KEY, refusal.to_status("llmo.inference").SerializeToString()),))
         for i in range(3):
             yield ipb.GenerateResponse(model=request.model, choices=[ipb.ChoiceDelta(text=f"t{i} ")])
         yield ipb.GenerateResponse(
@@ -129,6 +133,7 @@ async def test_requests_the_inference_service_refuses_never_open_its_breaker(  #
         with pytest.raises(ServiceError) as err:
             await collect(gw, user("hello", model="local"))
         assert err.value.reason == "UPSTREAM_REJECTED_REQUEST"
+        assert err.value.metadata["field"] == "temperature"  # the field inference named
     assert backend.calls == {}  # a refused request is not sent down the fallback chain either
     servicer.reject = False
     _, text, fin = await collect(gw, user("hello", tenant="t2", model="local"))
