@@ -11,6 +11,7 @@ ledger's own price of the model and its documented rounding (half up, once per c
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -209,10 +210,10 @@ class Traffic:
                     headers={"authorization": f"Bearer {self.keys[tenant]}"},
                 ) as reply:
                     status = reply.status
-                    payload = await reply.json(content_type=None)
+                    text = await reply.text()
             except (TimeoutError, aiohttp.ClientError):
-                status, payload = 0, {}
-            usage = (payload.get("usage") or {}) if status == 200 else {}
+                status, text = 0, ""
+            usage = json.loads(text).get("usage") or {} if status == 200 else {}
             self.outcomes.append(Outcome(tenant, valid, status, usage, sent_in, self.phase))
             self._progress.set()
 
