@@ -28,10 +28,11 @@ from llmo.cost.budgets import (
 )
 from llmo.cost.engine import CostEngine
 from llmo.cost.forecast import fill_days, forecast
-from llmo.cost.prices import PriceVersion
+from llmo.cost.prices import NoPriceAtTimeError, PriceVersion, UnknownModelError
 from llmo.cost.records import (
     MAX_LATENCY_MS,
     MAX_TIME_US,
+    MAX_TOKENS,
     MIN_TIME_US,
     LedgerRecord,
     RecordRejected,
@@ -450,12 +451,26 @@ class CostServicer(pb_grpc.CostServiceServicer):
             raise not_found("BUDGET_NOT_FOUND", f"no budget {request.name!r}", name=request.name)
         return pb.DeleteBudgetResponse()
 
+    def _catalog_estimate(self, model: str, usage: common_pb2.Usage) -> int:
+        """The catalog's price of `usage` on `model` now (0 when the catalog does not price it)."""
+        counts = (usage.input_tokens, usage.cached_input_tokens, usage.output_tokens)
+        if not all(0 <= n <= MAX_TOKENS for n in counts):
+            raise invalid_argument("INVALID_ESTIMATE", f"estimated_usage token counts must be within [0, {MAX_TOKENS}]",
+                                   field="estimated_usage")
+        try:
+            version = self.engine.catalog.lookup(model, datetime.now(UTC))
+        except (UnknownModelError, NoPriceAtTimeError):
+            return 0
+        return version.cost_micros(usage.input_tokens, usage.output_tokens, usage.cached_input_tokens)
+
     async def CheckBudget(self, request: pb.CheckBudgetRequest, context: grpc.aio.ServicerContext) -> pb.CheckBudgetResponse:
         estimate = micros_of(request.estimated_cost, "estimated_cost")
         if estimate < 0:
             raise invalid_argument("INVALID_ESTIMATE", "estimated_cost must not be negative", field="estimated_cost")
         label(request.application, "application")
         label(request.model, "model")
+        if request.HasField("estimated_usage"):
+            estimate = max(estimate, self._catalog_estimate(request.model, request.estimated_usage))
         check_identifier(request.request_id, "request_id")
         verdict = self.engine.guard.check(
             self._tenant(request.tenant),

@@ -114,8 +114,12 @@ GatewayEvent = Started | Delta | Finished
 
 class BudgetChecker(Protocol):
     async def check(
-        self, tenant: str, application: str, model: str, estimated_cost_micros: int, request_id: str
-    ) -> BudgetVerdict: ...
+        self, tenant: str, application: str, model: str, estimated_cost_micros: int, request_id: str,
+        input_tokens: int = 0, max_output_tokens: int = 0,
+    ) -> BudgetVerdict:
+        """`model` is the name the upstream serves (what the ledger prices); the token counts let
+        the cost service reserve at its own price when that is higher than the router's."""
+        ...
 
     async def release(self, reservation_id: str) -> None: ...
 
@@ -425,7 +429,8 @@ class Gateway:
         assert self.budget is not None
         decision = prepared.decision
         estimate = decision.model.cost_micros(prepared.input_tokens, out_tokens)
-        verdict = await self.budget.check(req.tenant, req.application, decision.model.name, estimate, prepared.request_id)
+        verdict = await self.budget.check(req.tenant, req.application, decision.model.upstream_name, estimate,
+                                          prepared.request_id, prepared.input_tokens, out_tokens)
         if verdict.decision == "deny":
             raise resource_exhausted(
                 "BUDGET_EXCEEDED",

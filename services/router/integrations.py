@@ -59,7 +59,8 @@ class CostBudgetChecker:
         await self.channel.close()
 
     async def check(
-        self, tenant: str, application: str, model: str, estimated_cost_micros: int, request_id: str
+        self, tenant: str, application: str, model: str, estimated_cost_micros: int, request_id: str,
+        input_tokens: int = 0, max_output_tokens: int = 0,
     ) -> BudgetVerdict:
         req = cost_service_pb2.CheckBudgetRequest(
             tenant=tenant,
@@ -67,6 +68,7 @@ class CostBudgetChecker:
             model=model,
             estimated_cost=common_pb2.Money(currency_code="USD", micros=estimated_cost_micros),
             request_id=request_id,
+            estimated_usage=common_pb2.Usage(input_tokens=input_tokens, output_tokens=max_output_tokens),
         )
         try:
             resp = await self.stub.CheckBudget(req, timeout=self.timeout_s, metadata=outgoing_metadata(self.api_key))

@@ -170,6 +170,32 @@ async def test_a_report_grouped_by_request_id_shows_what_each_call_cost(svc: Har
     assert by_request == {"req-a": (1, 450), "req-b": (1, 7500)}
 
 
+async def test_reservations_use_the_catalog_price_when_the_callers_estimate_is_lower(svc: Harness) -> None:
+    """Regression (trust probe #1): the router estimated with its own portfolio prices, half the
+    ledger's, so a tenant overran its hard limit by several requests."""
+    stub = svc.stub
+    budget = pb.Budget(tenant="acme", window=pb.BUDGET_WINDOW_DAILY, hard_limit=usd(1_000_000))
+    await stub.CreateBudget(pb.CreateBudgetRequest(budget_id="acme-res", budget=budget))
+    usage = common_pb2.Usage(input_tokens=1000, output_tokens=500)  # 450 micros on gpt-4o-mini
+    # `reserved` in each answer is what earlier reservations hold
+    await stub.CheckBudget(pb.CheckBudgetRequest(tenant="acme", model="gpt-4o-mini", estimated_cost=usd(1),
+                                                 request_id="res-1", estimated_usage=usage))
+    after_low = await stub.CheckBudget(pb.CheckBudgetRequest(tenant="acme", model="gpt-4o-mini", estimated_cost=usd(900),
+                                                             request_id="res-2", estimated_usage=usage))
+    assert after_low.reserved.micros == 450  # the catalog's price, not the caller's 1
+    after_high = await stub.CheckBudget(pb.CheckBudgetRequest(tenant="acme", model="no-such-model", estimated_cost=usd(5),
+                                                              request_id="res-3", estimated_usage=usage))
+    assert after_high.reserved.micros == 450 + 900  # the caller's higher estimate stands
+    after_unpriced = await stub.CheckBudget(pb.CheckBudgetRequest(tenant="acme", model="gpt-4o-mini", dry_run=True,
+                                                                  estimated_cost=usd(1)))
+    assert after_unpriced.reserved.micros == 450 + 900 + 5  # a model the catalog lacks: the caller's estimate
+    await expect_error(
+        stub.CheckBudget(pb.CheckBudgetRequest(tenant="acme", model="gpt-4o-mini", estimated_cost=usd(1),
+                                               estimated_usage=common_pb2.Usage(input_tokens=-1))),
+        grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ESTIMATE",
+    )
+
+
 async def test_budgets_allow_downgrade_deny_and_alert_once_per_threshold(svc: Harness) -> None:
     stub = svc.stub
     await svc.bus.ensure_stream("cost")

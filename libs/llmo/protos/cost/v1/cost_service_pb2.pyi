@@ -343,20 +343,22 @@ class DeleteBudgetResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class CheckBudgetRequest(_message.Message):
-    __slots__ = ("tenant", "application", "model", "estimated_cost", "request_id", "dry_run")
+    __slots__ = ("tenant", "application", "model", "estimated_cost", "request_id", "dry_run", "estimated_usage")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     APPLICATION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ESTIMATED_COST_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_USAGE_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     application: str
     model: str
     estimated_cost: _common_pb2.Money
     request_id: str
     dry_run: bool
-    def __init__(self, tenant: _Optional[str] = ..., application: _Optional[str] = ..., model: _Optional[str] = ..., estimated_cost: _Optional[_Union[_common_pb2.Money, _Mapping]] = ..., request_id: _Optional[str] = ..., dry_run: _Optional[bool] = ...) -> None: ...
+    estimated_usage: _common_pb2.Usage
+    def __init__(self, tenant: _Optional[str] = ..., application: _Optional[str] = ..., model: _Optional[str] = ..., estimated_cost: _Optional[_Union[_common_pb2.Money, _Mapping]] = ..., request_id: _Optional[str] = ..., dry_run: _Optional[bool] = ..., estimated_usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ...) -> None: ...
 
 class CheckBudgetResponse(_message.Message):
     __slots__ = ("decision", "reason", "budget", "spent", "reserved", "limit", "remaining", "downgrade_model", "reservation_id", "matched_budgets")
