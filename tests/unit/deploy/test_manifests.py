@@ -635,8 +635,7 @@ def test_a_new_service_needs_only_its_folder_and_one_line(tmp_path: Path) -> Non
     """The recipe of deploy/README.md ("Adding a service"), applied to a copy of deploy/."""
     copy = tmp_path / "deploy"
     shutil.copytree(DEPLOY, copy)
-    new = "retrieval"
-    assert new not in IMPLEMENTED
+    new = next(s for s in SERVICES if s not in IMPLEMENTED)
     folder = copy / "kustomize" / "services" / new
     shutil.copytree(copy / "kustomize" / "services" / "cost", folder)
     (values,) = _documents(folder / "values.yaml")
@@ -663,7 +662,7 @@ def test_a_new_service_needs_only_its_folder_and_one_line(tmp_path: Path) -> Non
             "metrics": DEFAULT_METRICS_PORTS[new],
         }
         assert container["startupProbe"]["grpc"]["port"] == DEFAULT_GRPC_PORTS[new]
-        assert {e["name"] for e in container["env"]} >= {f"LLMO_RETRIEVAL_{k}" for k in ("HOST", "GRPC_PORT")}
+        assert {e["name"] for e in container["env"]} >= {f"LLMO_{new.upper()}_{k}" for k in ("HOST", "GRPC_PORT")}
         assert _hardening_problems(new, deployment) == []
         _one(manifests, "Service", f"{new}-headless")
         # The others are untouched by the new one.
@@ -691,7 +690,7 @@ def test_prod_overlay_uses_postgres_json_logs_and_replicas() -> None:
     config = _generated(manifests, "ConfigMap", "llmo-config")
     assert config is not None and config["data"]["LLMO_ENV"] == "prod"
     replicas = {m["metadata"]["name"]: m["spec"]["replicas"] for m in manifests if m["kind"] == "Deployment"}
-    assert replicas == {"router": 3, "inference": 2, "cost": 2}
+    assert replicas == {"router": 3, "inference": 2, "retrieval": 1, "cost": 2}
     urls = {
         m["metadata"]["name"].rsplit("-", 1)[0]: base64.b64decode(m["data"]["url"]).decode()
         for m in manifests

@@ -20,6 +20,7 @@ class ChunkingStrategy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CHUNKING_STRATEGY_FIXED: _ClassVar[ChunkingStrategy]
     CHUNKING_STRATEGY_SENTENCE: _ClassVar[ChunkingStrategy]
     CHUNKING_STRATEGY_RECURSIVE: _ClassVar[ChunkingStrategy]
+    CHUNKING_STRATEGY_HEADING: _ClassVar[ChunkingStrategy]
 
 class DocumentState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -65,10 +66,17 @@ class FilterOperator(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FILTER_OPERATOR_GREATER_THAN: _ClassVar[FilterOperator]
     FILTER_OPERATOR_GREATER_THAN_OR_EQUAL: _ClassVar[FilterOperator]
     FILTER_OPERATOR_EXISTS: _ClassVar[FilterOperator]
+
+class FusionMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FUSION_METHOD_UNSPECIFIED: _ClassVar[FusionMethod]
+    FUSION_METHOD_RRF: _ClassVar[FusionMethod]
+    FUSION_METHOD_CONVEX: _ClassVar[FusionMethod]
 CHUNKING_STRATEGY_UNSPECIFIED: ChunkingStrategy
 CHUNKING_STRATEGY_FIXED: ChunkingStrategy
 CHUNKING_STRATEGY_SENTENCE: ChunkingStrategy
 CHUNKING_STRATEGY_RECURSIVE: ChunkingStrategy
+CHUNKING_STRATEGY_HEADING: ChunkingStrategy
 DOCUMENT_STATE_UNSPECIFIED: DocumentState
 DOCUMENT_STATE_PENDING: DocumentState
 DOCUMENT_STATE_PROCESSING: DocumentState
@@ -99,6 +107,9 @@ FILTER_OPERATOR_LESS_THAN_OR_EQUAL: FilterOperator
 FILTER_OPERATOR_GREATER_THAN: FilterOperator
 FILTER_OPERATOR_GREATER_THAN_OR_EQUAL: FilterOperator
 FILTER_OPERATOR_EXISTS: FilterOperator
+FUSION_METHOD_UNSPECIFIED: FusionMethod
+FUSION_METHOD_RRF: FusionMethod
+FUSION_METHOD_CONVEX: FusionMethod
 
 class ChunkingConfig(_message.Message):
     __slots__ = ("chunk_size_tokens", "chunk_overlap_tokens", "strategy")
@@ -236,7 +247,7 @@ class Principal(_message.Message):
     def __init__(self, subject: _Optional[str] = ..., groups: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Document(_message.Message):
-    __slots__ = ("name", "display_name", "source_uri", "mime_type", "metadata", "access_control", "state", "error_reason", "chunk_count", "size_bytes", "content_sha256", "chunks", "create_time", "update_time")
+    __slots__ = ("name", "display_name", "source_uri", "mime_type", "metadata", "access_control", "state", "error_reason", "chunk_count", "size_bytes", "content_sha256", "chunks", "create_time", "update_time", "version")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
     SOURCE_URI_FIELD_NUMBER: _ClassVar[int]
@@ -251,6 +262,7 @@ class Document(_message.Message):
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     name: str
     display_name: str
     source_uri: str
@@ -265,10 +277,11 @@ class Document(_message.Message):
     chunks: _containers.RepeatedCompositeFieldContainer[Chunk]
     create_time: _timestamp_pb2.Timestamp
     update_time: _timestamp_pb2.Timestamp
-    def __init__(self, name: _Optional[str] = ..., display_name: _Optional[str] = ..., source_uri: _Optional[str] = ..., mime_type: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., access_control: _Optional[_Union[AccessControl, _Mapping]] = ..., state: _Optional[_Union[DocumentState, str]] = ..., error_reason: _Optional[str] = ..., chunk_count: _Optional[int] = ..., size_bytes: _Optional[int] = ..., content_sha256: _Optional[str] = ..., chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    version: int
+    def __init__(self, name: _Optional[str] = ..., display_name: _Optional[str] = ..., source_uri: _Optional[str] = ..., mime_type: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., access_control: _Optional[_Union[AccessControl, _Mapping]] = ..., state: _Optional[_Union[DocumentState, str]] = ..., error_reason: _Optional[str] = ..., chunk_count: _Optional[int] = ..., size_bytes: _Optional[int] = ..., content_sha256: _Optional[str] = ..., chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., version: _Optional[int] = ...) -> None: ...
 
 class Chunk(_message.Message):
-    __slots__ = ("name", "document", "index", "text", "start_offset", "end_offset", "token_count", "document_display_name", "source_uri", "metadata")
+    __slots__ = ("name", "document", "index", "text", "start_offset", "end_offset", "token_count", "document_display_name", "source_uri", "metadata", "heading_path")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DOCUMENT_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
@@ -279,6 +292,7 @@ class Chunk(_message.Message):
     DOCUMENT_DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
     SOURCE_URI_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
+    HEADING_PATH_FIELD_NUMBER: _ClassVar[int]
     name: str
     document: str
     index: int
@@ -289,7 +303,8 @@ class Chunk(_message.Message):
     document_display_name: str
     source_uri: str
     metadata: _struct_pb2.Struct
-    def __init__(self, name: _Optional[str] = ..., document: _Optional[str] = ..., index: _Optional[int] = ..., text: _Optional[str] = ..., start_offset: _Optional[int] = ..., end_offset: _Optional[int] = ..., token_count: _Optional[int] = ..., document_display_name: _Optional[str] = ..., source_uri: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+    heading_path: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., document: _Optional[str] = ..., index: _Optional[int] = ..., text: _Optional[str] = ..., start_offset: _Optional[int] = ..., end_offset: _Optional[int] = ..., token_count: _Optional[int] = ..., document_display_name: _Optional[str] = ..., source_uri: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., heading_path: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class IngestConfig(_message.Message):
     __slots__ = ("collection", "reindex_unchanged")
@@ -422,14 +437,16 @@ class MetadataFilter(_message.Message):
     def __init__(self, key: _Optional[str] = ..., operator: _Optional[_Union[FilterOperator, str]] = ..., values: _Optional[_Iterable[_Union[_struct_pb2.Value, _Mapping]]] = ...) -> None: ...
 
 class FusionOptions(_message.Message):
-    __slots__ = ("rrf_k", "dense_weight", "sparse_weight")
+    __slots__ = ("rrf_k", "dense_weight", "sparse_weight", "method")
     RRF_K_FIELD_NUMBER: _ClassVar[int]
     DENSE_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     SPARSE_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
     rrf_k: int
     dense_weight: float
     sparse_weight: float
-    def __init__(self, rrf_k: _Optional[int] = ..., dense_weight: _Optional[float] = ..., sparse_weight: _Optional[float] = ...) -> None: ...
+    method: FusionMethod
+    def __init__(self, rrf_k: _Optional[int] = ..., dense_weight: _Optional[float] = ..., sparse_weight: _Optional[float] = ..., method: _Optional[_Union[FusionMethod, str]] = ...) -> None: ...
 
 class QueryExpansionOptions(_message.Message):
     __slots__ = ("enabled", "variants")

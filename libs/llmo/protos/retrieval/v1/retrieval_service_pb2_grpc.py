@@ -130,8 +130,10 @@ class RetrievalServiceServicer:
         """Creates a collection.
         Errors:
         INVALID_ARGUMENT  INVALID_COLLECTION_ID (bad `collection_id`),
-        INVALID_CHUNKING (size <= 0, overlap >= size),
-        UNKNOWN_EMBEDDING_MODEL
+        INVALID_CHUNKING (size outside 0..2048, overlap < 0 or >= size),
+        UNKNOWN_EMBEDDING_MODEL, INVALID_COLLECTION (display_name,
+        description or labels past their bounds),
+        NOT_YET_SUPPORTED (`knowledge_graph_enabled`)
         ALREADY_EXISTS    COLLECTION_ALREADY_EXISTS
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -244,7 +246,8 @@ class RetrievalServiceServicer:
         Errors:
         INVALID_ARGUMENT     INVALID_NAME, EMPTY_QUERY, INVALID_TOP_K (outside 1..100),
         INVALID_FILTER (unknown operator, value type mismatch),
-        INVALID_FUSION (negative weights or rrf_k)
+        INVALID_FUSION (negative weights or rrf_k),
+        INVALID_PRINCIPAL, NOT_YET_SUPPORTED (see SearchRequest)
         NOT_FOUND            COLLECTION_NOT_FOUND
         FAILED_PRECONDITION  KNOWLEDGE_GRAPH_DISABLED (KNOWLEDGE_GRAPH mode on a
         collection created without `knowledge_graph_enabled`)

@@ -1,0 +1,554 @@
+"""gRPC servicer of llmo.retrieval.v1.RetrievalService."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+import re
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import numpy as np
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from google.protobuf.message import Message
+
+from llmo.core import context as ctx
+from llmo.core.errors import ServiceError, already_exists, failed_precondition, invalid_argument, not_found
+from llmo.core.limits import MAX_ID_LEN, is_identifier, preview
+from llmo.core.logging import get_logger
+from llmo.core.outbox import Publisher
+from llmo.core.pagination import decode_page_token, encode_page_token, page_size
+from llmo.embedding import EMBEDDING_DIM, Embedder
+from llmo.protos.events.v1 import events_pb2
+from llmo.protos.retrieval.v1 import retrieval_service_pb2 as pb
+from llmo.protos.retrieval.v1 import retrieval_service_pb2_grpc as pb_grpc
+from llmo.retrieval import ranking
+from llmo.retrieval.chunking import MAX_CHUNK_TOKENS, Chunker
+from llmo.retrieval.extract import ExtractError, extract
+from llmo.retrieval.indexes import CollectionIndex, IndexManager
+from llmo.retrieval.settings import RetrievalSettings
+from llmo.retrieval.storage import (
+    AlreadyExists,
+    ChunkRow,
+    CollectionRow,
+    DocumentRow,
+    EtagMismatch,
+    NotEmpty,
+    RetrievalStore,
+    now_us,
+)
+
+log = get_logger(__name__)
+
+EMBEDDING_MODEL = "all-MiniLM-L6-v2"
+_MODEL_ALIASES = {"", EMBEDDING_MODEL, f"sentence-transformers/{EMBEDDING_MODEL}"}
+_RESOURCE_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+DEFAULT_CHUNK_SIZE, DEFAULT_CHUNK_OVERLAP = 256, 32
+MAX_TEXT_FIELD = 1024
+MAX_DESCRIPTION = 16_384
+MAX_LABELS = 64
+MAX_METADATA_BYTES = 64 * 1024
+MAX_ACL_ENTRIES = 256
+MAX_GROUPS = 256
+MAX_MIME_LEN = 128
+MAX_PAGE_TOKEN_LEN = 1024
+MUTABLE = ("display_name", "description", "labels")
+IMMUTABLE_ONCE_FILLED = ("embedding_model", "chunking")
+
+
+def _ts(us: int) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromMicroseconds(us)
+    return stamp
+
+
+def _struct(value: dict[str, Any]) -> struct_pb2.Struct:
+    out = struct_pb2.Struct()
+    out.update(value)
+    return out
+
+
+def _id_or_error(value: str, reason: str, what: str) -> str:
+    if not _RESOURCE_ID.match(value):
+        raise invalid_argument(reason, f"{what} must match [a-z0-9][a-z0-9-]{{0,62}}; got {preview(value)!r}",
+                               value=preview(value))
+    return value
+
+
+def collection_id_of(name: str) -> str:
+    prefix, _, cid = name.partition("/")
+    if prefix != "collections" or not _RESOURCE_ID.match(cid):
+        raise invalid_argument("INVALID_NAME", f"expected collections/{{collection}}; got {preview(name)!r}",
+                               name=preview(name))
+    return cid
+
+
+def document_name_of(name: str) -> tuple[str, str]:
+    parts = name.split("/")
+    if len(parts) != 4 or parts[0] != "collections" or parts[2] != "documents" or not all(
+            _RESOURCE_ID.match(p) for p in (parts[1], parts[3])):
+        raise invalid_argument("INVALID_NAME", f"expected collections/{{collection}}/documents/{{document}}; "
+                               f"got {preview(name)!r}", name=preview(name))
+    return parts[1], parts[3]
+
+
+def _fingerprint(request: Message, *cleared: str) -> str:
+    copy = type(request)()
+    copy.CopyFrom(request)
+    for name in cleared:
+        copy.ClearField(name)
+    return hashlib.sha256(copy.SerializeToString(deterministic=True)).hexdigest()[:16]
+
+
+def _after(token: str, query: str) -> str:
+    if len(token) > MAX_PAGE_TOKEN_LEN:
+        raise invalid_argument("INVALID_PAGE_TOKEN", "page_token is malformed or belongs to another query")
+    after = (decode_page_token(token, query=query) or {}).get("after", "")
+    if not isinstance(after, str):
+        raise invalid_argument("INVALID_PAGE_TOKEN", "page_token is malformed or belongs to another query")
+    return after
+
+
+def _tenant() -> str:
+    return ctx.current_tenant() or ""
+
+
+def _chunking(config: pb.ChunkingConfig) -> tuple[int, int, int]:
+    size, overlap, strategy = config.chunk_size_tokens, config.chunk_overlap_tokens, int(config.strategy)
+    if size == 0 and overlap == 0:
+        size, overlap = DEFAULT_CHUNK_SIZE, DEFAULT_CHUNK_OVERLAP
+    size = size or DEFAULT_CHUNK_SIZE
+    if not 0 < size <= MAX_CHUNK_TOKENS or not 0 <= overlap < size:
+        raise invalid_argument("INVALID_CHUNKING", f"chunk_size_tokens must be in 1..{MAX_CHUNK_TOKENS} and "
+                               "chunk_overlap_tokens in 0..chunk_size_tokens-1")
+    if strategy not in (0, 1, 2, 3, 4):
+        raise invalid_argument("INVALID_CHUNKING", f"unknown chunking strategy {strategy}")
+    return size, overlap, strategy or pb.CHUNKING_STRATEGY_RECURSIVE
+
+
+def _embedding_model(value: str) -> str:
+    if value not in _MODEL_ALIASES:
+        raise invalid_argument("UNKNOWN_EMBEDDING_MODEL", f"embedding_model must be {EMBEDDING_MODEL!r} (the only "
+                               f"one served); got {preview(value)!r}", embedding_model=preview(value))
+    return EMBEDDING_MODEL
+
+
+def _not_yet(field: str) -> ServiceError:
+    return invalid_argument("NOT_YET_SUPPORTED", f"{field} is not supported yet by this retrieval service", field=field)
+
+
+def _check_collection_fields(c: pb.Collection) -> None:
+    if len(c.display_name) > MAX_TEXT_FIELD or len(c.description) > MAX_DESCRIPTION:
+        raise invalid_argument("INVALID_COLLECTION", f"display_name is at most {MAX_TEXT_FIELD} characters and "
+                               f"description at most {MAX_DESCRIPTION}")
+    if len(c.labels) > MAX_LABELS or any(len(k) > 63 or not k or len(v) > 256 for k, v in c.labels.items()):
+        raise invalid_argument("INVALID_COLLECTION", f"at most {MAX_LABELS} labels, keys 1..63 and values at most "
+                               "256 characters")
+    if c.knowledge_graph_enabled:
+        raise _not_yet("knowledge_graph_enabled")
+
+
+def collection_proto(row: CollectionRow) -> pb.Collection:
+    return pb.Collection(
+        name=f"collections/{row.collection_id}", display_name=row.display_name, description=row.description,
+        embedding_model=row.embedding_model, embedding_dimensions=EMBEDDING_DIM,
+        chunking=pb.ChunkingConfig(chunk_size_tokens=row.chunk_size, chunk_overlap_tokens=row.chunk_overlap,
+                                   strategy=row.strategy),  # type: ignore[arg-type]
+        labels=row.labels, tenant=row.tenant, document_count=row.document_count, chunk_count=row.chunk_count,
+        create_time=_ts(row.create_us), update_time=_ts(row.update_us), etag=row.etag)
+
+
+def _document_proto(collection_id: str, doc: DocumentRow) -> pb.Document:
+    name = f"collections/{collection_id}/documents/{doc.document_id}"
+    return pb.Document(
+        name=name, display_name=doc.display_name, source_uri=doc.source_uri, mime_type=doc.mime_type,
+        metadata=_struct(doc.metadata), access_control=pb.AccessControl(allowed_principals=doc.acl),
+        state=pb.DOCUMENT_STATE_READY, chunk_count=doc.chunk_count, size_bytes=doc.size_bytes,
+        content_sha256=doc.content_sha256, create_time=_ts(doc.create_us), update_time=_ts(doc.update_us),
+        version=doc.version, chunks=[_chunk_proto(name, doc, c) for c in doc.chunks])
+
+
+def _chunk_proto(document: str, doc: DocumentRow, chunk: ChunkRow) -> pb.Chunk:
+    return pb.Chunk(name=f"{document}/chunks/{chunk.idx}", document=document, index=chunk.idx, text=chunk.text,
+                    start_offset=chunk.start_offset, end_offset=chunk.end_offset, token_count=chunk.token_count,
+                    document_display_name=doc.display_name, source_uri=doc.source_uri,
+                    metadata=_struct(doc.metadata), heading_path=chunk.heading_path)
+
+
+def principals_of(principal: pb.Principal) -> frozenset[str]:
+    entries = [principal.subject, *principal.groups]
+    if len(principal.groups) > MAX_GROUPS or not all(is_identifier(e) for e in entries if e) or \
+            any(not g for g in principal.groups):
+        raise invalid_argument("INVALID_PRINCIPAL", f"principal subject and groups are identifiers of at most "
+                               f"{MAX_ID_LEN} characters, at most {MAX_GROUPS} groups")
+    return frozenset(e for e in entries if e)
+
+
+class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
+    def __init__(self, store: RetrievalStore, indexes: IndexManager, embedder: Embedder,
+                 settings: RetrievalSettings, publisher: Publisher | None) -> None:
+        self.store, self.indexes, self.embedder = store, indexes, embedder
+        self.settings, self.publisher = settings, publisher
+
+    async def _collection(self, name: str) -> CollectionRow:
+        cid = collection_id_of(name)
+        row = await asyncio.to_thread(self.store.get_collection, _tenant(), cid)
+        if row is None:  # another tenant's collection reads exactly like a missing one
+            raise not_found("COLLECTION_NOT_FOUND", f"collection {name} not found", name=name)
+        return row
+
+    # --- collections ---------------------------------------------------------------------------
+
+    async def CreateCollection(self, request: pb.CreateCollectionRequest, context: Any) -> pb.CreateCollectionResponse:
+        cid = _id_or_error(request.collection_id, "INVALID_COLLECTION_ID", "collection_id")
+        c = request.collection
+        _check_collection_fields(c)
+        size, overlap, strategy = _chunking(c.chunking)
+        model = _embedding_model(c.embedding_model)
+        if len(request.request_id) > MAX_ID_LEN:
+            raise invalid_argument("INVALID_REQUEST_ID", f"request_id is at most {MAX_ID_LEN} characters")
+        stamp = now_us()
+        row = CollectionRow(pk=0, uid=uuid.uuid4().hex, tenant=_tenant(), collection_id=cid,
+                            display_name=c.display_name, description=c.description, labels=dict(c.labels),
+                            embedding_model=model, chunk_size=size, chunk_overlap=overlap, strategy=strategy,
+                            etag=uuid.uuid4().hex[:16], create_request_id=request.request_id, generation=1,
+                            create_us=stamp, update_us=stamp)
+        try:
+            created = await asyncio.to_thread(self.store.create_collection, row)
+        except AlreadyExists:
+            raise already_exists("COLLECTION_ALREADY_EXISTS", f"collection collections/{cid} already exists",
+                                 name=f"collections/{cid}") from None
+        return pb.CreateCollectionResponse(collection=collection_proto(created))
+
+    async def GetCollection(self, request: pb.GetCollectionRequest, context: Any) -> pb.GetCollectionResponse:
+        return pb.GetCollectionResponse(collection=collection_proto(await self._collection(request.name)))
+
+    async def ListCollections(self, request: pb.ListCollectionsRequest, context: Any) -> pb.ListCollectionsResponse:
+        size = page_size(request.page_size)
+        query = _fingerprint(request, "page_token", "page_size")
+        after = _after(request.page_token, query)
+        rows = await asyncio.to_thread(self.store.list_collections, _tenant(), after, size + 1)
+        token = encode_page_token({"after": rows[size - 1].collection_id}, query=query) if len(rows) > size else ""
+        return pb.ListCollectionsResponse(collections=[collection_proto(r) for r in rows[:size]], next_page_token=token)
+
+    async def UpdateCollection(self, request: pb.UpdateCollectionRequest, context: Any) -> pb.UpdateCollectionResponse:
+        c = request.collection
+        cid = collection_id_of(c.name)
+        paths = list(request.update_mask.paths) or list(MUTABLE)
+        unknown = [p for p in paths if p not in (*MUTABLE, *IMMUTABLE_ONCE_FILLED, "knowledge_graph_enabled")]
+        if unknown:
+            raise invalid_argument("INVALID_UPDATE_MASK", f"update_mask may name {', '.join(MUTABLE)}, "
+                                   f"{', '.join(IMMUTABLE_ONCE_FILLED)}; got {preview(unknown[0])!r}")
+        _check_collection_fields(c)
+        changes: dict[str, Any] = {}
+        for path in paths:
+            if path == "labels":
+                changes["labels"] = dict(c.labels)
+            elif path == "embedding_model":
+                changes["embedding_model"] = _embedding_model(c.embedding_model)
+            elif path == "chunking":
+                changes["chunk_size"], changes["chunk_overlap"], changes["strategy"] = _chunking(c.chunking)
+            elif path in MUTABLE:
+                changes[path] = getattr(c, path)
+        if len(c.etag) > MAX_ID_LEN:
+            raise invalid_argument("INVALID_ETAG", "etag is malformed")
+        try:
+            row = await asyncio.to_thread(
+                self.store.update_collection, _tenant(), cid, changes, c.etag, uuid.uuid4().hex[:16],
+                needs_empty=any(p in IMMUTABLE_ONCE_FILLED for p in paths))
+        except EtagMismatch:
+            raise ServiceError(grpc.StatusCode.ABORTED, "ETAG_MISMATCH", "the collection changed since it was read"
+                               ) from None
+        except NotEmpty:
+            raise failed_precondition("COLLECTION_NOT_EMPTY", "embedding_model and chunking cannot change once "
+                                      "the collection holds documents") from None
+        if row is None:
+            raise not_found("COLLECTION_NOT_FOUND", f"collection {c.name} not found", name=c.name)
+        return pb.UpdateCollectionResponse(collection=collection_proto(row))
+
+    async def DeleteCollection(self, request: pb.DeleteCollectionRequest, context: Any) -> pb.DeleteCollectionResponse:
+        cid = collection_id_of(request.name)
+        if len(request.etag) > MAX_ID_LEN:
+            raise invalid_argument("INVALID_ETAG", "etag is malformed")
+        try:
+            row = await asyncio.to_thread(self.store.delete_collection, _tenant(), cid, force=request.force,
+                                          etag=request.etag)
+        except EtagMismatch:
+            raise ServiceError(grpc.StatusCode.ABORTED, "ETAG_MISMATCH", "the collection changed since it was read"
+                               ) from None
+        except NotEmpty:
+            raise failed_precondition("COLLECTION_NOT_EMPTY", "the collection holds documents; set force to delete "
+                                      "them too") from None
+        if row is None:
+            raise not_found("COLLECTION_NOT_FOUND", f"collection {request.name} not found", name=request.name)
+        await asyncio.to_thread(self.indexes.drop, row.uid)
+        return pb.DeleteCollectionResponse()
+
+    # --- documents ---------------------------------------------------------------------------
+
+    async def _document_of(self, name: str) -> tuple[CollectionRow, str]:
+        cid, did = document_name_of(name)
+        return await self._collection(f"collections/{cid}"), did
+
+    async def GetDocument(self, request: pb.GetDocumentRequest, context: Any) -> pb.GetDocumentResponse:
+        coll, did = await self._document_of(request.name)
+        doc = await asyncio.to_thread(self.store.get_document, coll.pk, did,
+                                      with_chunks=request.view == pb.DOCUMENT_VIEW_FULL)
+        if doc is None:
+            raise not_found("DOCUMENT_NOT_FOUND", f"document {request.name} not found", name=request.name)
+        return pb.GetDocumentResponse(document=_document_proto(coll.collection_id, doc))
+
+    async def ListDocuments(self, request: pb.ListDocumentsRequest, context: Any) -> pb.ListDocumentsResponse:
+        coll = await self._collection(request.parent)
+        size = page_size(request.page_size)
+        matches = ranking.compile_filters(request.filters)
+        state = int(request.state)
+        if state not in range(0, 5):
+            raise invalid_argument("INVALID_FILTER", f"unknown document state {state}")
+        query = _fingerprint(request, "page_token", "page_size")
+        after = _after(request.page_token, query)
+        if state not in (pb.DOCUMENT_STATE_UNSPECIFIED, pb.DOCUMENT_STATE_READY):
+            return pb.ListDocumentsResponse()  # only searchable documents are stored; failed ones are reported at ingest
+
+        def page() -> tuple[list[DocumentRow], bool]:
+            found: list[DocumentRow] = []
+            for doc in self.store.iter_documents(coll.pk, after):
+                if matches(doc.metadata):
+                    if len(found) == size:
+                        return found, True
+                    found.append(doc)
+            return found, False
+
+        docs, more = await asyncio.to_thread(page)
+        token = encode_page_token({"after": docs[-1].document_id}, query=query) if more else ""
+        return pb.ListDocumentsResponse(documents=[_document_proto(coll.collection_id, d) for d in docs],
+                                        next_page_token=token)
+
+    async def DeleteDocument(self, request: pb.DeleteDocumentRequest, context: Any) -> pb.DeleteDocumentResponse:
+        coll, did = await self._document_of(request.name)
+        if not await asyncio.to_thread(self.store.delete_document, coll.pk, did):
+            raise not_found("DOCUMENT_NOT_FOUND", f"document {request.name} not found", name=request.name)
+        return pb.DeleteDocumentResponse()
+
+    # --- ingestion -----------------------------------------------------------------------------
+
+    async def IngestDocuments(self, request_iterator: AsyncIterator[Any], context: Any
+                              ) -> AsyncIterator[pb.IngestDocumentsResponse]:
+        iterator = aiter(request_iterator)
+        first = await anext(iterator, None)
+        _decoded(first)
+        if first is None or not first.HasField("config"):
+            raise invalid_argument("MISSING_INGEST_CONFIG", "the first request of the stream must carry `config`")
+        coll = await self._collection(first.config.collection)
+        reindex = first.config.reindex_unchanged
+        summary = pb.IngestSummary()
+        position = 0
+        async for request in iterator:
+            _decoded(request)
+            if request.HasField("config"):
+                raise invalid_argument("DUPLICATE_INGEST_CONFIG", "only the first request of the stream carries `config`")
+            summary.documents_received += 1
+            last = None
+            async for progress in self._ingest_one(coll, position, request.document, reindex):
+                last = progress
+                yield pb.IngestDocumentsResponse(progress=progress)
+            position += 1
+            if last is None:
+                continue
+            if last.stage == pb.INGEST_STAGE_INDEXED:
+                summary.documents_indexed += 1
+                summary.chunks_indexed += last.chunks
+            elif last.stage == pb.INGEST_STAGE_SKIPPED:
+                summary.documents_skipped += 1
+            else:
+                summary.documents_failed += 1
+        yield pb.IngestDocumentsResponse(summary=summary)
+
+    async def _ingest_one(self, coll: CollectionRow, position: int, doc: pb.DocumentInput, reindex: bool
+                          ) -> AsyncIterator[pb.DocumentProgress]:
+        did = doc.document_id or str(uuid.uuid4())
+        if not _RESOURCE_ID.match(did):
+            yield _failed(position, "", "INVALID_DOCUMENT_ID", f"document_id must match [a-z0-9][a-z0-9-]{{0,62}}; "
+                          f"got {preview(did)!r}")
+            return
+        name = f"collections/{coll.collection_id}/documents/{did}"
+        yield pb.DocumentProgress(index=position, document=name, stage=pb.INGEST_STAGE_RECEIVED)
+        source = doc.WhichOneof("source")
+        raw = doc.content if source == "content" else doc.text.encode("utf-8")
+        problem = self._check_input(doc, raw)
+        if problem is not None:
+            yield _failed(position, name, *problem)
+            return
+        if not raw.strip():
+            yield _failed(position, name, "EMPTY_CONTENT", "the document has no content")
+            return
+        row = DocumentRow(document_id=did, content_sha256=hashlib.sha256(raw).hexdigest(), size_bytes=len(raw),
+                          mime_type="", display_name=doc.display_name, source_uri=doc.source_uri,
+                          metadata=json_format.MessageToDict(doc.metadata), acl=list(doc.access_control.allowed_principals))
+        try:
+            extracted = await asyncio.to_thread(
+                extract, doc.mime_type, **({"content": doc.content} if source == "content" else {"text": doc.text}))
+        except ExtractError as error:
+            yield _failed(position, name, error.reason, error.message)
+            return
+        row.mime_type = extracted.mime_type
+        previous = await asyncio.to_thread(self.store.get_document, coll.pk, did)
+        if previous is not None and previous.content_sha256 == row.content_sha256 and not reindex:
+            same = (previous.metadata, previous.acl, previous.display_name, previous.source_uri, previous.mime_type) == \
+                   (row.metadata, row.acl, row.display_name, row.source_uri, row.mime_type)
+            if same:
+                yield pb.DocumentProgress(index=position, document=name, stage=pb.INGEST_STAGE_SKIPPED,
+                                          chunks=previous.chunk_count)
+                return
+            version = await asyncio.to_thread(self.store.update_document_fields, coll.pk, row)
+            yield await self._indexed(coll, position, name, previous.chunk_count, version)
+            return
+        if not extracted.text.strip():
+            yield _failed(position, name, "EMPTY_CONTENT", "no text could be extracted from the document")
+            return
+        chunker = Chunker(coll.chunk_size, coll.chunk_overlap, coll.strategy)
+        pieces = await asyncio.to_thread(chunker.split, extracted)
+        if not pieces:
+            yield _failed(position, name, "EMPTY_CONTENT", "the document's text has no tokens")
+            return
+        if len(pieces) > self.settings.max_chunks_per_document:
+            yield _failed(position, name, "DOCUMENT_TOO_LARGE", f"the document makes {len(pieces)} chunks; the limit "
+                          f"is {self.settings.max_chunks_per_document}")
+            return
+        yield pb.DocumentProgress(index=position, document=name, stage=pb.INGEST_STAGE_CHUNKED, chunks=len(pieces))
+        try:
+            vectors = await asyncio.to_thread(self.embedder.encode, [p.text for p in pieces])
+        except (RuntimeError, ValueError, OSError) as error:
+            log.warning("embedding failed", document=name, error=repr(error))
+            yield _failed(position, name, "EMBEDDING_FAILED", "the chunks could not be embedded")
+            return
+        yield pb.DocumentProgress(index=position, document=name, stage=pb.INGEST_STAGE_EMBEDDED, chunks=len(pieces))
+        row.chunks = [ChunkRow(idx=i, text=p.text, heading_path=list(p.heading_path), start_offset=p.start,
+                               end_offset=p.end, token_count=p.token_count,
+                               embedding=np.asarray(v, dtype=np.float32).tobytes())
+                      for i, (p, v) in enumerate(zip(pieces, vectors, strict=True))]
+        version = await asyncio.to_thread(self.store.replace_document, coll.pk, row)
+        yield await self._indexed(coll, position, name, len(pieces), version)
+
+    def _check_input(self, doc: pb.DocumentInput, raw: bytes) -> tuple[str, str] | None:
+        if len(raw) > self.settings.max_document_bytes:
+            return "DOCUMENT_TOO_LARGE", f"the document is {len(raw)} bytes; the limit is {self.settings.max_document_bytes}"
+        if len(doc.display_name) > MAX_TEXT_FIELD or len(doc.source_uri) > MAX_TEXT_FIELD or len(doc.mime_type) > MAX_MIME_LEN:
+            return "INVALID_DOCUMENT", f"display_name and source_uri are at most {MAX_TEXT_FIELD} characters, " \
+                                       f"mime_type at most {MAX_MIME_LEN}"
+        if doc.metadata.ByteSize() > MAX_METADATA_BYTES:
+            return "INVALID_DOCUMENT", f"metadata is at most {MAX_METADATA_BYTES} bytes serialized"
+        acl = doc.access_control.allowed_principals
+        if len(acl) > MAX_ACL_ENTRIES or not all(is_identifier(p) for p in acl):
+            return "INVALID_DOCUMENT", f"access_control lists at most {MAX_ACL_ENTRIES} principals, each an " \
+                                       f"identifier of at most {MAX_ID_LEN} characters"
+        if _has_non_finite(doc.metadata):
+            return "INVALID_DOCUMENT", "metadata numbers must be finite"
+        return None
+
+    async def _indexed(self, coll: CollectionRow, position: int, name: str, chunks: int, version: int | None
+                       ) -> pb.DocumentProgress:
+        if version is None:
+            return _failed(position, name, "COLLECTION_NOT_FOUND", "the collection was deleted during the ingest")
+        if self.publisher is not None:
+            event = events_pb2.DocumentIngested(document=name, chunks=chunks, tenant=coll.tenant)
+            event.occurred_at.GetCurrentTime()
+            await self.publisher.publish(event, event_id=f"retrieval-ingested:{coll.uid}:{name}:v{version}")
+        return pb.DocumentProgress(index=position, document=name, stage=pb.INGEST_STAGE_INDEXED, chunks=chunks)
+
+    # --- search --------------------------------------------------------------------------------
+
+    async def Search(self, request: pb.SearchRequest, context: Any) -> pb.SearchResponse:
+        collection_id_of(request.collection)
+        query = request.query
+        if not query.strip():
+            raise invalid_argument("EMPTY_QUERY", "query is empty")
+        if len(query) > self.settings.max_query_chars:
+            raise invalid_argument("QUERY_TOO_LONG", f"query is {len(query)} characters; the limit is "
+                                   f"{self.settings.max_query_chars}", max_length=self.settings.max_query_chars)
+        top_k = request.top_k or 10
+        if not 1 <= top_k <= 100:
+            raise invalid_argument("INVALID_TOP_K", "top_k must be in 1..100")
+        mode = int(request.mode) or pb.SEARCH_MODE_HYBRID
+        if mode == pb.SEARCH_MODE_KNOWLEDGE_GRAPH:
+            raise _not_yet("mode=SEARCH_MODE_KNOWLEDGE_GRAPH")
+        if mode not in (pb.SEARCH_MODE_DENSE, pb.SEARCH_MODE_SPARSE, pb.SEARCH_MODE_HYBRID):
+            raise invalid_argument("INVALID_MODE", f"unknown search mode {mode}")
+        for field, options in (("query_expansion", request.query_expansion), ("hyde", request.hyde),
+                               ("rerank", request.rerank), ("compression", request.compression)):
+            if options.enabled:
+                raise _not_yet(f"{field}.enabled")
+        if not math.isfinite(request.min_score):
+            raise invalid_argument("INVALID_MIN_SCORE", "min_score must be finite")
+        matches = ranking.compile_filters(request.filters)
+        principals = principals_of(request.principal)
+        fusion = ranking.fusion_of(request.fusion)
+        coll = await self._collection(request.collection)
+        index = await asyncio.to_thread(self.indexes.current, coll.pk, coll.uid)
+        allowed = await asyncio.to_thread(_allowed, index, principals, matches)
+        fetch = top_k if mode != pb.SEARCH_MODE_HYBRID else max(top_k * self.settings.overfetch,
+                                                                self.settings.min_candidates)
+        dense_hits, sparse_hits = [], []
+        if mode in (pb.SEARCH_MODE_DENSE, pb.SEARCH_MODE_HYBRID) and allowed.any():
+            vector = (await asyncio.to_thread(self.embedder.encode, [query]))[0]
+            dense_hits = await asyncio.to_thread(index.dense_search, vector, allowed, fetch)
+        if mode in (pb.SEARCH_MODE_SPARSE, pb.SEARCH_MODE_HYBRID):
+            sparse_hits = await asyncio.to_thread(index.sparse, query, allowed, fetch)
+        if mode == pb.SEARCH_MODE_HYBRID:
+            fused = ranking.fuse(dense_hits, sparse_hits, fusion)
+        else:
+            fused = ranking.single(dense_hits if mode == pb.SEARCH_MODE_DENSE else sparse_hits,
+                                   dense=mode == pb.SEARCH_MODE_DENSE)
+        fused = [f for f in fused if f.score >= request.min_score][:top_k]
+        rows = await asyncio.to_thread(self.store.chunks_by_id, coll.pk, [int(index.ids[f.position]) for f in fused])
+        results = []
+        for item in fused:
+            found = rows.get(int(index.ids[item.position]))
+            # the row read now, not the index, has the last word: a document replaced or re-permissioned
+            # since the index was built is dropped rather than shown
+            if found is None or not ranking.visible(found[1].acl, principals) or not matches(found[1].metadata):
+                continue
+            chunk, doc = found
+            document = f"collections/{coll.collection_id}/documents/{doc.document_id}"
+            results.append(pb.SearchResult(
+                chunk=_chunk_proto(document, doc, chunk), score=item.score, dense_score=item.dense_score,
+                sparse_score=item.sparse_score, dense_rank=item.dense_rank, sparse_rank=item.sparse_rank))
+        return pb.SearchResponse(results=results, mode=mode,  # type: ignore[arg-type]
+                                 candidates_considered=int(allowed.sum()))
+
+
+def _allowed(index: CollectionIndex, principals: frozenset[str], matches: ranking.Predicate) -> np.ndarray:
+    """Which positions the caller may see and the filters keep, decided per document."""
+    per_doc = np.array([ranking.visible(acl, principals) and matches(metadata) for _, acl, metadata in index.docs],
+                       dtype=bool)
+    if index.size == 0:
+        return np.zeros(0, dtype=bool)
+    return per_doc[index.doc_of]
+
+
+def _failed(position: int, name: str, reason: str, message: str) -> pb.DocumentProgress:
+    return pb.DocumentProgress(index=position, document=name, stage=pb.INGEST_STAGE_FAILED, error_reason=reason,
+                               error_message=message[:512])
+
+
+def _decoded(request: Any) -> None:
+    if request is not None and not isinstance(request, pb.IngestDocumentsRequest):
+        raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PROTOBUF",
+                           "a request of the stream is not a valid protobuf message (string fields must be UTF-8)")
+
+
+def _has_non_finite(value: Any) -> bool:
+    if isinstance(value, struct_pb2.Struct):
+        return any(_has_non_finite(v) for v in value.fields.values())
+    if isinstance(value, struct_pb2.ListValue):
+        return any(_has_non_finite(v) for v in value.values)
+    if isinstance(value, struct_pb2.Value):
+        kind = value.WhichOneof("kind")
+        if kind == "number_value":
+            return not math.isfinite(value.number_value)
+        if kind in ("struct_value", "list_value"):
+            return _has_non_finite(getattr(value, kind))
+    return False

@@ -1,0 +1,411 @@
+"""Store of record of the retrieval service (SQLAlchemy 2 Core; SQLite or PostgreSQL).
+
+Collections belong to a tenant; documents to a collection; chunks (text, heading path,
+offsets and the MiniLM vector) to a document. The BM25 and FAISS indexes are derived
+from these rows and rebuilt from them (llmo.retrieval.indexes): every write that changes
+what a search may return bumps the collection's `generation` in the same transaction,
+and an index built at an older generation is stale.
+
+A document is replaced in one transaction (old row and chunks deleted, new ones
+inserted), so a reader or a crash mid-ingest sees the old document or the new one,
+never half of one. Every method blocks; callers run them off the event loop.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from llmo.core import storage as core_storage
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+metadata = sa.MetaData()
+_ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")  # SQLite autoincrements INTEGER PRIMARY KEY only
+
+collections = sa.Table(
+    "collections",
+    metadata,
+    sa.Column("pk", _ID, primary_key=True, autoincrement=True),
+    # Never reused (a primary key may be, after a delete): names the collection's index folder.
+    sa.Column("uid", sa.String(32), nullable=False, unique=True),
+    sa.Column("tenant", sa.String(256), nullable=False),
+    sa.Column("collection_id", sa.String(63), nullable=False),
+    sa.Column("display_name", sa.String(1024), nullable=False),
+    sa.Column("description", sa.Text, nullable=False),
+    sa.Column("labels", sa.JSON, nullable=False),
+    sa.Column("embedding_model", sa.String(256), nullable=False),
+    sa.Column("chunk_size", sa.Integer, nullable=False),
+    sa.Column("chunk_overlap", sa.Integer, nullable=False),
+    sa.Column("strategy", sa.Integer, nullable=False),
+    sa.Column("etag", sa.String(64), nullable=False),
+    sa.Column("create_request_id", sa.String(128), nullable=False),
+    sa.Column("generation", sa.BigInteger, nullable=False),
+    sa.Column("create_us", sa.BigInteger, nullable=False),
+    sa.Column("update_us", sa.BigInteger, nullable=False),
+    sa.UniqueConstraint("tenant", "collection_id", name="uq_collections_tenant_id"),
+)
+
+documents = sa.Table(
+    "documents",
+    metadata,
+    sa.Column("collection_pk", _ID, sa.ForeignKey("collections.pk", ondelete="CASCADE"), primary_key=True),
+    sa.Column("document_id", sa.String(63), primary_key=True),
+    sa.Column("version", sa.BigInteger, nullable=False),
+    sa.Column("content_sha256", sa.String(64), nullable=False),
+    sa.Column("size_bytes", sa.BigInteger, nullable=False),
+    sa.Column("mime_type", sa.String(64), nullable=False),
+    sa.Column("display_name", sa.String(1024), nullable=False),
+    sa.Column("source_uri", sa.String(1024), nullable=False),
+    sa.Column("metadata", sa.JSON, nullable=False),
+    sa.Column("acl", sa.JSON, nullable=False),
+    sa.Column("chunk_count", sa.Integer, nullable=False),
+    sa.Column("create_us", sa.BigInteger, nullable=False),
+    sa.Column("update_us", sa.BigInteger, nullable=False),
+)
+
+chunks = sa.Table(
+    "chunks",
+    metadata,
+    sa.Column("id", _ID, primary_key=True, autoincrement=True),
+    sa.Column("collection_pk", _ID, nullable=False),
+    sa.Column("document_id", sa.String(63), nullable=False),
+    sa.Column("idx", sa.Integer, nullable=False),
+    sa.Column("text", sa.Text, nullable=False),
+    sa.Column("heading_path", sa.JSON, nullable=False),
+    sa.Column("start_offset", sa.Integer, nullable=False),
+    sa.Column("end_offset", sa.Integer, nullable=False),
+    sa.Column("token_count", sa.Integer, nullable=False),
+    sa.Column("embedding", sa.LargeBinary, nullable=False),
+    sa.ForeignKeyConstraint(["collection_pk", "document_id"], ["documents.collection_pk", "documents.document_id"],
+                            ondelete="CASCADE", name="fk_chunks_document"),
+    sa.UniqueConstraint("collection_pk", "document_id", "idx", name="uq_chunks_position"),
+)
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+@dataclass
+class CollectionRow:
+    pk: int
+    uid: str
+    tenant: str
+    collection_id: str
+    display_name: str
+    description: str
+    labels: dict[str, str]
+    embedding_model: str
+    chunk_size: int
+    chunk_overlap: int
+    strategy: int
+    etag: str
+    create_request_id: str
+    generation: int
+    create_us: int
+    update_us: int
+    document_count: int = 0
+    chunk_count: int = 0
+
+
+@dataclass
+class ChunkRow:
+    idx: int
+    text: str
+    heading_path: list[str]
+    start_offset: int
+    end_offset: int
+    token_count: int
+    embedding: bytes = b""
+    id: int = 0
+
+
+@dataclass
+class DocumentRow:
+    document_id: str
+    content_sha256: str
+    size_bytes: int
+    mime_type: str
+    display_name: str
+    source_uri: str
+    metadata: dict[str, Any]
+    acl: list[str]
+    version: int = 0
+    chunk_count: int = 0
+    create_us: int = 0
+    update_us: int = 0
+    chunks: list[ChunkRow] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class IndexedChunk:
+    """What an index holds about one chunk: enough to rank it and to apply access control and filters."""
+
+    id: int
+    document_id: str
+    text: str
+    embedding: bytes
+    acl: tuple[str, ...]
+    metadata: dict[str, Any]
+
+
+class AlreadyExists(Exception):
+    pass
+
+
+class EtagMismatch(Exception):
+    pass
+
+
+class NotEmpty(Exception):
+    pass
+
+
+_COLLECTION_FIELDS = [c for c in collections.columns]
+
+
+def _collection(row: Any, document_count: int = 0, chunk_count: int = 0) -> CollectionRow:
+    values = {c.name: row._mapping[c.name] for c in _COLLECTION_FIELDS}
+    return CollectionRow(**values, document_count=document_count, chunk_count=chunk_count)
+
+
+def _document(row: Any) -> DocumentRow:
+    m = row._mapping
+    return DocumentRow(document_id=m["document_id"], content_sha256=m["content_sha256"], size_bytes=m["size_bytes"],
+                       mime_type=m["mime_type"], display_name=m["display_name"], source_uri=m["source_uri"],
+                       metadata=dict(m["metadata"] or {}), acl=list(m["acl"] or []), version=m["version"],
+                       chunk_count=m["chunk_count"], create_us=m["create_us"], update_us=m["update_us"])
+
+
+class RetrievalStore:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    @classmethod
+    def open(cls, url: str) -> RetrievalStore:
+        engine = core_storage.create_engine(url)
+        core_storage.migrate(engine, MIGRATIONS)
+        return cls(engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # --- collections ---------------------------------------------------------------------------
+
+    def create_collection(self, row: CollectionRow) -> CollectionRow:
+        """Insert; an existing id raises AlreadyExists unless `create_request_id` matches (a retry)."""
+        values = {c.name: getattr(row, c.name) for c in _COLLECTION_FIELDS if c.name != "pk"}
+        try:
+            with self.engine.begin() as conn:
+                key = conn.execute(collections.insert().values(**values)).inserted_primary_key
+                assert key is not None
+                row.pk = int(key[0])
+                return row
+        except sa.exc.IntegrityError:
+            existing = self.get_collection(row.tenant, row.collection_id)
+            if existing is not None and row.create_request_id and existing.create_request_id == row.create_request_id:
+                return existing
+            raise AlreadyExists(row.collection_id) from None
+
+    def _counts(self, conn: Connection, pks: Sequence[int]) -> dict[int, tuple[int, int]]:
+        if not pks:
+            return {}
+        q = sa.select(documents.c.collection_pk, sa.func.count(), sa.func.coalesce(sa.func.sum(documents.c.chunk_count), 0)
+                      ).where(documents.c.collection_pk.in_(pks)).group_by(documents.c.collection_pk)
+        return {int(pk): (int(d), int(c)) for pk, d, c in conn.execute(q)}
+
+    def get_collection(self, tenant: str, collection_id: str) -> CollectionRow | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(collections).where(
+                collections.c.tenant == tenant, collections.c.collection_id == collection_id)).first()
+            if row is None:
+                return None
+            counts = self._counts(conn, [row.pk]).get(row.pk, (0, 0))
+            return _collection(row, *counts)
+
+    def list_collections(self, tenant: str, after: str, limit: int) -> list[CollectionRow]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(collections).where(
+                collections.c.tenant == tenant, collections.c.collection_id > after
+            ).order_by(collections.c.collection_id).limit(limit)).all()
+            counts = self._counts(conn, [r.pk for r in rows])
+            return [_collection(r, *counts.get(r.pk, (0, 0))) for r in rows]
+
+    def update_collection(self, tenant: str, collection_id: str, changes: dict[str, Any], etag: str,
+                          new_etag: str, *, needs_empty: bool) -> CollectionRow | None:
+        with self.engine.begin() as conn:
+            row = conn.execute(sa.select(collections).where(
+                collections.c.tenant == tenant, collections.c.collection_id == collection_id).with_for_update()).first()
+            if row is None:
+                return None
+            if etag and etag != row.etag:
+                raise EtagMismatch(collection_id)
+            documents_held = self._counts(conn, [row.pk]).get(row.pk, (0, 0))[0]
+            if needs_empty and documents_held:
+                raise NotEmpty(collection_id)
+            conn.execute(collections.update().where(collections.c.pk == row.pk).values(
+                **changes, etag=new_etag, update_us=now_us()))
+        return self.get_collection(tenant, collection_id)
+
+    def delete_collection(self, tenant: str, collection_id: str, *, force: bool, etag: str) -> CollectionRow | None:
+        with self.engine.begin() as conn:
+            row = conn.execute(sa.select(collections).where(
+                collections.c.tenant == tenant, collections.c.collection_id == collection_id).with_for_update()).first()
+            if row is None:
+                return None
+            if etag and etag != row.etag:
+                raise EtagMismatch(collection_id)
+            if not force and self._counts(conn, [row.pk]).get(row.pk, (0, 0))[0]:
+                raise NotEmpty(collection_id)
+            conn.execute(chunks.delete().where(chunks.c.collection_pk == row.pk))
+            conn.execute(documents.delete().where(documents.c.collection_pk == row.pk))
+            conn.execute(collections.delete().where(collections.c.pk == row.pk))
+            return _collection(row)
+
+    def generation(self, collection_pk: int) -> int | None:
+        with self.engine.connect() as conn:
+            value = conn.execute(sa.select(collections.c.generation).where(collections.c.pk == collection_pk)).scalar()
+            return None if value is None else int(value)
+
+    # --- documents ---------------------------------------------------------------------------
+
+    def get_document(self, collection_pk: int, document_id: str, *, with_chunks: bool = False) -> DocumentRow | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(documents).where(
+                documents.c.collection_pk == collection_pk, documents.c.document_id == document_id)).first()
+            if row is None:
+                return None
+            doc = _document(row)
+            if with_chunks:
+                doc.chunks = [ChunkRow(idx=r.idx, text=r.text, heading_path=list(r.heading_path or []),
+                                       start_offset=r.start_offset, end_offset=r.end_offset,
+                                       token_count=r.token_count, id=r.id)
+                              for r in conn.execute(sa.select(
+                                  chunks.c.id, chunks.c.idx, chunks.c.text, chunks.c.heading_path,
+                                  chunks.c.start_offset, chunks.c.end_offset, chunks.c.token_count).where(
+                                  chunks.c.collection_pk == collection_pk, chunks.c.document_id == document_id
+                              ).order_by(chunks.c.idx))]
+            return doc
+
+    def iter_documents(self, collection_pk: int, after: str, batch: int = 500) -> Iterator[DocumentRow]:
+        """Documents ordered by id, after `after`, read in batches (ListDocuments filters them)."""
+        while True:
+            with self.engine.connect() as conn:
+                rows = conn.execute(sa.select(documents).where(
+                    documents.c.collection_pk == collection_pk, documents.c.document_id > after
+                ).order_by(documents.c.document_id).limit(batch)).all()
+            for row in rows:
+                yield _document(row)
+            if len(rows) < batch:
+                return
+            after = rows[-1].document_id
+
+    def replace_document(self, collection_pk: int, doc: DocumentRow) -> int | None:
+        """Write `doc` and its chunks in place of any earlier version, in one transaction; the new
+        version, or None when the collection is gone."""
+        with self.engine.begin() as conn:
+            if not self._bump(conn, collection_pk):
+                return None
+            old = conn.execute(sa.select(documents.c.version, documents.c.create_us).where(
+                documents.c.collection_pk == collection_pk, documents.c.document_id == doc.document_id)).first()
+            stamp = now_us()
+            doc.version = (old.version + 1) if old else 1
+            doc.create_us = old.create_us if old else stamp
+            doc.update_us = stamp
+            doc.chunk_count = len(doc.chunks)
+            self._delete_document(conn, collection_pk, doc.document_id)
+            conn.execute(documents.insert().values(
+                collection_pk=collection_pk, document_id=doc.document_id, version=doc.version,
+                content_sha256=doc.content_sha256, size_bytes=doc.size_bytes, mime_type=doc.mime_type,
+                display_name=doc.display_name, source_uri=doc.source_uri, metadata=doc.metadata, acl=doc.acl,
+                chunk_count=doc.chunk_count, create_us=doc.create_us, update_us=doc.update_us))
+            if doc.chunks:
+                conn.execute(chunks.insert(), [dict(
+                    collection_pk=collection_pk, document_id=doc.document_id, idx=c.idx, text=c.text,
+                    heading_path=c.heading_path, start_offset=c.start_offset, end_offset=c.end_offset,
+                    token_count=c.token_count, embedding=c.embedding) for c in doc.chunks])
+            return doc.version
+
+    def update_document_fields(self, collection_pk: int, doc: DocumentRow) -> int | None:
+        """Same content, new metadata / access list / names: no re-chunking; the new version."""
+        with self.engine.begin() as conn:
+            if not self._bump(conn, collection_pk):
+                return None
+            version = conn.execute(sa.select(documents.c.version).where(
+                documents.c.collection_pk == collection_pk, documents.c.document_id == doc.document_id)).scalar()
+            if version is None:
+                return None
+            doc.version = int(version) + 1
+            conn.execute(documents.update().where(
+                documents.c.collection_pk == collection_pk, documents.c.document_id == doc.document_id
+            ).values(version=doc.version, display_name=doc.display_name, source_uri=doc.source_uri,
+                     metadata=doc.metadata, acl=doc.acl, mime_type=doc.mime_type, update_us=now_us()))
+            return doc.version
+
+    def delete_document(self, collection_pk: int, document_id: str) -> bool:
+        with self.engine.begin() as conn:
+            exists = conn.execute(sa.select(documents.c.version).where(
+                documents.c.collection_pk == collection_pk, documents.c.document_id == document_id)).first()
+            if exists is None:
+                return False
+            self._bump(conn, collection_pk)
+            self._delete_document(conn, collection_pk, document_id)
+            return True
+
+    @staticmethod
+    def _delete_document(conn: Connection, collection_pk: int, document_id: str) -> None:
+        conn.execute(chunks.delete().where(chunks.c.collection_pk == collection_pk, chunks.c.document_id == document_id))
+        conn.execute(documents.delete().where(
+            documents.c.collection_pk == collection_pk, documents.c.document_id == document_id))
+
+    @staticmethod
+    def _bump(conn: Connection, collection_pk: int) -> bool:
+        """Mark the collection's indexes stale (and lock its row until commit on PostgreSQL)."""
+        result = conn.execute(collections.update().where(collections.c.pk == collection_pk).values(
+            generation=collections.c.generation + 1))
+        return bool(result.rowcount)
+
+    # --- what the indexes are built from -------------------------------------------------------
+
+    def indexed_chunks(self, collection_pk: int) -> tuple[int, list[IndexedChunk]]:
+        """(generation, every chunk) read in one transaction, so the two agree."""
+        with self.engine.connect() as conn, conn.begin():
+            generation = conn.execute(sa.select(collections.c.generation).where(
+                collections.c.pk == collection_pk)).scalar()
+            rows = conn.execute(sa.select(
+                chunks.c.id, chunks.c.document_id, chunks.c.text, chunks.c.embedding, documents.c.acl,
+                documents.c.metadata).join(documents, sa.and_(
+                    documents.c.collection_pk == chunks.c.collection_pk,
+                    documents.c.document_id == chunks.c.document_id)).where(
+                chunks.c.collection_pk == collection_pk).order_by(chunks.c.id)).all()
+        return int(generation or 0), [IndexedChunk(r.id, r.document_id, r.text, bytes(r.embedding),
+                                                   tuple(r.acl or ()), dict(r.metadata or {})) for r in rows]
+
+    def chunks_by_id(self, collection_pk: int, ids: Sequence[int]) -> dict[int, tuple[ChunkRow, DocumentRow]]:
+        if not ids:
+            return {}
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(chunks, documents).join(documents, sa.and_(
+                documents.c.collection_pk == chunks.c.collection_pk,
+                documents.c.document_id == chunks.c.document_id)).where(
+                chunks.c.collection_pk == collection_pk, chunks.c.id.in_(list(ids)))).all()
+        out: dict[int, tuple[ChunkRow, DocumentRow]] = {}
+        for r in rows:
+            m = r._mapping
+            out[int(m[chunks.c.id])] = (
+                ChunkRow(idx=m[chunks.c.idx], text=m[chunks.c.text], heading_path=list(m[chunks.c.heading_path] or []),
+                         start_offset=m[chunks.c.start_offset], end_offset=m[chunks.c.end_offset],
+                         token_count=m[chunks.c.token_count], id=int(m[chunks.c.id])),
+                DocumentRow(document_id=m[documents.c.document_id], content_sha256=m[documents.c.content_sha256],
+                            size_bytes=m[documents.c.size_bytes], mime_type=m[documents.c.mime_type],
+                            display_name=m[documents.c.display_name], source_uri=m[documents.c.source_uri],
+                            metadata=dict(m[documents.c.metadata] or {}), acl=list(m[documents.c.acl] or []),
+                            version=m[documents.c.version]))
+        return out
