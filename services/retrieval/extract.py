@@ -54,7 +54,13 @@ def normalise_mime(mime_type: str) -> str:
 
 
 def extract(mime_type: str, *, text: str | None = None, content: bytes | None = None) -> Extracted:
-    """Blocking (HTML and PDF parsing): run it off the event loop."""
+    """Blocking (HTML and PDF parsing): run it off the event loop. NUL characters become spaces
+    (PostgreSQL text cannot hold them; the length, hence every offset, is unchanged)."""
+    found = _extract(mime_type, text=text, content=content)
+    return Extracted(found.text.replace("\x00", " "), found.mime_type, found.headings)
+
+
+def _extract(mime_type: str, *, text: str | None = None, content: bytes | None = None) -> Extracted:
     mime = normalise_mime(mime_type) if mime_type else (PLAIN if content is None else sniff(content))
     if mime not in SUPPORTED:
         raise ExtractError("UNSUPPORTED_MIME_TYPE", f"mime_type must be one of {', '.join(SUPPORTED)}")

@@ -147,6 +147,8 @@ def _check_collection_fields(c: pb.Collection) -> None:
     if len(c.labels) > MAX_LABELS or any(len(k) > 63 or not k or len(v) > 256 for k, v in c.labels.items()):
         raise invalid_argument("INVALID_COLLECTION", f"at most {MAX_LABELS} labels, keys 1..63 and values at most "
                                "256 characters")
+    if any("\x00" in t for t in (c.display_name, c.description, *c.labels, *c.labels.values())):
+        raise invalid_argument("INVALID_COLLECTION", "text fields may not contain NUL characters")
     if c.knowledge_graph_enabled:
         raise _not_yet("knowledge_graph_enabled")
 
@@ -439,6 +441,8 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
         if len(doc.display_name) > MAX_TEXT_FIELD or len(doc.source_uri) > MAX_TEXT_FIELD or len(doc.mime_type) > MAX_MIME_LEN:
             return "INVALID_DOCUMENT", f"display_name and source_uri are at most {MAX_TEXT_FIELD} characters, " \
                                        f"mime_type at most {MAX_MIME_LEN}"
+        if "\x00" in doc.display_name or "\x00" in doc.source_uri:
+            return "INVALID_DOCUMENT", "display_name and source_uri may not contain NUL characters"
         if doc.metadata.ByteSize() > MAX_METADATA_BYTES:
             return "INVALID_DOCUMENT", f"metadata is at most {MAX_METADATA_BYTES} bytes serialized"
         acl = doc.access_control.allowed_principals

@@ -27,6 +27,8 @@ from llmo.protos.cost.v1 import cost_service_pb2 as cost_pb
 from llmo.protos.cost.v1 import cost_service_pb2_grpc as cost_grpc
 from llmo.protos.inference.v1 import inference_service_pb2 as inf_pb
 from llmo.protos.inference.v1 import inference_service_pb2_grpc as inf_grpc
+from llmo.protos.retrieval.v1 import retrieval_service_pb2 as ret_pb
+from llmo.protos.retrieval.v1 import retrieval_service_pb2_grpc as ret_grpc
 from llmo.protos.router.v1 import router_service_pb2 as router_pb
 from llmo.protos.router.v1 import router_service_pb2_grpc as router_grpc
 from tests.suites.stack import UPSTREAM_KEY_ENV, Endpoint, Stack, platform
@@ -207,6 +209,64 @@ COST = ServiceEntry(
 )
 
 
+# ---------------------------------------------------------------- retrieval
+
+SUITE_COLLECTION = "suite-c"
+
+
+async def _start_retrieval(stack: Stack) -> Endpoint:
+    from llmo.retrieval.main import start
+    from llmo.retrieval.settings import RetrievalSettings
+
+    data = stack.data_dir / "retrieval"
+    data.mkdir(parents=True, exist_ok=True)
+    settings = RetrievalSettings(database_url=f"sqlite:///{data / 'retrieval.db'}", metrics_port=-1,
+                                 platform=platform(stack.nats.url, data))
+    running = await start(settings, port=0, metrics=False)
+    return endpoint_of(running)
+
+
+def ingest(stack: Stack, key: str, collection: str, docs: list[ret_pb.DocumentInput]) -> list[ret_pb.DocumentProgress]:
+    """The final progress of each document of one IngestDocuments stream."""
+    stub = ret_grpc.RetrievalServiceStub(stack.channel("retrieval"))
+    requests = [ret_pb.IngestDocumentsRequest(config=ret_pb.IngestConfig(collection=f"collections/{collection}")),
+                *(ret_pb.IngestDocumentsRequest(document=d) for d in docs)]
+    final: dict[int, ret_pb.DocumentProgress] = {}
+    for reply in stub.IngestDocuments(iter(requests), metadata=auth(key), timeout=TIMEOUT):
+        if reply.HasField("progress"):
+            final[reply.progress.index] = reply.progress
+    return [final[i] for i in sorted(final)]
+
+
+def _retrieval_seed(stack: Stack) -> None:
+    stub = ret_grpc.RetrievalServiceStub(stack.channel("retrieval"))
+    for key in ("k1", "k-probe"):
+        stub.CreateCollection(ret_pb.CreateCollectionRequest(collection_id=SUITE_COLLECTION),
+                              metadata=auth(key), timeout=TIMEOUT)
+    done = ingest(stack, "k-probe", SUITE_COLLECTION, [ret_pb.DocumentInput(
+        document_id="probe-doc", text="Penguins are flightless birds of the southern hemisphere.")])
+    assert [d.stage for d in done] == [ret_pb.INGEST_STAGE_INDEXED], done
+
+
+def _retrieval_verify(stack: Stack, state: Any) -> None:
+    stub = ret_grpc.RetrievalServiceStub(stack.channel("retrieval"))
+    found = stub.Search(ret_pb.SearchRequest(collection=f"collections/{SUITE_COLLECTION}", query="flightless penguins"),
+                        metadata=auth("k-probe"), timeout=TIMEOUT)
+    assert [r.chunk.document for r in found.results] == [f"collections/{SUITE_COLLECTION}/documents/probe-doc"], found
+
+
+RETRIEVAL = ServiceEntry(
+    name="retrieval",
+    descriptor=ret_pb.DESCRIPTOR.services_by_name["RetrievalService"],
+    start=_start_retrieval,
+    string_hints=(SUITE_COLLECTION, f"collections/{SUITE_COLLECTION}", f"collections/{SUITE_COLLECTION}/documents/d1",
+                  "d1", "text/markdown", "text/html", "application/pdf", "user:alice", "group:eng", "year",
+                  "all-MiniLM-L6-v2", "display_name", "description", "labels", "chunking"),
+    seed=_retrieval_seed,
+    verify=_retrieval_verify,
+)
+
+
 # ---------------------------------------------------------------- router
 
 PORTFOLIO = """
@@ -310,7 +370,7 @@ def _http_known_good(stack: Stack, service: str, path: str, body: dict[str, Any]
 
 
 # Start order matters: the router calls inference (HTTP) and cost (budgets).
-SERVICES: list[ServiceEntry] = [INFERENCE, COST, ROUTER]
+SERVICES: list[ServiceEntry] = [INFERENCE, COST, ROUTER, RETRIEVAL]
 BY_NAME = {entry.name: entry for entry in SERVICES}
 
 

@@ -19,9 +19,11 @@ from google.protobuf import message as _message
 from llmo.protos.common.v1 import common_pb2
 from llmo.protos.cost.v1 import cost_service_pb2 as cost_pb
 from llmo.protos.cost.v1 import cost_service_pb2_grpc as cost_grpc
+from llmo.protos.retrieval.v1 import retrieval_service_pb2 as ret_pb
+from llmo.protos.retrieval.v1 import retrieval_service_pb2_grpc as ret_grpc
 from llmo.protos.router.v1 import router_service_pb2 as rpb
 from llmo.protos.router.v1 import router_service_pb2_grpc as router_grpc
-from tests.suites.registry import DEMO, SUITE_APP, TIMEOUT, auth, ledger_total, usage_record
+from tests.suites.registry import DEMO, SUITE_APP, TIMEOUT, auth, ingest, ledger_total, usage_record
 from tests.suites.stack import Stack
 
 A_KEY, B_KEY = "k1", "k2"
@@ -225,8 +227,68 @@ ROUTER_PLAN = Plan(
     ],
 )
 
+# ---------------------------------------------------------------- retrieval
+
+
+def _retrieval(stack: Stack) -> ret_grpc.RetrievalServiceStub:
+    return ret_grpc.RetrievalServiceStub(stack.channel("retrieval"))
+
+
+def _coll(kind: str) -> str:
+    return f"collections/{kind}-coll"
+
+
+def _rdoc(kind: str) -> str:
+    return f"{_coll(kind)}/documents/{kind}-doc"
+
+
+def _retrieval_setup(stack: Stack) -> dict[str, Any]:
+    _retrieval(stack).CreateCollection(ret_pb.CreateCollectionRequest(
+        collection_id=f"{SECRET}-coll", collection=ret_pb.Collection(display_name=f"{SECRET} collection")),
+        metadata=auth(A_KEY), timeout=TIMEOUT)
+    done = ingest(stack, A_KEY, f"{SECRET}-coll", [ret_pb.DocumentInput(
+        document_id=f"{SECRET}-doc", text=f"{SECRET} quarterly penguin census: 4096 birds counted.")])
+    assert [d.stage for d in done] == [ret_pb.INGEST_STAGE_INDEXED], done
+    return {}
+
+
+def _retrieval_verify(stack: Stack, state: dict[str, Any]) -> None:
+    stub, meta = _retrieval(stack), auth(A_KEY)
+    coll = stub.GetCollection(ret_pb.GetCollectionRequest(name=_coll(SECRET)), metadata=meta, timeout=TIMEOUT).collection
+    assert (coll.display_name, coll.document_count) == (f"{SECRET} collection", 1), coll
+    found = stub.Search(ret_pb.SearchRequest(collection=_coll(SECRET), query="penguin census"), metadata=meta,
+                        timeout=TIMEOUT)
+    assert [r.chunk.document for r in found.results] == [_rdoc(SECRET)], found
+
+
+def _ingest_into(kind: str) -> ret_pb.IngestDocumentsRequest:
+    return ret_pb.IngestDocumentsRequest(config=ret_pb.IngestConfig(collection=_coll(kind)))
+
+
+RETRIEVAL_PLAN = Plan(
+    setup=_retrieval_setup,
+    verify=_retrieval_verify,
+    probes=[
+        _pair("GetCollection", lambda k: ret_pb.GetCollectionRequest(name=_coll(k))),
+        _pair("UpdateCollection", lambda k: ret_pb.UpdateCollectionRequest(
+            collection=ret_pb.Collection(name=_coll(k), display_name="B was here"))),
+        _pair("DeleteCollection", lambda k: ret_pb.DeleteCollectionRequest(name=_coll(k), force=True)),
+        _pair("IngestDocuments", _ingest_into),
+        _pair("GetDocument", lambda k: ret_pb.GetDocumentRequest(name=_rdoc(k), view=ret_pb.DOCUMENT_VIEW_FULL)),
+        _pair("ListDocuments", lambda k: ret_pb.ListDocumentsRequest(parent=_coll(k))),
+        _pair("DeleteDocument", lambda k: ret_pb.DeleteDocumentRequest(name=_rdoc(k))),
+        _pair("Search", lambda k: ret_pb.SearchRequest(collection=_coll(k), query="penguin census")),
+        Probe("ListCollections", "ListCollections", lambda s: ret_pb.ListCollectionsRequest()),
+        # Squatting: tenantB creating a collection with tenantA's id gets a fresh one of its own.
+        _pair("CreateCollection", lambda k: ret_pb.CreateCollectionRequest(collection_id=f"{k}-coll"),
+              name="CreateCollection-same-id", markers=()),
+    ],
+)
+
+
 # Models are the platform's, not a tenant's: inference names no tenant resource.
 INFERENCE_PLAN = Plan(setup=lambda stack: {}, verify=lambda stack, state: None, probes=[],
                       tenant_free=frozenset({"Generate", "CountTokens", "ListModels", "GetModel"}))
 
-PLANS: dict[str, Plan] = {"cost": COST_PLAN, "router": ROUTER_PLAN, "inference": INFERENCE_PLAN}
+PLANS: dict[str, Plan] = {"cost": COST_PLAN, "router": ROUTER_PLAN, "inference": INFERENCE_PLAN,
+                         "retrieval": RETRIEVAL_PLAN}
