@@ -79,7 +79,7 @@ def _who(principal: pb.Principal) -> str:
     return f"{principal.subject} ({', '.join(principal.groups)})"
 
 
-def _snippet(text: str, width: int = 60) -> str:
+def _snippet(text: str, width: int = 48) -> str:
     flat = " ".join(text.split())
     return flat if len(flat) <= width else flat[: width - 1] + "…"
 
@@ -179,8 +179,9 @@ async def run_demo(endpoints: dict[str, str], *, tenants: Mapping[str, str] | No
                 stage = pb.IngestStage.Name(final.stage).removeprefix("INGEST_STAGE_") if final else "NO PROGRESS"
                 acl = f", readable by {', '.join(doc.access_control.allowed_principals)}" \
                     if doc.access_control.allowed_principals else ""
+                chunks = final.chunks if final else 0
                 lines.append(f"retrieval: ingested {doc.document_id} ({doc.mime_type}{acl}): {stage}, "
-                             f"{final.chunks if final else 0} chunks"
+                             f"{chunks} chunk{'' if chunks == 1 else 's'}"
                              + (f" [{final.error_reason}]" if final and final.error_reason else ""))
             lines.append(f"retrieval: ingest summary: {summary.documents_received} received, "
                          f"{summary.documents_indexed} indexed, {summary.documents_skipped} skipped, "
