@@ -10,22 +10,27 @@
 - `EventBus.connect_in_background()` is the one connection policy of every
   service: start without NATS, connect whenever it comes up, then run the
   `when_connected` start-ups (consumers) once.
-- `Consumer` is a durable pull consumer: it hands batches to an async handler
-  and acks only after the handler returns (the handler commits its side effect
-  first). A failing batch is retried message by message so one poison message
-  cannot stop the others; a message that keeps failing is redelivered with
-  backoff up to `max_deliver` times, then parked on `llmo.dlq.<domain>` as a
-  `DeadLetter` with the reason. Handlers must be idempotent on `event_id`.
+- `Consumer` is the one durable pull consumer of every service, over the lean
+  pull connection of `llmo.core.jspull`: it hands batches to an async handler and
+  acks only after the handler returns (the handler commits its side effect
+  first). An unreadable message, or one delivered more than `max_deliver` times
+  without an ack, is parked on `llmo.dlq.<domain>` as a `DeadLetter` with the
+  reason, as is one the handler `reject()`s. A failing batch follows the
+  consumer's failure policy: `Redeliver` (default: message by message, then
+  redelivery with backoff up to `max_deliver`) or `RetryInPlace` (hold and retry
+  the batch through an outage; isolate a poison message). Handlers must be
+  idempotent on `event_id`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Generic, Protocol, TypeVar
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar, cast
 
 import nats
 import nats.errors
@@ -33,12 +38,12 @@ import nats.js.errors
 from google.protobuf import timestamp_pb2
 from google.protobuf.message import DecodeError, Message
 from nats.aio.client import Client as NatsClient
-from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 
 from llmo.core import context as ctx
 from llmo.core import tracing
+from llmo.core.jspull import PullClient, PulledMessage
 from llmo.core.logging import get_logger
 from llmo.core.metrics import EVENTS_DEAD_LETTERED, EVENTS_HANDLED, EVENTS_PUBLISHED
 from llmo.protos.events.v1 import events_pb2
@@ -46,6 +51,7 @@ from llmo.protos.events.v1 import events_pb2
 log = get_logger(__name__)
 
 T = TypeVar("T", bound=Message)
+E = TypeVar("E")  # what a consumer hands its handler: the decoded event
 
 DLQ_STREAM = "LLMO_DLQ"
 DUPLICATE_WINDOW_SECONDS = 120.0
@@ -355,33 +361,82 @@ class EventBus:
         self._errors_since_connect = 0
 
 
-@dataclass
-class Delivery(Generic[T]):
-    """One received event. Call `reject()` to park it on the dead-letter subject."""
+@dataclass(slots=True)
+class Delivery(PulledMessage, Generic[E]):
+    """One received event (the pulled message itself, so a batch allocates one object per
+    message). Call `reject()` to park it on the dead-letter subject."""
 
-    event: T
-    event_id: str
-    subject: str
-    deliveries: int
-    headers: dict[str, str]
-    msg: Msg = field(repr=False)
+    event: E = None  # type: ignore[assignment]  # set by the consumer's decode before the handler sees it
     rejection: tuple[str, str] | None = None
+
+    @property
+    def event_id(self) -> str:
+        return getattr(self.event, "event_id", "") or self.header("Nats-Msg-Id")
 
     def reject(self, reason: str, detail: str = "") -> None:
         self.rejection = (reason, detail)
 
 
-Handler = Callable[[list[Delivery[T]]], Awaitable[None]]
+Handler = Callable[[list[Delivery[E]]], Awaitable[None]]
 
 
-class Consumer(Generic[T]):
+class Rejected(Exception):
+    """Raised by a consumer's `decode`: the message is parked on the dead-letter subject with `reason`."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(detail or reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class Redeliver:
+    """The default failure policy: a failing batch is retried message by message; a message that
+    still fails is redelivered with backoff and parked as `max_deliveries_exceeded` once it has
+    been delivered `max_deliver` times."""
+
+
+@dataclass(frozen=True, slots=True)
+class RetryInPlace:
+    """The failure policy of a handler whose failures are mostly outages (a database): the batch is
+    kept (in progress) and retried with backoff; after `max_deliver` attempts its messages are tried
+    one by one, twice. One that fails alone while others succeed is parked with `poison_reason`;
+    when none succeeds it is an outage, and the batch keeps waiting."""
+
+    poison_reason: str = "handler_error"
+
+
+FailurePolicy = Redeliver | RetryInPlace
+
+
+@dataclass(slots=True)
+class _Batch(Generic[E]):
+    deliveries: list[Delivery[E]]
+    # messages parked before the handler: (message, reason, detail)
+    rejected: list[tuple[PulledMessage, str, str]]
+    # one span per message: deliveries first, then rejected
+    spans: tracing.MessageSpans
+
+
+class Consumer(Generic[E]):
+    """A durable JetStream pull consumer over the lean pull connection (`llmo.core.jspull`).
+
+    One pull per batch, the next requested before the current one is handled, and
+    two batches in flight: while the handler works on one, the next is collected
+    and decoded. Handler calls stay in order. `decode` turns a payload into the
+    handler's event (default: `message_type.FromString`); it raises `DecodeError`
+    (parked as `malformed_payload`) or `Rejected` (parked with its reason).
+    """
+
     def __init__(
         self,
         bus: EventBus,
-        message_type: type[T],
+        message_type: type[Message],
         durable: str,
-        handler: Handler[T],
+        handler: Handler[E],
         *,
+        decode: Callable[[bytes], E] | None = None,
+        on_failure: FailurePolicy = Redeliver(),
         batch: int = 256,
         max_deliver: int = 5,
         ack_wait: float = 30.0,
@@ -390,15 +445,23 @@ class Consumer(Generic[T]):
     ) -> None:
         self.bus = bus
         self.message_type = message_type
+        self.type_name = message_type.DESCRIPTOR.full_name
         self.subject = subject_of(message_type)
         self.domain = domain_of(self.subject)
+        self.stream = stream_name(self.domain)
         self.durable = durable
         self.handler = handler
+        self.decode: Callable[[bytes], E] = decode or cast(Callable[[bytes], E], message_type.FromString)
+        self.on_failure = on_failure
         self.batch = batch
         self.max_deliver = max_deliver
         self.ack_wait = ack_wait
-        self.backoff = tuple(backoff)
+        self.backoff = tuple(backoff) or (0.0,)
         self.fetch_timeout = fetch_timeout
+        self._client = PullClient(bus.url, self.stream, durable, name=f"{bus.name}-{durable}", message_class=Delivery)
+        # the llmo-type header as our publishers write it; anything else is parsed properly
+        self._type_line = f"\r\nllmo-type: {self.type_name}\r\n".encode()
+        self._ack_prefix = f"$JS.ACK.{self.stream}.{durable}."
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
 
@@ -407,114 +470,165 @@ class Consumer(Generic[T]):
         return self._task
 
     async def stop(self) -> None:
-        """Finish the batch in hand (ack it), then stop."""
+        """Finish (and ack) the batches in hand, hand back what was prefetched, then stop."""
         self._stopping = True
         if self._task:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    async def run(self) -> None:
-        subscription = None
-        while not self._stopping:
-            try:
-                if subscription is None:
-                    subscription = await self._subscribe()
-                messages = await subscription.fetch(self.batch, timeout=self.fetch_timeout)
-            except nats.errors.TimeoutError:
-                continue
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:  # connection lost, stream not ready yet, server restarting
-                log.warning("consumer fetch failed; retrying", consumer=self.durable, error=repr(error))
-                await asyncio.sleep(0.5)
-                continue
-            await self.process(messages)
+    async def open(self) -> None:
+        """Create (or update) the durable and connect the pull connection.
 
-    async def _subscribe(self) -> JetStreamContext.PullSubscription:
-        stream = await self.bus.ensure_stream(self.domain)
+        `run()` does this itself (and again after a lost connection); awaiting it
+        before `start()` makes a start-up fail loudly instead."""
+        await self.bus.ensure_stream(self.domain)
         await self.bus.ensure_dlq()
         config = ConsumerConfig(
             durable_name=self.durable,
             ack_policy=AckPolicy.EXPLICIT,
             deliver_policy=DeliverPolicy.ALL,
+            filter_subject=self.subject,
             # Unlimited at the server: JetStream would silently stop redelivering at its
             # limit. We count deliveries ourselves and park the message on the DLQ.
             max_deliver=-1,
             ack_wait=self.ack_wait,
-            filter_subject=self.subject,
             max_ack_pending=max(1000, self.batch * 4),
         )
-        return await self.bus.js.pull_subscribe(self.subject, durable=self.durable, stream=stream, config=config)
+        await self.bus.js.add_consumer(self.stream, config)
+        await self._client.connect()
 
-    async def process(self, messages: list[Msg]) -> None:
-        deliveries: list[Delivery[T]] = []
-        for msg in messages:
-            decoded = self._decode(msg)
-            if not isinstance(decoded, Delivery):
-                await self._dead_letter(msg, *decoded)
-            elif decoded.deliveries > self.max_deliver:
-                # Delivered too often without an ack (e.g. it crashes the consumer every time).
-                await self._dead_letter(msg, decoded.event_id, "max_deliveries_exceeded", "never acknowledged")
-            else:
-                deliveries.append(decoded)
-        if not deliveries:
-            return
+    async def run(self) -> None:
+        client = self._client
+        pull: str | None = None
+        finishing: asyncio.Task[None] | None = None
         try:
-            await self._handle(deliveries)
-        except asyncio.CancelledError:
-            raise
-        except Exception as error:
-            if len(deliveries) == 1:
-                await self._failed(deliveries[0], error)
-                return
-            log.warning("batch failed; retrying one by one", consumer=self.durable, size=len(deliveries), error=repr(error))
-            for delivery in deliveries:
-                delivery.rejection = None
+            while not self._stopping:
                 try:
-                    await self._handle([delivery])
+                    if not client.connected:
+                        await self.open()
+                        pull = None
+                    if pull is None:
+                        pull = client.request(self.batch, self.fetch_timeout)
+                    messages = cast(list[Delivery[E]], await client.collect(pull, self.fetch_timeout + 2.0))
+                    pull = None if self._stopping else client.request(self.batch, self.fetch_timeout)
+                    if not messages:
+                        continue
+                    batch = self._prepare(messages)
+                    if finishing is not None:
+                        task, finishing = finishing, None
+                        if batch.rejected and not task.done():
+                            # not behind a handler still at work: a message past its delivery
+                            # limit must not wait on a handler that hangs on it
+                            await self._park_rejected(batch)
+                        await task
+                    finishing = asyncio.create_task(self._finish(batch))
                 except asyncio.CancelledError:
                     raise
-                except Exception as single_error:
-                    await self._failed(delivery, single_error)
+                except Exception as error:  # connection lost, stream not ready yet, server restarting
+                    log.warning("consumer loop failed; retrying", consumer=self.durable, error=repr(error))
+                    pull = None
+                    with contextlib.suppress(Exception):
+                        client.nak(client.abandon())
+                    await asyncio.sleep(0.5)
+            if finishing is not None:
+                task, finishing = finishing, None
+                with contextlib.suppress(Exception):
+                    await task
+            with contextlib.suppress(Exception):
+                client.nak(client.abandon())
+                await client.flush(timeout=2.0)
+        finally:
+            # cancelled (the consumer "dies"): what it had not acked comes back after ack_wait
+            if finishing is not None:
+                finishing.cancel()
+            await client.close()
 
-    async def _handle(self, deliveries: list[Delivery[T]]) -> None:
-        spans = tracing.message_spans(self.subject, self.durable, (d.headers.get("traceparent") for d in deliveries))
+    def _prepare(self, messages: list[Delivery[E]]) -> _Batch[E]:
+        deliveries: list[Delivery[E]] = []
+        rejected: list[tuple[PulledMessage, str, str]] = []
+        decode, type_line, expected = self.decode, self._type_line, self.type_name
+        ack_prefix, max_deliver = self._ack_prefix, self.max_deliver
+        for msg in messages:
+            if msg.redelivered(ack_prefix) and msg.deliveries > max_deliver:
+                detail = f"delivered {msg.deliveries} times without being acknowledged (does the consumer crash on it?)"
+                rejected.append((msg, "max_deliveries_exceeded", detail))
+                continue
+            try:
+                if type_line not in msg.raw_headers:
+                    declared = msg.header("llmo-type", expected)
+                    if declared != expected:
+                        raise DecodeError(f"llmo-type is {declared!r}, expected {expected!r}")
+                msg.event = decode(msg.data)
+                deliveries.append(msg)
+            except DecodeError as error:
+                rejected.append((msg, "malformed_payload", str(error)))
+            except Rejected as error:
+                rejected.append((msg, error.reason, error.detail))
+        consumed = itertools.chain(deliveries, (r[0] for r in rejected))
+        spans = tracing.message_spans(self.subject, self.durable, (m.header("traceparent") for m in consumed))
+        return _Batch(deliveries, rejected, spans)
+
+    async def _park_rejected(self, batch: _Batch[E]) -> None:
+        """Park the messages rejected before the handler (once)."""
+        rejected, batch.rejected = batch.rejected, []
+        for index, (msg, reason, detail) in enumerate(rejected, start=len(batch.deliveries)):
+            batch.spans.fail(index, reason)
+            await self._dead_letter(msg, msg.header("Nats-Msg-Id"), reason, detail)
+
+    async def _finish(self, batch: _Batch[E]) -> None:
+        """Run the handler under the failure policy; then ack, park or leave each message."""
+        deliveries, spans = batch.deliveries, batch.spans
         try:
-            with ctx.bind(trace=spans.trace, consumer=self.durable, batch=len(deliveries)):
-                await self.handler(deliveries)
-            for index, delivery in enumerate(deliveries):
-                if delivery.rejection:
-                    spans.fail(index, delivery.rejection[0])
-                    await self._dead_letter(delivery.msg, delivery.event_id, *delivery.rejection)
-                else:
-                    await delivery.msg.ack()
-                    EVENTS_HANDLED.labels(self.durable, "ok").inc()
-        except BaseException as error:
-            spans.end(error)
-            raise
-        spans.end()
+            handed_back: set[int] = set()
+            if deliveries:
+                with ctx.bind(trace=spans.trace, consumer=self.durable, batch=len(deliveries)):
+                    if isinstance(self.on_failure, RetryInPlace):
+                        handed_back = await self._retry_in_place(deliveries, self.on_failure.poison_reason)
+                    else:
+                        handed_back = await self._redeliver_failed(deliveries)
+            await self._park_rejected(batch)
+            ok: list[Delivery[E]]
+            if handed_back:
+                ok = [d for d in deliveries if d.rejection is None and id(d) not in handed_back]
+            else:
+                ok = [d for d in deliveries if d.rejection is None]
+            if len(ok) < len(deliveries):
+                for index, delivery in enumerate(deliveries):
+                    if delivery.rejection is not None:
+                        spans.fail(index, delivery.rejection[0])
+                        await self._dead_letter(delivery, delivery.event_id, *delivery.rejection)
+                    elif id(delivery) in handed_back:
+                        spans.fail(index, "redelivered")
+            self._client.ack(ok)
+            if ok:
+                EVENTS_HANDLED.labels(self.durable, "ok").inc(len(ok))
+        finally:
+            spans.end()
 
-    def _decode(self, msg: Msg) -> Delivery[T] | tuple[str, str, str]:
-        """The delivery, or (event id, reason, detail) when the payload is unreadable."""
-        headers = dict(msg.headers or {})
-        event_id = headers.get("Nats-Msg-Id", "")
-        expected = self.message_type.DESCRIPTOR.full_name
-        delivered = msg.metadata.num_delivered if msg.metadata else 1
+    async def _redeliver_failed(self, deliveries: list[Delivery[E]]) -> set[int]:
+        """`Redeliver`: returns the ids of the deliveries handed back for redelivery."""
         try:
-            declared = headers.get("llmo-type", expected)
-            if declared != expected:
-                raise DecodeError(f"llmo-type is {declared!r}, expected {expected!r}")
-            event = self.message_type.FromString(msg.data)
-        except DecodeError as error:
-            return (event_id, "malformed_payload", str(error))
-        event_id = getattr(event, "event_id", "") or event_id
-        return Delivery(event, event_id, msg.subject, delivered, headers, msg)
+            await self.handler(deliveries)
+            return set()
+        except Exception as error:
+            if len(deliveries) == 1:
+                return self._hand_back(deliveries[0], error)
+            log.warning("batch failed; retrying one by one", consumer=self.durable, size=len(deliveries), error=repr(error))
+        handed_back: set[int] = set()
+        for delivery in deliveries:
+            delivery.rejection = None
+            try:
+                await self.handler([delivery])
+            except Exception as single_error:
+                handed_back |= self._hand_back(delivery, single_error)
+        return handed_back
 
-    async def _failed(self, delivery: Delivery[T], error: Exception) -> None:
+    def _hand_back(self, delivery: Delivery[E], error: Exception) -> set[int]:
+        """Nak a failed delivery with backoff, or mark it for the DLQ once it used its deliveries."""
         if delivery.deliveries >= self.max_deliver:
-            await self._dead_letter(delivery.msg, delivery.event_id, "max_deliveries_exceeded", repr(error))
-            return
-        delay = self.backoff[min(delivery.deliveries - 1, len(self.backoff) - 1)] if self.backoff else 0
+            delivery.reject("max_deliveries_exceeded", repr(error))
+            return set()
+        delay = self.backoff[min(delivery.deliveries - 1, len(self.backoff) - 1)]
         log.warning(
             "event failed; will redeliver",
             consumer=self.durable,
@@ -524,10 +638,52 @@ class Consumer(Generic[T]):
             error=repr(error),
         )
         EVENTS_HANDLED.labels(self.durable, "retry").inc()
-        await delivery.msg.nak(delay=delay)
+        self._client.nak([delivery], delay=delay)
+        return {id(delivery)}
 
-    async def _dead_letter(self, msg: Msg, event_id: str, reason: str, detail: str) -> None:
-        headers = dict(msg.headers or {})
+    async def _retry_in_place(self, deliveries: list[Delivery[E]], poison_reason: str) -> set[int]:
+        """`RetryInPlace`: nothing is handed back; a poison message ends up rejected."""
+        attempt = 0
+        while True:
+            try:
+                await self.handler(deliveries)
+                return set()
+            except Exception as error:
+                attempt += 1
+                log.warning("batch failed", consumer=self.durable, size=len(deliveries), attempt=attempt, error=repr(error))
+                with contextlib.suppress(Exception):
+                    self._client.in_progress(deliveries)
+                if attempt >= self.max_deliver and await self._isolate(deliveries, poison_reason):
+                    return set()
+                await asyncio.sleep(self.backoff[min(attempt - 1, len(self.backoff) - 1)])
+            for delivery in deliveries:
+                delivery.rejection = None
+
+    async def _isolate(self, deliveries: list[Delivery[E]], poison_reason: str) -> bool:
+        """Handle deliveries one by one, twice; False when none succeeds (an outage, not a poison message)."""
+        pending = list(deliveries)
+        errors: dict[int, str] = {}
+        succeeded = 0
+        for _ in range(2):
+            errors = {}
+            for delivery in pending:
+                delivery.rejection = None
+                try:
+                    await self.handler([delivery])
+                    succeeded += 1
+                except Exception as error:
+                    errors[id(delivery)] = repr(error)
+            pending = [d for d in pending if id(d) in errors]
+            if not pending:
+                return True
+        if succeeded == 0:
+            return False
+        for delivery in pending:
+            delivery.reject(poison_reason, errors[id(delivery)])
+        return True
+
+    async def _dead_letter(self, msg: PulledMessage, event_id: str, reason: str, detail: str) -> None:
+        """Park a message on `llmo.dlq.<domain>` (published before the original is terminated)."""
         letter = events_pb2.DeadLetter(
             event_id=event_id,
             occurred_at=_now(),
@@ -535,18 +691,18 @@ class Consumer(Generic[T]):
             consumer=self.durable,
             reason=reason,
             detail=detail[:2000],
-            deliveries=msg.metadata.num_delivered if msg.metadata else 1,
-            message_type=headers.get("llmo-type", ""),
+            deliveries=msg.deliveries,
+            message_type=msg.header("llmo-type"),
             payload=msg.data,
         )
-        dlq_id = f"dlq:{self.durable}:{event_id or msg.metadata.sequence.stream}"
+        dlq_id = f"dlq:{self.durable}:{event_id or msg.stream_sequence}"
         await self.bus.ensure_dlq()
         await self.bus.js.publish(
             dlq_subject(self.domain),
             letter.SerializeToString(),
             headers={"Nats-Msg-Id": dlq_id, "llmo-type": letter.DESCRIPTOR.full_name, "llmo-reason": reason},
         )
-        await msg.term()
+        self._client.term([msg])
         EVENTS_DEAD_LETTERED.labels(self.durable, reason).inc()
         log.warning("event dead-lettered", consumer=self.durable, event_id=event_id, reason=reason, detail=detail)
 

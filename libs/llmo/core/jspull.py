@@ -21,6 +21,7 @@ import contextlib
 import itertools
 import json
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
@@ -109,8 +110,13 @@ class PullClient:
     way while the current one is processed; ``collect`` waits for it.
     """
 
-    def __init__(self, url: str, stream: str, durable: str, *, name: str = "llmo-pull") -> None:
+    def __init__(
+        self, url: str, stream: str, durable: str, *, name: str = "llmo-pull", message_class: type[PulledMessage] = PulledMessage
+    ) -> None:
         self.url = url
+        # what a frame is parsed into: a subclass lets a consumer carry its state on the message
+        # itself instead of allocating a second object per message
+        self.message_class = message_class
         self.stream = stream
         self.durable = durable
         self.name = name
@@ -130,6 +136,7 @@ class PullClient:
     async def connect(self, *, timeout: float = 5.0) -> None:
         """(Re)connect, authenticate and subscribe the pull inbox."""
         await self.close()
+        self._pulls.clear()  # pulls of the lost connection get nothing more
         parts = urlsplit(self.url if "://" in self.url else f"nats://{self.url}")
         host, port = parts.hostname or "127.0.0.1", parts.port or 4222
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, limit=1 << 22), timeout)
@@ -210,16 +217,17 @@ class PullClient:
         return left
 
     # ------------------------------------------------------------------- acks
-    def ack(self, messages: list[PulledMessage]) -> None:
+    def ack(self, messages: Sequence[PulledMessage]) -> None:
         self._reply(messages, b"+ACK")
 
-    def nak(self, messages: list[PulledMessage]) -> None:
-        self._reply(messages, b"-NAK")
+    def nak(self, messages: Sequence[PulledMessage], *, delay: float = 0.0) -> None:
+        """Hand messages back for redelivery, after ``delay`` seconds when given."""
+        self._reply(messages, b'-NAK {"delay": %d}' % int(delay * 1e9) if delay > 0 else b"-NAK")
 
-    def in_progress(self, messages: list[PulledMessage]) -> None:
+    def in_progress(self, messages: Sequence[PulledMessage]) -> None:
         self._reply(messages, b"+WPI")
 
-    def term(self, messages: list[PulledMessage]) -> None:
+    def term(self, messages: Sequence[PulledMessage]) -> None:
         self._reply(messages, b"+TERM")
 
     async def flush(self, timeout: float = 5.0) -> None:
@@ -231,7 +239,7 @@ class PullClient:
         await writer.drain()
         await asyncio.wait_for(pong, timeout)
 
-    def _reply(self, messages: list[PulledMessage], verb: bytes) -> None:
+    def _reply(self, messages: Sequence[PulledMessage], verb: bytes) -> None:
         if not messages:
             return
         writer = self._live_writer()
@@ -272,7 +280,9 @@ class PullClient:
     def _parse(self, buf: bytes) -> bytes:
         """Handle every complete frame in ``buf``; returns the incomplete rest."""
         pos, size = 0, len(buf)
-        pulls = self._pulls
+        pulls, message_class = self._pulls, self.message_class
+        # messages go to the oldest pending pull; no pull is added or collected while this runs
+        target: _Pull | None = next(iter(pulls.values()), None)
         while pos < size:
             end = buf.find(_CRLF, pos)
             if end < 0:
@@ -287,10 +297,19 @@ class PullClient:
                 start = end + 2
                 if start + total + 2 > size:
                     break  # the payload is not all here yet
-                subject = args[0].decode()
-                reply = args[2].decode() if len(args) == (5 if op == b"HMSG" else 4) else ""
-                self._deliver(pulls, subject, reply, buf[start : start + header_len], buf[start + header_len : start + total])
                 pos = start + total + 2
+                if len(args) != (5 if op == b"HMSG" else 4):
+                    # no reply subject: a status for one of our requests (404 no messages, 408 expired, 409 ...)
+                    self._status(args[0].decode(), buf[start : start + header_len])
+                    continue
+                message = message_class(args[0].decode(), args[2].decode(), buf[start : start + header_len], buf[start + header_len : start + total])
+                if target is None:
+                    self.nak([message])  # delivered after its pull was abandoned: hand it straight back
+                    continue
+                messages = target.messages
+                messages.append(message)
+                if len(messages) >= target.size:
+                    target.done.set()
                 continue
             if op == b"PING":
                 if self._writer is not None:
@@ -305,18 +324,7 @@ class PullClient:
             pos = end + 2
         return buf[pos:]
 
-    def _deliver(self, pulls: dict[str, _Pull], subject: str, reply: str, raw_headers: bytes, data: bytes) -> None:
-        if not reply:
-            # a status for one of our requests (404 no messages, 408 expired, 409 ...) on its inbox
-            pull = pulls.get(subject.rsplit(".", 1)[-1]) if subject.startswith(self._inbox) else None
-            if pull is not None and not raw_headers.startswith(b"NATS/1.0 100"):
-                pull.done.set()
-            return
-        message = PulledMessage(subject, reply, raw_headers, data)
-        pull = next(iter(pulls.values()), None)
-        if pull is None:
-            self.nak([message])  # delivered after its pull was abandoned: hand it straight back
-            return
-        pull.messages.append(message)
-        if len(pull.messages) >= pull.size:
+    def _status(self, subject: str, raw_headers: bytes) -> None:
+        pull = self._pulls.get(subject.rsplit(".", 1)[-1]) if subject.startswith(self._inbox) else None
+        if pull is not None and not raw_headers.startswith(b"NATS/1.0 100"):
             pull.done.set()

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nats.errors
 import pytest
 
 from llmo.core.events import Delivery, EventBus, subject_of
@@ -237,3 +238,60 @@ async def test_reconnect_errors_are_logged_once_per_run_not_per_attempt() -> Non
         await bus._on_error(ConnectionRefusedError("refused again"))
     errors = [entry for entry in logs if entry["event"] == "nats error"]
     assert [entry["errors_in_a_row"] for entry in errors] == [1, ERROR_LOG_EVERY, 2 * ERROR_LOG_EVERY, 1]
+
+
+async def test_retry_in_place_holds_a_batch_through_an_outage_and_parks_only_the_poison(nats_server: NatsServer) -> None:
+    """The `RetryInPlace` policy (cost's ledger): a failing batch is kept and retried, past
+    max_deliver attempts while nothing at all succeeds (an outage: nothing is parked); a message
+    that fails alone while others succeed is parked with the policy's reason; a `Rejected` from
+    `decode` is parked with its own reason, before the handler sees it."""
+    from llmo.core.events import Consumer, Rejected, RetryInPlace
+
+    committed: list[str] = []
+    calls = {"failing": 10}  # the first 10 handler calls fail: 2 batch attempts + 2 one-by-one passes of 4
+
+    async def commit(batch: list[Delivery[events_pb2.InferenceCompleted]]) -> None:
+        if calls["failing"] > 0:
+            calls["failing"] -= 1
+            raise ConnectionError("database unavailable")
+        if any(d.event.model == "poison" for d in batch):
+            raise ValueError("row refused")
+        committed.extend(d.event_id for d in batch)
+
+    def decode(payload: bytes) -> events_pb2.InferenceCompleted:
+        event = events_pb2.InferenceCompleted.FromString(payload)
+        if event.model == "unpriced":
+            raise Rejected("unknown_model", f"no price for {event.model}")
+        return event
+
+    async with EventBus(nats_server.url) as bus:
+        await bus.ensure_dlq()
+        dead = await bus.js.pull_subscribe("llmo.dlq.inference", durable="dlq-hold", stream="LLMO_DLQ")
+        for i in range(3):
+            await bus.publish(completed(i))
+        await bus.publish(events_pb2.InferenceCompleted(event_id="poison-1", model="poison"))
+        await bus.publish(events_pb2.InferenceCompleted(event_id="unpriced-1", model="unpriced"))
+        consumer = Consumer(bus, events_pb2.InferenceCompleted, "hold-test", commit, decode=decode,
+                            on_failure=RetryInPlace(poison_reason="storage_error"), batch=10, max_deliver=2, backoff=(0.01,))
+        consumer.start()
+        try:
+            letters: dict[str, events_pb2.DeadLetter] = {}
+            while len(letters) < 2:
+                try:
+                    for msg in await dead.fetch(10, timeout=1.0):
+                        letter = events_pb2.DeadLetter.FromString(msg.data)
+                        letters[letter.event_id] = letter
+                        await msg.ack()
+                except nats.errors.TimeoutError:
+                    pass
+            await wait_until(lambda: len(committed) == 3)
+        finally:
+            await consumer.stop()
+        info = await bus.js.consumer_info("LLMO_INFERENCE", "hold-test")
+
+    assert sorted(committed) == ["evt-00000", "evt-00001", "evt-00002"]
+    assert calls["failing"] == 0
+    assert {event_id: letter.reason for event_id, letter in letters.items()} == {"poison-1": "storage_error", "unpriced-1": "unknown_model"}
+    assert "row refused" in letters["poison-1"].detail and letters["unpriced-1"].detail == "no price for unpriced"
+    assert letters["poison-1"].deliveries == 1  # held in place, never handed back for redelivery
+    assert (info.num_pending, info.num_ack_pending) == (0, 0)

@@ -123,3 +123,25 @@ async def test_connecting_to_a_closed_port_raises(nats_server: NatsServer) -> No
     nats_server.stop()
     with pytest.raises(OSError):
         await PullClient(url, STREAM, "nobody").connect(timeout=2.0)
+
+
+async def test_a_nak_with_a_delay_is_redelivered_only_after_it(nats_server: NatsServer) -> None:
+    async with EventBus(nats_server.url) as bus:
+        await _durable(bus, "delayed")
+        await _publish(bus, range(1))
+        client = PullClient(nats_server.url, STREAM, "delayed")
+        await client.connect()
+        try:
+            [first] = await client.collect(client.request(1, 1.0), 5.0)
+            client.nak([first], delay=30.0)
+            await client.flush()
+            # a plain nak comes back at once (see above); this one is still waiting out its delay
+            assert await client.collect(client.request(1, 0.5), 5.0) == []
+            assert await _pending(bus, "delayed") == (0, 1)
+            client.nak([first])  # a nak without delay replaces it: back at once
+            [again] = await client.collect(client.request(1, 5.0), 10.0)
+            assert (again.stream_sequence, again.deliveries) == (1, 2)
+            client.ack([again])
+            await client.flush()
+        finally:
+            await client.close()
