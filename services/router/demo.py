@@ -56,7 +56,7 @@ class LedgerRow:
     model: str
     route_reason: str
     requests: int
-    input_tokens: int
+    prompt_tokens: int  # input + cached input: what the client's `usage.prompt_tokens` counts
     output_tokens: int
     cost_micros: int
 
@@ -111,7 +111,7 @@ async def ledger_rows(cost_target: str, api_key: str) -> list[LedgerRow]:
             )
             for row in report.rows:
                 tenant, request_id, model, reason = (k.value for k in row.keys)
-                rows.append(LedgerRow(tenant, request_id, model, reason, row.requests, row.input_tokens, row.output_tokens,
+                rows.append(LedgerRow(tenant, request_id, model, reason, row.requests, row.input_tokens + row.cached_input_tokens, row.output_tokens,
                                       row.cost.micros))
             token = report.next_page_token
             if not token:
@@ -134,8 +134,8 @@ def reconcile(sent: Sequence[Sent], rows: Sequence[LedgerRow]) -> list[str]:
         row = mine[0]
         if row.tenant != s.tenant:
             problems.append(f"{s.request_id} was sent by {s.tenant} but charged to {row.tenant}")
-        if (row.input_tokens, row.output_tokens) != (s.prompt_tokens, s.completion_tokens):
-            problems.append(f"{s.request_id}: the ledger has {row.input_tokens}+{row.output_tokens} tokens, "
+        if (row.prompt_tokens, row.output_tokens) != (s.prompt_tokens, s.completion_tokens):
+            problems.append(f"{s.request_id}: the ledger has {row.prompt_tokens}+{row.output_tokens} tokens, "
                             f"the client was told {s.prompt_tokens}+{s.completion_tokens}")
         if row.model != s.model:
             problems.append(f"{s.request_id}: the ledger has model {row.model!r}, the client was told {s.model!r}")
@@ -168,7 +168,7 @@ def ledger_table(sent: Sequence[Sent], rows: Sequence[LedgerRow]) -> Table:
         if row is None:
             table.add_row(s.request_id, s.tenant, "[red]missing[/]", "-", "-", "-")
         else:
-            table.add_row(s.request_id, s.tenant, row.tenant, row.model, f"{row.input_tokens}+{row.output_tokens}",
+            table.add_row(s.request_id, s.tenant, row.tenant, row.model, f"{row.prompt_tokens}+{row.output_tokens}",
                           format_usd(row.cost_micros, 6))
     return table
 

@@ -143,16 +143,17 @@ async def settle(demo: DemoStack, request_ids: set[str], timeout: float = 60.0) 
 
 
 def tenant_totals(rows: list[cost_pb.CostReportRow]) -> dict[str, tuple[int, int, int]]:
-    return {r.keys[0].value: (r.requests, r.input_tokens, r.output_tokens) for r in rows}
+    return {r.keys[0].value: (r.requests, r.input_tokens + r.cached_input_tokens, r.output_tokens) for r in rows}
 
 
 def ledger_rows_of(demo: DemoStack, request_ids: list[str]) -> list[tuple[str, str, int, int]]:
-    """(request id, tenant, input tokens, output tokens) of every ledger row of these requests,
+    """(request id, tenant, prompt tokens (input + cached), output tokens) of every ledger row of these requests,
     straight from the cost service's SQLite ledger (rows, not the report's groups)."""
     path = Path(demo.stack.data_dir) / "cost.db"
     with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
         marks = ",".join("?" * len(request_ids))
-        query = f"SELECT request_id, tenant, input_tokens, output_tokens FROM usage_ledger WHERE request_id IN ({marks})"
+        query = (f"SELECT request_id, tenant, input_tokens + cached_input_tokens, output_tokens FROM usage_ledger "
+                 f"WHERE request_id IN ({marks})")
         return [tuple(row) for row in db.execute(query, request_ids)]
 
 
@@ -175,7 +176,7 @@ async def test_completions_through_the_router_are_charged_once_to_the_tenant_tha
     # The report API agrees, per request id and per tenant; the router's own tenant is charged nothing.
     by_request = await report(demo_stack, demo_stack.admin_key, cost_pb.COST_DIMENSION_REQUEST_ID,
                               cost_pb.COST_DIMENSION_TENANT)
-    mine = sorted((r.keys[0].value, r.keys[1].value, r.requests, r.input_tokens, r.output_tokens)
+    mine = sorted((r.keys[0].value, r.keys[1].value, r.requests, r.input_tokens + r.cached_input_tokens, r.output_tokens)
                   for r in by_request if r.keys[0].value in set(ids))
     assert mine == sorted((r.request_id, r.tenant, 1, r.prompt_tokens, r.completion_tokens) for r in replies)
     after = tenant_totals(await report(demo_stack, demo_stack.admin_key, cost_pb.COST_DIMENSION_TENANT))

@@ -141,7 +141,8 @@ async def ledger(stack: Stack) -> dict[str, list[int]]:
             cost_pb.GetCostReportRequest(group_by=[cost_pb.COST_DIMENSION_TENANT], page_size=100),
             metadata=[("authorization", "Bearer key-finops")], timeout=10,
         )
-    return {row.keys[0].value: [row.input_tokens, row.output_tokens, row.requests] for row in report.rows}
+    return {row.keys[0].value: [row.input_tokens + row.cached_input_tokens, row.output_tokens, row.requests]
+            for row in report.rows}
 
 
 def add(a: dict[str, list[int]], b: dict[str, list[int]]) -> dict[str, list[int]]:
