@@ -12,6 +12,7 @@ module that does not exist is an error.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -40,14 +41,8 @@ def lay_out_tree() -> Path:
 def main(argv: list[str]) -> int:
     tree = lay_out_tree()
     command = [sys.executable, "-m", "mypy", "--config-file", str(ROOT / "pyproject.toml"), "-p", "llmo", *argv]
-    result = subprocess.run(command, cwd=tree, env={**_env(), "MYPYPATH": str(tree)}, check=False)
+    result = subprocess.run(command, cwd=tree, env={**os.environ, "MYPYPATH": str(tree)}, check=False)
     return result.returncode
-
-
-def _env() -> dict[str, str]:
-    import os
-
-    return dict(os.environ)
 
 
 if __name__ == "__main__":

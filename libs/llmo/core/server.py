@@ -209,7 +209,7 @@ class _CallScope:
 
     def _cleanup(self) -> None:
         self._record()
-        self.span.set_grpc_status(self.code.name)
+        self.span.set_grpc_status(self.code)
         self.span.end()
         self._bound.__exit__(None, None, None)
 

@@ -15,7 +15,7 @@ headers) names that span as the parent.
     with tracing.server_span("server", "llmo.cost.v1.CostService/Get", headers.get("traceparent")) as span:
         with ctx.bind(trace=span.trace):
             ...
-        span.set_grpc_status("OK")
+        span.set_grpc_status(grpc.StatusCode.OK)
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ import contextlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
+
+import grpc
 
 from llmo.core.context import TraceContext
 from llmo.core.logging import get_logger
@@ -39,13 +41,10 @@ Attributes = Mapping[str, str | int | float | bool]
 
 # gRPC codes that are the server's failure (OpenTelemetry's gRPC conventions); the
 # others (INVALID_ARGUMENT, NOT_FOUND, ...) are the caller's and leave the span OK.
-_GRPC_SERVER_ERRORS = frozenset({"UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS"})
-_GRPC_CODE_NUMBERS = {
-    "OK": 0, "CANCELLED": 1, "UNKNOWN": 2, "INVALID_ARGUMENT": 3, "DEADLINE_EXCEEDED": 4, "NOT_FOUND": 5,
-    "ALREADY_EXISTS": 6, "PERMISSION_DENIED": 7, "RESOURCE_EXHAUSTED": 8, "FAILED_PRECONDITION": 9,
-    "ABORTED": 10, "OUT_OF_RANGE": 11, "UNIMPLEMENTED": 12, "INTERNAL": 13, "UNAVAILABLE": 14,
-    "DATA_LOSS": 15, "UNAUTHENTICATED": 16,
-}
+_GRPC_SERVER_ERRORS = frozenset({
+    grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNIMPLEMENTED,
+    grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS,
+})
 
 
 @dataclass
@@ -135,13 +134,13 @@ class Span:
         if self._span is not None and _sdk is not None:
             self._span.set_status(_sdk.error(description))
 
-    def set_grpc_status(self, code: str) -> None:
-        """Record the call's status code (the `grpc.StatusCode` name); server faults mark the span failed."""
+    def set_grpc_status(self, code: grpc.StatusCode) -> None:
+        """Record the call's status code; server faults mark the span failed."""
         if self._span is None:
             return
-        self._span.set_attribute("rpc.grpc.status_code", _GRPC_CODE_NUMBERS.get(code, 2))
+        self._span.set_attribute("rpc.grpc.status_code", code.value[0])
         if code in _GRPC_SERVER_ERRORS:
-            self.fail(code)
+            self.fail(code.name)
 
     def set_http_status(self, status: int) -> None:
         """Record the response status; a 5xx marks the span failed."""
@@ -185,7 +184,7 @@ def server_span(kind: Kind, name: str, traceparent: str | None, attributes: Attr
 def rpc_span(method: str, traceparent: str | None) -> Span:
     """The span of one gRPC call; `method` is the full method (`/package.Service/Method`).
 
-    Call `span.set_grpc_status(code.name)`, then `span.end()`."""
+    Call `span.set_grpc_status(code)`, then `span.end()`."""
     if _sdk is None:
         return start_span("server", method, traceparent)
     service, _, name = method.lstrip("/").partition("/")

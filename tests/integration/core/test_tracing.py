@@ -319,7 +319,7 @@ def test_without_an_endpoint_nothing_of_the_sdk_is_loaded() -> None:
         "import sys; import llmo.core.server, llmo.core.events, llmo.core.tracing as t;"
         "from llmo.core.settings import PlatformSettings;"
         "assert not t.configure_tracing('x', PlatformSettings().otel_endpoint);"
-        "span = t.rpc_span('/a.B/C', None); span.set_grpc_status('INTERNAL'); span.end();"
+        "span = t.rpc_span('/a.B/C', None); import grpc; span.set_grpc_status(grpc.StatusCode.INTERNAL); span.end();"
         "loaded = sorted(m for m in sys.modules if m.startswith('opentelemetry'));"
         "assert not loaded, loaded"
     )
