@@ -1,4 +1,4 @@
-"""Small in-test documents for the retrieval tests (no ../shared data)."""
+"""Small in-test documents for the retrieval tests, written here (no data files from outside the repository)."""
 
 from __future__ import annotations
 
