@@ -16,10 +16,10 @@ from llmo.core import context as ctx
 from llmo.core.errors import ServiceError, invalid_argument
 from llmo.core.http_edge import (
     DEFAULT_MAX_BODY_BYTES,
-    HTTP_STATUS,
     PUBLIC_PATHS,
     caller_of,
     edge_app,
+    error_of,
     error_payload,
     read_json,
 )
@@ -383,8 +383,7 @@ class OpenAIApp:
                     chunk = await anext(stream, None)
             except ServiceError as exc:
                 # The 200 is out: the error goes in the stream, with the body an unstreamed call would get.
-                status = HTTP_STATUS.get(exc.code, 500)
-                await send(error_payload(status, exc.message, exc.reason, exc.metadata.get("field") or None))
+                await send(error_of(exc)[1])
             except ConnectionResetError:
                 log.info("client went away; request aborted", request_id=base["id"])
                 return response

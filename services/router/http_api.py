@@ -27,10 +27,9 @@ from aiohttp import web
 from llmo.core.errors import ServiceError, invalid_argument
 from llmo.core.http_edge import (
     DEFAULT_MAX_BODY_BYTES,
-    HTTP_STATUS,
     caller_of,
     edge_app,
-    error_payload,
+    error_of,
     read_json,
 )
 from llmo.core.limits import MAX_LABEL_LEN, check_text
@@ -49,13 +48,6 @@ AUTO_MODELS = frozenset({"auto", "llmo-auto", "router"})
 UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "response_format",
                "logit_bias", "logprobs", "top_logprobs", "audio", "modalities", "prediction")
 CLIENT_REQUEST_ID_HEADER = "x-client-request-id"
-
-
-def error_body(err: ServiceError) -> tuple[int, dict[str, Any]]:
-    """(HTTP status, OpenAI error body) of a ServiceError (`param` is its `field`)."""
-    status = HTTP_STATUS.get(err.code, 500)
-    metadata = {k: v for k, v in err.metadata.items() if k != "field"}
-    return status, error_payload(status, err.message, err.reason, err.metadata.get("field") or None, metadata=metadata)
 
 
 def _bad(field: str, message: str, reason: str = "INVALID_REQUEST") -> ServiceError:
@@ -341,7 +333,7 @@ class OpenAIFront:
                 raise
             # Text was already sent and no fallback could finish it: end the stream with an
             # OpenAI error event rather than cutting the connection.
-            _, payload = error_body(err)
+            _, payload = error_of(err)
             await resp.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
         assert resp is not None
         if not done:

@@ -99,11 +99,17 @@ def error_payload(status: int, message: str, code: str, param: str | None = None
     return {"error": error}
 
 
-def service_error_response(err: ServiceError) -> web.Response:
-    """The JSON response of a ServiceError (`param` is the ErrorInfo `field`, when the error names one)."""
+def error_of(err: ServiceError) -> tuple[int, dict[str, Any]]:
+    """(HTTP status, error body) of a ServiceError (`param` is the ErrorInfo `field`, when the error
+    names one); also what a stream sends when it fails after its 200."""
     status = HTTP_STATUS.get(err.code, 500)
     metadata = {k: v for k, v in err.metadata.items() if k != "field"}
-    body = error_payload(status, err.message, err.reason, err.metadata.get("field") or None, metadata=metadata)
+    return status, error_payload(status, err.message, err.reason, err.metadata.get("field") or None, metadata=metadata)
+
+
+def service_error_response(err: ServiceError) -> web.Response:
+    """The JSON response of a ServiceError."""
+    status, body = error_of(err)
     return web.json_response(body, status=status, headers=_id_header())
 
 
