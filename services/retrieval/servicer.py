@@ -54,7 +54,6 @@ MAX_METADATA_BYTES = 64 * 1024
 MAX_ACL_ENTRIES = 256
 MAX_GROUPS = 256
 MAX_MIME_LEN = 128
-MAX_PAGE_TOKEN_LEN = 1024
 MUTABLE = ("display_name", "description", "labels")
 IMMUTABLE_ONCE_FILLED = ("embedding_model", "chunking")
 
@@ -104,8 +103,6 @@ def _fingerprint(request: Message, *cleared: str) -> str:
 
 
 def _after(token: str, query: str) -> str:
-    if len(token) > MAX_PAGE_TOKEN_LEN:
-        raise invalid_argument("INVALID_PAGE_TOKEN", "page_token is malformed or belongs to another query")
     after = (decode_page_token(token, query=query) or {}).get("after", "")
     if not isinstance(after, str):
         raise invalid_argument("INVALID_PAGE_TOKEN", "page_token is malformed or belongs to another query")

@@ -11,6 +11,8 @@ from llmo.core.errors import invalid_argument
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
+# Our tokens are a few dozen characters; a longer one is not ours and is refused unread.
+MAX_PAGE_TOKEN_LEN = 1024
 
 
 def page_size(requested: int, *, default: int = DEFAULT_PAGE_SIZE, maximum: int = MAX_PAGE_SIZE) -> int:
@@ -32,6 +34,8 @@ def decode_page_token(token: str, *, query: str = "") -> dict[str, Any] | None:
     """
     if not token:
         return None
+    if len(token) > MAX_PAGE_TOKEN_LEN:
+        raise invalid_argument("INVALID_PAGE_TOKEN", "page_token is malformed or belongs to another query")
     try:
         padded = token + "=" * (-len(token) % 4)
         data = json.loads(base64.urlsafe_b64decode(padded.encode()))

@@ -55,3 +55,13 @@ def test_traceparent_parsing() -> None:
     assert TraceContext.parse("garbage") is None
     child = parsed.child()
     assert child.trace_id == parsed.trace_id and child.span_id != parsed.span_id
+
+
+def test_a_page_token_longer_than_any_we_issue_is_refused_unread() -> None:
+    from llmo.core.pagination import MAX_PAGE_TOKEN_LEN
+
+    token = encode_page_token({"after": "x" * 10})
+    assert decode_page_token(token) == {"after": "x" * 10}
+    with pytest.raises(ServiceError) as raised:
+        decode_page_token("A" * (MAX_PAGE_TOKEN_LEN + 1))
+    assert raised.value.reason == "INVALID_PAGE_TOKEN"
