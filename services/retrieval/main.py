@@ -10,6 +10,8 @@ from llmo.core.kit import Kit, ServiceSpec
 from llmo.embedding import Embedder
 from llmo.protos.retrieval.v1 import retrieval_service_pb2_grpc
 from llmo.retrieval.indexes import IndexManager
+from llmo.retrieval.rerank import load_reranker
+from llmo.retrieval.search import Searcher
 from llmo.retrieval.servicer import RetrievalServicer
 from llmo.retrieval.settings import RetrievalSettings
 from llmo.retrieval.storage import RetrievalStore
@@ -25,9 +27,10 @@ async def build(kit: Kit[RetrievalSettings]) -> None:
                            cached=settings.cached_collections)
     # The model loads on the first ingest or search (seconds), not at start.
     embedder = Embedder(batch_size=settings.embed_batch_size, max_seq_length=256)
-    servicer = RetrievalServicer(store, indexes, embedder, settings, publisher)
+    searcher = Searcher(store, indexes, embedder, settings, publisher, reranker=load_reranker(settings))
+    servicer = RetrievalServicer(store, indexes, embedder, settings, publisher, searcher)
     kit.grpc(retrieval_service_pb2_grpc.add_RetrievalServiceServicer_to_server, servicer, SERVICE_NAME)
-    kit.expose(store=store, indexes=indexes, servicer=servicer)
+    kit.expose(store=store, indexes=indexes, servicer=servicer, searcher=searcher)
 
 
 SERVICE = ServiceSpec("retrieval", RetrievalSettings, build)

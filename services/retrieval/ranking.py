@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from google.protobuf import struct_pb2
@@ -206,3 +206,37 @@ def single(hits: Iterable[Hit], *, dense: bool) -> list[Fused]:
 
 def ranked(items: Iterable[Fused]) -> list[Fused]:
     return sorted(items, key=lambda f: (-f.score, f.position))
+
+
+@dataclass
+class Candidate:
+    """A fused candidate with the rows read for it; the later stages (rerank, reorder, compression) work on these."""
+
+    fused: Fused
+    chunk: Any  # llmo.retrieval.storage.ChunkRow
+    document: Any  # llmo.retrieval.storage.DocumentRow
+    rerank_score: float = 0.0
+    matched_entities: list[str] = field(default_factory=list)
+    relations: list[tuple[str, str, str]] = field(default_factory=list)
+
+    @property
+    def score(self) -> float:
+        return self.fused.score
+
+
+def fuse_lists(lists: Sequence[Sequence[Fused]], rrf_k: int) -> list[Fused]:
+    """Several ranked lists (one per query variant) fused by RRF. Each item keeps the dense and sparse
+    scores and ranks of the first list it appears in (the original query's when it is there)."""
+    if len(lists) == 1:
+        return list(lists[0])
+    merged: dict[int, Fused] = {}
+    totals: dict[int, float] = {}
+    for items in lists:
+        for rank, item in enumerate(items, 1):
+            if item.position not in merged:
+                merged[item.position] = Fused(item.position, 0.0, item.dense_score, item.dense_rank,
+                                              item.sparse_score, item.sparse_rank)
+            totals[item.position] = totals.get(item.position, 0.0) + 1.0 / (rrf_k + rank)
+    for position, item in merged.items():
+        item.score = totals[position]
+    return ranked(merged.values())

@@ -27,8 +27,10 @@ from llmo.protos.retrieval.v1 import retrieval_service_pb2 as pb
 from llmo.protos.retrieval.v1 import retrieval_service_pb2_grpc as pb_grpc
 from llmo.retrieval import ranking
 from llmo.retrieval.chunking import MAX_CHUNK_TOKENS, Chunker
+from llmo.retrieval.convert import chunk_proto, struct_of
 from llmo.retrieval.extract import ExtractError, extract
-from llmo.retrieval.indexes import CollectionIndex, IndexManager
+from llmo.retrieval.indexes import IndexManager
+from llmo.retrieval.search import Searcher
 from llmo.retrieval.settings import RetrievalSettings
 from llmo.retrieval.storage import (
     AlreadyExists,
@@ -62,12 +64,6 @@ def _ts(us: int) -> timestamp_pb2.Timestamp:
     stamp = timestamp_pb2.Timestamp()
     stamp.FromMicroseconds(us)
     return stamp
-
-
-def _struct(value: dict[str, Any]) -> struct_pb2.Struct:
-    out = struct_pb2.Struct()
-    out.update(value)
-    return out
 
 
 def _id_or_error(value: str, reason: str, what: str) -> str:
@@ -164,17 +160,10 @@ def _document_proto(collection_id: str, doc: DocumentRow) -> pb.Document:
     name = f"collections/{collection_id}/documents/{doc.document_id}"
     return pb.Document(
         name=name, display_name=doc.display_name, source_uri=doc.source_uri, mime_type=doc.mime_type,
-        metadata=_struct(doc.metadata), access_control=pb.AccessControl(allowed_principals=doc.acl),
+        metadata=struct_of(doc.metadata), access_control=pb.AccessControl(allowed_principals=doc.acl),
         state=pb.DOCUMENT_STATE_READY, chunk_count=doc.chunk_count, size_bytes=doc.size_bytes,
         content_sha256=doc.content_sha256, create_time=_ts(doc.create_us), update_time=_ts(doc.update_us),
-        version=doc.version, chunks=[_chunk_proto(name, doc, c) for c in doc.chunks])
-
-
-def _chunk_proto(document: str, doc: DocumentRow, chunk: ChunkRow) -> pb.Chunk:
-    return pb.Chunk(name=f"{document}/chunks/{chunk.idx}", document=document, index=chunk.idx, text=chunk.text,
-                    start_offset=chunk.start_offset, end_offset=chunk.end_offset, token_count=chunk.token_count,
-                    document_display_name=doc.display_name, source_uri=doc.source_uri,
-                    metadata=_struct(doc.metadata), heading_path=chunk.heading_path)
+        version=doc.version, chunks=[chunk_proto(name, doc, c) for c in doc.chunks])
 
 
 def principals_of(principal: pb.Principal) -> frozenset[str]:
@@ -188,9 +177,9 @@ def principals_of(principal: pb.Principal) -> frozenset[str]:
 
 class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
     def __init__(self, store: RetrievalStore, indexes: IndexManager, embedder: Embedder,
-                 settings: RetrievalSettings, publisher: Publisher | None) -> None:
+                 settings: RetrievalSettings, publisher: Publisher | None, searcher: Searcher) -> None:
         self.store, self.indexes, self.embedder = store, indexes, embedder
-        self.settings, self.publisher = settings, publisher
+        self.settings, self.publisher, self.searcher = settings, publisher, searcher
 
     async def _collection(self, name: str) -> CollectionRow:
         cid = collection_id_of(name)
@@ -464,70 +453,10 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
 
     async def Search(self, request: pb.SearchRequest, context: Any) -> pb.SearchResponse:
         collection_id_of(request.collection)
-        query = request.query
-        if not query.strip():
-            raise invalid_argument("EMPTY_QUERY", "query is empty")
-        if len(query) > self.settings.max_query_chars:
-            raise invalid_argument("QUERY_TOO_LONG", f"query is {len(query)} characters; the limit is "
-                                   f"{self.settings.max_query_chars}", max_length=self.settings.max_query_chars)
-        top_k = request.top_k or 10
-        if not 1 <= top_k <= 100:
-            raise invalid_argument("INVALID_TOP_K", "top_k must be in 1..100")
-        mode = int(request.mode) or pb.SEARCH_MODE_HYBRID
-        if mode == pb.SEARCH_MODE_KNOWLEDGE_GRAPH:
-            raise _not_yet("mode=SEARCH_MODE_KNOWLEDGE_GRAPH")
-        if mode not in (pb.SEARCH_MODE_DENSE, pb.SEARCH_MODE_SPARSE, pb.SEARCH_MODE_HYBRID):
-            raise invalid_argument("INVALID_MODE", f"unknown search mode {mode}")
-        for field, options in (("query_expansion", request.query_expansion), ("hyde", request.hyde),
-                               ("rerank", request.rerank), ("compression", request.compression)):
-            if options.enabled:
-                raise _not_yet(f"{field}.enabled")
-        if not math.isfinite(request.min_score):
-            raise invalid_argument("INVALID_MIN_SCORE", "min_score must be finite")
-        matches = ranking.compile_filters(request.filters)
+        self.searcher.check(request)
         principals = principals_of(request.principal)
-        fusion = ranking.fusion_of(request.fusion)
         coll = await self._collection(request.collection)
-        index = await asyncio.to_thread(self.indexes.current, coll.pk, coll.uid)
-        allowed = await asyncio.to_thread(_allowed, index, principals, matches)
-        fetch = top_k if mode != pb.SEARCH_MODE_HYBRID else max(top_k * self.settings.overfetch,
-                                                                self.settings.min_candidates)
-        dense_hits, sparse_hits = [], []
-        if mode in (pb.SEARCH_MODE_DENSE, pb.SEARCH_MODE_HYBRID) and allowed.any():
-            vector = (await asyncio.to_thread(self.embedder.encode, [query]))[0]
-            dense_hits = await asyncio.to_thread(index.dense_search, vector, allowed, fetch)
-        if mode in (pb.SEARCH_MODE_SPARSE, pb.SEARCH_MODE_HYBRID):
-            sparse_hits = await asyncio.to_thread(index.sparse, query, allowed, fetch)
-        if mode == pb.SEARCH_MODE_HYBRID:
-            fused = ranking.fuse(dense_hits, sparse_hits, fusion)
-        else:
-            fused = ranking.single(dense_hits if mode == pb.SEARCH_MODE_DENSE else sparse_hits,
-                                   dense=mode == pb.SEARCH_MODE_DENSE)
-        fused = [f for f in fused if f.score >= request.min_score][:top_k]
-        rows = await asyncio.to_thread(self.store.chunks_by_id, coll.pk, [int(index.ids[f.position]) for f in fused])
-        results = []
-        for item in fused:
-            found = rows.get(int(index.ids[item.position]))
-            # the row read now, not the index, has the last word: a document replaced or re-permissioned
-            # since the index was built is dropped rather than shown
-            if found is None or not ranking.visible(found[1].acl, principals) or not matches(found[1].metadata):
-                continue
-            chunk, doc = found
-            document = f"collections/{coll.collection_id}/documents/{doc.document_id}"
-            results.append(pb.SearchResult(
-                chunk=_chunk_proto(document, doc, chunk), score=item.score, dense_score=item.dense_score,
-                sparse_score=item.sparse_score, dense_rank=item.dense_rank, sparse_rank=item.sparse_rank))
-        return pb.SearchResponse(results=results, mode=mode,  # type: ignore[arg-type]
-                                 candidates_considered=int(allowed.sum()))
-
-
-def _allowed(index: CollectionIndex, principals: frozenset[str], matches: ranking.Predicate) -> np.ndarray:
-    """Which positions the caller may see and the filters keep, decided per document."""
-    per_doc = np.array([ranking.visible(acl, principals) and matches(metadata) for _, acl, metadata in index.docs],
-                       dtype=bool)
-    if index.size == 0:
-        return np.zeros(0, dtype=bool)
-    return per_doc[index.doc_of]
+        return await self.searcher.search(request, coll, principals)
 
 
 def _failed(position: int, name: str, reason: str, message: str) -> pb.DocumentProgress:

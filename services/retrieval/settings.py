@@ -13,6 +13,8 @@ class RetrievalSettings(ServiceSettings):
 
     publish_events: bool = True
     """Publish `llmo.retrieval.v1.document_ingested` through the outbox (needs NATS eventually, not to start)."""
+    publish_search_events: bool = True
+    """Also publish `llmo.retrieval.v1.searched` (per-stage latency) for every search (with `publish_events`)."""
     index_dir: str = ""
     """Where the BM25 and FAISS indexes are persisted, one folder per collection; empty:
     `<data_dir>/retrieval/indexes`. Indexes are derived data: deleted or stale ones are rebuilt

@@ -4,9 +4,10 @@ import datetime
 from google.protobuf import descriptor_pb2 as _descriptor_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from llmo.protos.common.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -166,6 +167,48 @@ class DocumentIngested(_message.Message):
     chunks: int
     tenant: str
     def __init__(self, event_id: _Optional[str] = ..., occurred_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., document: _Optional[str] = ..., chunks: _Optional[int] = ..., tenant: _Optional[str] = ...) -> None: ...
+
+class RetrievalSearched(_message.Message):
+    __slots__ = ("event_id", "occurred_at", "collection", "tenant", "mode", "top_k", "results", "candidates_considered", "latency_ms", "stages", "usage", "attribution", "request_id")
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    OCCURRED_AT_FIELD_NUMBER: _ClassVar[int]
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_CONSIDERED_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTION_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    event_id: str
+    occurred_at: _timestamp_pb2.Timestamp
+    collection: str
+    tenant: str
+    mode: int
+    top_k: int
+    results: int
+    candidates_considered: int
+    latency_ms: float
+    stages: _containers.RepeatedCompositeFieldContainer[SearchStage]
+    usage: _common_pb2.Usage
+    attribution: _common_pb2.Attribution
+    request_id: str
+    def __init__(self, event_id: _Optional[str] = ..., occurred_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., collection: _Optional[str] = ..., tenant: _Optional[str] = ..., mode: _Optional[int] = ..., top_k: _Optional[int] = ..., results: _Optional[int] = ..., candidates_considered: _Optional[int] = ..., latency_ms: _Optional[float] = ..., stages: _Optional[_Iterable[_Union[SearchStage, _Mapping]]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., attribution: _Optional[_Union[_common_pb2.Attribution, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class SearchStage(_message.Message):
+    __slots__ = ("stage", "latency_ms", "fell_back", "fallback_reason")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
+    FELL_BACK_FIELD_NUMBER: _ClassVar[int]
+    FALLBACK_REASON_FIELD_NUMBER: _ClassVar[int]
+    stage: str
+    latency_ms: float
+    fell_back: bool
+    fallback_reason: str
+    def __init__(self, stage: _Optional[str] = ..., latency_ms: _Optional[float] = ..., fell_back: _Optional[bool] = ..., fallback_reason: _Optional[str] = ...) -> None: ...
 
 class CrawlCompleted(_message.Message):
     __slots__ = ("event_id", "occurred_at", "crawl", "pages_fetched", "pages_failed")

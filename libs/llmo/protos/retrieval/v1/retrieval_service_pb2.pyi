@@ -122,7 +122,7 @@ class ChunkingConfig(_message.Message):
     def __init__(self, chunk_size_tokens: _Optional[int] = ..., chunk_overlap_tokens: _Optional[int] = ..., strategy: _Optional[_Union[ChunkingStrategy, str]] = ...) -> None: ...
 
 class Collection(_message.Message):
-    __slots__ = ("name", "display_name", "description", "embedding_model", "embedding_dimensions", "chunking", "knowledge_graph_enabled", "labels", "tenant", "document_count", "chunk_count", "create_time", "update_time", "etag")
+    __slots__ = ("name", "display_name", "description", "embedding_model", "embedding_dimensions", "chunking", "knowledge_graph_enabled", "labels", "tenant", "document_count", "chunk_count", "create_time", "update_time", "etag", "entity_extractor")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -144,6 +144,7 @@ class Collection(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
     ETAG_FIELD_NUMBER: _ClassVar[int]
+    ENTITY_EXTRACTOR_FIELD_NUMBER: _ClassVar[int]
     name: str
     display_name: str
     description: str
@@ -158,7 +159,8 @@ class Collection(_message.Message):
     create_time: _timestamp_pb2.Timestamp
     update_time: _timestamp_pb2.Timestamp
     etag: str
-    def __init__(self, name: _Optional[str] = ..., display_name: _Optional[str] = ..., description: _Optional[str] = ..., embedding_model: _Optional[str] = ..., embedding_dimensions: _Optional[int] = ..., chunking: _Optional[_Union[ChunkingConfig, _Mapping]] = ..., knowledge_graph_enabled: _Optional[bool] = ..., labels: _Optional[_Mapping[str, str]] = ..., tenant: _Optional[str] = ..., document_count: _Optional[int] = ..., chunk_count: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., etag: _Optional[str] = ...) -> None: ...
+    entity_extractor: str
+    def __init__(self, name: _Optional[str] = ..., display_name: _Optional[str] = ..., description: _Optional[str] = ..., embedding_model: _Optional[str] = ..., embedding_dimensions: _Optional[int] = ..., chunking: _Optional[_Union[ChunkingConfig, _Mapping]] = ..., knowledge_graph_enabled: _Optional[bool] = ..., labels: _Optional[_Mapping[str, str]] = ..., tenant: _Optional[str] = ..., document_count: _Optional[int] = ..., chunk_count: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., etag: _Optional[str] = ..., entity_extractor: _Optional[str] = ...) -> None: ...
 
 class CreateCollectionRequest(_message.Message):
     __slots__ = ("collection_id", "collection", "request_id")
@@ -448,13 +450,23 @@ class FusionOptions(_message.Message):
     method: FusionMethod
     def __init__(self, rrf_k: _Optional[int] = ..., dense_weight: _Optional[float] = ..., sparse_weight: _Optional[float] = ..., method: _Optional[_Union[FusionMethod, str]] = ...) -> None: ...
 
+class ConversationTurn(_message.Message):
+    __slots__ = ("role", "content")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    content: str
+    def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
+
 class QueryExpansionOptions(_message.Message):
-    __slots__ = ("enabled", "variants")
+    __slots__ = ("enabled", "variants", "model")
     ENABLED_FIELD_NUMBER: _ClassVar[int]
     VARIANTS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     enabled: bool
     variants: int
-    def __init__(self, enabled: _Optional[bool] = ..., variants: _Optional[int] = ...) -> None: ...
+    model: str
+    def __init__(self, enabled: _Optional[bool] = ..., variants: _Optional[int] = ..., model: _Optional[str] = ...) -> None: ...
 
 class HydeOptions(_message.Message):
     __slots__ = ("enabled", "model")
@@ -472,6 +484,12 @@ class RerankOptions(_message.Message):
     candidates: int
     def __init__(self, enabled: _Optional[bool] = ..., candidates: _Optional[int] = ...) -> None: ...
 
+class ReorderOptions(_message.Message):
+    __slots__ = ("enabled",)
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    def __init__(self, enabled: _Optional[bool] = ...) -> None: ...
+
 class CompressionOptions(_message.Message):
     __slots__ = ("enabled", "max_tokens")
     ENABLED_FIELD_NUMBER: _ClassVar[int]
@@ -487,7 +505,7 @@ class KnowledgeGraphOptions(_message.Message):
     def __init__(self, max_hops: _Optional[int] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("collection", "query", "top_k", "mode", "filters", "principal", "query_expansion", "hyde", "rerank", "compression", "fusion", "knowledge_graph", "min_score", "attribution")
+    __slots__ = ("collection", "query", "top_k", "mode", "filters", "principal", "query_expansion", "hyde", "rerank", "compression", "fusion", "knowledge_graph", "min_score", "attribution", "history", "reorder")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     QUERY_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
@@ -502,6 +520,8 @@ class SearchRequest(_message.Message):
     KNOWLEDGE_GRAPH_FIELD_NUMBER: _ClassVar[int]
     MIN_SCORE_FIELD_NUMBER: _ClassVar[int]
     ATTRIBUTION_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
+    REORDER_FIELD_NUMBER: _ClassVar[int]
     collection: str
     query: str
     top_k: int
@@ -516,10 +536,22 @@ class SearchRequest(_message.Message):
     knowledge_graph: KnowledgeGraphOptions
     min_score: float
     attribution: _common_pb2.Attribution
-    def __init__(self, collection: _Optional[str] = ..., query: _Optional[str] = ..., top_k: _Optional[int] = ..., mode: _Optional[_Union[SearchMode, str]] = ..., filters: _Optional[_Iterable[_Union[MetadataFilter, _Mapping]]] = ..., principal: _Optional[_Union[Principal, _Mapping]] = ..., query_expansion: _Optional[_Union[QueryExpansionOptions, _Mapping]] = ..., hyde: _Optional[_Union[HydeOptions, _Mapping]] = ..., rerank: _Optional[_Union[RerankOptions, _Mapping]] = ..., compression: _Optional[_Union[CompressionOptions, _Mapping]] = ..., fusion: _Optional[_Union[FusionOptions, _Mapping]] = ..., knowledge_graph: _Optional[_Union[KnowledgeGraphOptions, _Mapping]] = ..., min_score: _Optional[float] = ..., attribution: _Optional[_Union[_common_pb2.Attribution, _Mapping]] = ...) -> None: ...
+    history: _containers.RepeatedCompositeFieldContainer[ConversationTurn]
+    reorder: ReorderOptions
+    def __init__(self, collection: _Optional[str] = ..., query: _Optional[str] = ..., top_k: _Optional[int] = ..., mode: _Optional[_Union[SearchMode, str]] = ..., filters: _Optional[_Iterable[_Union[MetadataFilter, _Mapping]]] = ..., principal: _Optional[_Union[Principal, _Mapping]] = ..., query_expansion: _Optional[_Union[QueryExpansionOptions, _Mapping]] = ..., hyde: _Optional[_Union[HydeOptions, _Mapping]] = ..., rerank: _Optional[_Union[RerankOptions, _Mapping]] = ..., compression: _Optional[_Union[CompressionOptions, _Mapping]] = ..., fusion: _Optional[_Union[FusionOptions, _Mapping]] = ..., knowledge_graph: _Optional[_Union[KnowledgeGraphOptions, _Mapping]] = ..., min_score: _Optional[float] = ..., attribution: _Optional[_Union[_common_pb2.Attribution, _Mapping]] = ..., history: _Optional[_Iterable[_Union[ConversationTurn, _Mapping]]] = ..., reorder: _Optional[_Union[ReorderOptions, _Mapping]] = ...) -> None: ...
+
+class Relation(_message.Message):
+    __slots__ = ("subject", "predicate", "object")
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    PREDICATE_FIELD_NUMBER: _ClassVar[int]
+    OBJECT_FIELD_NUMBER: _ClassVar[int]
+    subject: str
+    predicate: str
+    object: str
+    def __init__(self, subject: _Optional[str] = ..., predicate: _Optional[str] = ..., object: _Optional[str] = ...) -> None: ...
 
 class SearchResult(_message.Message):
-    __slots__ = ("chunk", "score", "dense_score", "sparse_score", "dense_rank", "sparse_rank", "rerank_score", "compressed_text", "matched_entities")
+    __slots__ = ("chunk", "score", "dense_score", "sparse_score", "dense_rank", "sparse_rank", "rerank_score", "compressed_text", "matched_entities", "relations", "rank")
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     DENSE_SCORE_FIELD_NUMBER: _ClassVar[int]
@@ -529,6 +561,8 @@ class SearchResult(_message.Message):
     RERANK_SCORE_FIELD_NUMBER: _ClassVar[int]
     COMPRESSED_TEXT_FIELD_NUMBER: _ClassVar[int]
     MATCHED_ENTITIES_FIELD_NUMBER: _ClassVar[int]
+    RELATIONS_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
     chunk: Chunk
     score: float
     dense_score: float
@@ -538,10 +572,26 @@ class SearchResult(_message.Message):
     rerank_score: float
     compressed_text: str
     matched_entities: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, chunk: _Optional[_Union[Chunk, _Mapping]] = ..., score: _Optional[float] = ..., dense_score: _Optional[float] = ..., sparse_score: _Optional[float] = ..., dense_rank: _Optional[int] = ..., sparse_rank: _Optional[int] = ..., rerank_score: _Optional[float] = ..., compressed_text: _Optional[str] = ..., matched_entities: _Optional[_Iterable[str]] = ...) -> None: ...
+    relations: _containers.RepeatedCompositeFieldContainer[Relation]
+    rank: int
+    def __init__(self, chunk: _Optional[_Union[Chunk, _Mapping]] = ..., score: _Optional[float] = ..., dense_score: _Optional[float] = ..., sparse_score: _Optional[float] = ..., dense_rank: _Optional[int] = ..., sparse_rank: _Optional[int] = ..., rerank_score: _Optional[float] = ..., compressed_text: _Optional[str] = ..., matched_entities: _Optional[_Iterable[str]] = ..., relations: _Optional[_Iterable[_Union[Relation, _Mapping]]] = ..., rank: _Optional[int] = ...) -> None: ...
+
+class StageReport(_message.Message):
+    __slots__ = ("stage", "latency_ms", "fell_back", "fallback_reason", "items")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
+    FELL_BACK_FIELD_NUMBER: _ClassVar[int]
+    FALLBACK_REASON_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    stage: str
+    latency_ms: float
+    fell_back: bool
+    fallback_reason: str
+    items: int
+    def __init__(self, stage: _Optional[str] = ..., latency_ms: _Optional[float] = ..., fell_back: _Optional[bool] = ..., fallback_reason: _Optional[str] = ..., items: _Optional[int] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
-    __slots__ = ("results", "mode", "expanded_queries", "hypothetical_document", "compressed_context", "usage", "candidates_considered")
+    __slots__ = ("results", "mode", "expanded_queries", "hypothetical_document", "compressed_context", "usage", "candidates_considered", "stages", "latency_ms", "reranker_version")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     EXPANDED_QUERIES_FIELD_NUMBER: _ClassVar[int]
@@ -549,6 +599,9 @@ class SearchResponse(_message.Message):
     COMPRESSED_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_CONSIDERED_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
+    RERANKER_VERSION_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[SearchResult]
     mode: SearchMode
     expanded_queries: _containers.RepeatedScalarFieldContainer[str]
@@ -556,4 +609,7 @@ class SearchResponse(_message.Message):
     compressed_context: str
     usage: _common_pb2.Usage
     candidates_considered: int
-    def __init__(self, results: _Optional[_Iterable[_Union[SearchResult, _Mapping]]] = ..., mode: _Optional[_Union[SearchMode, str]] = ..., expanded_queries: _Optional[_Iterable[str]] = ..., hypothetical_document: _Optional[str] = ..., compressed_context: _Optional[str] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., candidates_considered: _Optional[int] = ...) -> None: ...
+    stages: _containers.RepeatedCompositeFieldContainer[StageReport]
+    latency_ms: float
+    reranker_version: str
+    def __init__(self, results: _Optional[_Iterable[_Union[SearchResult, _Mapping]]] = ..., mode: _Optional[_Union[SearchMode, str]] = ..., expanded_queries: _Optional[_Iterable[str]] = ..., hypothetical_document: _Optional[str] = ..., compressed_context: _Optional[str] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., candidates_considered: _Optional[int] = ..., stages: _Optional[_Iterable[_Union[StageReport, _Mapping]]] = ..., latency_ms: _Optional[float] = ..., reranker_version: _Optional[str] = ...) -> None: ...

@@ -133,7 +133,7 @@ class RetrievalServiceServicer:
         INVALID_CHUNKING (size outside 0..2048, overlap < 0 or >= size),
         UNKNOWN_EMBEDDING_MODEL, INVALID_COLLECTION (display_name,
         description or labels past their bounds),
-        NOT_YET_SUPPORTED (`knowledge_graph_enabled`)
+        INVALID_ENTITY_EXTRACTOR (not "", "local" or "llm")
         ALREADY_EXISTS    COLLECTION_ALREADY_EXISTS
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -247,12 +247,15 @@ class RetrievalServiceServicer:
         INVALID_ARGUMENT     INVALID_NAME, EMPTY_QUERY, INVALID_TOP_K (outside 1..100),
         INVALID_FILTER (unknown operator, value type mismatch),
         INVALID_FUSION (negative weights or rrf_k),
-        INVALID_PRINCIPAL, NOT_YET_SUPPORTED (see SearchRequest)
+        INVALID_PRINCIPAL, INVALID_HISTORY (too many or too long turns),
+        INVALID_STAGE_OPTIONS (variants, candidates, max_tokens or
+        max_hops out of range)
         NOT_FOUND            COLLECTION_NOT_FOUND
         FAILED_PRECONDITION  KNOWLEDGE_GRAPH_DISABLED (KNOWLEDGE_GRAPH mode on a
         collection created without `knowledge_graph_enabled`)
-        UNAVAILABLE          GENERATOR_UNAVAILABLE (HyDE, expansion or compression
-        needs the inference service and it is unreachable)
+        A generator that fails or misses its deadline (query expansion, HyDE) never
+        fails the search: the stage falls back to the plain query and says so in
+        `SearchResponse.stages`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
