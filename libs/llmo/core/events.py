@@ -464,6 +464,7 @@ class Consumer(Generic[E]):
         self._ack_prefix = f"$JS.ACK.{self.stream}.{durable}."
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._stop_requested = asyncio.Event()
 
     def start(self) -> asyncio.Task[None]:
         self._task = asyncio.create_task(self.run(), name=f"consumer:{self.durable}:{self.subject}")
@@ -472,6 +473,7 @@ class Consumer(Generic[E]):
     async def stop(self) -> None:
         """Finish (and ack) the batches in hand, hand back what was prefetched, then stop."""
         self._stopping = True
+        self._stop_requested.set()
         if self._task:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
@@ -642,7 +644,9 @@ class Consumer(Generic[E]):
         return {id(delivery)}
 
     async def _retry_in_place(self, deliveries: list[Delivery[E]], poison_reason: str) -> set[int]:
-        """`RetryInPlace`: nothing is handed back; a poison message ends up rejected."""
+        """`RetryInPlace`: nothing is handed back while the consumer runs; a poison message ends up
+        rejected. A stop during an outage hands the held batch back (nak, no delay) instead of
+        waiting for the outage to end: the next start, or another replica, gets it again."""
         attempt = 0
         while True:
             try:
@@ -655,7 +659,18 @@ class Consumer(Generic[E]):
                     self._client.in_progress(deliveries)
                 if attempt >= self.max_deliver and await self._isolate(deliveries, poison_reason):
                     return set()
-                await asyncio.sleep(self.backoff[min(attempt - 1, len(self.backoff) - 1)])
+                if not self._stopping:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stop_requested.wait(),
+                                               self.backoff[min(attempt - 1, len(self.backoff) - 1)])
+                if self._stopping:
+                    log.warning("stopping during an outage; batch handed back", consumer=self.durable,
+                                size=len(deliveries))
+                    for delivery in deliveries:
+                        delivery.rejection = None
+                    with contextlib.suppress(Exception):
+                        self._client.nak(deliveries, delay=0)
+                    return {id(d) for d in deliveries}
             for delivery in deliveries:
                 delivery.rejection = None
 

@@ -295,3 +295,40 @@ async def test_retry_in_place_holds_a_batch_through_an_outage_and_parks_only_the
     assert "row refused" in letters["poison-1"].detail and letters["unpriced-1"].detail == "no price for unpriced"
     assert letters["poison-1"].deliveries == 1  # held in place, never handed back for redelivery
     assert (info.num_pending, info.num_ack_pending) == (0, 0)
+
+
+async def test_retry_in_place_stop_during_an_outage_hands_the_batch_back(nats_server: NatsServer) -> None:
+    """Regression: a `RetryInPlace` consumer whose database is down used to wait for the outage to
+    end when asked to stop (the cost service hung on SIGTERM). Now stop returns, nothing is acked
+    or parked, and the next consumer on the durable gets every message."""
+    from llmo.core.events import Consumer, RetryInPlace
+
+    calls = 0
+    committed: list[str] = []
+
+    async def down(batch: list[Delivery[events_pb2.InferenceCompleted]]) -> None:
+        nonlocal calls
+        calls += 1
+        raise ConnectionError("database unavailable")
+
+    async def up(batch: list[Delivery[events_pb2.InferenceCompleted]]) -> None:
+        committed.extend(d.event_id for d in batch)
+
+    async with EventBus(nats_server.url) as bus:
+        for i in range(4):
+            await bus.publish(completed(i))
+        held = Consumer(bus, events_pb2.InferenceCompleted, "stop-outage", down,
+                        on_failure=RetryInPlace(), batch=10, max_deliver=1000, backoff=(30.0,))
+        held.start()
+        await wait_until(lambda: calls >= 1)
+        # backoff is 30 s per attempt: returning at all means the stop cut the wait short
+        await asyncio.wait_for(held.stop(), timeout=20)
+        again = Consumer(bus, events_pb2.InferenceCompleted, "stop-outage", up, on_failure=RetryInPlace(), batch=10)
+        again.start()
+        try:
+            await wait_until(lambda: len(committed) == 4)
+        finally:
+            await again.stop()
+        info = await bus.js.consumer_info("LLMO_INFERENCE", "stop-outage")
+    assert sorted(committed) == [f"evt-{i:05d}" for i in range(4)]
+    assert (info.num_pending, info.num_ack_pending) == (0, 0)
