@@ -37,6 +37,7 @@ async def test_every_search_publishes_its_stages_once(nats_server: NatsServer, t
         assert [s.stage for s in hybrid.stages] == ["index", "embed", "dense", "sparse", "fusion", "fetch", "reorder"]
         assert all(s.latency_ms >= 0 for s in hybrid.stages) and hybrid.latency_ms >= max(s.latency_ms for s in hybrid.stages)
         assert sorted(r.rank for r in hybrid.results) == [1, 2, 3]
+        assert len(sparse.results) == 0 and [s.stage for s in sparse.stages][:2] == ["index", "sparse"]
         assert running.publisher is not None and await running.publisher.flush(20)
         sub = await nc.jetstream().pull_subscribe("llmo.retrieval.v1.searched", durable="test")
         messages = await sub.fetch(5, timeout=5)
