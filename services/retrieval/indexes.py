@@ -12,7 +12,11 @@ positions, so a chunk the caller may not read never takes a place in a candidate
 
 Sparse scoring, pinned: bm25s, Lucene BM25 variant, k1 and b from the settings (1.2 / 0.75),
 tokens = lower-cased `\\w\\w+` runs, English stop words removed, Snowball English stemmer
-(PyStemmer). Dense: MiniLM-L6-v2 vectors, L2-normalised, exact inner product (IndexFlatIP).
+(PyStemmer). Dense: MiniLM-L6-v2 vectors, L2-normalised, inner product: exact (IndexFlatIP)
+below `DenseConfig.hnsw_min_chunks` chunks, HNSW (IndexHNSWFlat) from there on. HNSW searches
+with the access/filter id selector inside the graph walk; an allowed subset of at most
+`exact_below` chunks, or an HNSW walk that found fewer than k allowed chunks, is searched
+exactly over the allowed vectors instead, so a selective filter never loses results.
 """
 
 from __future__ import annotations
@@ -62,6 +66,27 @@ def query_terms(query: str) -> list[str]:
 
 
 @dataclass(frozen=True)
+class DenseConfig:
+    """How the dense index is built and searched (the `LLMO_RETRIEVAL_HNSW_*` knobs)."""
+
+    hnsw_min_chunks: int = 25_000
+    m: int = 32
+    ef_construction: int = 100
+    ef_search: int = 64
+    exact_below: int = 4096
+
+    @classmethod
+    def of(cls, settings: Any) -> DenseConfig:
+        """From llmo.retrieval.settings.RetrievalSettings."""
+        return cls(hnsw_min_chunks=settings.hnsw_min_chunks, m=settings.hnsw_m,
+                   ef_construction=settings.hnsw_ef_construction, ef_search=settings.hnsw_ef_search,
+                   exact_below=settings.hnsw_exact_below)
+
+
+DEFAULT_DENSE = DenseConfig()
+
+
+@dataclass(frozen=True)
 class Hit:
     position: int
     score: float
@@ -78,6 +103,7 @@ class CollectionIndex:
         self.docs = docs  # (document id, access list, metadata)
         self.bm25 = bm25
         self.dense = dense
+        self.config = DEFAULT_DENSE  # search knobs; IndexManager sets its own on every index it hands out
 
     @property
     def size(self) -> int:
@@ -86,9 +112,9 @@ class CollectionIndex:
     # --- building and persistence -------------------------------------------------------------
 
     @classmethod
-    def build(cls, generation: int, chunks: list[IndexedChunk], *, k1: float, b: float) -> CollectionIndex:
+    def build(cls, generation: int, chunks: list[IndexedChunk], *, k1: float, b: float,
+              dense_config: DenseConfig = DEFAULT_DENSE) -> CollectionIndex:
         import bm25s
-        import faiss
 
         doc_index: dict[str, int] = {}
         docs: list[tuple[str, list[str], dict[str, Any]]] = []
@@ -103,7 +129,7 @@ class CollectionIndex:
         if chunks:
             bm25 = bm25s.BM25(k1=k1, b=b, method=BM25_METHOD)
             bm25.index(bm25_tokens([c.text for c in chunks]), show_progress=False)
-        dense = faiss.IndexFlatIP(EMBEDDING_DIM)
+        dense = _empty_dense(len(chunks), dense_config)
         if chunks:
             dense.add(np.stack([np.frombuffer(c.embedding, dtype=np.float32) for c in chunks]))
         return cls(generation, ids, doc_of, docs, bm25, dense)
@@ -161,20 +187,71 @@ class CollectionIndex:
         scores = np.where(allowed, scores, 0.0)
         return _top(scores, k)
 
+    @property
+    def is_hnsw(self) -> bool:
+        import faiss
+
+        return isinstance(self.dense, faiss.IndexHNSW)
+
     def dense_search(self, vector: np.ndarray, allowed: np.ndarray, k: int) -> list[Hit]:
         import faiss
+
+        config = self.config
 
         n_allowed = int(allowed.sum())
         if n_allowed == 0 or k <= 0:
             return []
         k = min(k, n_allowed)
         query = np.ascontiguousarray(vector.reshape(1, -1), dtype=np.float32)
-        if n_allowed == self.size:
-            scores, positions = self.dense.search(query, k)
-        else:
+        everything = n_allowed == self.size
+        if not self.is_hnsw:
+            if everything:
+                scores, positions = self.dense.search(query, k)
+            else:
+                selector = faiss.IDSelectorBatch(np.flatnonzero(allowed).astype(np.int64))
+                scores, positions = self.dense.search(query, k, params=faiss.SearchParameters(sel=selector))  # type: ignore[call-arg]
+            return _hits(positions[0], scores[0])
+        if not everything and n_allowed <= config.exact_below:
+            return self._exact_subset(query[0], np.flatnonzero(allowed), k)
+        params = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]
+        params.efSearch = max(config.ef_search, k)
+        if not everything:
             selector = faiss.IDSelectorBatch(np.flatnonzero(allowed).astype(np.int64))
-            scores, positions = self.dense.search(query, k, params=faiss.SearchParameters(sel=selector))  # type: ignore[call-arg]
-        return [Hit(int(p), float(s)) for p, s in zip(positions[0], scores[0], strict=True) if p >= 0]
+            params.sel = selector
+        scores, positions = self.dense.search(query, k, params=params)  # type: ignore[call-arg]
+        hits = _hits(positions[0], scores[0])
+        if len(hits) < k:  # the graph walk ran out of allowed neighbours: exact over the allowed set
+            return self._exact_subset(query[0], np.flatnonzero(allowed), k)
+        return hits
+
+    def _exact_subset(self, query: np.ndarray, positions: np.ndarray, k: int) -> list[Hit]:
+        """Exact inner product over the given positions, from the vectors HNSW keeps in its storage."""
+        import faiss
+
+        storage = faiss.downcast_index(self.dense.storage)
+        flat = storage.get_xb()  # type: ignore[attr-defined]
+        vectors = faiss.rev_swig_ptr(flat, self.dense.ntotal * EMBEDDING_DIM).reshape(-1, EMBEDDING_DIM)
+        scores = vectors[positions] @ query
+        if positions.size > k:
+            best = np.argpartition(-scores, k - 1)[:k]
+            positions, scores = positions[best], scores[best]
+        order = np.lexsort((positions, -scores))
+        return [Hit(int(positions[i]), float(scores[i])) for i in order]
+
+
+def _empty_dense(size: int, config: DenseConfig) -> Any:
+    """Exact flat below the HNSW threshold, HNSW (inner product) from it on."""
+    import faiss
+
+    if size < config.hnsw_min_chunks:
+        return faiss.IndexFlatIP(EMBEDDING_DIM)
+    index = faiss.IndexHNSWFlat(EMBEDDING_DIM, config.m, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = config.ef_construction
+    return index
+
+
+def _hits(positions: np.ndarray, scores: np.ndarray) -> list[Hit]:
+    return [Hit(int(p), float(s)) for p, s in zip(positions, scores, strict=True) if p >= 0]
 
 
 def _top(scores: np.ndarray, k: int) -> list[Hit]:
@@ -190,8 +267,9 @@ def _top(scores: np.ndarray, k: int) -> list[Hit]:
 class IndexManager:
     """Keeps each searched collection's index current: loaded from disk, else built from the database."""
 
-    def __init__(self, store: RetrievalStore, root: Path, *, k1: float, b: float, cached: int = 64) -> None:
-        self.store, self.root, self.k1, self.b, self.cached = store, root, k1, b, cached
+    def __init__(self, store: RetrievalStore, root: Path, *, k1: float, b: float, cached: int = 64,
+                 dense: DenseConfig = DEFAULT_DENSE) -> None:
+        self.store, self.root, self.k1, self.b, self.cached, self.dense = store, root, k1, b, cached, dense
         self._indexes: OrderedDict[str, CollectionIndex] = OrderedDict()
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
@@ -211,6 +289,7 @@ class IndexManager:
                 index = CollectionIndex.load(self.folder(uid))
                 if index is None or index.generation != generation:
                     index = self._build(collection_pk, uid)
+                index.config = self.dense
             with self._guard:
                 self._indexes[uid] = index
                 self._indexes.move_to_end(uid)
@@ -220,13 +299,14 @@ class IndexManager:
 
     def _build(self, collection_pk: int, uid: str) -> CollectionIndex:
         generation, chunks = self.store.indexed_chunks(collection_pk)
-        index = CollectionIndex.build(generation, chunks, k1=self.k1, b=self.b)
+        index = CollectionIndex.build(generation, chunks, k1=self.k1, b=self.b, dense_config=self.dense)
         self.builds += 1
         try:
             index.save(self.folder(uid))
         except OSError as error:  # a full or read-only disk costs a rebuild next start, not the search
             log.warning("retrieval index not persisted", collection=uid, error=repr(error))
-        log.info("retrieval index built", collection=uid, generation=generation, chunks=len(chunks))
+        log.info("retrieval index built", collection=uid, generation=generation, chunks=len(chunks),
+                 dense="hnsw" if index.is_hnsw else "flat")
         return index
 
     def drop(self, uid: str) -> None:
