@@ -185,3 +185,18 @@ def _heading_paths(headings: Sequence[Heading]) -> list[tuple[str, ...]]:
         stack.append(heading)
         paths.append(tuple(h.title for h in stack))
     return paths
+
+
+def sentences(text: str) -> list[str]:
+    """The sentences of `text` (split where the chunker splits them), stripped, empty ones dropped."""
+    out, at = [], 0
+    for match in _SENTENCE_END.finditer(text):
+        out.append(text[at:match.start()].strip())
+        at = match.end()
+    out.append(text[at:].strip())
+    return [s for s in out if s]
+
+
+def token_count(text: str) -> int:
+    """Tokens of `text` in the MiniLM tokenizer, without special tokens."""
+    return len(tokenizer().encode(text, add_special_tokens=False).ids)

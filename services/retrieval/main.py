@@ -9,7 +9,10 @@ from llmo.core import kit as service_kit
 from llmo.core.kit import Kit, ServiceSpec
 from llmo.embedding import Embedder
 from llmo.protos.retrieval.v1 import retrieval_service_pb2_grpc
-from llmo.retrieval.indexes import IndexManager
+from llmo.retrieval import backends
+from llmo.retrieval.backends import pgvector
+from llmo.retrieval.generator import Generator
+from llmo.retrieval.indexes import DenseConfig, IndexManager
 from llmo.retrieval.rerank import load_reranker
 from llmo.retrieval.search import Searcher
 from llmo.retrieval.servicer import RetrievalServicer
@@ -21,16 +24,29 @@ SERVICE_NAME = "llmo.retrieval.v1.RetrievalService"
 
 async def build(kit: Kit[RetrievalSettings]) -> None:
     settings = kit.settings
-    store = await kit.storage(lambda: RetrievalStore.open(settings.resolved_database_url()), RetrievalStore.close)
+    database_url = settings.resolved_database_url()
+    backends.check(settings.backend, database_url)
+    if settings.backend == "pgvector":  # before the migrations, so 0003 creates its table
+        await asyncio.to_thread(pgvector.create_extension, database_url)
+    store = await kit.storage(lambda: RetrievalStore.open(database_url), RetrievalStore.close)
     publisher = kit.outbox_publisher() if settings.publish_events else None
     indexes = IndexManager(store, settings.resolved_index_dir(), k1=settings.bm25_k1, b=settings.bm25_b,
-                           cached=settings.cached_collections)
+                           cached=settings.cached_collections, dense=DenseConfig.of(settings))
     # The model loads on the first ingest or search (seconds), not at start.
     embedder = Embedder(batch_size=settings.embed_batch_size, max_seq_length=256)
-    searcher = Searcher(store, indexes, embedder, settings, publisher, reranker=load_reranker(settings))
+    generator = None
+    if settings.generator_url:
+        generator = Generator(settings.generator_url, api_key=settings.generator_api_key, model=settings.generator_model,
+                              timeout_s=settings.generator_timeout_s, max_tokens=settings.generator_max_tokens)
+        kit.on_stop(generator.close)
+    first_stage = None
+    if settings.backend == "pgvector":
+        first_stage = await asyncio.to_thread(pgvector.PgvectorFirstStage.open, store, embedder, settings)
+    searcher = Searcher(store, indexes, embedder, settings, publisher, generator=generator,
+                        reranker=load_reranker(settings), first_stage=first_stage)
     servicer = RetrievalServicer(store, indexes, embedder, settings, publisher, searcher)
     kit.grpc(retrieval_service_pb2_grpc.add_RetrievalServiceServicer_to_server, servicer, SERVICE_NAME)
-    kit.expose(store=store, indexes=indexes, servicer=servicer, searcher=searcher)
+    kit.expose(store=store, indexes=indexes, servicer=servicer, searcher=searcher, generator=generator)
 
 
 SERVICE = ServiceSpec("retrieval", RetrievalSettings, build)

@@ -15,24 +15,25 @@ import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import numpy as np
 
 from llmo.core import context as ctx
-from llmo.core.errors import invalid_argument
+from llmo.core.errors import failed_precondition, invalid_argument
 from llmo.core.logging import get_logger
 from llmo.core.outbox import Publisher
 from llmo.embedding import Embedder
 from llmo.protos.events.v1 import events_pb2
 from llmo.protos.retrieval.v1 import retrieval_service_pb2 as pb
-from llmo.retrieval import candidates as first_stage
 from llmo.retrieval import postprocess, ranking
 from llmo.retrieval import query as understanding
+from llmo.retrieval.backends import FirstStage, FirstStageResult
+from llmo.retrieval.backends.local import LocalFirstStage
 from llmo.retrieval.convert import chunk_proto
+from llmo.retrieval.generator import Generator
 from llmo.retrieval.graph import GraphRetriever
 from llmo.retrieval.indexes import CollectionIndex, IndexManager
-from llmo.retrieval.rerank import Reranker
+from llmo.retrieval.rerank import Reranker, rerank_input
 from llmo.retrieval.settings import RetrievalSettings
 from llmo.retrieval.storage import CollectionRow, RetrievalStore
 
@@ -64,11 +65,12 @@ class StageLog:
 
 class Searcher:
     def __init__(self, store: RetrievalStore, indexes: IndexManager, embedder: Embedder, settings: RetrievalSettings,
-                 publisher: Publisher | None, *, generator: Any = None, reranker: Reranker | None = None,
-                 graph: GraphRetriever | None = None) -> None:
+                 publisher: Publisher | None, *, generator: Generator | None = None, reranker: Reranker | None = None,
+                 graph: GraphRetriever | None = None, first_stage: FirstStage | None = None) -> None:
         self.store, self.indexes, self.embedder, self.settings = store, indexes, embedder, settings
         self.publisher, self.generator, self.reranker = publisher, generator, reranker
         self.graph = graph or GraphRetriever(store)
+        self.first_stage: FirstStage = first_stage or LocalFirstStage(indexes, embedder, settings)
 
     def check(self, request: pb.SearchRequest) -> None:
         """Every bound of the request, before any work (and before the collection is looked up)."""
@@ -93,10 +95,21 @@ class Searcher:
         if not 0 <= request.knowledge_graph.max_hops <= MAX_HOPS:
             raise invalid_argument("INVALID_STAGE_OPTIONS", f"knowledge_graph.max_hops must be in 0..{MAX_HOPS}",
                                    field="knowledge_graph.max_hops")
-        if request.rerank.enabled and self.reranker is None:
-            raise invalid_argument("NOT_YET_SUPPORTED", "rerank.enabled: no reranker is configured", field="rerank.enabled")
-        postprocess.check_options(request.compression.enabled, request.compression.max_tokens)
+        postprocess.check_options(request.compression.max_tokens)
         understanding.check_options(request, self.settings)
+        # arguments first, then what this deployment can do
+        if request.rerank.enabled and self.reranker is None:
+            raise failed_precondition("RERANKER_UNAVAILABLE", "rerank.enabled: this service runs without a reranker "
+                                      "(LLMO_RETRIEVAL_RERANKER is empty)", field="rerank.enabled")
+        if request.rerank.enabled and not self.first_stage.supports_rerank:
+            raise failed_precondition("RERANKER_UNAVAILABLE", "rerank.enabled: the reranker reads the local BM25 and "
+                                      f"vector indexes, which LLMO_RETRIEVAL_BACKEND={self.first_stage.name} does not "
+                                      "build", field="rerank.enabled")
+        if (request.query_expansion.enabled or request.hyde.enabled) and self.generator is None:
+            field_name = "query_expansion.enabled" if request.query_expansion.enabled else "hyde.enabled"
+            raise failed_precondition("GENERATOR_UNAVAILABLE", f"{field_name}: this service runs without a generator "
+                                      "(LLMO_RETRIEVAL_GENERATOR_URL and LLMO_ROUTER_HTTP_URL are empty)",
+                                      field=field_name)
 
     async def search(self, request: pb.SearchRequest, coll: CollectionRow, principals: frozenset[str]) -> pb.SearchResponse:
         started = time.perf_counter()
@@ -106,21 +119,23 @@ class Searcher:
         top_k = request.top_k or 10
         mode = int(request.mode) or pb.SEARCH_MODE_HYBRID
         stages = StageLog()
-        plan = await understanding.plan_query(request, self.generator, self.settings, stages)
+        plan = await understanding.plan_query(request, self.generator, self.settings, stages, tenant=coll.tenant)
 
         wanted = top_k
         if request.rerank.enabled:
             wanted = request.rerank.candidates or max(4 * top_k, 50)
         query_vector: np.ndarray | None = None
+        index: CollectionIndex | None = None
         if mode == pb.SEARCH_MODE_KNOWLEDGE_GRAPH:
             considered, candidates = await self._graph_candidates(request, coll, principals, matches, wanted, stages)
         else:
-            considered, fused, query_vector, index = await asyncio.to_thread(
-                self._first_stage, coll, plan, principals, matches, mode, fusion, wanted, stages)
-            candidates = await self._fetch(coll, index, fused, principals, matches, stages)
+            first = await asyncio.to_thread(self.first_stage.run, coll, plan, principals, request.filters, matches,
+                                            mode, fusion, wanted, stages.stage)
+            considered, query_vector, index = first.considered, first.query_vector, first.index
+            candidates = await self._fetch(coll, first, principals, matches, stages)
 
         if request.rerank.enabled and self.reranker is not None and candidates:
-            candidates = await asyncio.to_thread(self._rerank, plan.query, candidates, stages)
+            candidates = await asyncio.to_thread(self._rerank, coll, index, plan.query, query_vector, candidates, stages)
         if request.min_score:
             with stages.stage("min_score") as report:
                 candidates = [c for c in candidates if _final(c, request) >= request.min_score]
@@ -143,8 +158,8 @@ class Searcher:
             if query_vector is None:
                 query_vector = (await asyncio.to_thread(self.embedder.encode, [plan.query]))[0]
             with stages.stage("compression") as report:
-                result = await asyncio.to_thread(postprocess.compress, plan.query, query_vector, candidates,
-                                                 request.compression.max_tokens, self.embedder)
+                result = await asyncio.to_thread(postprocess.compress, query_vector, [c.chunk.text for c in candidates],
+                                                 request.compression.max_tokens, self.embedder.encode)
                 report.items = result.sentences_kept
             compressed = result.texts
             response.compressed_context = result.context
@@ -164,32 +179,13 @@ class Searcher:
 
     # --- stages ------------------------------------------------------------------------------
 
-    def _first_stage(self, coll: CollectionRow, plan: understanding.QueryPlan, principals: frozenset[str],
-                     matches: ranking.Predicate, mode: int, fusion: ranking.Fusion, wanted: int, stages: StageLog
-                     ) -> tuple[int, list[ranking.Fused], np.ndarray | None, CollectionIndex]:
-        with stages.stage("index") as report:
-            index = self.indexes.current(coll.pk, coll.uid)
-            allowed = allowed_mask(index, principals, matches)
-            considered = int(allowed.sum())
-            report.items = considered
-        vectors = None
-        if mode in (pb.SEARCH_MODE_DENSE, pb.SEARCH_MODE_HYBRID) and considered:
-            with stages.stage("embed") as report:
-                vectors = first_stage.variant_vectors(plan, self.embedder.encode)
-                report.items = len(vectors)
-        fetch = wanted if mode != pb.SEARCH_MODE_HYBRID else max(wanted * self.settings.overfetch,
-                                                                 self.settings.min_candidates)
-        fused = first_stage.retrieve(index, plan, allowed, mode=mode, fusion=fusion, fetch=fetch, vectors=vectors,
-                                     stage=stages.stage) if considered else []
-        return considered, fused[:wanted], (vectors[0] if vectors else None), index
-
-    async def _fetch(self, coll: CollectionRow, index: CollectionIndex, fused: list[ranking.Fused],
-                     principals: frozenset[str], matches: ranking.Predicate, stages: StageLog) -> list[ranking.Candidate]:
+    async def _fetch(self, coll: CollectionRow, first: FirstStageResult, principals: frozenset[str],
+                     matches: ranking.Predicate, stages: StageLog) -> list[ranking.Candidate]:
         with stages.stage("fetch") as report:
-            rows = await asyncio.to_thread(self.store.chunks_by_id, coll.pk, [int(index.ids[f.position]) for f in fused])
+            rows = await asyncio.to_thread(self.store.chunks_by_id, coll.pk, first.chunk_ids)
             out = []
-            for item in fused:
-                found = rows.get(int(index.ids[item.position]))
+            for item, chunk_id in zip(first.fused, first.chunk_ids, strict=True):
+                found = rows.get(chunk_id)
                 # the row read now, not the index, has the last word: a document replaced or re-permissioned
                 # since the index was built is dropped rather than shown
                 if found is None or not ranking.visible(found[1].acl, principals) or not matches(found[1].metadata):
@@ -217,10 +213,17 @@ class Searcher:
             report.items = len(out)
         return len(out), out
 
-    def _rerank(self, query: str, candidates: list[ranking.Candidate], stages: StageLog) -> list[ranking.Candidate]:
+    def _rerank(self, coll: CollectionRow, index: CollectionIndex | None, query: str, query_vector: np.ndarray | None,
+                candidates: list[ranking.Candidate], stages: StageLog) -> list[ranking.Candidate]:
+        """Re-scored by the reranker from the query and each candidate's text, stored vector and BM25
+        score; `index` is the first stage's (None in KNOWLEDGE_GRAPH mode: the current one is used)."""
         assert self.reranker is not None
         with stages.stage("rerank") as report:
-            scores = self.reranker.score(query, candidates)
+            if index is None:
+                index = self.indexes.current(coll.pk, coll.uid)
+            if query_vector is None:  # sparse and graph modes embedded nothing
+                query_vector = self.embedder.encode([query])[0]
+            scores = self.reranker.score(rerank_input(index, query, query_vector, candidates, self.embedder.encode))
             for c, s in zip(candidates, scores, strict=True):
                 c.rerank_score = float(s)
             ordered = sorted(candidates, key=lambda c: (-c.rerank_score, -c.fused.score, c.chunk.id))
@@ -249,13 +252,4 @@ class Searcher:
 
 def _final(c: ranking.Candidate, request: pb.SearchRequest) -> float:
     return c.rerank_score if request.rerank.enabled and c.rerank_score else c.fused.score
-
-
-def allowed_mask(index: CollectionIndex, principals: frozenset[str], matches: ranking.Predicate) -> np.ndarray:
-    """Which positions the caller may see and the filters keep, decided per document."""
-    if index.size == 0:
-        return np.zeros(0, dtype=bool)
-    per_doc = np.array([ranking.visible(acl, principals) and matches(metadata) for _, acl, metadata in index.docs],
-                       dtype=bool)
-    return per_doc[index.doc_of]
 

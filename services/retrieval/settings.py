@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
-from llmo.core.settings import ServiceSettings
+from pydantic import Field
+
+from llmo.core.settings import ServiceSettings, platform_fallback
 
 
 class RetrievalSettings(ServiceSettings):
@@ -25,10 +27,36 @@ class RetrievalSettings(ServiceSettings):
     """Most chunks one document may produce; past it the document fails with DOCUMENT_TOO_LARGE."""
     max_query_chars: int = 4096
     """Longest search query accepted."""
+    backend: str = "local"
+    """Where the dense and sparse first stage runs: "local" (each replica builds its own BM25 and
+    FAISS indexes from the database, in memory) or "pgvector" (inside PostgreSQL with the pgvector
+    extension, shared by every replica and current at once; needs a PostgreSQL `database_url`).
+    Any other value stops the service at start."""
     overfetch: int = 4
     """Each retriever fetches `overfetch * top_k` candidates (at least `min_candidates`) before fusion."""
     min_candidates: int = 50
     """Fewest candidates each retriever fetches before fusion."""
+    reranker: str = "builtin"
+    """Second-stage reranker artifact: "builtin" (the LambdaRank model committed with the service),
+    a directory written by `python -m llmo.retrieval.rerank.train`, or empty for none (then
+    `rerank.enabled` fails with FAILED_PRECONDITION RERANKER_UNAVAILABLE). An artifact that cannot
+    be loaded stops the service at start."""
+    generator_url: str = Field(default="", json_schema_extra=platform_fallback("router_http_url"))
+    """OpenAI-compatible base URL of the generator that writes query paraphrases, standalone
+    queries from chat history and HyDE documents (`/v1` is appended when missing). Unset: the
+    router's (`LLMO_ROUTER_HTTP_URL`, set by `llmo up`); empty everywhere: no generator, and
+    `query_expansion` / `hyde` fail with FAILED_PRECONDITION GENERATOR_UNAVAILABLE."""
+    generator_api_key: str = ""
+    """Bearer key of this service at the generator. At the router it should be an admin tenant's
+    key: the service sends the searching tenant in `x-llmo-tenant`, so the router charges the
+    generation to that tenant, not to retrieval."""
+    generator_model: str = "auto"
+    """Model asked when a request names none (`auto`: the router chooses)."""
+    generator_timeout_s: float = 8.0
+    """Deadline of one generator call (never past the search's own deadline); past it the search
+    goes on with the plain query and the stage reports GENERATOR_TIMEOUT."""
+    generator_max_tokens: int = 256
+    """Most tokens the generator may write per call."""
     embed_batch_size: int = 32
     """Chunks per MiniLM forward pass at ingestion."""
     bm25_k1: float = 1.2
@@ -37,6 +65,19 @@ class RetrievalSettings(ServiceSettings):
     """BM25 length normalisation (Lucene variant, bm25s)."""
     cached_collections: int = 64
     """Collections whose indexes stay loaded in memory (least recently searched are dropped)."""
+    hnsw_min_chunks: int = 25_000
+    """Collections with at least this many chunks get an HNSW dense index (below: exact IndexFlatIP,
+    whose search time grows linearly with the chunks; `llmo bench retrieval --areas memory` measures
+    both)."""
+    hnsw_m: int = 32
+    """HNSW graph degree (M)."""
+    hnsw_ef_construction: int = 100
+    """HNSW candidate list while building (efConstruction)."""
+    hnsw_ef_search: int = 64
+    """HNSW candidate list while searching (efSearch; raised to k when k is larger)."""
+    hnsw_exact_below: int = 4096
+    """With HNSW, an access/filter-allowed subset of at most this many chunks is searched exactly
+    instead of through the graph (a selective filter would starve the graph walk)."""
 
     def resolved_index_dir(self) -> Path:
         return Path(self.index_dir) if self.index_dir else self.platform.data_dir / "retrieval" / "indexes"

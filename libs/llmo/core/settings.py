@@ -111,6 +111,9 @@ class PlatformSettings(BaseSettings):
     inference_http_url: str = ""
     """The inference service's OpenAI-compatible base URL (`llmo up` sets it); the router's
     default portfolio uses it unless `LLMO_ROUTER_INFERENCE_HTTP_URL` is set."""
+    router_http_url: str = ""
+    """The router's OpenAI-compatible base URL (`llmo up` sets it); retrieval's generator (query
+    expansion, HyDE) calls it unless `LLMO_RETRIEVAL_GENERATOR_URL` is set."""
     otel_endpoint: str = Field(
         default="",
         description="OTLP/gRPC collector (host:port, http:// or https://) that receives trace spans; empty: tracing off.",
@@ -209,9 +212,11 @@ class CommandSettings(BaseSettings):
     benchmarks_dir: str = ""
     """Folder of the `bench_<area>.py` files `llmo bench` runs; empty: the repository's `tests/benchmarks`."""
     api_key: str = ""
-    """API key (Bearer) the client subcommands (`llmo cost ...`) present when the service requires one."""
+    """API key (Bearer) the client subcommands (`llmo cost ...`, `llmo retrieval ...`) present when the service requires one."""
     cost_endpoint: str = ""
     """Cost service `host:port` for `llmo cost ...`; empty: the running `llmo up` stack's, else 127.0.0.1:50056."""
+    retrieval_endpoint: str = ""
+    """Retrieval service `host:port` for `llmo retrieval ...`; empty: the running `llmo up` stack's, else 127.0.0.1:50053."""
 
 
 class OpsSettings(BaseSettings):
