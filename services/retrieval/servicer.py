@@ -29,6 +29,7 @@ from llmo.retrieval import ranking
 from llmo.retrieval.chunking import MAX_CHUNK_TOKENS, Chunker
 from llmo.retrieval.convert import chunk_proto, struct_of
 from llmo.retrieval.extract import ExtractError, extract
+from llmo.retrieval.graph.extract import chunk_graphs
 from llmo.retrieval.indexes import IndexManager
 from llmo.retrieval.search import Searcher
 from llmo.retrieval.settings import RetrievalSettings
@@ -57,7 +58,9 @@ MAX_ACL_ENTRIES = 256
 MAX_GROUPS = 256
 MAX_MIME_LEN = 128
 MUTABLE = ("display_name", "description", "labels")
-IMMUTABLE_ONCE_FILLED = ("embedding_model", "chunking")
+IMMUTABLE_ONCE_FILLED = ("embedding_model", "chunking", "knowledge_graph_enabled", "entity_extractor")
+ENTITY_EXTRACTORS = ("", "local", "llm")
+BUILT_EXTRACTORS = ("", "local")  # "llm" (through the generator) is not built yet
 
 
 def _ts(us: int) -> timestamp_pb2.Timestamp:
@@ -129,10 +132,6 @@ def _embedding_model(value: str) -> str:
     return EMBEDDING_MODEL
 
 
-def _not_yet(field: str) -> ServiceError:
-    return invalid_argument("NOT_YET_SUPPORTED", f"{field} is not supported yet by this retrieval service", field=field)
-
-
 def _check_collection_fields(c: pb.Collection) -> None:
     if len(c.display_name) > MAX_TEXT_FIELD or len(c.description) > MAX_DESCRIPTION:
         raise invalid_argument("INVALID_COLLECTION", f"display_name is at most {MAX_TEXT_FIELD} characters and "
@@ -142,8 +141,19 @@ def _check_collection_fields(c: pb.Collection) -> None:
                                "256 characters")
     if any("\x00" in t for t in (c.display_name, c.description, *c.labels, *c.labels.values())):
         raise invalid_argument("INVALID_COLLECTION", "text fields may not contain NUL characters")
-    if c.knowledge_graph_enabled:
-        raise _not_yet("knowledge_graph_enabled")
+    _entity_extractor(c)
+
+
+def _entity_extractor(c: pb.Collection) -> str:
+    """The extractor stored for `c`: "local" for a knowledge-graph collection that names none."""
+    if c.entity_extractor not in ENTITY_EXTRACTORS:
+        raise invalid_argument("INVALID_ENTITY_EXTRACTOR", f"entity_extractor must be one of \"\", \"local\" or "
+                               f"\"llm\"; got {preview(c.entity_extractor)!r}", entity_extractor=preview(c.entity_extractor))
+    if c.entity_extractor not in BUILT_EXTRACTORS:
+        raise invalid_argument("INVALID_ENTITY_EXTRACTOR", "entity_extractor \"llm\" is not available in this "
+                               "retrieval service; use \"local\" (the built-in extractor)",
+                               entity_extractor=c.entity_extractor)
+    return c.entity_extractor or ("local" if c.knowledge_graph_enabled else "")
 
 
 def collection_proto(row: CollectionRow) -> pb.Collection:
@@ -153,7 +163,8 @@ def collection_proto(row: CollectionRow) -> pb.Collection:
         chunking=pb.ChunkingConfig(chunk_size_tokens=row.chunk_size, chunk_overlap_tokens=row.chunk_overlap,
                                    strategy=row.strategy),  # type: ignore[arg-type]
         labels=row.labels, tenant=row.tenant, document_count=row.document_count, chunk_count=row.chunk_count,
-        create_time=_ts(row.create_us), update_time=_ts(row.update_us), etag=row.etag)
+        create_time=_ts(row.create_us), update_time=_ts(row.update_us), etag=row.etag,
+        knowledge_graph_enabled=row.knowledge_graph_enabled, entity_extractor=row.entity_extractor)
 
 
 def _document_proto(collection_id: str, doc: DocumentRow) -> pb.Document:
@@ -203,7 +214,8 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
                             display_name=c.display_name, description=c.description, labels=dict(c.labels),
                             embedding_model=model, chunk_size=size, chunk_overlap=overlap, strategy=strategy,
                             etag=uuid.uuid4().hex[:16], create_request_id=request.request_id, generation=1,
-                            create_us=stamp, update_us=stamp)
+                            create_us=stamp, update_us=stamp, knowledge_graph_enabled=c.knowledge_graph_enabled,
+                            entity_extractor=_entity_extractor(c))
         try:
             created = await asyncio.to_thread(self.store.create_collection, row)
         except AlreadyExists:
@@ -226,7 +238,7 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
         c = request.collection
         cid = collection_id_of(c.name)
         paths = list(request.update_mask.paths) or list(MUTABLE)
-        unknown = [p for p in paths if p not in (*MUTABLE, *IMMUTABLE_ONCE_FILLED, "knowledge_graph_enabled")]
+        unknown = [p for p in paths if p not in (*MUTABLE, *IMMUTABLE_ONCE_FILLED)]
         if unknown:
             raise invalid_argument("INVALID_UPDATE_MASK", f"update_mask may name {', '.join(MUTABLE)}, "
                                    f"{', '.join(IMMUTABLE_ONCE_FILLED)}; got {preview(unknown[0])!r}")
@@ -239,6 +251,9 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
                 changes["embedding_model"] = _embedding_model(c.embedding_model)
             elif path == "chunking":
                 changes["chunk_size"], changes["chunk_overlap"], changes["strategy"] = _chunking(c.chunking)
+            elif path in ("knowledge_graph_enabled", "entity_extractor"):
+                changes["knowledge_graph_enabled"] = c.knowledge_graph_enabled
+                changes["entity_extractor"] = _entity_extractor(c)
             elif path in MUTABLE:
                 changes[path] = getattr(c, path)
         if len(c.etag) > MAX_ID_LEN:
@@ -251,8 +266,8 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
             raise ServiceError(grpc.StatusCode.ABORTED, "ETAG_MISMATCH", "the collection changed since it was read"
                                ) from None
         except NotEmpty:
-            raise failed_precondition("COLLECTION_NOT_EMPTY", "embedding_model and chunking cannot change once "
-                                      "the collection holds documents") from None
+            raise failed_precondition("COLLECTION_NOT_EMPTY", f"{', '.join(IMMUTABLE_ONCE_FILLED)} cannot change "
+                                      "once the collection holds documents") from None
         if row is None:
             raise not_found("COLLECTION_NOT_FOUND", f"collection {c.name} not found", name=c.name)
         return pb.UpdateCollectionResponse(collection=collection_proto(row))
@@ -418,6 +433,10 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
                                end_offset=p.end, token_count=p.token_count,
                                embedding=np.asarray(v, dtype=np.float32).tobytes())
                       for i, (p, v) in enumerate(zip(pieces, vectors, strict=True))]
+        if coll.knowledge_graph_enabled:  # written with the chunks, in their transaction
+            graphs = await asyncio.to_thread(chunk_graphs, extracted.text, [(p.start, p.end) for p in pieces])
+            for chunk, graph in zip(row.chunks, graphs, strict=True):
+                chunk.graph = graph
         version = await asyncio.to_thread(self.store.replace_document, coll.pk, row)
         yield await self._indexed(coll, position, name, len(pieces), version)
 

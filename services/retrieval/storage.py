@@ -9,12 +9,19 @@ and an index built at an older generation is stale.
 A document is replaced in one transaction (old row and chunks deleted, new ones
 inserted), so a reader or a crash mid-ingest sees the old document or the new one,
 never half of one. Every method blocks; callers run them off the event loop.
+
+Knowledge graph (collections with `knowledge_graph_enabled`): `graph_entities` (one row per
+normalised name per collection), `graph_mentions` (entity <-> chunk, with the name as that
+document writes it) and `graph_relations` (subject, predicate, object, and the chunk stating
+it). They are written in the transaction that writes the document's chunks and deleted
+explicitly with them (replace, delete, collection delete); an entity no chunk mentions any
+more is deleted in the same transaction.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +56,8 @@ collections = sa.Table(
     sa.Column("generation", sa.BigInteger, nullable=False),
     sa.Column("create_us", sa.BigInteger, nullable=False),
     sa.Column("update_us", sa.BigInteger, nullable=False),
+    sa.Column("knowledge_graph_enabled", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("entity_extractor", sa.String(16), nullable=False, server_default=""),
     sa.UniqueConstraint("tenant", "collection_id", name="uq_collections_tenant_id"),
 )
 
@@ -88,6 +97,46 @@ chunks = sa.Table(
     sa.UniqueConstraint("collection_pk", "document_id", "idx", name="uq_chunks_position"),
 )
 
+graph_entities = sa.Table(
+    "graph_entities",
+    metadata,
+    sa.Column("id", _ID, primary_key=True, autoincrement=True),
+    sa.Column("collection_pk", _ID, sa.ForeignKey("collections.pk", ondelete="CASCADE"), nullable=False),
+    sa.Column("key", sa.String(256), nullable=False),
+    sa.Column("name", sa.String(256), nullable=False),
+    sa.UniqueConstraint("collection_pk", "key", name="uq_graph_entities_key"),
+)
+
+graph_mentions = sa.Table(
+    "graph_mentions",
+    metadata,
+    sa.Column("entity_id", _ID, sa.ForeignKey("graph_entities.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("chunk_id", _ID, sa.ForeignKey("chunks.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("collection_pk", _ID, nullable=False),
+    sa.Column("document_id", sa.String(63), nullable=False),
+    sa.Column("name", sa.String(256), nullable=False),
+    sa.Index("ix_graph_mentions_chunk", "chunk_id"),
+    sa.Index("ix_graph_mentions_document", "collection_pk", "document_id"),
+)
+
+graph_relations = sa.Table(
+    "graph_relations",
+    metadata,
+    sa.Column("id", _ID, primary_key=True, autoincrement=True),
+    sa.Column("collection_pk", _ID, nullable=False),
+    sa.Column("document_id", sa.String(63), nullable=False),
+    sa.Column("chunk_id", _ID, sa.ForeignKey("chunks.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("subject_id", _ID, sa.ForeignKey("graph_entities.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("predicate", sa.String(128), nullable=False),
+    sa.Column("object_id", _ID, sa.ForeignKey("graph_entities.id", ondelete="CASCADE"), nullable=False),
+    sa.UniqueConstraint("chunk_id", "subject_id", "predicate", "object_id", name="uq_graph_relations_fact"),
+    sa.Index("ix_graph_relations_subject", "subject_id"),
+    sa.Index("ix_graph_relations_object", "object_id"),
+    sa.Index("ix_graph_relations_document", "collection_pk", "document_id"),
+)
+
+_IN_BATCH = 500  # values per IN (...) list
+
 
 def now_us() -> int:
     return time.time_ns() // 1000
@@ -113,6 +162,36 @@ class CollectionRow:
     update_us: int
     document_count: int = 0
     chunk_count: int = 0
+    knowledge_graph_enabled: bool = False
+    entity_extractor: str = ""
+
+
+@dataclass
+class ChunkGraph:
+    """What one chunk says for the knowledge graph: the entities it mentions (key -> name as the
+    document writes it) and the relations it states, (subject key, predicate, object key), both
+    keys among its entities."""
+
+    entities: dict[str, str] = field(default_factory=dict)
+    relations: list[tuple[str, str, str]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class MentionRow:
+    entity_id: int
+    chunk_id: int
+    document_id: str
+    name: str
+
+
+@dataclass(frozen=True)
+class RelationRow:
+    id: int
+    chunk_id: int
+    document_id: str
+    subject_id: int
+    predicate: str
+    object_id: int
 
 
 @dataclass
@@ -125,6 +204,7 @@ class ChunkRow:
     token_count: int
     embedding: bytes = b""
     id: int = 0
+    graph: ChunkGraph | None = None  # written with the chunk when set (knowledge-graph collections)
 
 
 @dataclass
@@ -187,6 +267,9 @@ def _document(row: Any) -> DocumentRow:
 class RetrievalStore:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        # Called inside replace_document's transaction once a document's chunks are inserted (the
+        # pgvector backend writes its search rows there: llmo.retrieval.backends.pgvector).
+        self.on_chunks_written: Callable[[Connection, int, DocumentRow], None] | None = None
 
     @classmethod
     def open(cls, url: str) -> RetrievalStore:
@@ -264,6 +347,9 @@ class RetrievalStore:
                 raise EtagMismatch(collection_id)
             if not force and self._counts(conn, [row.pk]).get(row.pk, (0, 0))[0]:
                 raise NotEmpty(collection_id)
+            conn.execute(graph_relations.delete().where(graph_relations.c.collection_pk == row.pk))
+            conn.execute(graph_mentions.delete().where(graph_mentions.c.collection_pk == row.pk))
+            conn.execute(graph_entities.delete().where(graph_entities.c.collection_pk == row.pk))
             conn.execute(chunks.delete().where(chunks.c.collection_pk == row.pk))
             conn.execute(documents.delete().where(documents.c.collection_pk == row.pk))
             conn.execute(collections.delete().where(collections.c.pk == row.pk))
@@ -308,8 +394,8 @@ class RetrievalStore:
             after = rows[-1].document_id
 
     def replace_document(self, collection_pk: int, doc: DocumentRow) -> int | None:
-        """Write `doc` and its chunks in place of any earlier version, in one transaction; the new
-        version, or None when the collection is gone."""
+        """Write `doc`, its chunks and their graph (`ChunkRow.graph`) in place of any earlier version,
+        in one transaction; the new version, or None when the collection is gone."""
         with self.engine.begin() as conn:
             if not self._bump(conn, collection_pk):
                 return None
@@ -331,7 +417,50 @@ class RetrievalStore:
                     collection_pk=collection_pk, document_id=doc.document_id, idx=c.idx, text=c.text,
                     heading_path=c.heading_path, start_offset=c.start_offset, end_offset=c.end_offset,
                     token_count=c.token_count, embedding=c.embedding) for c in doc.chunks])
+                if self.on_chunks_written is not None:
+                    self.on_chunks_written(conn, collection_pk, doc)
+            if any(c.graph for c in doc.chunks):
+                ids = {int(idx): int(cid) for idx, cid in conn.execute(sa.select(chunks.c.idx, chunks.c.id).where(
+                    chunks.c.collection_pk == collection_pk, chunks.c.document_id == doc.document_id))}
+                self._write_graph(conn, collection_pk, doc.document_id,
+                                  [(ids[c.idx], c.graph) for c in doc.chunks if c.graph])
             return doc.version
+
+    @staticmethod
+    def _write_graph(conn: Connection, collection_pk: int, document_id: str,
+                     graphs: Sequence[tuple[int, ChunkGraph]]) -> None:
+        names: dict[str, str] = {}
+        for _, graph in graphs:
+            for key, name in graph.entities.items():
+                names.setdefault(key, name)
+        keys = sorted(names)
+        ids: dict[str, int] = {}
+        for start in range(0, len(keys), _IN_BATCH):
+            batch = keys[start:start + _IN_BATCH]
+            ids.update((k, int(i)) for k, i in conn.execute(sa.select(graph_entities.c.key, graph_entities.c.id).where(
+                graph_entities.c.collection_pk == collection_pk, graph_entities.c.key.in_(batch))))
+        missing = [k for k in keys if k not in ids]
+        if missing:  # writers of one collection are serialised by `_bump`'s row lock
+            conn.execute(graph_entities.insert(), [dict(collection_pk=collection_pk, key=k, name=names[k])
+                                                   for k in missing])
+            for start in range(0, len(missing), _IN_BATCH):
+                ids.update((k, int(i)) for k, i in conn.execute(sa.select(graph_entities.c.key, graph_entities.c.id).where(
+                    graph_entities.c.collection_pk == collection_pk,
+                    graph_entities.c.key.in_(missing[start:start + _IN_BATCH]))))
+        mention_rows, relation_rows = [], []
+        for chunk_id, graph in graphs:
+            mention_rows += [dict(entity_id=ids[key], chunk_id=chunk_id, collection_pk=collection_pk,
+                                  document_id=document_id, name=name) for key, name in graph.entities.items()]
+            for subject, predicate, obj in dict.fromkeys(graph.relations):
+                if subject not in graph.entities or obj not in graph.entities:
+                    raise ValueError(f"relation ({subject!r}, {predicate!r}, {obj!r}) names an entity its chunk "
+                                     "does not mention")
+                relation_rows.append(dict(collection_pk=collection_pk, document_id=document_id, chunk_id=chunk_id,
+                                          subject_id=ids[subject], predicate=predicate, object_id=ids[obj]))
+        if mention_rows:
+            conn.execute(graph_mentions.insert(), mention_rows)
+        if relation_rows:
+            conn.execute(graph_relations.insert(), relation_rows)
 
     def update_document_fields(self, collection_pk: int, doc: DocumentRow) -> int | None:
         """Same content, new metadata / access list / names: no re-chunking; the new version."""
@@ -361,6 +490,19 @@ class RetrievalStore:
 
     @staticmethod
     def _delete_document(conn: Connection, collection_pk: int, document_id: str) -> None:
+        """The document, its chunks and its graph rows; entities left without any mention go too."""
+        touched = conn.execute(sa.select(graph_mentions.c.entity_id).distinct().where(
+            graph_mentions.c.collection_pk == collection_pk, graph_mentions.c.document_id == document_id)
+        ).scalars().all()
+        conn.execute(graph_relations.delete().where(
+            graph_relations.c.collection_pk == collection_pk, graph_relations.c.document_id == document_id))
+        conn.execute(graph_mentions.delete().where(
+            graph_mentions.c.collection_pk == collection_pk, graph_mentions.c.document_id == document_id))
+        for start in range(0, len(touched), _IN_BATCH):
+            still_mentioned = sa.select(graph_mentions.c.entity_id).where(
+                graph_mentions.c.entity_id == graph_entities.c.id).exists()
+            conn.execute(graph_entities.delete().where(
+                graph_entities.c.id.in_(list(touched[start:start + _IN_BATCH])), ~still_mentioned))
         conn.execute(chunks.delete().where(chunks.c.collection_pk == collection_pk, chunks.c.document_id == document_id))
         conn.execute(documents.delete().where(
             documents.c.collection_pk == collection_pk, documents.c.document_id == document_id))
@@ -409,3 +551,71 @@ class RetrievalStore:
                             metadata=dict(m[documents.c.metadata] or {}), acl=list(m[documents.c.acl] or []),
                             version=m[documents.c.version]))
         return out
+
+    # --- knowledge graph (read by llmo.retrieval.graph) ---------------------------------------
+
+    def graph_enabled(self, collection_pk: int) -> bool | None:
+        """Whether the collection extracts a knowledge graph (None: no such collection)."""
+        with self.engine.connect() as conn:
+            value = conn.execute(sa.select(collections.c.knowledge_graph_enabled).where(
+                collections.c.pk == collection_pk)).scalar()
+            return None if value is None else bool(value)
+
+    def entities_by_key(self, collection_pk: int, keys: Sequence[str]) -> dict[str, int]:
+        """Entity id of each of `keys` the collection knows."""
+        unique = sorted(set(keys))
+        out: dict[str, int] = {}
+        with self.engine.connect() as conn:
+            for start in range(0, len(unique), _IN_BATCH):
+                out.update((k, int(i)) for k, i in conn.execute(sa.select(graph_entities.c.key, graph_entities.c.id).where(
+                    graph_entities.c.collection_pk == collection_pk,
+                    graph_entities.c.key.in_(unique[start:start + _IN_BATCH]))))
+        return out
+
+    def relations_touching(self, collection_pk: int, entity_ids: Sequence[int]) -> list[RelationRow]:
+        """Relations with `entity_ids` as subject or object, ordered by id."""
+        unique = sorted(set(entity_ids))
+        found: dict[int, RelationRow] = {}
+        with self.engine.connect() as conn:
+            for start in range(0, len(unique), _IN_BATCH):
+                batch = unique[start:start + _IN_BATCH]
+                for r in conn.execute(sa.select(
+                        graph_relations.c.id, graph_relations.c.chunk_id, graph_relations.c.document_id,
+                        graph_relations.c.subject_id, graph_relations.c.predicate, graph_relations.c.object_id).where(
+                        graph_relations.c.collection_pk == collection_pk,
+                        sa.or_(graph_relations.c.subject_id.in_(batch), graph_relations.c.object_id.in_(batch)))):
+                    found[int(r.id)] = RelationRow(int(r.id), int(r.chunk_id), r.document_id, int(r.subject_id),
+                                                   r.predicate, int(r.object_id))
+        return [found[i] for i in sorted(found)]
+
+    def mentions_of(self, collection_pk: int, entity_ids: Sequence[int]) -> list[MentionRow]:
+        """Every mention of `entity_ids`, ordered by chunk then entity."""
+        unique = sorted(set(entity_ids))
+        out: list[MentionRow] = []
+        with self.engine.connect() as conn:
+            for start in range(0, len(unique), _IN_BATCH):
+                out += [MentionRow(int(r.entity_id), int(r.chunk_id), r.document_id, r.name) for r in conn.execute(
+                    sa.select(graph_mentions.c.entity_id, graph_mentions.c.chunk_id, graph_mentions.c.document_id,
+                              graph_mentions.c.name).where(
+                        graph_mentions.c.collection_pk == collection_pk,
+                        graph_mentions.c.entity_id.in_(unique[start:start + _IN_BATCH])))]
+        return sorted(out, key=lambda m: (m.chunk_id, m.entity_id))
+
+    def document_access(self, collection_pk: int, document_ids: Sequence[str]) -> dict[str, tuple[list[str], dict[str, Any]]]:
+        """(access list, metadata) of each of `document_ids` that exists."""
+        unique = sorted(set(document_ids))
+        out: dict[str, tuple[list[str], dict[str, Any]]] = {}
+        with self.engine.connect() as conn:
+            for start in range(0, len(unique), _IN_BATCH):
+                for r in conn.execute(sa.select(documents.c.document_id, documents.c.acl, documents.c.metadata).where(
+                        documents.c.collection_pk == collection_pk,
+                        documents.c.document_id.in_(unique[start:start + _IN_BATCH]))):
+                    out[r.document_id] = (list(r.acl or []), dict(r.metadata or {}))
+        return out
+
+    def graph_counts(self, collection_pk: int) -> tuple[int, int, int]:
+        """(entities, mentions, relations) rows of the collection."""
+        with self.engine.connect() as conn:
+            return tuple(int(conn.execute(sa.select(sa.func.count()).select_from(t).where(
+                t.c.collection_pk == collection_pk)).scalar() or 0)
+                for t in (graph_entities, graph_mentions, graph_relations))  # type: ignore[return-value]

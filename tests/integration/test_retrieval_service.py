@@ -237,24 +237,34 @@ async def test_search_modes_fusion_and_filters(svc: Harness) -> None:
 async def test_unsupported_options_and_bad_queries_are_refused_clearly(svc: Harness) -> None:
     stub = svc.stub
     await _create(stub, "q")
-    for kw, field in ((dict(rerank=pb.RerankOptions(enabled=True)), "rerank.enabled"),
-                      (dict(hyde=pb.HydeOptions(enabled=True)), "hyde.enabled"),
-                      (dict(query_expansion=pb.QueryExpansionOptions(enabled=True)), "query_expansion.enabled"),
-                      (dict(compression=pb.CompressionOptions(enabled=True)), "compression.enabled"),
-                      (dict(mode=pb.SEARCH_MODE_KNOWLEDGE_GRAPH), "mode=SEARCH_MODE_KNOWLEDGE_GRAPH")):
+    # this service has no generator configured: the stages that need one are refused, never skipped silently
+    for kw, field in ((dict(hyde=pb.HydeOptions(enabled=True)), "hyde.enabled"),
+                      (dict(query_expansion=pb.QueryExpansionOptions(enabled=True)), "query_expansion.enabled")):
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await _search(stub, "q", "hello", **kw)
+        info = error_info(raised.value)
+        assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION and info is not None
+        assert (info.reason, info.metadata["field"]) == ("GENERATOR_UNAVAILABLE", field)
+    for kw, field in ((dict(compression=pb.CompressionOptions(enabled=True, max_tokens=40000)), "compression.max_tokens"),
+                      (dict(query_expansion=pb.QueryExpansionOptions(enabled=True, variants=9)),
+                       "query_expansion.variants"),
+                      (dict(rerank=pb.RerankOptions(enabled=True, candidates=5000)), "rerank.candidates")):
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await _search(stub, "q", "hello", **kw)
         info = error_info(raised.value)
         assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT and info is not None
-        assert (info.reason, info.metadata["field"]) == ("NOT_YET_SUPPORTED", field)
+        assert (info.reason, info.metadata["field"]) == ("INVALID_STAGE_OPTIONS", field)
+    # knowledge-graph mode needs a collection created with knowledge_graph_enabled (test_retrieval_graph.py)
+    assert await _code(_search(stub, "q", "hello", mode=pb.SEARCH_MODE_KNOWLEDGE_GRAPH)) == (
+        grpc.StatusCode.FAILED_PRECONDITION, "KNOWLEDGE_GRAPH_DISABLED")
     assert await _code(_search(stub, "q", "   ")) == (grpc.StatusCode.INVALID_ARGUMENT, "EMPTY_QUERY")
     assert await _code(_search(stub, "q", "x" * 5000)) == (grpc.StatusCode.INVALID_ARGUMENT, "QUERY_TOO_LONG")
     assert await _code(_search(stub, "q", "x", top_k=101)) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_TOP_K")
     assert await _code(_search(stub, "q", "x", fusion=pb.FusionOptions(dense_weight=-1))) == (
         grpc.StatusCode.INVALID_ARGUMENT, "INVALID_FUSION")
     assert await _code(stub.CreateCollection(pb.CreateCollectionRequest(
-        collection_id="kg", collection=pb.Collection(knowledge_graph_enabled=True)), metadata=A)) == (
-        grpc.StatusCode.INVALID_ARGUMENT, "NOT_YET_SUPPORTED")
+        collection_id="kg", collection=pb.Collection(knowledge_graph_enabled=True, entity_extractor="llm")),
+        metadata=A)) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ENTITY_EXTRACTOR")
     assert await _code(_create(stub, "bad", chunk_size_tokens=16, chunk_overlap_tokens=16)) == (
         grpc.StatusCode.INVALID_ARGUMENT, "INVALID_CHUNKING")
 
