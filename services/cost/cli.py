@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import io
 import json
@@ -13,13 +12,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
-import grpc
 from google.protobuf import timestamp_pb2
 from rich.console import Console
 from rich.table import Table
 
-from llmo.core.client import create_channel, outgoing_metadata
-from llmo.core.errors import error_info
+from llmo.cli import service_client
+from llmo.cli.service_client import call_service
 from llmo.cost.money import format_usd, usd_to_micros
 from llmo.protos.common.v1 import common_pb2
 from llmo.protos.cost.v1 import cost_service_pb2 as pb
@@ -65,16 +63,7 @@ def _timestamp(value: datetime) -> timestamp_pb2.Timestamp:
 
 
 def _call(endpoint: str, api_key: str | None, action: Callable[[pb_grpc.CostServiceStub, list[tuple[str, str]]], Awaitable[T]]) -> T:
-    async def run() -> T:
-        async with create_channel(endpoint) as channel:
-            return await action(pb_grpc.CostServiceStub(channel), outgoing_metadata(api_key))
-
-    try:
-        return asyncio.run(run())
-    except grpc.aio.AioRpcError as error:
-        info = error_info(error)
-        reason = f" [{info.reason}]" if info else ""
-        raise click.ClickException(f"cost service at {endpoint}: {error.code().name}{reason}: {error.details()}") from error
+    return call_service("cost", endpoint, api_key, pb_grpc.CostServiceStub, action)
 
 
 def _emit(path: str, text: str) -> None:
@@ -110,16 +99,7 @@ def report_records(response_rows: list[pb.CostReportRow], group_by: list[str]) -
 
 def default_endpoint() -> str:
     """The cost service of the stack `llmo up` runs in the data directory, else the default port."""
-    try:
-        from llmo.cli.stack import StackState
-        from llmo.core.settings import PlatformSettings
-
-        state = StackState.load(PlatformSettings().data_dir)
-    except Exception:
-        state = None
-    if state is not None and "cost" in state.services:
-        return state.services["cost"].grpc
-    return "127.0.0.1:50056"
+    return service_client.default_endpoint("cost")
 
 
 @click.group()
