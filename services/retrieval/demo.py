@@ -1,6 +1,8 @@
 """`make demo` step of the retrieval service: as the first tenant, ingest Markdown, HTML and plain text
 (one document readable only by `group:finance`) into a fresh collection, search it in every mode as a
-member of that group and as an outsider, check the second tenant cannot see the collection, delete it."""
+member of that group and as an outsider, run the whole pipeline once (query expansion with chat
+history and HyDE through the router when it runs, rerank, reorder, compression) with its stage
+latencies, check the second tenant cannot see the collection, delete it."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from rich.table import Table
 
 from llmo.core.client import create_channel, outgoing_metadata
 from llmo.core.errors import error_info
+from llmo.protos.common.v1 import common_pb2
 from llmo.protos.retrieval.v1 import retrieval_service_pb2 as pb
 from llmo.protos.retrieval.v1 import retrieval_service_pb2_grpc as pb_grpc
 
@@ -24,6 +27,12 @@ OUTSIDER = pb.Principal(subject="user:bob", groups=["group:engineering"])
 # Ingest embeds with MiniLM, loaded on the service's first ingest (seconds on a cold start).
 INGEST_TIMEOUT_S = 180.0
 CALL_TIMEOUT_S = 30.0
+# The generator (the router -> inference's demo model) may be slow on a cold CPU: the search
+# falls back to the plain query past the service's generator timeout, well inside this.
+PIPELINE_TIMEOUT_S = 60.0
+HISTORY = [pb.ConversationTurn(role="user", content="What do the travel rules say?"),
+           pb.ConversationTurn(role="assistant", content="Trains for short trips, flights need approval.")]
+FOLLOW_UP = "And what is the spending limit this quarter?"
 
 HANDBOOK_MD = """# Employee handbook
 
@@ -131,6 +140,56 @@ def _check_acl(mode: str, member: pb.SearchResponse, outsider: pb.SearchResponse
                            f"restricted to {RESTRICTED_GROUP}")
 
 
+def _pipeline_request(collection: str, principal: pb.Principal, generate: bool) -> pb.SearchRequest:
+    request = pb.SearchRequest(collection=collection, query=FOLLOW_UP, top_k=4, principal=principal, history=HISTORY,
+                               rerank=pb.RerankOptions(enabled=True), reorder=pb.ReorderOptions(enabled=True),
+                               compression=pb.CompressionOptions(enabled=True, max_tokens=60),
+                               attribution=common_pb2.Attribution(application="make-demo", user=principal.subject))
+    if generate:
+        request.query_expansion.enabled, request.query_expansion.variants = True, 2
+        request.hyde.enabled = True
+    return request
+
+
+def stages_table(reply: pb.SearchResponse) -> Table:
+    table = Table(title=f"stages ({reply.latency_ms:.1f} ms in all; reranker {reply.reranker_version or '-'})",
+                  title_justify="left")
+    for column in ("stage", "ms", "items", "fell back"):
+        table.add_column(column, justify="right" if column in ("ms", "items") else "left")
+    for stage in reply.stages:
+        table.add_row(stage.stage, f"{stage.latency_ms:.1f}", str(stage.items),
+                      stage.fallback_reason if stage.fell_back else "")
+    return table
+
+
+async def _pipeline(stub: pb_grpc.RetrievalServiceStub, collection: str, metadata: list[tuple[str, str]],
+                    generate: bool) -> list[RenderableType]:
+    lines: list[RenderableType] = []
+    member = await stub.Search(_pipeline_request(collection, MEMBER, generate), metadata=metadata,
+                               timeout=PIPELINE_TIMEOUT_S)
+    outsider = await stub.Search(_pipeline_request(collection, OUTSIDER, generate), metadata=metadata,
+                                 timeout=PIPELINE_TIMEOUT_S)
+    how = "expansion with history + HyDE through the router, " if generate else ""
+    lines.append(f"retrieval: full pipeline ({how}rerank, reorder, compression to 60 tokens) for the follow-up "
+                 f"{FOLLOW_UP!r} as {MEMBER.subject}")
+    if member.expanded_queries:
+        lines.append("retrieval: searched also " + "; ".join(repr(q) for q in member.expanded_queries))
+    lines.append(results_table("results (reordered: strongest at both ends)", member))
+    lines.append(stages_table(member))
+    lines.append(f"retrieval: compressed context ({len(member.compressed_context)} chars): "
+                 f"{_snippet(member.compressed_context, 160)!r}")
+    if generate:
+        lines.append(f"retrieval: generator tokens {member.usage.input_tokens} in / {member.usage.output_tokens} out, "
+                     "metered by the router to the searching tenant")
+    leaked = RESTRICTED_DOC in {_doc_id(r.chunk.document) for r in outsider.results} \
+        or "120,000" in outsider.compressed_context
+    if leaked:
+        raise RuntimeError(f"retrieval: the pipeline as {OUTSIDER.subject} surfaced {RESTRICTED_DOC}")
+    lines.append(f"retrieval: the same pipeline as {OUTSIDER.subject}: {len(outsider.results)} results, "
+                 f"nothing from {RESTRICTED_DOC} in results or compressed context")
+    return lines
+
+
 async def _not_found_for(call: Awaitable[object], what: str) -> str:
     """The reason of the NOT_FOUND `call` must end with; RuntimeError for any other outcome."""
     try:
@@ -206,6 +265,7 @@ async def run_demo(endpoints: dict[str, str], *, tenants: Mapping[str, str] | No
                              f"as {OUTSIDER.subject}: {len(as_outsider.results)} results, none from {RESTRICTED_DOC}")
             lines.append(f"retrieval: {RESTRICTED_DOC} (restricted to {RESTRICTED_GROUP}) is visible to "
                          f"{MEMBER.subject} only, in every mode")
+            lines += await _pipeline(stub, name, metadata, generate="router_http" in endpoints)
             if len(keyed) > 1:
                 lines.append(await _foreign_tenant_sees_nothing(stub, name, *keyed[1]))
         finally:

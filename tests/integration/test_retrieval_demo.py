@@ -58,8 +58,8 @@ async def test_demo_ingests_searches_isolates_and_cleans_up(keyed: RunningRetrie
         assert any(s.startswith(f"retrieval: ingested {doc} ({mime}): INDEXED, ") for s in strings), text
     assert "retrieval: ingest summary: 4 received, 4 indexed, 0 skipped, 0 failed" in text
     tables = [line for line in lines if isinstance(line, Table)]
-    assert len(tables) == 2 and "user:alice" in str(tables[0].title) and "user:bob" in str(tables[1].title)
-    member_docs, outsider_docs = (list(t.columns[0].cells) for t in tables)
+    assert len(tables) == 4 and "user:alice" in str(tables[0].title) and "user:bob" in str(tables[1].title)
+    member_docs, outsider_docs = (list(t.columns[0].cells) for t in tables[:2])
     assert "q3-budget" in member_docs and "q3-budget" not in outsider_docs and outsider_docs
     # the Markdown heading path reaches the table
     assert "Q3 budget forecast › Travel" in text
@@ -67,6 +67,13 @@ async def test_demo_ingests_searches_isolates_and_cleans_up(keyed: RunningRetrie
     assert any(s.startswith("retrieval: dense top 3 as user:alice:") for s in strings)
     assert any(s.startswith("retrieval: tenantB on collections/demo-") and
                "GetCollection NOT_FOUND COLLECTION_NOT_FOUND, Search NOT_FOUND COLLECTION_NOT_FOUND" in s
+               for s in strings), text
+    # the whole pipeline, without the generator stages (no router in this stack)
+    assert any(s.startswith("retrieval: full pipeline (rerank, reorder, compression") for s in strings), text
+    stage_rows = list(tables[3].columns[0].cells)
+    assert {"rerank", "reorder", "compression"} <= set(stage_rows) and "hyde" not in stage_rows
+    assert "reranker lambdarank-" in str(tables[3].title)
+    assert any(s.startswith("retrieval: the same pipeline as user:bob:") and "nothing from q3-budget" in s
                for s in strings), text
     assert strings[-1].startswith("retrieval: deleted collections/demo-")
     async with grpc.aio.insecure_channel(target) as channel:

@@ -9,7 +9,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from llmo.cli.stack import ROUTER_SERVICE_TENANT, router_service_key
+from llmo.cli.stack import RETRIEVAL_KEY_ENV, RETRIEVAL_SERVICE_TENANT, ROUTER_SERVICE_TENANT, service_keys
 from llmo.core.natsd import NatsServer
 from llmo.core.settings import parse_admin_tenants, parse_api_keys
 from llmo.protos.router.v1 import router_service_pb2 as pb
@@ -42,16 +42,21 @@ async def answer_from(s: RouterSettings, key: str = "key-a") -> str:
         await router.stop()
 
 
-def test_llmo_up_mints_a_router_service_key_when_api_keys_are_on() -> None:
-    assert router_service_key({}) == ({}, {})  # authentication off: nothing to mint
+def test_llmo_up_mints_a_service_key_for_the_router_and_for_retrieval_when_api_keys_are_on() -> None:
+    assert service_keys({}) == ({}, {})  # authentication off: nothing to mint
     env = {"LLMO_API_KEYS": "k1=tenantA,k2=tenantB", "LLMO_ADMIN_TENANTS": "finops"}
-    shared, router = router_service_key(env)
-    key = router[INFERENCE_KEY_ENV]
-    assert parse_api_keys(shared["LLMO_API_KEYS"]) == {"k1": "tenantA", "k2": "tenantB", key: ROUTER_SERVICE_TENANT}
-    assert parse_admin_tenants(shared["LLMO_ADMIN_TENANTS"]) == {"finops", ROUTER_SERVICE_TENANT}
-    assert router["LLMO_ROUTER_COST_API_KEY"] == key
-    # An operator who chose the router's key keeps it.
-    assert router_service_key({**env, INFERENCE_KEY_ENV: "mine"}) == ({}, {})
+    shared, per_service = service_keys(env)
+    key = per_service["router"][INFERENCE_KEY_ENV]
+    generator_key = per_service["retrieval"][RETRIEVAL_KEY_ENV]
+    assert parse_api_keys(shared["LLMO_API_KEYS"]) == {"k1": "tenantA", "k2": "tenantB", key: ROUTER_SERVICE_TENANT,
+                                                       generator_key: RETRIEVAL_SERVICE_TENANT}
+    assert parse_admin_tenants(shared["LLMO_ADMIN_TENANTS"]) == {"finops", ROUTER_SERVICE_TENANT,
+                                                                 RETRIEVAL_SERVICE_TENANT}
+    assert per_service["router"]["LLMO_ROUTER_COST_API_KEY"] == key and key != generator_key
+    # An operator who chose the services' keys keeps them.
+    assert service_keys({**env, INFERENCE_KEY_ENV: "mine", RETRIEVAL_KEY_ENV: "theirs"}) == ({}, {})
+    _, only_retrieval = service_keys({**env, INFERENCE_KEY_ENV: "mine"})
+    assert set(only_retrieval) == {"retrieval"}
 
 
 async def test_the_default_portfolio_works_with_api_keys_on(

@@ -233,7 +233,7 @@ def demo(data_dir: str | None, services: tuple[str, ...]) -> None:
             except (RuntimeError, TimeoutError, ValueError) as error:
                 raise click.ClickException(str(error)) from error
         out.print(_endpoint_table(state))
-        out.print(f"API keys (minted for this run): {', '.join(tenants)}, {DEMO_ADMIN_TENANT} (admin), the router's service key")
+        out.print(f"API keys (minted for this run): {', '.join(tenants)}, {DEMO_ADMIN_TENANT} (admin), the router's and retrieval's service keys")
         ran: list[str] = []
         failed: list[str] = []
         try:
@@ -283,7 +283,7 @@ def _demo_keys() -> tuple[dict[str, str], str]:
 
 
 def _demo_env(tenants: dict[str, str], admin_key: str) -> dict[str, str]:
-    """The stack's API keys; the stack adds the router's service key (llmo.cli.stack.router_service_key)."""
+    """The stack's API keys; the stack adds the services' own keys (llmo.cli.stack.service_keys)."""
     keys = {key: tenant for tenant, key in tenants.items()} | {admin_key: DEMO_ADMIN_TENANT}
     return {"LLMO_API_KEYS": json.dumps(keys), "LLMO_ADMIN_TENANTS": DEMO_ADMIN_TENANT}
 

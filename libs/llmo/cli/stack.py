@@ -41,8 +41,11 @@ log = get_logger(__name__)
 
 STATE_FILE = "stack.json"
 MAX_RESTARTS = 5
-# The tenant of the service key `llmo up` mints for the router when API keys are on.
+# The tenants of the service keys `llmo up` mints when API keys are on, for the services that
+# call another service for an end tenant (admin tenants, acting through `x-llmo-tenant`).
 ROUTER_SERVICE_TENANT = "llmo-router"
+RETRIEVAL_SERVICE_TENANT = "llmo-retrieval"
+RETRIEVAL_KEY_ENV = "LLMO_RETRIEVAL_GENERATOR_API_KEY"
 
 
 def implemented_services() -> list[str]:
@@ -124,7 +127,7 @@ class Stack:
         self.random_ports = random_ports
         self.host = host
         self.extra_env = env or {}
-        self.shared_env, self.router_env = router_service_key({**os.environ, **self.extra_env})
+        self.shared_env, self.service_env = service_keys({**os.environ, **self.extra_env})
         self.nats = NatsServer(self.data_dir / "nats", port=0 if random_ports else _port_or_free(4222, host), host=host)
         self.state = StackState(data_dir=str(self.data_dir), nats_url=self.nats.url)
         self._processes: dict[str, subprocess.Popen[bytes]] = {}
@@ -178,7 +181,7 @@ class Stack:
             f"{prefix}GRPC_PORT": endpoint.grpc.rsplit(":", 1)[1],
             f"{prefix}METRICS_PORT": endpoint.metrics.rsplit(":", 1)[1].split("/")[0],
             **self.shared_env,
-            **(self.router_env if name == "router" else {}),
+            **self.service_env.get(name, {}),
         }
         if endpoint.http:
             env[f"{prefix}HTTP_PORT"] = endpoint.http.rsplit(":", 1)[1]
@@ -271,25 +274,39 @@ class Stack:
         await self.stop()
 
 
-def router_service_key(env: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
-    """(variables for every service, variables for the router) that give the router a service key.
+def service_keys(env: Mapping[str, str]) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
+    """(variables for every service, extra variables per service) that give each service calling
+    another for an end tenant a key of its own, when API keys are on (`LLMO_API_KEYS`).
 
-    With API keys on (`LLMO_API_KEYS`) and no key chosen for the router
-    (`LLMO_ROUTER_INFERENCE_API_KEY`), the stack mints one for the admin tenant
-    `llmo-router`: every service accepts it, and the router presents it to inference
-    (which then charges the end tenant the router names) and, unless one is set, to cost.
-    """
+    - the router (admin tenant `llmo-router`), unless `LLMO_ROUTER_INFERENCE_API_KEY` is set: it
+      presents the key to inference (which then charges the end tenant the router names) and,
+      unless one is set, to cost;
+    - retrieval (admin tenant `llmo-retrieval`), unless `LLMO_RETRIEVAL_GENERATOR_API_KEY` is set:
+      it presents the key to the router, its generator, which charges the searching tenant.
+
+    Every service accepts every minted key."""
     keys = parse_api_keys(env.get("LLMO_API_KEYS"))
-    if not keys or env.get("LLMO_ROUTER_INFERENCE_API_KEY"):
+    if not keys:
         return {}, {}
-    key = f"llmo-svc-{secrets.token_urlsafe(24)}"
-    keys[key] = ROUTER_SERVICE_TENANT
-    admins = parse_admin_tenants(env.get("LLMO_ADMIN_TENANTS")) | {ROUTER_SERVICE_TENANT}
-    shared = {"LLMO_API_KEYS": json.dumps(keys), "LLMO_ADMIN_TENANTS": ",".join(sorted(admins))}
-    router = {"LLMO_ROUTER_INFERENCE_API_KEY": key}
-    if not env.get("LLMO_ROUTER_COST_API_KEY"):
-        router["LLMO_ROUTER_COST_API_KEY"] = key
-    return shared, router
+    admins = set(parse_admin_tenants(env.get("LLMO_ADMIN_TENANTS")))
+    per_service: dict[str, dict[str, str]] = {}
+
+    def mint(tenant: str) -> str:
+        key = f"llmo-svc-{secrets.token_urlsafe(24)}"
+        keys[key] = tenant
+        admins.add(tenant)
+        return key
+
+    if not env.get("LLMO_ROUTER_INFERENCE_API_KEY"):
+        key = mint(ROUTER_SERVICE_TENANT)
+        per_service["router"] = {"LLMO_ROUTER_INFERENCE_API_KEY": key}
+        if not env.get("LLMO_ROUTER_COST_API_KEY"):
+            per_service["router"]["LLMO_ROUTER_COST_API_KEY"] = key
+    if not env.get(RETRIEVAL_KEY_ENV):
+        per_service["retrieval"] = {RETRIEVAL_KEY_ENV: mint(RETRIEVAL_SERVICE_TENANT)}
+    if not per_service:
+        return {}, {}
+    return {"LLMO_API_KEYS": json.dumps(keys), "LLMO_ADMIN_TENANTS": ",".join(sorted(admins))}, per_service
 
 
 def _port_or_free(preferred: int, host: str) -> int:
