@@ -360,6 +360,39 @@ def _document_input(item: Source, metadata: list[tuple[str, Any]], acl: Sequence
     return doc
 
 
+async def stream_ingest(stub: pb_grpc.RetrievalServiceStub, meta: list[tuple[str, str]], name: str,
+                        sources: Sequence[Source], outcome: IngestOutcome, progress: Progress, *,
+                        pairs: Sequence[tuple[str, Any]] = (), acl: Sequence[str] = (), reindex: bool = False) -> None:
+    """Stream `sources` into collection `name` through IngestDocuments, recording into `outcome`."""
+    # Ask first: when the stream itself fails early (an unknown collection), grpc.aio may report a
+    # write racing the server's status as INTERNAL "Internal error from Core" (grpc/grpc#36066).
+    await stub.GetCollection(pb.GetCollectionRequest(name=name), metadata=meta, timeout=CALL_TIMEOUT_S)
+    task = progress.add_task("ingesting", total=len(sources), extra="0 chunks")
+
+    async def requests() -> AsyncIterator[pb.IngestDocumentsRequest]:
+        yield pb.IngestDocumentsRequest(config=pb.IngestConfig(collection=name, reindex_unchanged=reindex))
+        for item in sources:
+            try:
+                doc = await asyncio.to_thread(_document_input, item, list(pairs), acl)
+            except OSError as error:
+                outcome.unreadable.append((item, str(error)))
+                progress.advance(task)
+                continue
+            outcome.sent.append(item)
+            yield pb.IngestDocumentsRequest(document=doc)
+
+    chunks = 0
+    async for reply in stub.IngestDocuments(requests(), metadata=meta):
+        if reply.HasField("summary"):
+            outcome.summary = reply.summary
+            continue
+        update = reply.progress
+        if update.stage in TERMINAL:
+            outcome.final[update.index] = update
+            chunks += update.chunks if update.stage == pb.INGEST_STAGE_INDEXED else 0
+            progress.update(task, advance=1, extra=f"{chunks:,} chunks")
+
+
 @cli.command()
 @_collection_opt
 @click.argument("paths", nargs=-1, type=click.Path(exists=True, path_type=Path))
@@ -397,35 +430,8 @@ def ingest(obj: dict[str, Any], collection: str, paths: tuple[Path, ...], beir: 
     outcome = IngestOutcome()
 
     async def stream(stub: pb_grpc.RetrievalServiceStub, meta: list[tuple[str, str]]) -> None:
-        # Ask first: when the stream itself fails early (an unknown collection), grpc.aio may report a
-        # write racing the server's status as INTERNAL "Internal error from Core" (grpc/grpc#36066).
-        await stub.GetCollection(pb.GetCollectionRequest(name=name), metadata=meta, timeout=CALL_TIMEOUT_S)
-        progress = _progress(as_json)
-        task = progress.add_task("ingesting", total=len(sources), extra="0 chunks")
-
-        async def requests() -> AsyncIterator[pb.IngestDocumentsRequest]:
-            yield pb.IngestDocumentsRequest(config=pb.IngestConfig(collection=name, reindex_unchanged=reindex))
-            for item in sources:
-                try:
-                    doc = await asyncio.to_thread(_document_input, item, pairs, acl)
-                except OSError as error:
-                    outcome.unreadable.append((item, str(error)))
-                    progress.advance(task)
-                    continue
-                outcome.sent.append(item)
-                yield pb.IngestDocumentsRequest(document=doc)
-
-        chunks = 0
-        with progress:
-            async for reply in stub.IngestDocuments(requests(), metadata=meta):
-                if reply.HasField("summary"):
-                    outcome.summary = reply.summary
-                    continue
-                update = reply.progress
-                if update.stage in TERMINAL:
-                    outcome.final[update.index] = update
-                    chunks += update.chunks if update.stage == pb.INGEST_STAGE_INDEXED else 0
-                    progress.update(task, advance=1, extra=f"{chunks:,} chunks")
+        with _progress(as_json) as progress:
+            await stream_ingest(stub, meta, name, sources, outcome, progress, pairs=pairs, acl=acl, reindex=reindex)
 
     _call(obj, stream)
     failures = [{"source": item.source, "document": item.document_id, "reason": "READ_FAILED", "message": message}
@@ -577,33 +583,70 @@ def ranking_of(response: pb.SearchResponse, to_dataset: dict[str, str]) -> list[
     return found
 
 
+EVAL_MODES: dict[str, tuple[int, bool, int]] = {  # name -> (search mode, rerank, fusion method)
+    "sparse": (pb.SEARCH_MODE_SPARSE, False, 0),
+    "dense": (pb.SEARCH_MODE_DENSE, False, 0),
+    "hybrid": (pb.SEARCH_MODE_HYBRID, False, pb.FUSION_METHOD_RRF),
+    "convex": (pb.SEARCH_MODE_HYBRID, False, pb.FUSION_METHOD_CONVEX),
+    "rerank": (pb.SEARCH_MODE_HYBRID, True, pb.FUSION_METHOD_RRF),
+    "graph": (pb.SEARCH_MODE_KNOWLEDGE_GRAPH, False, 0),
+}
+
+
+def _modes(value: str) -> list[str]:
+    modes = [m.strip() for m in value.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in EVAL_MODES]
+    if not modes or unknown:
+        raise click.BadParameter(f"{', '.join(unknown) or value!r}: choose from {', '.join(EVAL_MODES)}",
+                                 param_hint="--modes")
+    return list(dict.fromkeys(modes))
+
+
+def _trained_on(dataset: str, split: str) -> str:
+    """The builtin reranker's version when it was trained on this data set's split, else ''."""
+    from llmo.retrieval.rerank import BUILTIN_DIR
+
+    try:
+        meta = json.loads((BUILTIN_DIR / "reranker.json").read_text())
+    except (OSError, ValueError):
+        return ""
+    training = meta.get("training", {})
+    names = {c.get("name") for c in training.get("collections", [])}
+    return str(meta.get("version", "")) if dataset in names and training.get("split") == split else ""
+
+
 @cli.command()
-@_collection_opt
 @click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv) or SMART folder (*.ALL, *.QRY, *.REL).")
 @click.option("--split", default="test", show_default=True, help="BEIR qrels split (SMART folders have one).")
-@click.option("--mode", type=click.Choice(list(MODES)), default="hybrid", show_default=True)
-@click.option("--rerank", is_flag=True, help="Re-rank with the service's learned reranker.")
-@click.option("--k", "k", type=click.IntRange(1, 100), default=10, show_default=True, help="Cut-off of nDCG, recall and MRR.")
+@click.option("--modes", "modes_text", default="sparse,dense,hybrid,rerank", show_default=True,
+              help="Comma-separated: sparse, dense, hybrid (RRF), convex (hybrid, convex fusion), rerank "
+                   "(hybrid + the service's reranker), graph (a --collection with the knowledge graph).")
+@click.option("--collection", default=None,
+              help="Evaluate an existing collection holding the corpus (ingested with `ingest --beir`); default: "
+                   "ingest the corpus into a temporary collection, deleted afterwards.")
+@click.option("--k", "k", type=click.IntRange(1, 100), default=10, show_default=True, help="Cut-off of nDCG and MRR.")
 @click.option("--depth", type=click.IntRange(1, 100), default=100, show_default=True,
-              help="Results asked per query (the ranking MAP is computed over); at least --k.")
+              help="Results asked per query: the cut-off of recall and the ranking MAP is computed over; >= --k.")
 @click.option("--resamples", type=click.IntRange(1, 100_000), default=1000, show_default=True,
               help="Bootstrap resamples of the queries for the 95% intervals.")
 @_json_opt
 @click.pass_obj
-def evaluate(obj: dict[str, Any], collection: str, data_dir: Path, split: str, mode: str, rerank: bool, k: int,
+def evaluate(obj: dict[str, Any], data_dir: Path, split: str, modes_text: str, collection: str | None, k: int,
              depth: int, resamples: int, as_json: bool) -> None:
-    """Run every judged query of a data set as a Search and report nDCG@k, recall@k, MRR@k and MAP
-    (means with bootstrap 95% intervals over queries) and latency p50 / p99.
+    """Run every judged query of a data set as a Search in each mode and report nDCG@k, recall@depth,
+    MRR@k and MAP (means with bootstrap 95% intervals over queries) and the server's latency p50 / p99.
 
-    The collection must hold the data set's corpus: `llmo retrieval ingest --beir DIR` ingests
-    it with the ids this command maps results back to.
+    Without --collection the corpus is ingested through the service into a temporary collection
+    (chunks/s reported), evaluated, and deleted. A learned part is never scored on the data it was
+    trained on: `rerank` on the split the service's builtin reranker was trained on is left out
+    with a note (`llmo bench retrieval` reports the cross-validated number).
     """
-    # imported here: numpy and the reranker's modules are not needed by the other commands
     from llmo.retrieval import evaluation
     from llmo.retrieval.rerank.data import load as load_dataset
     from llmo.retrieval.rerank.harness import document_id as dataset_document_id
 
+    modes = _modes(modes_text)
     if depth < k:
         raise click.BadParameter(f"--depth {depth} is below --k {k}", param_hint="--depth")
     try:
@@ -613,70 +656,85 @@ def evaluate(obj: dict[str, Any], collection: str, data_dir: Path, split: str, m
     if not dataset.queries:
         raise click.BadParameter(f"{data_dir}: no judged queries for split {split!r}", param_hint="--data")
     to_dataset = {dataset_document_id(d): d for d in dataset.corpus}
-    name = _collection_name(collection)
-    per_query: list[dict[str, float]] = []
-    server_ms: list[float] = []
-    round_trip_ms: list[float] = []
-    matched = 0
+    temporary = collection is None
+    name = _collection_name(collection or f"eval-{uuid.uuid4().hex[:12]}")
+    notes: list[str] = []
+    per_mode: dict[str, dict[str, Any]] = {}
+    ingest: dict[str, Any] = {}
 
     async def run(stub: pb_grpc.RetrievalServiceStub, metadata: list[tuple[str, str]]) -> None:
-        nonlocal matched
-        with _progress(as_json) as progress:
-            task = progress.add_task("evaluating", total=len(dataset.queries), extra="")
-            for qid, text in dataset.queries.items():
-                request = pb.SearchRequest(collection=name, query=text[:MAX_QUERY_CHARS], top_k=depth, mode=MODES[mode])
-                request.rerank.enabled = rerank
-                started = time.perf_counter()
-                response = await stub.Search(request, metadata=metadata, timeout=CALL_TIMEOUT_S)
-                round_trip_ms.append((time.perf_counter() - started) * 1000)
-                server_ms.append(response.latency_ms)
-                ranking = ranking_of(response, to_dataset)
-                matched += len(ranking)
-                per_query.append(evaluation.query_metrics(ranking, dataset.qrels[qid], k))
-                progress.update(task, advance=1, extra=f"nDCG@{k} {sum(q[f'ndcg@{k}'] for q in per_query) / len(per_query):.3f}")
+        if temporary:
+            await stub.CreateCollection(pb.CreateCollectionRequest(
+                collection_id=_short(name), collection=pb.Collection(display_name=f"evaluate {dataset.name}")),
+                metadata=metadata, timeout=CALL_TIMEOUT_S)
+        try:
+            with _progress(as_json) as progress:
+                if temporary:
+                    sources, _ = dataset_corpus(data_dir)
+                    outcome = IngestOutcome()
+                    started = time.perf_counter()
+                    await stream_ingest(stub, metadata, name, sources, outcome, progress)
+                    seconds = time.perf_counter() - started
+                    ingest.update(documents=outcome.summary.documents_indexed, chunks=outcome.summary.chunks_indexed,
+                                  seconds=round(seconds, 3),
+                                  chunks_per_s=round(outcome.summary.chunks_indexed / seconds, 1) if seconds else 0.0)
+                for mode in modes:
+                    search_mode, rerank, fusion = EVAL_MODES[mode]
+                    trained = _trained_on(dataset.name, split) if rerank else ""
+                    per_query: list[dict[str, float]] = []
+                    server_ms: list[float] = []
+                    task = progress.add_task(mode, total=len(dataset.queries), extra="")
+                    for qid, text in dataset.queries.items():
+                        request = pb.SearchRequest(collection=name, query=text[:MAX_QUERY_CHARS], top_k=depth,
+                                                   mode=search_mode)  # type: ignore[arg-type]
+                        request.rerank.enabled = rerank
+                        request.fusion.method = fusion  # type: ignore[assignment]
+                        response = await stub.Search(request, metadata=metadata, timeout=CALL_TIMEOUT_S)
+                        if trained and response.reranker_version == trained:
+                            notes.append(f"rerank left out: the service's reranker {trained} was trained on "
+                                         f"{dataset.name} ({split}); `llmo bench retrieval` cross-validates it")
+                            break
+                        server_ms.append(response.latency_ms)
+                        per_query.append(evaluation.query_metrics(ranking_of(response, to_dataset),
+                                                                  dataset.qrels[qid], k, depth))
+                        progress.update(task, advance=1, extra=f"nDCG@{k} "
+                                        f"{sum(q[f'ndcg@{k}'] for q in per_query) / len(per_query):.3f}")
+                    if per_query:
+                        estimates = evaluation.summarise(per_query, resamples=resamples)
+                        per_mode[mode] = {
+                            "queries": len(per_query),
+                            "metrics": {m: e.as_dict() for m, e in estimates.items()},
+                            "latency_ms": {"p50": round(evaluation.percentile(server_ms, 50), 3),
+                                           "p99": round(evaluation.percentile(server_ms, 99), 3)},
+                        }
+        finally:
+            if temporary:
+                await stub.DeleteCollection(pb.DeleteCollectionRequest(name=name, force=True), metadata=metadata,
+                                            timeout=CALL_TIMEOUT_S)
 
     _call(obj, run)
-    estimates = evaluation.summarise(per_query, resamples=resamples)
-    report: dict[str, Any] = {
-        "data": str(data_dir),
-        "dataset": dataset.name,
-        "split": split,
-        "collection": name,
-        "mode": mode,
-        "rerank": rerank,
-        "k": k,
-        "depth": depth,
-        "queries": len(per_query),
-        "metrics": {metric: estimate.as_dict() for metric, estimate in estimates.items()},
-        "latency_ms": {"p50": round(evaluation.percentile(server_ms, 50), 3),
-                       "p99": round(evaluation.percentile(server_ms, 99), 3)},
-        "round_trip_ms": {"p50": round(evaluation.percentile(round_trip_ms, 50), 3),
-                          "p99": round(evaluation.percentile(round_trip_ms, 99), 3)},
-        "results_in_dataset": matched,
-    }
+    report: dict[str, Any] = {"data": str(data_dir), "dataset": dataset.name, "split": split,
+                              "collection": name, "temporary": temporary, "k": k, "depth": depth,
+                              "queries": len(dataset.queries), "ingest": ingest, "modes": per_mode, "notes": notes}
     if as_json:
         click.echo(json.dumps(report, indent=2))
-    else:
-        table = Table(title=f"{dataset.name} ({split}, {len(per_query)} queries) on {name}: {mode}"
-                            f"{' + rerank' if rerank else ''}")
-        table.add_column("metric")
-        table.add_column("mean", justify="right")
-        table.add_column("95% CI", justify="right")
-        for metric, e in estimates.items():
-            label = f"map@{depth}" if metric == "map" else metric
-            table.add_row(label, f"{e.mean:.4f}", f"{e.low:.4f} - {e.high:.4f}")
-        out.print(table)
-        latency = Table(title="latency per query (ms)")
-        latency.add_column("")
-        latency.add_column("p50", justify="right")
-        latency.add_column("p99", justify="right")
-        latency.add_row("server (SearchResponse.latency_ms)", f"{report['latency_ms']['p50']:.1f}",
-                        f"{report['latency_ms']['p99']:.1f}")
-        latency.add_row("round trip", f"{report['round_trip_ms']['p50']:.1f}", f"{report['round_trip_ms']['p99']:.1f}")
-        out.print(latency)
-    if not matched:
-        err.print(f"[yellow]no result is a document of {dataset.name}: ingest its corpus with "
-                  f"`llmo retrieval ingest --collection {_short(name)} --beir {data_dir}`[/]")
+        return
+    metric_names = [f"ndcg@{k}", f"recall@{depth}", f"mrr@{k}", "map"]
+    table = Table(title=f"{dataset.name} ({split}, {len(dataset.queries)} queries)"
+                        + (f", ingested {ingest['chunks']:,} chunks at {ingest['chunks_per_s']:,} chunks/s"
+                           if ingest else f" on {name}"))
+    table.add_column("mode")
+    for metric in metric_names:
+        table.add_column(metric, justify="right")
+    table.add_column("p50 ms", justify="right")
+    table.add_column("p99 ms", justify="right")
+    for mode, result in per_mode.items():
+        cells = [f"{result['metrics'][m]['mean']:.4f} [{result['metrics'][m]['ci95_low']:.3f}, "
+                 f"{result['metrics'][m]['ci95_high']:.3f}]" for m in metric_names]
+        table.add_row(mode, *cells, f"{result['latency_ms']['p50']:.1f}", f"{result['latency_ms']['p99']:.1f}")
+    out.print(table)
+    for note in notes:
+        err.print(f"[yellow]{note}[/]")
 
 
 if __name__ == "__main__":

@@ -62,11 +62,13 @@ def average_precision(ranking: Ranking, judged: Judgements) -> float:
     return total / len(relevant)
 
 
-def query_metrics(ranking: Ranking, judged: Judgements, k: int) -> dict[str, float]:
-    """Every metric of one query, keyed as reported (`ndcg@10`, `recall@10`, `mrr@10`, `map`)."""
+def query_metrics(ranking: Ranking, judged: Judgements, k: int, depth: int | None = None) -> dict[str, float]:
+    """Every metric of one query, keyed as reported: nDCG and MRR at `k`, recall at `depth`
+    (default `k`), MAP over the whole ranking (`ndcg@10`, `recall@100`, `mrr@10`, `map`)."""
+    depth = k if depth is None else depth
     return {
         f"ndcg@{k}": ndcg_at_k(ranking, judged, k),
-        f"recall@{k}": recall_at_k(ranking, judged, k),
+        f"recall@{depth}": recall_at_k(ranking, judged, depth),
         f"mrr@{k}": mrr_at_k(ranking, judged, k),
         "map": average_precision(ranking, judged),
     }

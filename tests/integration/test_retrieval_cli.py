@@ -55,8 +55,7 @@ class Service:
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         settings = RetrievalSettings(
-            # no reranker artifact: `--rerank` is checked as the clean FAILED_PRECONDITION it then is
-            database_url=f"sqlite:///{data / 'retrieval.db'}", metrics_port=-1, publish_events=False, reranker="",
+            database_url=f"sqlite:///{data / 'retrieval.db'}", metrics_port=-1, publish_events=False,
             min_candidates=10, platform=PlatformSettings(data_dir=data, api_keys={API_KEY: TENANT},
                                                          nats_url="nats://127.0.0.1:1", drain_seconds=0.5))
         self.running: RunningRetrieval = self._run(start(settings, port=0, metrics=False))
@@ -170,8 +169,9 @@ def test_ingest_a_folder_then_search_it(service: Service, tmp_path: Path) -> Non
     ranks = [r["rank"] for r in filtered["results"]]
     assert len(ranks) > 2 and sorted(ranks) == list(range(1, len(ranks) + 1)) and ranks[-1] == 2  # 1, 3, ..., 2
     assert "reorder" in {s["stage"] for s in filtered["stages"]}
-    rerank = _invoke(service, "search", "--collection", "handbook", "backups", "--rerank")
-    assert rerank.exit_code == 1 and "FAILED_PRECONDITION [RERANKER_UNAVAILABLE]" in rerank.output
+    reranked = _json(_invoke(service, "search", "--collection", "handbook", "backups", "--rerank", "--json"))
+    assert "rerank" in {s["stage"] for s in reranked["stages"]} and reranked["results"]
+    assert all(r["rerank_score"] == r["score"] for r in reranked["results"])
 
     # access control: a document for group:finance only
     (tmp_path / "secret.txt").write_text(SECRET_TXT)
@@ -232,24 +232,46 @@ def test_evaluate_a_beir_folder(service: Service, tmp_path: Path) -> None:
     hits = _json(_invoke(service, "search", "--collection", "tiny", "lava", "--mode", "sparse", "--json"))["results"]
     assert hits[0]["document"] == document_id("Doc_A") != "Doc_A"
 
-    report = _json(_invoke(service, "evaluate", "--collection", "tiny", "--data", str(folder), "--mode", "sparse",
+    report = _json(_invoke(service, "evaluate", "--collection", "tiny", "--data", str(folder), "--modes", "sparse",
                            "--k", "10", "--resamples", "200", "--json"))
-    assert (report["queries"], report["k"], report["mode"], report["split"]) == (2, 10, "sparse", "test")
-    metrics = report["metrics"]
+    assert (report["queries"], report["k"], report["split"], report["temporary"]) == (2, 10, "test", False)
+    metrics = report["modes"]["sparse"]["metrics"]
     expected = (1.0 + 1 / math.log2(3)) / 2
     assert metrics["ndcg@10"]["mean"] == pytest.approx(expected, abs=1e-6)
     assert metrics["ndcg@10"]["ci95_low"] == pytest.approx(1 / math.log2(3), abs=1e-6)
     assert metrics["ndcg@10"]["ci95_high"] == pytest.approx(1.0, abs=1e-6)
-    assert metrics["recall@10"]["mean"] == 1.0
+    assert metrics["recall@100"]["mean"] == 1.0
     assert metrics["mrr@10"]["mean"] == pytest.approx(0.75) and metrics["map"]["mean"] == pytest.approx(0.75)
-    assert report["latency_ms"]["p50"] > 0 and report["round_trip_ms"]["p99"] >= report["round_trip_ms"]["p50"]
+    latency = report["modes"]["sparse"]["latency_ms"]
+    assert 0 < latency["p50"] <= latency["p99"]
 
-    table = _invoke(service, "evaluate", "--collection", "tiny", "--data", str(folder), "--mode", "sparse")
+    # without --collection: a temporary collection, ingested, evaluated in every mode asked, deleted
+    temporary = _json(_invoke(service, "evaluate", "--data", str(folder), "--modes", "sparse,hybrid,convex,rerank",
+                              "--resamples", "50", "--json"))
+    assert temporary["temporary"] and temporary["ingest"]["documents"] == 3 and temporary["ingest"]["chunks_per_s"] > 0
+    assert set(temporary["modes"]) == {"sparse", "hybrid", "convex", "rerank"} and temporary["notes"] == []
+    assert temporary["modes"]["sparse"]["metrics"]["ndcg@10"]["mean"] == pytest.approx(expected, abs=1e-6)
+    listed = _json(_invoke(service, "collections", "list", "--json"))
+    assert all(not c["name"].startswith("collections/eval-") for c in listed["collections"])
+
+    table = _invoke(service, "evaluate", "--collection", "tiny", "--data", str(folder), "--modes", "sparse")
     assert table.exit_code == 0, table.output
     assert f"{expected:.4f}" in table.stdout and "ndcg@10" in table.stdout and "p99" in table.stdout
 
     missing = _invoke(service, "evaluate", "--collection", "tiny", "--data", str(folder), "--split", "dev")
     assert missing.exit_code == 2 and "no judgements for split 'dev'" in missing.output
+    unknown = _invoke(service, "evaluate", "--data", str(folder), "--modes", "sparse,fancy")
+    assert unknown.exit_code == 2 and "fancy" in unknown.output
+
+
+def test_the_builtin_reranker_is_never_scored_on_its_training_split(tmp_path: Path) -> None:
+    from llmo.retrieval.cli import _trained_on
+    from llmo.retrieval.rerank import BUILTIN_DIR
+
+    meta = json.loads((BUILTIN_DIR / "reranker.json").read_text())
+    trained = meta["training"]["collections"][0]["name"]
+    assert _trained_on(trained, meta["training"]["split"]) == meta["version"]
+    assert _trained_on(trained, "test") == "" and _trained_on("cisi", meta["training"]["split"]) == ""
 
 
 def test_knowledge_graph_collection(service: Service, tmp_path: Path) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -22,17 +21,15 @@ from pathlib import Path
 
 import numpy as np
 
+from llmo.retrieval.evaluation import ndcg_at_k
 from llmo.retrieval.rerank import data as judged
 from llmo.retrieval.rerank import harness
 from llmo.retrieval.rerank.model import TrainingSet, fit
 
 
 def ndcg_at(ranking: Sequence[str], relevant: dict[str, int], k: int = 10) -> float:
-    """nDCG@k with graded gains (2^grade - 1) and log2 discounts."""
-    dcg = sum((2 ** relevant.get(d, 0) - 1) / math.log2(i + 2) for i, d in enumerate(ranking[:k]))
-    ideal = sorted(relevant.values(), reverse=True)[:k]
-    best = sum((2 ** g - 1) / math.log2(i + 2) for i, g in enumerate(ideal))
-    return dcg / best if best > 0 else 0.0
+    """nDCG@k as `llmo retrieval evaluate` and BEIR compute it (`llmo.retrieval.evaluation`)."""
+    return ndcg_at_k(ranking, relevant, k)
 
 
 @dataclass
