@@ -4,16 +4,25 @@ sparse retrievers, fused per variant, then across variants. Blocking; runs off t
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from llmo.protos.retrieval.v1 import retrieval_service_pb2 as pb
 from llmo.retrieval import ranking
-from llmo.retrieval.indexes import CollectionIndex, Hit
+from llmo.retrieval.indexes import Hit
 from llmo.retrieval.query import QueryPlan
 
 Stage = Callable[[str], Any]  # StageLog.stage
+
+
+class Retrievers(Protocol):
+    """What `retrieve` searches: a collection's local indexes (`CollectionIndex`, hits by index
+    position, `allowed` a mask) or a backend's (llmo.retrieval.backends.pgvector, hits by chunk id)."""
+
+    def dense_search(self, vector: np.ndarray, allowed: Any, k: int) -> list[Hit]: ...
+
+    def sparse(self, query: str, allowed: Any, k: int) -> list[Hit]: ...
 
 
 def variant_vectors(plan: QueryPlan, encode: Callable[[list[str]], np.ndarray]) -> list[np.ndarray]:
@@ -29,7 +38,7 @@ def variant_vectors(plan: QueryPlan, encode: Callable[[list[str]], np.ndarray]) 
     return out
 
 
-def retrieve(index: CollectionIndex, plan: QueryPlan, allowed: np.ndarray, *, mode: int, fusion: ranking.Fusion,
+def retrieve(index: Retrievers, plan: QueryPlan, allowed: Any, *, mode: int, fusion: ranking.Fusion,
              fetch: int, vectors: Sequence[np.ndarray] | None, stage: Stage) -> list[ranking.Fused]:
     """Fused candidates, best first. `vectors` (one per variant) are needed for DENSE and HYBRID."""
     dense_lists: list[list[Hit]] = []
