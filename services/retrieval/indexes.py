@@ -104,10 +104,27 @@ class CollectionIndex:
         self.bm25 = bm25
         self.dense = dense
         self.config = DEFAULT_DENSE  # search knobs; IndexManager sets its own on every index it hands out
+        # access lists as arrays, so a search decides readability with a few numpy operations
+        self._open_docs = np.array([not acl for _, acl, _ in docs], dtype=bool)
+        named: dict[str, list[int]] = {}
+        for number, (_, acl, _) in enumerate(docs):
+            for principal in acl:
+                named.setdefault(principal, []).append(number)
+        self._docs_naming = {p: np.array(v, dtype=np.int64) for p, v in named.items()}
 
     @property
     def size(self) -> int:
         return int(self.ids.shape[0])
+
+    def readable_documents(self, principals: frozenset[str]) -> np.ndarray:
+        """Per document (index into `docs`), whether `principals` may read it: an empty access list,
+        or one naming any of them (`llmo.retrieval.ranking.visible`)."""
+        out = self._open_docs.copy()
+        for principal in principals:
+            named = self._docs_naming.get(principal)
+            if named is not None:
+                out[named] = True
+        return out
 
     # --- building and persistence -------------------------------------------------------------
 

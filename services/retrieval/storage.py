@@ -534,7 +534,8 @@ class RetrievalStore:
         if not ids:
             return {}
         with self.engine.connect() as conn:
-            rows = conn.execute(sa.select(chunks, documents).join(documents, sa.and_(
+            wanted = [c for c in chunks.c if c.name != "embedding"]  # the vectors are the index's business
+            rows = conn.execute(sa.select(*wanted, documents).join(documents, sa.and_(
                 documents.c.collection_pk == chunks.c.collection_pk,
                 documents.c.document_id == chunks.c.document_id)).where(
                 chunks.c.collection_pk == collection_pk, chunks.c.id.in_(list(ids)))).all()

@@ -31,7 +31,7 @@ class LocalFirstStage:
             ) -> FirstStageResult:
         with stage("index") as report:
             index = self.indexes.current(coll.pk, coll.uid)
-            allowed = allowed_mask(index, principals, matches)
+            allowed = allowed_mask(index, principals, matches, filtered=bool(filters))
             considered = int(allowed.sum())
             report.items = considered
         vectors = None
@@ -47,10 +47,14 @@ class LocalFirstStage:
                                 vectors[0] if vectors else None, index)
 
 
-def allowed_mask(index: CollectionIndex, principals: frozenset[str], matches: ranking.Predicate) -> np.ndarray:
-    """Which positions the caller may see and the filters keep, decided per document."""
+def allowed_mask(index: CollectionIndex, principals: frozenset[str], matches: ranking.Predicate,
+                 filtered: bool = True) -> np.ndarray:
+    """Which positions the caller may see and the filters keep, decided per document; the filters
+    are evaluated only on readable documents, and not at all when the request has none."""
     if index.size == 0:
         return np.zeros(0, dtype=bool)
-    per_doc = np.array([ranking.visible(acl, principals) and matches(metadata) for _, acl, metadata in index.docs],
-                       dtype=bool)
+    per_doc = index.readable_documents(principals)
+    if filtered:
+        readable = np.flatnonzero(per_doc)
+        per_doc[readable] = [matches(index.docs[int(i)][2]) for i in readable]
     return per_doc[index.doc_of]

@@ -103,3 +103,24 @@ def test_either_kind_survives_save_and_load(corpus: tuple[np.ndarray, np.ndarray
         everything = np.ones(N, dtype=bool)
         assert _positions(loaded.dense_search(queries[0], everything, 10)) == \
             _positions(index.dense_search(queries[0], everything, 10))
+
+
+def test_readability_and_filters_decide_exactly_as_the_per_document_rules() -> None:
+    from llmo.retrieval import ranking
+    from llmo.retrieval.backends.local import allowed_mask
+
+    rng = np.random.default_rng(3)
+    groups = ["group:a", "group:b", "user:c", "user:d"]
+    chunks = [IndexedChunk(id=i + 1, document_id=f"d{i // 2}", text=f"t{i}", embedding=v.tobytes(),
+                           acl=tuple(g for g in groups if rng.random() < 0.3) if (i // 2) % 4 else (),
+                           metadata={"n": (i // 2) % 5})
+              for i, v in enumerate(_vectors(80))]
+    index = CollectionIndex.build(1, chunks, k1=1.2, b=0.75)
+    even = ranking.compile_filters([])
+    for principals in (frozenset(), frozenset({"group:a"}), frozenset({"user:c", "group:b"}), frozenset(groups)):
+        expected = [ranking.visible(acl, principals) for _, acl, _ in index.docs]
+        assert index.readable_documents(principals).tolist() == expected
+        small = lambda metadata: metadata["n"] < 2  # noqa: E731
+        mask = allowed_mask(index, principals, small)
+        assert mask.tolist() == [expected[d] and index.docs[d][2]["n"] < 2 for d in index.doc_of]
+        assert allowed_mask(index, principals, even, filtered=False).tolist() == [expected[d] for d in index.doc_of]
