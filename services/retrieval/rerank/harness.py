@@ -190,6 +190,8 @@ async def session(dataset: Dataset, *, cache_dir: Path | None = None) -> AsyncIt
         encoder = MemoEncoder(running.searcher.embedder,
                               cache_dir / f"{dataset.name}-minilm.npz" if cache_dir is not None else None)
         running.searcher.embedder = running.servicer.embedder = encoder
+        if hasattr(running.searcher.first_stage, "embedder"):  # the local first stage embeds the queries itself
+            running.searcher.first_stage.embedder = encoder
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
         try:
             current = Session(running, pb_grpc.RetrievalServiceStub(channel), dataset)
