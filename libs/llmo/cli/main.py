@@ -22,8 +22,13 @@ console = Console(stderr=True)
 out = Console()
 
 
+# Short names for service command groups: `llmo eval ...` is `llmo evaluation ...`.
+ALIASES = {"eval": "evaluation"}
+
+
 class LlmoGroup(click.Group):
-    """Mounts each service's own commands (`llmo.<service>.cli:cli`) lazily as `llmo <service> ...`."""
+    """Mounts each service's own commands (`llmo.<service>.cli:cli`) lazily as `llmo <service> ...`
+    (and under its alias in ALIASES)."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         own = super().list_commands(ctx)
@@ -31,6 +36,8 @@ class LlmoGroup(click.Group):
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         command = super().get_command(ctx, cmd_name)
+        if command is None and cmd_name in ALIASES:
+            cmd_name = ALIASES[cmd_name]
         if command is not None or cmd_name not in SERVICES or not _has_module(f"llmo.{cmd_name}.cli"):
             return command
         module = importlib.import_module(f"llmo.{cmd_name}.cli")
