@@ -13,12 +13,12 @@ import grpc
 import pytest
 from google.protobuf import field_mask_pb2, struct_pb2
 
-from llmo.core.errors import error_info
 from llmo.core.settings import PlatformSettings
 from llmo.protos.retrieval.v1 import retrieval_service_pb2 as pb
 from llmo.protos.retrieval.v1 import retrieval_service_pb2_grpc as pb_grpc
 from llmo.retrieval.main import RunningRetrieval, start
 from llmo.retrieval.settings import RetrievalSettings
+from tests.integration.test_retrieval_service import _code
 
 A = [("authorization", "Bearer ka")]
 KG = pb.SEARCH_MODE_KNOWLEDGE_GRAPH
@@ -43,13 +43,6 @@ async def svc(database_url: str, tmp_path: Path) -> AsyncIterator[tuple[RunningR
     finally:
         await channel.close()
         await running.stop()
-
-
-async def _code(call: Any) -> tuple[grpc.StatusCode, str]:
-    with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await call
-    info = error_info(raised.value)
-    return raised.value.code(), info.reason if info else ""
 
 
 async def _create(stub: pb_grpc.RetrievalServiceStub, cid: str, *, graph: bool = True, extractor: str = ""
