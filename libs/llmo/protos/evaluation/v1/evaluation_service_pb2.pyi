@@ -23,6 +23,15 @@ class Metric(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     METRIC_ANSWER_RELEVANCY: _ClassVar[Metric]
     METRIC_CONTEXT_RELEVANCY: _ClassVar[Metric]
     METRIC_EXACT_MATCH: _ClassVar[Metric]
+    METRIC_CONTEXT_PRECISION: _ClassVar[Metric]
+    METRIC_CONTEXT_RECALL: _ClassVar[Metric]
+    METRIC_PAIRWISE: _ClassVar[Metric]
+    METRIC_REGEX: _ClassVar[Metric]
+    METRIC_JSON_SCHEMA: _ClassVar[Metric]
+    METRIC_CONTAINS: _ClassVar[Metric]
+    METRIC_LENGTH: _ClassVar[Metric]
+    METRIC_LATENCY: _ClassVar[Metric]
+    METRIC_COST: _ClassVar[Metric]
 
 class RunState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -61,6 +70,15 @@ METRIC_HALLUCINATION: Metric
 METRIC_ANSWER_RELEVANCY: Metric
 METRIC_CONTEXT_RELEVANCY: Metric
 METRIC_EXACT_MATCH: Metric
+METRIC_CONTEXT_PRECISION: Metric
+METRIC_CONTEXT_RECALL: Metric
+METRIC_PAIRWISE: Metric
+METRIC_REGEX: Metric
+METRIC_JSON_SCHEMA: Metric
+METRIC_CONTAINS: Metric
+METRIC_LENGTH: Metric
+METRIC_LATENCY: Metric
+METRIC_COST: Metric
 RUN_STATE_UNSPECIFIED: RunState
 RUN_STATE_PENDING: RunState
 RUN_STATE_RUNNING: RunState
@@ -80,6 +98,26 @@ DRIFT_SEVERITY_UNSPECIFIED: DriftSeverity
 DRIFT_SEVERITY_NONE: DriftSeverity
 DRIFT_SEVERITY_MODERATE: DriftSeverity
 DRIFT_SEVERITY_SEVERE: DriftSeverity
+
+class DeterministicCheck(_message.Message):
+    __slots__ = ("pattern", "json_schema", "contains", "ignore_case", "min_chars", "max_chars", "max_latency_ms", "max_cost_micros")
+    PATTERN_FIELD_NUMBER: _ClassVar[int]
+    JSON_SCHEMA_FIELD_NUMBER: _ClassVar[int]
+    CONTAINS_FIELD_NUMBER: _ClassVar[int]
+    IGNORE_CASE_FIELD_NUMBER: _ClassVar[int]
+    MIN_CHARS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CHARS_FIELD_NUMBER: _ClassVar[int]
+    MAX_LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
+    MAX_COST_MICROS_FIELD_NUMBER: _ClassVar[int]
+    pattern: str
+    json_schema: str
+    contains: _containers.RepeatedScalarFieldContainer[str]
+    ignore_case: bool
+    min_chars: int
+    max_chars: int
+    max_latency_ms: float
+    max_cost_micros: int
+    def __init__(self, pattern: _Optional[str] = ..., json_schema: _Optional[str] = ..., contains: _Optional[_Iterable[str]] = ..., ignore_case: _Optional[bool] = ..., min_chars: _Optional[int] = ..., max_chars: _Optional[int] = ..., max_latency_ms: _Optional[float] = ..., max_cost_micros: _Optional[int] = ...) -> None: ...
 
 class RubricLevel(_message.Message):
     __slots__ = ("score", "description")
@@ -106,26 +144,32 @@ class Rubric(_message.Message):
     def __init__(self, name: _Optional[str] = ..., criteria: _Optional[str] = ..., evaluation_steps: _Optional[_Iterable[str]] = ..., min_score: _Optional[int] = ..., max_score: _Optional[int] = ..., levels: _Optional[_Iterable[_Union[RubricLevel, _Mapping]]] = ...) -> None: ...
 
 class MetricSpec(_message.Message):
-    __slots__ = ("metric", "rubric", "pass_threshold")
+    __slots__ = ("metric", "rubric", "pass_threshold", "check", "rubric_ref")
     METRIC_FIELD_NUMBER: _ClassVar[int]
     RUBRIC_FIELD_NUMBER: _ClassVar[int]
     PASS_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    CHECK_FIELD_NUMBER: _ClassVar[int]
+    RUBRIC_REF_FIELD_NUMBER: _ClassVar[int]
     metric: Metric
     rubric: Rubric
     pass_threshold: float
-    def __init__(self, metric: _Optional[_Union[Metric, str]] = ..., rubric: _Optional[_Union[Rubric, _Mapping]] = ..., pass_threshold: _Optional[float] = ...) -> None: ...
+    check: DeterministicCheck
+    rubric_ref: str
+    def __init__(self, metric: _Optional[_Union[Metric, str]] = ..., rubric: _Optional[_Union[Rubric, _Mapping]] = ..., pass_threshold: _Optional[float] = ..., check: _Optional[_Union[DeterministicCheck, _Mapping]] = ..., rubric_ref: _Optional[str] = ...) -> None: ...
 
 class JudgeConfig(_message.Message):
-    __slots__ = ("model", "temperature", "samples", "use_logprobs")
+    __slots__ = ("model", "temperature", "samples", "use_logprobs", "local_detector")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     USE_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_DETECTOR_FIELD_NUMBER: _ClassVar[int]
     model: str
     temperature: float
     samples: int
     use_logprobs: bool
-    def __init__(self, model: _Optional[str] = ..., temperature: _Optional[float] = ..., samples: _Optional[int] = ..., use_logprobs: _Optional[bool] = ...) -> None: ...
+    local_detector: bool
+    def __init__(self, model: _Optional[str] = ..., temperature: _Optional[float] = ..., samples: _Optional[int] = ..., use_logprobs: _Optional[bool] = ..., local_detector: _Optional[bool] = ...) -> None: ...
 
 class ClaimVerdict(_message.Message):
     __slots__ = ("claim", "supported", "context_index", "explanation")
@@ -140,7 +184,7 @@ class ClaimVerdict(_message.Message):
     def __init__(self, claim: _Optional[str] = ..., supported: _Optional[bool] = ..., context_index: _Optional[int] = ..., explanation: _Optional[str] = ...) -> None: ...
 
 class MetricResult(_message.Message):
-    __slots__ = ("metric", "score", "raw_score", "score_stddev", "passed", "reasoning", "claims", "evaluation_steps")
+    __slots__ = ("metric", "score", "raw_score", "score_stddev", "passed", "reasoning", "claims", "evaluation_steps", "judged_by", "rubric_version", "judge_calls")
     METRIC_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     RAW_SCORE_FIELD_NUMBER: _ClassVar[int]
@@ -149,6 +193,9 @@ class MetricResult(_message.Message):
     REASONING_FIELD_NUMBER: _ClassVar[int]
     CLAIMS_FIELD_NUMBER: _ClassVar[int]
     EVALUATION_STEPS_FIELD_NUMBER: _ClassVar[int]
+    JUDGED_BY_FIELD_NUMBER: _ClassVar[int]
+    RUBRIC_VERSION_FIELD_NUMBER: _ClassVar[int]
+    JUDGE_CALLS_FIELD_NUMBER: _ClassVar[int]
     metric: str
     score: float
     raw_score: float
@@ -157,10 +204,13 @@ class MetricResult(_message.Message):
     reasoning: str
     claims: _containers.RepeatedCompositeFieldContainer[ClaimVerdict]
     evaluation_steps: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, metric: _Optional[str] = ..., score: _Optional[float] = ..., raw_score: _Optional[float] = ..., score_stddev: _Optional[float] = ..., passed: _Optional[bool] = ..., reasoning: _Optional[str] = ..., claims: _Optional[_Iterable[_Union[ClaimVerdict, _Mapping]]] = ..., evaluation_steps: _Optional[_Iterable[str]] = ...) -> None: ...
+    judged_by: str
+    rubric_version: str
+    judge_calls: int
+    def __init__(self, metric: _Optional[str] = ..., score: _Optional[float] = ..., raw_score: _Optional[float] = ..., score_stddev: _Optional[float] = ..., passed: _Optional[bool] = ..., reasoning: _Optional[str] = ..., claims: _Optional[_Iterable[_Union[ClaimVerdict, _Mapping]]] = ..., evaluation_steps: _Optional[_Iterable[str]] = ..., judged_by: _Optional[str] = ..., rubric_version: _Optional[str] = ..., judge_calls: _Optional[int] = ...) -> None: ...
 
 class EvaluateRequest(_message.Message):
-    __slots__ = ("input", "output", "contexts", "reference", "metrics", "judge", "request_id", "model", "prompt_version", "attribution")
+    __slots__ = ("input", "output", "contexts", "reference", "metrics", "judge", "request_id", "model", "prompt_version", "attribution", "latency_ms", "output_cost")
     INPUT_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     CONTEXTS_FIELD_NUMBER: _ClassVar[int]
@@ -171,6 +221,8 @@ class EvaluateRequest(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_VERSION_FIELD_NUMBER: _ClassVar[int]
     ATTRIBUTION_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_COST_FIELD_NUMBER: _ClassVar[int]
     input: str
     output: str
     contexts: _containers.RepeatedScalarFieldContainer[str]
@@ -181,7 +233,9 @@ class EvaluateRequest(_message.Message):
     model: str
     prompt_version: str
     attribution: _common_pb2.Attribution
-    def __init__(self, input: _Optional[str] = ..., output: _Optional[str] = ..., contexts: _Optional[_Iterable[str]] = ..., reference: _Optional[str] = ..., metrics: _Optional[_Iterable[_Union[MetricSpec, _Mapping]]] = ..., judge: _Optional[_Union[JudgeConfig, _Mapping]] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_version: _Optional[str] = ..., attribution: _Optional[_Union[_common_pb2.Attribution, _Mapping]] = ...) -> None: ...
+    latency_ms: float
+    output_cost: _common_pb2.Money
+    def __init__(self, input: _Optional[str] = ..., output: _Optional[str] = ..., contexts: _Optional[_Iterable[str]] = ..., reference: _Optional[str] = ..., metrics: _Optional[_Iterable[_Union[MetricSpec, _Mapping]]] = ..., judge: _Optional[_Union[JudgeConfig, _Mapping]] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_version: _Optional[str] = ..., attribution: _Optional[_Union[_common_pb2.Attribution, _Mapping]] = ..., latency_ms: _Optional[float] = ..., output_cost: _Optional[_Union[_common_pb2.Money, _Mapping]] = ...) -> None: ...
 
 class EvaluateResponse(_message.Message):
     __slots__ = ("results", "usage", "cost")
@@ -495,20 +549,33 @@ class Run(_message.Message):
     def __init__(self, name: _Optional[str] = ..., display_name: _Optional[str] = ..., dataset: _Optional[str] = ..., metrics: _Optional[_Iterable[_Union[MetricSpec, _Mapping]]] = ..., judge: _Optional[_Union[JudgeConfig, _Mapping]] = ..., target: _Optional[_Union[RunTarget, _Mapping]] = ..., gates: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., state: _Optional[_Union[RunState, str]] = ..., progress: _Optional[_Union[RunProgress, _Mapping]] = ..., summaries: _Optional[_Iterable[_Union[MetricSummary, _Mapping]]] = ..., gate_results: _Optional[_Iterable[_Union[GateResult, _Mapping]]] = ..., error_reason: _Optional[str] = ..., error_message: _Optional[str] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., cost: _Optional[_Union[_common_pb2.Money, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class RunResult(_message.Message):
-    __slots__ = ("name", "example", "output", "results", "error_reason", "error_message")
+    __slots__ = ("name", "example", "output", "results", "error_reason", "error_message", "metric_errors", "latency_ms", "output_cost")
+    class MetricErrorsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     EXAMPLE_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     ERROR_REASON_FIELD_NUMBER: _ClassVar[int]
     ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    METRIC_ERRORS_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_COST_FIELD_NUMBER: _ClassVar[int]
     name: str
     example: str
     output: str
     results: _containers.RepeatedCompositeFieldContainer[MetricResult]
     error_reason: str
     error_message: str
-    def __init__(self, name: _Optional[str] = ..., example: _Optional[str] = ..., output: _Optional[str] = ..., results: _Optional[_Iterable[_Union[MetricResult, _Mapping]]] = ..., error_reason: _Optional[str] = ..., error_message: _Optional[str] = ...) -> None: ...
+    metric_errors: _containers.ScalarMap[str, str]
+    latency_ms: float
+    output_cost: _common_pb2.Money
+    def __init__(self, name: _Optional[str] = ..., example: _Optional[str] = ..., output: _Optional[str] = ..., results: _Optional[_Iterable[_Union[MetricResult, _Mapping]]] = ..., error_reason: _Optional[str] = ..., error_message: _Optional[str] = ..., metric_errors: _Optional[_Mapping[str, str]] = ..., latency_ms: _Optional[float] = ..., output_cost: _Optional[_Union[_common_pb2.Money, _Mapping]] = ...) -> None: ...
 
 class CreateRunRequest(_message.Message):
     __slots__ = ("run_id", "run", "request_id")
@@ -603,6 +670,104 @@ class ListRunResultsResponse(_message.Message):
     results: _containers.RepeatedCompositeFieldContainer[RunResult]
     next_page_token: str
     def __init__(self, results: _Optional[_Iterable[_Union[RunResult, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class CompareRunsRequest(_message.Message):
+    __slots__ = ("base_run", "candidate_run", "metrics")
+    BASE_RUN_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_RUN_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    base_run: str
+    candidate_run: str
+    metrics: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, base_run: _Optional[str] = ..., candidate_run: _Optional[str] = ..., metrics: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class MetricComparison(_message.Message):
+    __slots__ = ("metric", "paired_examples", "base_mean", "candidate_mean", "mean_delta", "ci_low", "ci_high", "win_rate", "tie_rate", "loss_rate")
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    PAIRED_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    BASE_MEAN_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_MEAN_FIELD_NUMBER: _ClassVar[int]
+    MEAN_DELTA_FIELD_NUMBER: _ClassVar[int]
+    CI_LOW_FIELD_NUMBER: _ClassVar[int]
+    CI_HIGH_FIELD_NUMBER: _ClassVar[int]
+    WIN_RATE_FIELD_NUMBER: _ClassVar[int]
+    TIE_RATE_FIELD_NUMBER: _ClassVar[int]
+    LOSS_RATE_FIELD_NUMBER: _ClassVar[int]
+    metric: str
+    paired_examples: int
+    base_mean: float
+    candidate_mean: float
+    mean_delta: float
+    ci_low: float
+    ci_high: float
+    win_rate: float
+    tie_rate: float
+    loss_rate: float
+    def __init__(self, metric: _Optional[str] = ..., paired_examples: _Optional[int] = ..., base_mean: _Optional[float] = ..., candidate_mean: _Optional[float] = ..., mean_delta: _Optional[float] = ..., ci_low: _Optional[float] = ..., ci_high: _Optional[float] = ..., win_rate: _Optional[float] = ..., tie_rate: _Optional[float] = ..., loss_rate: _Optional[float] = ...) -> None: ...
+
+class CompareRunsResponse(_message.Message):
+    __slots__ = ("comparisons",)
+    COMPARISONS_FIELD_NUMBER: _ClassVar[int]
+    comparisons: _containers.RepeatedCompositeFieldContainer[MetricComparison]
+    def __init__(self, comparisons: _Optional[_Iterable[_Union[MetricComparison, _Mapping]]] = ...) -> None: ...
+
+class RubricVersion(_message.Message):
+    __slots__ = ("name", "version", "rubric", "evaluation_steps", "create_time")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    RUBRIC_FIELD_NUMBER: _ClassVar[int]
+    EVALUATION_STEPS_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    rubric: Rubric
+    evaluation_steps: _containers.RepeatedScalarFieldContainer[str]
+    create_time: _timestamp_pb2.Timestamp
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., rubric: _Optional[_Union[Rubric, _Mapping]] = ..., evaluation_steps: _Optional[_Iterable[str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class PublishRubricRequest(_message.Message):
+    __slots__ = ("rubric_id", "rubric")
+    RUBRIC_ID_FIELD_NUMBER: _ClassVar[int]
+    RUBRIC_FIELD_NUMBER: _ClassVar[int]
+    rubric_id: str
+    rubric: Rubric
+    def __init__(self, rubric_id: _Optional[str] = ..., rubric: _Optional[_Union[Rubric, _Mapping]] = ...) -> None: ...
+
+class PublishRubricResponse(_message.Message):
+    __slots__ = ("rubric", "created")
+    RUBRIC_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    rubric: RubricVersion
+    created: bool
+    def __init__(self, rubric: _Optional[_Union[RubricVersion, _Mapping]] = ..., created: _Optional[bool] = ...) -> None: ...
+
+class GetRubricRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class GetRubricResponse(_message.Message):
+    __slots__ = ("rubric",)
+    RUBRIC_FIELD_NUMBER: _ClassVar[int]
+    rubric: RubricVersion
+    def __init__(self, rubric: _Optional[_Union[RubricVersion, _Mapping]] = ...) -> None: ...
+
+class ListRubricsRequest(_message.Message):
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListRubricsResponse(_message.Message):
+    __slots__ = ("rubrics", "next_page_token")
+    RUBRICS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    rubrics: _containers.RepeatedCompositeFieldContainer[RubricVersion]
+    next_page_token: str
+    def __init__(self, rubrics: _Optional[_Iterable[_Union[RubricVersion, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class GateCondition(_message.Message):
     __slots__ = ("metric", "aggregation", "comparator", "threshold")
@@ -735,34 +900,56 @@ class CheckGateResponse(_message.Message):
     def __init__(self, result: _Optional[_Union[GateResult, _Mapping]] = ...) -> None: ...
 
 class AssessJudgeReliabilityRequest(_message.Message):
-    __slots__ = ("dataset", "metric", "judge", "label_key", "repeats")
+    __slots__ = ("dataset", "metric", "judge", "label_key", "repeats", "other_judges")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     METRIC_FIELD_NUMBER: _ClassVar[int]
     JUDGE_FIELD_NUMBER: _ClassVar[int]
     LABEL_KEY_FIELD_NUMBER: _ClassVar[int]
     REPEATS_FIELD_NUMBER: _ClassVar[int]
+    OTHER_JUDGES_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     metric: MetricSpec
     judge: JudgeConfig
     label_key: str
     repeats: int
-    def __init__(self, dataset: _Optional[str] = ..., metric: _Optional[_Union[MetricSpec, _Mapping]] = ..., judge: _Optional[_Union[JudgeConfig, _Mapping]] = ..., label_key: _Optional[str] = ..., repeats: _Optional[int] = ...) -> None: ...
+    other_judges: _containers.RepeatedCompositeFieldContainer[JudgeConfig]
+    def __init__(self, dataset: _Optional[str] = ..., metric: _Optional[_Union[MetricSpec, _Mapping]] = ..., judge: _Optional[_Union[JudgeConfig, _Mapping]] = ..., label_key: _Optional[str] = ..., repeats: _Optional[int] = ..., other_judges: _Optional[_Iterable[_Union[JudgeConfig, _Mapping]]] = ...) -> None: ...
 
 class JudgeReliability(_message.Message):
-    __slots__ = ("examples", "spearman", "cohen_kappa", "mean_absolute_error", "self_consistency", "position_bias")
+    __slots__ = ("examples", "spearman", "cohen_kappa", "mean_absolute_error", "self_consistency", "position_bias", "kendall_tau", "alpha_across_repeats", "alpha_across_judges", "flip_rate", "score_mean", "score_stddev", "ci_low", "ci_high", "failed_examples", "swap_flip_rate")
     EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     SPEARMAN_FIELD_NUMBER: _ClassVar[int]
     COHEN_KAPPA_FIELD_NUMBER: _ClassVar[int]
     MEAN_ABSOLUTE_ERROR_FIELD_NUMBER: _ClassVar[int]
     SELF_CONSISTENCY_FIELD_NUMBER: _ClassVar[int]
     POSITION_BIAS_FIELD_NUMBER: _ClassVar[int]
+    KENDALL_TAU_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_ACROSS_REPEATS_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_ACROSS_JUDGES_FIELD_NUMBER: _ClassVar[int]
+    FLIP_RATE_FIELD_NUMBER: _ClassVar[int]
+    SCORE_MEAN_FIELD_NUMBER: _ClassVar[int]
+    SCORE_STDDEV_FIELD_NUMBER: _ClassVar[int]
+    CI_LOW_FIELD_NUMBER: _ClassVar[int]
+    CI_HIGH_FIELD_NUMBER: _ClassVar[int]
+    FAILED_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    SWAP_FLIP_RATE_FIELD_NUMBER: _ClassVar[int]
     examples: int
     spearman: float
     cohen_kappa: float
     mean_absolute_error: float
     self_consistency: float
     position_bias: float
-    def __init__(self, examples: _Optional[int] = ..., spearman: _Optional[float] = ..., cohen_kappa: _Optional[float] = ..., mean_absolute_error: _Optional[float] = ..., self_consistency: _Optional[float] = ..., position_bias: _Optional[float] = ...) -> None: ...
+    kendall_tau: float
+    alpha_across_repeats: float
+    alpha_across_judges: float
+    flip_rate: float
+    score_mean: float
+    score_stddev: float
+    ci_low: float
+    ci_high: float
+    failed_examples: int
+    swap_flip_rate: float
+    def __init__(self, examples: _Optional[int] = ..., spearman: _Optional[float] = ..., cohen_kappa: _Optional[float] = ..., mean_absolute_error: _Optional[float] = ..., self_consistency: _Optional[float] = ..., position_bias: _Optional[float] = ..., kendall_tau: _Optional[float] = ..., alpha_across_repeats: _Optional[float] = ..., alpha_across_judges: _Optional[float] = ..., flip_rate: _Optional[float] = ..., score_mean: _Optional[float] = ..., score_stddev: _Optional[float] = ..., ci_low: _Optional[float] = ..., ci_high: _Optional[float] = ..., failed_examples: _Optional[int] = ..., swap_flip_rate: _Optional[float] = ...) -> None: ...
 
 class AssessJudgeReliabilityResponse(_message.Message):
     __slots__ = ("reliability", "usage", "cost")

@@ -38,6 +38,7 @@ class EvaluationServiceStub:
     runs/{run}
     runs/{run}/results/{example}
     gates/{gate}
+    rubrics/{rubric}  (versions: rubrics/{rubric}@{version})
     Resource ids match `[a-z0-9][a-z0-9-]{0,62}`.
 
     Scores: every metric is normalised to [0, 1], higher is better, except
@@ -148,6 +149,26 @@ class EvaluationServiceStub:
                 request_serializer=llmo_dot_evaluation_dot_v1_dot_evaluation__service__pb2.ListRunResultsRequest.SerializeToString,
                 response_deserializer=llmo_dot_evaluation_dot_v1_dot_evaluation__service__pb2.ListRunResultsResponse.FromString,
                 _registered_method=True)
+        self.CompareRuns = channel.unary_unary(
+                '/llmo.evaluation.v1.EvaluationService/CompareRuns',
+                request_serializer=llmo_dot_evaluation_dot_v1_dot_evaluation__service__pb2.CompareRunsRequest.SerializeToString,
+                response_deserializer=llmo_dot_evaluation_dot_v1_dot_evaluation__service__pb2.CompareRunsResponse.FromString,
+                _registered_method=True)
+        self.PublishRubric = channel.unary_unary(
+                '/llmo.evaluation.v1.EvaluationService/PublishRubric',
+                request_serializer=llmo_dot_evaluation_dot_v1_dot_evaluation__service__pb2.PublishRubricRequest.SerializeToString,
+                response_deserializer=llmo_dot_evaluation_dot_v1_dot_evaluation__service__pb2.PublishRubricResponse.FromString,
+                _registered_method=True)
+        self.GetRubric = channel.unary_unary(
+                '/llmo.evaluation.v1.EvaluationService/GetRubric',
+                request_serializer=llmo_dot_evaluation_dot_v1_dot_evaluation__service__pb2.GetRubricRequest.SerializeToString,
+                response_deserializer=llmo_dot_evaluation_dot_v1_dot_evaluation__service__pb2.GetRubricResponse.FromString,
+                _registered_method=True)
+        self.ListRubrics = channel.unary_unary(
+                '/llmo.evaluation.v1.EvaluationService/ListRubrics',
+                request_serializer=llmo_dot_evaluation_dot_v1_dot_evaluation__service__pb2.ListRubricsRequest.SerializeToString,
+                response_deserializer=llmo_dot_evaluation_dot_v1_dot_evaluation__service__pb2.ListRubricsResponse.FromString,
+                _registered_method=True)
         self.CreateGate = channel.unary_unary(
                 '/llmo.evaluation.v1.EvaluationService/CreateGate',
                 request_serializer=llmo_dot_evaluation_dot_v1_dot_evaluation__service__pb2.CreateGateRequest.SerializeToString,
@@ -202,6 +223,7 @@ class EvaluationServiceServicer:
     runs/{run}
     runs/{run}/results/{example}
     gates/{gate}
+    rubrics/{rubric}  (versions: rubrics/{rubric}@{version})
     Resource ids match `[a-z0-9][a-z0-9-]{0,62}`.
 
     Scores: every metric is normalised to [0, 1], higher is better, except
@@ -219,14 +241,25 @@ class EvaluationServiceServicer:
     def Evaluate(self, request, context):
         """Scores one output with the requested metrics, synchronously.
         Errors:
-        INVALID_ARGUMENT     EMPTY_OUTPUT, NO_METRICS, MISSING_RUBRIC (G_EVAL without
-        a rubric), MISSING_CONTEXTS (FAITHFULNESS or
-        HALLUCINATION without contexts), MISSING_INPUT (relevancy
-        without input), INVALID_RUBRIC (min_score >= max_score),
-        INVALID_JUDGE_CONFIG (samples outside 1..20)
-        NOT_FOUND            JUDGE_MODEL_NOT_FOUND
+        INVALID_ARGUMENT     EMPTY_OUTPUT, NO_METRICS, TOO_MANY_METRICS (more than 16),
+        MISSING_RUBRIC (G_EVAL without a rubric), MISSING_CONTEXTS
+        (FAITHFULNESS, HALLUCINATION, CONTEXT_* without contexts),
+        MISSING_INPUT (relevancy without input), MISSING_REFERENCE
+        (EXACT_MATCH, CONTEXT_PRECISION, CONTEXT_RECALL, PAIRWISE without
+        a reference), INVALID_RUBRIC (min_score >= max_score, or a
+        range wider than 100), INVALID_JUDGE_CONFIG (samples outside
+        1..20, temperature outside 0..2), INVALID_CHECK (a deterministic
+        metric without its `check`, a bad regex or JSON schema),
+        FIELD_TOO_LONG (a text field past its documented bound)
+        NOT_FOUND            JUDGE_MODEL_NOT_FOUND, RUBRIC_NOT_FOUND
+        FAILED_PRECONDITION  JUDGE_NOT_CONFIGURED (a metric that needs a judge, e.g.
+        G_EVAL, and no judge endpoint is set)
         UNAVAILABLE          JUDGE_UNAVAILABLE (router/inference unreachable)
+        DEADLINE_EXCEEDED    JUDGE_TIMEOUT
         RESOURCE_EXHAUSTED   BUDGET_EXCEEDED (the judge call was denied by a budget)
+        A judge that answers garbage or a score outside the rubric's scale fails the
+        call with INVALID_ARGUMENT JUDGE_BAD_OUTPUT / JUDGE_SCORE_OUT_OF_RANGE
+        only in Evaluate; in a run the example records the reason and the run goes on.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -350,7 +383,9 @@ class EvaluationServiceServicer:
         `request_id` returns the run the first call created.
         Errors:
         INVALID_ARGUMENT     INVALID_RUN_ID, NO_METRICS, MISSING_RUBRIC, INVALID_NAME,
+        INVALID_JUDGE_CONFIG, INVALID_CHECK, INVALID_RUBRIC,
         MISSING_TARGET (examples lack outputs and no target model)
+        FAILED_PRECONDITION  JUDGE_NOT_CONFIGURED
         NOT_FOUND            DATASET_NOT_FOUND, GATE_NOT_FOUND
         ALREADY_EXISTS       RUN_ALREADY_EXISTS
         FAILED_PRECONDITION  DATASET_EMPTY
@@ -406,6 +441,51 @@ class EvaluationServiceServicer:
         Errors:
         INVALID_ARGUMENT  INVALID_NAME, INVALID_PAGE_SIZE, INVALID_PAGE_TOKEN
         NOT_FOUND         RUN_NOT_FOUND
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CompareRuns(self, request, context):
+        """Compares two finished runs example by example (the examples both scored):
+        per metric the mean difference candidate - base with a paired bootstrap 95% CI,
+        and the win, tie and loss rates of the candidate.
+        Errors:
+        INVALID_ARGUMENT     INVALID_NAME
+        NOT_FOUND            RUN_NOT_FOUND
+        FAILED_PRECONDITION  RUN_NOT_FINISHED, NO_COMMON_EXAMPLES, METRIC_NOT_IN_RUN
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PublishRubric(self, request, context):
+        """Publishes a rubric version: the first call creates `rubrics/{rubric}` at
+        version 1; a call with different content adds the next version; a call
+        whose content equals the latest version returns it unchanged. G-Eval
+        evaluation steps are generated once per version (on first use, when the
+        rubric has none) and stored with it.
+        Errors:
+        INVALID_ARGUMENT  INVALID_RUBRIC_ID, INVALID_RUBRIC, FIELD_TOO_LONG
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRubric(self, request, context):
+        """`rubrics/{rubric}` (latest version) or `rubrics/{rubric}@{version}`.
+        Errors:
+        INVALID_ARGUMENT  INVALID_NAME
+        NOT_FOUND         RUBRIC_NOT_FOUND
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRubrics(self, request, context):
+        """Lists the latest version of each rubric, ordered by name.
+        Errors:
+        INVALID_ARGUMENT  INVALID_PAGE_SIZE, INVALID_PAGE_TOKEN
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -592,6 +672,26 @@ def add_EvaluationServiceServicer_to_server(servicer, server):
                     request_deserializer=llmo_dot_evaluation_dot_v1_dot_evaluation__service__pb2.ListRunResultsRequest.FromString,
                     response_serializer=llmo_dot_evaluation_dot_v1_dot_evaluation__service__pb2.ListRunResultsResponse.SerializeToString,
             ),
+            'CompareRuns': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompareRuns,
+                    request_deserializer=llmo_dot_evaluation_dot_v1_dot_evaluation__service__pb2.CompareRunsRequest.FromString,
+                    response_serializer=llmo_dot_evaluation_dot_v1_dot_evaluation__service__pb2.CompareRunsResponse.SerializeToString,
+            ),
+            'PublishRubric': grpc.unary_unary_rpc_method_handler(
+                    servicer.PublishRubric,
+                    request_deserializer=llmo_dot_evaluation_dot_v1_dot_evaluation__service__pb2.PublishRubricRequest.FromString,
+                    response_serializer=llmo_dot_evaluation_dot_v1_dot_evaluation__service__pb2.PublishRubricResponse.SerializeToString,
+            ),
+            'GetRubric': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRubric,
+                    request_deserializer=llmo_dot_evaluation_dot_v1_dot_evaluation__service__pb2.GetRubricRequest.FromString,
+                    response_serializer=llmo_dot_evaluation_dot_v1_dot_evaluation__service__pb2.GetRubricResponse.SerializeToString,
+            ),
+            'ListRubrics': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRubrics,
+                    request_deserializer=llmo_dot_evaluation_dot_v1_dot_evaluation__service__pb2.ListRubricsRequest.FromString,
+                    response_serializer=llmo_dot_evaluation_dot_v1_dot_evaluation__service__pb2.ListRubricsResponse.SerializeToString,
+            ),
             'CreateGate': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateGate,
                     request_deserializer=llmo_dot_evaluation_dot_v1_dot_evaluation__service__pb2.CreateGateRequest.FromString,
@@ -652,6 +752,7 @@ class EvaluationService:
     runs/{run}
     runs/{run}/results/{example}
     gates/{gate}
+    rubrics/{rubric}  (versions: rubrics/{rubric}@{version})
     Resource ids match `[a-z0-9][a-z0-9-]{0,62}`.
 
     Scores: every metric is normalised to [0, 1], higher is better, except
@@ -1142,6 +1243,114 @@ class EvaluationService:
             '/llmo.evaluation.v1.EvaluationService/ListRunResults',
             llmo_dot_evaluation_dot_v1_dot_evaluation__service__pb2.ListRunResultsRequest.SerializeToString,
             llmo_dot_evaluation_dot_v1_dot_evaluation__service__pb2.ListRunResultsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompareRuns(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmo.evaluation.v1.EvaluationService/CompareRuns',
+            llmo_dot_evaluation_dot_v1_dot_evaluation__service__pb2.CompareRunsRequest.SerializeToString,
+            llmo_dot_evaluation_dot_v1_dot_evaluation__service__pb2.CompareRunsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PublishRubric(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmo.evaluation.v1.EvaluationService/PublishRubric',
+            llmo_dot_evaluation_dot_v1_dot_evaluation__service__pb2.PublishRubricRequest.SerializeToString,
+            llmo_dot_evaluation_dot_v1_dot_evaluation__service__pb2.PublishRubricResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRubric(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmo.evaluation.v1.EvaluationService/GetRubric',
+            llmo_dot_evaluation_dot_v1_dot_evaluation__service__pb2.GetRubricRequest.SerializeToString,
+            llmo_dot_evaluation_dot_v1_dot_evaluation__service__pb2.GetRubricResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRubrics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmo.evaluation.v1.EvaluationService/ListRubrics',
+            llmo_dot_evaluation_dot_v1_dot_evaluation__service__pb2.ListRubricsRequest.SerializeToString,
+            llmo_dot_evaluation_dot_v1_dot_evaluation__service__pb2.ListRubricsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -15,7 +15,7 @@ SUBJECT_FIELD_NUMBER: _ClassVar[int]
 subject: _descriptor.FieldDescriptor
 
 class InferenceCompleted(_message.Message):
-    __slots__ = ("event_id", "request_id", "occurred_at", "attribution", "model", "engine", "provider", "usage", "latency", "finish_reason", "quantization")
+    __slots__ = ("event_id", "request_id", "occurred_at", "attribution", "model", "engine", "provider", "usage", "latency", "finish_reason", "quantization", "content")
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     OCCURRED_AT_FIELD_NUMBER: _ClassVar[int]
@@ -27,6 +27,7 @@ class InferenceCompleted(_message.Message):
     LATENCY_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
     event_id: str
     request_id: str
     occurred_at: _timestamp_pb2.Timestamp
@@ -38,7 +39,20 @@ class InferenceCompleted(_message.Message):
     latency: _common_pb2.Latency
     finish_reason: str
     quantization: str
-    def __init__(self, event_id: _Optional[str] = ..., request_id: _Optional[str] = ..., occurred_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attribution: _Optional[_Union[_common_pb2.Attribution, _Mapping]] = ..., model: _Optional[str] = ..., engine: _Optional[str] = ..., provider: _Optional[str] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., latency: _Optional[_Union[_common_pb2.Latency, _Mapping]] = ..., finish_reason: _Optional[str] = ..., quantization: _Optional[str] = ...) -> None: ...
+    content: CompletionContent
+    def __init__(self, event_id: _Optional[str] = ..., request_id: _Optional[str] = ..., occurred_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attribution: _Optional[_Union[_common_pb2.Attribution, _Mapping]] = ..., model: _Optional[str] = ..., engine: _Optional[str] = ..., provider: _Optional[str] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., latency: _Optional[_Union[_common_pb2.Latency, _Mapping]] = ..., finish_reason: _Optional[str] = ..., quantization: _Optional[str] = ..., content: _Optional[_Union[CompletionContent, _Mapping]] = ...) -> None: ...
+
+class CompletionContent(_message.Message):
+    __slots__ = ("input", "output", "contexts", "truncated")
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    CONTEXTS_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    input: str
+    output: str
+    contexts: _containers.RepeatedScalarFieldContainer[str]
+    truncated: bool
+    def __init__(self, input: _Optional[str] = ..., output: _Optional[str] = ..., contexts: _Optional[_Iterable[str]] = ..., truncated: _Optional[bool] = ...) -> None: ...
 
 class RouterRouted(_message.Message):
     __slots__ = ("event_id", "request_id", "occurred_at", "attribution", "policy", "model", "provider", "reason", "estimated_cost", "prompt_version", "experiment", "arm")
@@ -69,7 +83,7 @@ class RouterRouted(_message.Message):
     def __init__(self, event_id: _Optional[str] = ..., request_id: _Optional[str] = ..., occurred_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attribution: _Optional[_Union[_common_pb2.Attribution, _Mapping]] = ..., policy: _Optional[str] = ..., model: _Optional[str] = ..., provider: _Optional[str] = ..., reason: _Optional[str] = ..., estimated_cost: _Optional[_Union[_common_pb2.Money, _Mapping]] = ..., prompt_version: _Optional[str] = ..., experiment: _Optional[str] = ..., arm: _Optional[str] = ...) -> None: ...
 
 class RouterCompleted(_message.Message):
-    __slots__ = ("event_id", "request_id", "occurred_at", "attribution", "model", "provider", "usage", "estimated_cost", "latency", "cache_hit", "route_reason", "prompt_version", "fallbacks", "status", "tokens_saved")
+    __slots__ = ("event_id", "request_id", "occurred_at", "attribution", "model", "provider", "usage", "estimated_cost", "latency", "cache_hit", "route_reason", "prompt_version", "fallbacks", "status", "tokens_saved", "content")
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     OCCURRED_AT_FIELD_NUMBER: _ClassVar[int]
@@ -85,6 +99,7 @@ class RouterCompleted(_message.Message):
     FALLBACKS_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_SAVED_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
     event_id: str
     request_id: str
     occurred_at: _timestamp_pb2.Timestamp
@@ -100,10 +115,11 @@ class RouterCompleted(_message.Message):
     fallbacks: int
     status: str
     tokens_saved: int
-    def __init__(self, event_id: _Optional[str] = ..., request_id: _Optional[str] = ..., occurred_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attribution: _Optional[_Union[_common_pb2.Attribution, _Mapping]] = ..., model: _Optional[str] = ..., provider: _Optional[str] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., estimated_cost: _Optional[_Union[_common_pb2.Money, _Mapping]] = ..., latency: _Optional[_Union[_common_pb2.Latency, _Mapping]] = ..., cache_hit: _Optional[bool] = ..., route_reason: _Optional[str] = ..., prompt_version: _Optional[str] = ..., fallbacks: _Optional[int] = ..., status: _Optional[str] = ..., tokens_saved: _Optional[int] = ...) -> None: ...
+    content: CompletionContent
+    def __init__(self, event_id: _Optional[str] = ..., request_id: _Optional[str] = ..., occurred_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attribution: _Optional[_Union[_common_pb2.Attribution, _Mapping]] = ..., model: _Optional[str] = ..., provider: _Optional[str] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., estimated_cost: _Optional[_Union[_common_pb2.Money, _Mapping]] = ..., latency: _Optional[_Union[_common_pb2.Latency, _Mapping]] = ..., cache_hit: _Optional[bool] = ..., route_reason: _Optional[str] = ..., prompt_version: _Optional[str] = ..., fallbacks: _Optional[int] = ..., status: _Optional[str] = ..., tokens_saved: _Optional[int] = ..., content: _Optional[_Union[CompletionContent, _Mapping]] = ...) -> None: ...
 
 class EvaluationScored(_message.Message):
-    __slots__ = ("event_id", "request_id", "occurred_at", "attribution", "model", "prompt_version", "metric", "score", "experiment", "arm")
+    __slots__ = ("event_id", "request_id", "occurred_at", "attribution", "model", "prompt_version", "metric", "score", "experiment", "arm", "source", "run", "example", "judged_by")
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     OCCURRED_AT_FIELD_NUMBER: _ClassVar[int]
@@ -114,6 +130,10 @@ class EvaluationScored(_message.Message):
     SCORE_FIELD_NUMBER: _ClassVar[int]
     EXPERIMENT_FIELD_NUMBER: _ClassVar[int]
     ARM_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLE_FIELD_NUMBER: _ClassVar[int]
+    JUDGED_BY_FIELD_NUMBER: _ClassVar[int]
     event_id: str
     request_id: str
     occurred_at: _timestamp_pb2.Timestamp
@@ -124,7 +144,43 @@ class EvaluationScored(_message.Message):
     score: float
     experiment: str
     arm: str
-    def __init__(self, event_id: _Optional[str] = ..., request_id: _Optional[str] = ..., occurred_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attribution: _Optional[_Union[_common_pb2.Attribution, _Mapping]] = ..., model: _Optional[str] = ..., prompt_version: _Optional[str] = ..., metric: _Optional[str] = ..., score: _Optional[float] = ..., experiment: _Optional[str] = ..., arm: _Optional[str] = ...) -> None: ...
+    source: str
+    run: str
+    example: str
+    judged_by: str
+    def __init__(self, event_id: _Optional[str] = ..., request_id: _Optional[str] = ..., occurred_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attribution: _Optional[_Union[_common_pb2.Attribution, _Mapping]] = ..., model: _Optional[str] = ..., prompt_version: _Optional[str] = ..., metric: _Optional[str] = ..., score: _Optional[float] = ..., experiment: _Optional[str] = ..., arm: _Optional[str] = ..., source: _Optional[str] = ..., run: _Optional[str] = ..., example: _Optional[str] = ..., judged_by: _Optional[str] = ...) -> None: ...
+
+class EvaluationDriftDetected(_message.Message):
+    __slots__ = ("event_id", "occurred_at", "tenant", "model", "prompt_version", "metric", "psi", "ks_statistic", "ks_p_value", "severity", "baseline_mean", "current_mean", "window_start", "window_end")
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    OCCURRED_AT_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    PSI_FIELD_NUMBER: _ClassVar[int]
+    KS_STATISTIC_FIELD_NUMBER: _ClassVar[int]
+    KS_P_VALUE_FIELD_NUMBER: _ClassVar[int]
+    SEVERITY_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_MEAN_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_MEAN_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_START_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_END_FIELD_NUMBER: _ClassVar[int]
+    event_id: str
+    occurred_at: _timestamp_pb2.Timestamp
+    tenant: str
+    model: str
+    prompt_version: str
+    metric: str
+    psi: float
+    ks_statistic: float
+    ks_p_value: float
+    severity: str
+    baseline_mean: float
+    current_mean: float
+    window_start: _timestamp_pb2.Timestamp
+    window_end: _timestamp_pb2.Timestamp
+    def __init__(self, event_id: _Optional[str] = ..., occurred_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., tenant: _Optional[str] = ..., model: _Optional[str] = ..., prompt_version: _Optional[str] = ..., metric: _Optional[str] = ..., psi: _Optional[float] = ..., ks_statistic: _Optional[float] = ..., ks_p_value: _Optional[float] = ..., severity: _Optional[str] = ..., baseline_mean: _Optional[float] = ..., current_mean: _Optional[float] = ..., window_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., window_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class BudgetThresholdCrossed(_message.Message):
     __slots__ = ("event_id", "occurred_at", "budget", "threshold_percent", "spent", "limit", "window_start", "window_end", "tenant", "application", "model", "hard")
