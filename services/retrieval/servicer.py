@@ -5,22 +5,21 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
-import re
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 import numpy as np
-from google.protobuf import json_format, struct_pb2, timestamp_pb2
-from google.protobuf.message import Message
+from google.protobuf import json_format, struct_pb2
 
 from llmo.core import context as ctx
 from llmo.core.errors import ServiceError, already_exists, failed_precondition, invalid_argument, not_found
 from llmo.core.limits import MAX_ID_LEN, is_identifier, preview
 from llmo.core.logging import get_logger
 from llmo.core.outbox import Publisher
-from llmo.core.pagination import decode_page_token, encode_page_token, page_size
+from llmo.core.pagination import encode_page_token, page_size
+from llmo.core.resources import RESOURCE_ID, fingerprint, page_after, parse_name, resource_id, timestamp
 from llmo.embedding import EMBEDDING_DIM, Embedder
 from llmo.protos.events.v1 import events_pb2
 from llmo.protos.retrieval.v1 import retrieval_service_pb2 as pb
@@ -48,7 +47,6 @@ log = get_logger(__name__)
 
 EMBEDDING_MODEL = "all-MiniLM-L6-v2"
 _MODEL_ALIASES = {"", EMBEDDING_MODEL, f"sentence-transformers/{EMBEDDING_MODEL}"}
-_RESOURCE_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 DEFAULT_CHUNK_SIZE, DEFAULT_CHUNK_OVERLAP = 256, 32
 MAX_TEXT_FIELD = 1024
 MAX_DESCRIPTION = 16_384
@@ -63,49 +61,13 @@ ENTITY_EXTRACTORS = ("", "local", "llm")
 BUILT_EXTRACTORS = ("", "local")  # "llm" (through the generator) is not built yet
 
 
-def _ts(us: int) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromMicroseconds(us)
-    return stamp
-
-
-def _id_or_error(value: str, reason: str, what: str) -> str:
-    if not _RESOURCE_ID.match(value):
-        raise invalid_argument(reason, f"{what} must match [a-z0-9][a-z0-9-]{{0,62}}; got {preview(value)!r}",
-                               value=preview(value))
-    return value
-
-
 def collection_id_of(name: str) -> str:
-    prefix, _, cid = name.partition("/")
-    if prefix != "collections" or not _RESOURCE_ID.match(cid):
-        raise invalid_argument("INVALID_NAME", f"expected collections/{{collection}}; got {preview(name)!r}",
-                               name=preview(name))
-    return cid
+    return parse_name(name, "collections")[0]
 
 
 def document_name_of(name: str) -> tuple[str, str]:
-    parts = name.split("/")
-    if len(parts) != 4 or parts[0] != "collections" or parts[2] != "documents" or not all(
-            _RESOURCE_ID.match(p) for p in (parts[1], parts[3])):
-        raise invalid_argument("INVALID_NAME", f"expected collections/{{collection}}/documents/{{document}}; "
-                               f"got {preview(name)!r}", name=preview(name))
-    return parts[1], parts[3]
-
-
-def _fingerprint(request: Message, *cleared: str) -> str:
-    copy = type(request)()
-    copy.CopyFrom(request)
-    for name in cleared:
-        copy.ClearField(name)
-    return hashlib.sha256(copy.SerializeToString(deterministic=True)).hexdigest()[:16]
-
-
-def _after(token: str, query: str) -> str:
-    after = (decode_page_token(token, query=query) or {}).get("after", "")
-    if not isinstance(after, str):
-        raise invalid_argument("INVALID_PAGE_TOKEN", "page_token is malformed or belongs to another query")
-    return after
+    collection_id, document_id = parse_name(name, "collections", "documents")
+    return collection_id, document_id
 
 
 def _tenant() -> str:
@@ -163,7 +125,7 @@ def collection_proto(row: CollectionRow) -> pb.Collection:
         chunking=pb.ChunkingConfig(chunk_size_tokens=row.chunk_size, chunk_overlap_tokens=row.chunk_overlap,
                                    strategy=row.strategy),  # type: ignore[arg-type]
         labels=row.labels, tenant=row.tenant, document_count=row.document_count, chunk_count=row.chunk_count,
-        create_time=_ts(row.create_us), update_time=_ts(row.update_us), etag=row.etag,
+        create_time=timestamp(row.create_us), update_time=timestamp(row.update_us), etag=row.etag,
         knowledge_graph_enabled=row.knowledge_graph_enabled, entity_extractor=row.entity_extractor)
 
 
@@ -173,7 +135,7 @@ def _document_proto(collection_id: str, doc: DocumentRow) -> pb.Document:
         name=name, display_name=doc.display_name, source_uri=doc.source_uri, mime_type=doc.mime_type,
         metadata=struct_of(doc.metadata), access_control=pb.AccessControl(allowed_principals=doc.acl),
         state=pb.DOCUMENT_STATE_READY, chunk_count=doc.chunk_count, size_bytes=doc.size_bytes,
-        content_sha256=doc.content_sha256, create_time=_ts(doc.create_us), update_time=_ts(doc.update_us),
+        content_sha256=doc.content_sha256, create_time=timestamp(doc.create_us), update_time=timestamp(doc.update_us),
         version=doc.version, chunks=[chunk_proto(name, doc, c) for c in doc.chunks])
 
 
@@ -202,7 +164,7 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
     # --- collections ---------------------------------------------------------------------------
 
     async def CreateCollection(self, request: pb.CreateCollectionRequest, context: Any) -> pb.CreateCollectionResponse:
-        cid = _id_or_error(request.collection_id, "INVALID_COLLECTION_ID", "collection_id")
+        cid = resource_id(request.collection_id, "INVALID_COLLECTION_ID", "collection_id")
         c = request.collection
         _check_collection_fields(c)
         size, overlap, strategy = _chunking(c.chunking)
@@ -228,8 +190,8 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
 
     async def ListCollections(self, request: pb.ListCollectionsRequest, context: Any) -> pb.ListCollectionsResponse:
         size = page_size(request.page_size)
-        query = _fingerprint(request, "page_token", "page_size")
-        after = _after(request.page_token, query)
+        query = fingerprint(request, "page_token", "page_size")
+        after = page_after(request.page_token, query)
         rows = await asyncio.to_thread(self.store.list_collections, _tenant(), after, size + 1)
         token = encode_page_token({"after": rows[size - 1].collection_id}, query=query) if len(rows) > size else ""
         return pb.ListCollectionsResponse(collections=[collection_proto(r) for r in rows[:size]], next_page_token=token)
@@ -311,8 +273,8 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
         state = int(request.state)
         if state not in range(0, 5):
             raise invalid_argument("INVALID_FILTER", f"unknown document state {state}")
-        query = _fingerprint(request, "page_token", "page_size")
-        after = _after(request.page_token, query)
+        query = fingerprint(request, "page_token", "page_size")
+        after = page_after(request.page_token, query)
         if state not in (pb.DOCUMENT_STATE_UNSPECIFIED, pb.DOCUMENT_STATE_READY):
             return pb.ListDocumentsResponse()  # only searchable documents are stored; failed ones are reported at ingest
 
@@ -373,7 +335,7 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
     async def _ingest_one(self, coll: CollectionRow, position: int, doc: pb.DocumentInput, reindex: bool
                           ) -> AsyncIterator[pb.DocumentProgress]:
         did = doc.document_id or str(uuid.uuid4())
-        if not _RESOURCE_ID.match(did):
+        if not RESOURCE_ID.match(did):
             yield _failed(position, "", "INVALID_DOCUMENT_ID", f"document_id must match [a-z0-9][a-z0-9-]{{0,62}}; "
                           f"got {preview(did)!r}")
             return

@@ -140,7 +140,8 @@ class EventSink(Protocol):
     async def routed(self, request: GatewayRequest, prepared: Prepared) -> None: ...
 
     async def completed(
-        self, request: GatewayRequest, prepared: Prepared, finished: Finished, latency_ms: float, ttft_ms: float, status: str
+        self, request: GatewayRequest, prepared: Prepared, finished: Finished, latency_ms: float, ttft_ms: float, status: str,
+        output: str = "",
     ) -> None: ...
 
 
@@ -385,7 +386,7 @@ class Gateway:
                 yield Delta(ans.text)
                 finished = Finished(ans.model, ans.finish_reason, Usage(ans.prompt_tokens, ans.completion_tokens), 0, True, 0)
                 yield finished
-                await self._after(req, prepared, finished, started, started, "ok")
+                await self._after(req, prepared, finished, started, started, "ok", ans.text)
                 return
         out_tokens = policies.output_tokens(decision.model, req.max_tokens)
         reservation = ""
@@ -423,7 +424,7 @@ class Gateway:
         yield finished
         if cacheable and self.cache is not None:
             await asyncio.to_thread(self.cache.embed_entry, req.tenant, scope, pairs)
-        await self._after(req, prepared, finished, started, first_token_at or started, "ok")
+        await self._after(req, prepared, finished, started, first_token_at or started, "ok", "".join(text_parts))
 
     async def _check_budget(self, req: GatewayRequest, prepared: Prepared, out_tokens: int) -> tuple[policies.Decision, str]:
         assert self.budget is not None
@@ -585,7 +586,8 @@ class Gateway:
             log.warning("router.event_publish_failed", error=str(exc))
 
     async def _after(
-        self, req: GatewayRequest, prepared: Prepared, finished: Finished, started: float, first_token_at: float, status: str
+        self, req: GatewayRequest, prepared: Prepared, finished: Finished, started: float, first_token_at: float, status: str,
+        output: str = "",
     ) -> None:
         latency_ms = (time.perf_counter() - started) * 1000
         ttft_ms = (first_token_at - started) * 1000
@@ -594,7 +596,7 @@ class Gateway:
         except Exception as exc:
             log.warning("router.record_failed", error=str(exc))
         if self.events is not None:
-            await self._emit(self.events.completed(req, prepared, finished, latency_ms, ttft_ms, status))
+            await self._emit(self.events.completed(req, prepared, finished, latency_ms, ttft_ms, status, output))
 
     def _record(self, req: GatewayRequest, prepared: Prepared, finished: Finished, latency_ms: float, status: str) -> None:
         from llmo.router.feedback import record_request

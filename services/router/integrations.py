@@ -13,6 +13,7 @@ import grpc
 import numpy as np
 
 from llmo.core.client import create_channel, outgoing_metadata
+from llmo.core.content import completion_content, sampled
 from llmo.core.errors import ServiceError, failed_precondition
 from llmo.core.events import Delivery, EventBus, EventPublisher
 from llmo.core.logging import get_logger
@@ -110,9 +111,12 @@ def _money(micros: int) -> common_pb2.Money:
 
 
 class NatsEventSink:
-    def __init__(self, bus: EventPublisher, portfolio: Callable[[], Portfolio] | None = None) -> None:
+    def __init__(self, bus: EventPublisher, portfolio: Callable[[], Portfolio] | None = None, *,
+                 content_sample: float = 0.0) -> None:
         self.bus = bus
         self.portfolio = portfolio
+        # Share of completed events carrying their text (RouterSettings.event_content_sample).
+        self.content_sample = content_sample
 
     def provider_of(self, model: str) -> str:
         found = self.portfolio().model(model) if self.portfolio is not None else None
@@ -144,7 +148,8 @@ class NatsEventSink:
         await self.bus.publish(event)
 
     async def completed(
-        self, request: GatewayRequest, prepared: Prepared, finished: Finished, latency_ms: float, ttft_ms: float, status: str
+        self, request: GatewayRequest, prepared: Prepared, finished: Finished, latency_ms: float, ttft_ms: float, status: str,
+        output: str = "",
     ) -> None:
         event = events_pb2.RouterCompleted(
             event_id=f"{prepared.request_id}:completed",
@@ -164,6 +169,9 @@ class NatsEventSink:
             status=status,
             tokens_saved=prepared.tokens_saved,
         )
+        if status == "ok" and output and sampled(prepared.request_id, self.content_sample):
+            asked = next((m.content for m in reversed(request.messages) if m.role == "user"), "")
+            event.content.CopyFrom(completion_content(asked, output))
         event.occurred_at.GetCurrentTime()
         await self.bus.publish(event)
 
@@ -171,8 +179,10 @@ class NatsEventSink:
 class ScoreConsumer:
     """Feeds `llmo.evaluation.v1.scored` events for routed requests into the bandits."""
 
-    def __init__(self, bus: EventBus, recorder: FeedbackRecorder, durable: str) -> None:
+    def __init__(self, bus: EventBus, recorder: FeedbackRecorder, durable: str, reward_metrics: str = "") -> None:
         self.recorder = recorder
+        # Empty: every score rewards; else only these metrics (RouterSettings.reward_metrics).
+        self.reward_metrics = {m.strip() for m in reward_metrics.split(",") if m.strip()}
         self.consumer = bus.consumer(events_pb2.EvaluationScored, durable, self.handle)
 
     async def start(self) -> None:
@@ -185,7 +195,7 @@ class ScoreConsumer:
     async def handle(self, deliveries: list[Delivery[events_pb2.EvaluationScored]]) -> None:
         for d in deliveries:
             ev = d.event
-            if not ev.request_id:
+            if not ev.request_id or (self.reward_metrics and ev.metric not in self.reward_metrics):
                 continue
             try:
                 await asyncio.to_thread(self.recorder.record, None, ev.request_id, float(ev.score), d.event_id)

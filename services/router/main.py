@@ -82,7 +82,8 @@ async def build(kit: Kit[RouterSettings]) -> None:
         learned=learned,
         cache=cache,
         budget=budget,
-        events=NatsEventSink(publisher, lambda: store.current) if publisher is not None else None,
+        events=NatsEventSink(publisher, lambda: store.current, content_sample=settings.event_content_sample)
+        if publisher is not None else None,
         encoder=encoder_of(embedder),
         hedge_after_s=settings.hedge_after_ms / 1000.0,
     )
@@ -90,7 +91,8 @@ async def build(kit: Kit[RouterSettings]) -> None:
     kit.on_stop(gateway.close)
     feedback = FeedbackRecorder(engine, bandit, experiments)
     if settings.events:
-        kit.consumer(ScoreConsumer(kit.event_bus(), feedback, f"{settings.consumer_name}-scores"))
+        kit.consumer(ScoreConsumer(kit.event_bus(), feedback, f"{settings.consumer_name}-scores",
+                                   settings.reward_metrics))
     kit.task("portfolio-watch", lambda: store.watch(settings.portfolio_reload_s))
     kit.grpc(router_service_pb2_grpc.add_RouterServiceServicer_to_server, RouterServicer(gateway, feedback), SERVICE_NAME)
     front = OpenAIFront(gateway, settings.platform, max_body_bytes=settings.max_body_bytes)

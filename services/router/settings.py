@@ -49,6 +49,13 @@ class RouterSettings(ServiceSettings):
     # Publish llmo.router.v1.routed/completed and consume llmo.evaluation.v1.scored.
     events: bool = True
     consumer_name: str = "router"
+    # Share of llmo.router.v1.completed events that carry their content (the last user message and
+    # the answer, each cut to 16 KiB) so the evaluation service can score live traffic; chosen by a
+    # hash of the request id. 0 (the default) keeps user text off the bus; `llmo up` sets 1.
+    event_content_sample: float = Field(default=0.0, ge=0.0, le=1.0)
+    # Metrics of llmo.evaluation.v1.scored whose scores reward the bandits, comma-separated
+    # (e.g. "answer_relevancy"); empty: every score of a routed request.
+    reward_metrics: str = ""
 
     def resolved_http_port(self) -> int | None:
         if self.http_port < 0:

@@ -9,7 +9,14 @@ from pathlib import Path
 import grpc
 import pytest
 
-from llmo.cli.stack import RETRIEVAL_KEY_ENV, RETRIEVAL_SERVICE_TENANT, ROUTER_SERVICE_TENANT, service_keys
+from llmo.cli.stack import (
+    EVALUATION_KEY_ENV,
+    EVALUATION_SERVICE_TENANT,
+    RETRIEVAL_KEY_ENV,
+    RETRIEVAL_SERVICE_TENANT,
+    ROUTER_SERVICE_TENANT,
+    service_keys,
+)
 from llmo.core.natsd import NatsServer
 from llmo.core.settings import parse_admin_tenants, parse_api_keys
 from llmo.protos.router.v1 import router_service_pb2 as pb
@@ -42,20 +49,23 @@ async def answer_from(s: RouterSettings, key: str = "key-a") -> str:
         await router.stop()
 
 
-def test_llmo_up_mints_a_service_key_for_the_router_and_for_retrieval_when_api_keys_are_on() -> None:
+def test_llmo_up_mints_a_service_key_for_the_router_retrieval_and_evaluation_when_api_keys_are_on() -> None:
     assert service_keys({}) == ({}, {})  # authentication off: nothing to mint
     env = {"LLMO_API_KEYS": "k1=tenantA,k2=tenantB", "LLMO_ADMIN_TENANTS": "finops"}
     shared, per_service = service_keys(env)
     key = per_service["router"][INFERENCE_KEY_ENV]
     generator_key = per_service["retrieval"][RETRIEVAL_KEY_ENV]
+    judge_key = per_service["evaluation"][EVALUATION_KEY_ENV]
     assert parse_api_keys(shared["LLMO_API_KEYS"]) == {"k1": "tenantA", "k2": "tenantB", key: ROUTER_SERVICE_TENANT,
-                                                       generator_key: RETRIEVAL_SERVICE_TENANT}
+                                                       generator_key: RETRIEVAL_SERVICE_TENANT,
+                                                       judge_key: EVALUATION_SERVICE_TENANT}
     assert parse_admin_tenants(shared["LLMO_ADMIN_TENANTS"]) == {"finops", ROUTER_SERVICE_TENANT,
-                                                                 RETRIEVAL_SERVICE_TENANT}
-    assert per_service["router"]["LLMO_ROUTER_COST_API_KEY"] == key and key != generator_key
+                                                                 RETRIEVAL_SERVICE_TENANT, EVALUATION_SERVICE_TENANT}
+    assert per_service["router"]["LLMO_ROUTER_COST_API_KEY"] == key and len({key, generator_key, judge_key}) == 3
     # An operator who chose the services' keys keeps them.
-    assert service_keys({**env, INFERENCE_KEY_ENV: "mine", RETRIEVAL_KEY_ENV: "theirs"}) == ({}, {})
-    _, only_retrieval = service_keys({**env, INFERENCE_KEY_ENV: "mine"})
+    chosen = {INFERENCE_KEY_ENV: "mine", RETRIEVAL_KEY_ENV: "theirs", EVALUATION_KEY_ENV: "ours"}
+    assert service_keys({**env, **chosen}) == ({}, {})
+    _, only_retrieval = service_keys({**env, INFERENCE_KEY_ENV: "mine", EVALUATION_KEY_ENV: "ours"})
     assert set(only_retrieval) == {"retrieval"}
 
 

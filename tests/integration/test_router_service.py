@@ -140,6 +140,7 @@ async def test_grpc_complete_streams_and_publishes_events(svc: Harness) -> None:
     assert routed.model == "small" and routed.attribution.tenant == "tenant-a"
     assert done.request_id == last.request_id and done.usage.output_tokens == 5 and done.status == "ok"
     assert done.provider == "primary" and done.estimated_cost.micros == last.estimated_cost.micros
+    assert not done.HasField("content")  # user text stays off the bus unless event_content_sample asks
     # The upstream saw the same request id, so its own usage event and ours name one call.
     assert svc.backend.request_ids[-1] == last.request_id
     await bus.close()
@@ -490,6 +491,54 @@ async def test_evaluation_scores_from_nats_update_the_bandit(svc: Harness) -> No
     state = bandit.states("tenant-a", "models", [arm])[arm]
     assert state.pulls == 1 and state.alpha > 1.0
     await bus.close()
+
+
+async def test_completed_events_carry_content_when_sampled_and_only_reward_metrics_reach_the_bandit(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    backend = await FakeBackend(tokens=4).start()
+    pf = tmp_path / "portfolio.yaml"
+    pf.write_text(portfolio(backend.base_url))
+    router = await start(settings_for(tmp_path, nats_server, pf, event_content_sample=1.0,
+                                      reward_metrics="answer_relevancy"), port=0, http_port=0, metrics=False)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{router.port}")
+    bus = await EventBus(nats_server.url).connect()
+    try:
+        await bus.ensure_stream("router")
+        sub = await bus.js.pull_subscribe("llmo.router.v1.completed", durable="c", stream="LLMO_ROUTER")
+        stub = pb_grpc.RouterServiceStub(channel)
+        messages = [pb.ChatMessage(role="system", content="be brief"), pb.ChatMessage(role="user", content="first"),
+                    pb.ChatMessage(role="assistant", content="ok"), pb.ChatMessage(role="user", content="what now?")]
+        out = await complete(stub, pb.CompleteRequest(messages=messages, skip_cache=True,
+                                                      routing=pb.RoutingOptions(policy=pb.ROUTING_POLICY_BANDIT)))
+        async with asyncio.timeout(30):
+            while True:
+                try:
+                    fetched = await sub.fetch(1, timeout=2)
+                    break
+                except nats.errors.TimeoutError:
+                    continue
+        done = events_pb2.RouterCompleted.FromString(fetched[0].data)
+        assert done.content.input == "what now?"  # the last user message
+        assert done.content.output == "".join(r.delta for r in out) and not done.content.truncated
+        arm, request_id = out[-1].model, out[-1].request_id
+        await bus.publish(events_pb2.EvaluationScored(event_id="s-1", request_id=request_id, metric="faithfulness",
+                                                      score=0.0))
+        await bus.publish(events_pb2.EvaluationScored(event_id="s-2", request_id=request_id,
+                                                      metric="answer_relevancy", score=1.0))
+        bandit = router.gateway.bandit
+        for _ in range(200):
+            if bandit.states("tenant-a", "models", [arm])[arm].pulls:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)  # a faithfulness update would have landed by now too
+        state = bandit.states("tenant-a", "models", [arm])[arm]
+        assert state.pulls == 1 and state.alpha > 1.0  # the reward metric only: faithfulness was not a reward
+    finally:
+        await bus.close()
+        await channel.close()
+        await router.stop()
+        await backend.stop()
 
 
 async def test_budget_checks_use_the_routers_cost_key_and_a_refused_check_fails_closed(tmp_path: Path, nats_server: NatsServer) -> None:

@@ -46,6 +46,8 @@ MAX_RESTARTS = 5
 ROUTER_SERVICE_TENANT = "llmo-router"
 RETRIEVAL_SERVICE_TENANT = "llmo-retrieval"
 RETRIEVAL_KEY_ENV = "LLMO_RETRIEVAL_GENERATOR_API_KEY"
+EVALUATION_SERVICE_TENANT = "llmo-evaluation"
+EVALUATION_KEY_ENV = "LLMO_EVALUATION_JUDGE_API_KEY"
 
 
 def implemented_services() -> list[str]:
@@ -190,6 +192,10 @@ class Stack:
             env.setdefault(f"LLMO_{other.upper()}_ADDRESS", other_endpoint.grpc)
             if other_endpoint.http:
                 env.setdefault(f"LLMO_{other.upper()}_HTTP_URL", other_endpoint.http)
+        if "evaluation" in self.state.services:
+            # The embedded stack closes the quality loop: completed events carry their text, the
+            # evaluation service scores them and the router's bandits learn from the scores.
+            env.setdefault("LLMO_ROUTER_EVENT_CONTENT_SAMPLE", "1")
         return env
 
     def _spawn(self, name: str) -> None:
@@ -282,7 +288,9 @@ def service_keys(env: Mapping[str, str]) -> tuple[dict[str, str], dict[str, dict
       presents the key to inference (which then charges the end tenant the router names) and,
       unless one is set, to cost;
     - retrieval (admin tenant `llmo-retrieval`), unless `LLMO_RETRIEVAL_GENERATOR_API_KEY` is set:
-      it presents the key to the router, its generator, which charges the searching tenant.
+      it presents the key to the router, its generator, which charges the searching tenant;
+    - evaluation (admin tenant `llmo-evaluation`), unless `LLMO_EVALUATION_JUDGE_API_KEY` is set:
+      it presents the key to the router, its judge and target, which charge the evaluated tenant.
 
     Every service accepts every minted key."""
     keys = parse_api_keys(env.get("LLMO_API_KEYS"))
@@ -304,6 +312,8 @@ def service_keys(env: Mapping[str, str]) -> tuple[dict[str, str], dict[str, dict
             per_service["router"]["LLMO_ROUTER_COST_API_KEY"] = key
     if not env.get(RETRIEVAL_KEY_ENV):
         per_service["retrieval"] = {RETRIEVAL_KEY_ENV: mint(RETRIEVAL_SERVICE_TENANT)}
+    if not env.get(EVALUATION_KEY_ENV):
+        per_service["evaluation"] = {EVALUATION_KEY_ENV: mint(EVALUATION_SERVICE_TENANT)}
     if not per_service:
         return {}, {}
     return {"LLMO_API_KEYS": json.dumps(keys), "LLMO_ADMIN_TENANTS": ",".join(sorted(admins))}, per_service
