@@ -5,7 +5,8 @@ Behaviours (per model name, so one server can host a healthy and a broken "provi
 ``ok`` streams `tokens` words; ``error`` answers HTTP 500; ``reject`` answers HTTP 400;
 ``hang`` sends headers and one token, then stalls; ``hang_first`` stalls before any token;
 ``garbage`` sends two good tokens then a non-JSON event; ``truncate`` closes mid-stream
-without a finish reason; ``flaky`` fails with 503 on every other request.
+without a finish reason; ``flaky`` fails with 503 on every other request; ``echo`` answers with
+the last user message restated (a relevant answer, for tests that score answers).
 """
 
 from __future__ import annotations
@@ -67,7 +68,11 @@ class FakeBackend:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._released.wait(), self.hang_s)
 
-    def _words(self, model: str) -> list[str]:
+    def _words(self, model: str, body: dict[str, Any]) -> list[str]:
+        if self.behaviours.get(model) == "echo":
+            asked = next((str(m.get("content", "")) for m in reversed(body.get("messages", []))
+                          if m.get("role") == "user"), "")
+            return [f"{w} " for w in f"About {asked.rstrip('?')}: here is the answer to {asked}".split()]
         return [f"{model}-w{i} " for i in range(self.tokens)]
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
@@ -88,7 +93,7 @@ class FakeBackend:
             return web.json_response({"error": {"message": "boom"}}, status=500 if behaviour == "error" else 503)
         if behaviour == "reject":
             return web.json_response({"error": {"message": "bad request", "param": "messages"}}, status=400)
-        words = self._words(model)
+        words = self._words(model, body)
         prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in body.get("messages", []))
         if not body.get("stream"):
             if behaviour == "garbage":

@@ -11,6 +11,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import nats.errors
@@ -59,7 +60,7 @@ HISTORY = [pb.ConversationTurn(role="user", content="Tell me about penguins"),
 class ScriptedUpstream(FakeBackend):
     """The fake provider answering each model with its scripted reply."""
 
-    def _words(self, model: str) -> list[str]:
+    def _words(self, model: str, body: dict[str, Any]) -> list[str]:
         reply = REPLIES.get(model, f"{model} reply")
         words = reply.split(" ")
         return [w + " " for w in words[:-1]] + [words[-1]]
