@@ -39,6 +39,7 @@ log = get_logger(__name__)
 
 FEATURES = ("feature:input_chars", "feature:output_chars", "feature:input_centroid_distance")
 ALERT_KS_P = 0.01
+MAX_SECONDS = 253_402_300_799  # 9999-12-31T23:59:59Z, the largest valid Timestamp
 SEVERITY = {"none": pb.DRIFT_SEVERITY_NONE, "moderate": pb.DRIFT_SEVERITY_MODERATE, "severe": pb.DRIFT_SEVERITY_SEVERE}
 
 
@@ -113,6 +114,14 @@ class DriftMonitor:
     async def report(self, request: pb.GetDriftReportRequest, *, tenant: str) -> pb.DriftReport:
         if not request.metric:
             raise invalid_argument("MISSING_METRIC", "name a metric or feature:...", field="metric")
+        if len(request.metric) > 128 or len(request.model) > 256 or len(request.prompt_version) > 256 or \
+                len(request.tenant) > 256:
+            raise invalid_argument("FIELD_TOO_LONG", "metric is at most 128 characters; model, prompt_version and "
+                                   "tenant at most 256", field="metric")
+        for name in ("baseline_start_time", "baseline_end_time", "current_start_time", "current_end_time"):
+            stamp = getattr(request, name)
+            if not (0 <= stamp.seconds <= MAX_SECONDS and 0 <= stamp.nanos < 1_000_000_000):
+                raise invalid_argument("INVALID_WINDOW", f"{name} is not a time between 1970 and 9999", field=name)
         if request.metric.startswith("feature:") and request.metric not in FEATURES:
             raise invalid_argument("MISSING_METRIC", f"unknown feature; one of {', '.join(FEATURES)}", field="metric")
         now = now_us()

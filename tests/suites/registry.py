@@ -25,6 +25,8 @@ from llmo.core.settings import PlatformSettings
 from llmo.protos.common.v1 import common_pb2
 from llmo.protos.cost.v1 import cost_service_pb2 as cost_pb
 from llmo.protos.cost.v1 import cost_service_pb2_grpc as cost_grpc
+from llmo.protos.evaluation.v1 import evaluation_service_pb2 as ev_pb
+from llmo.protos.evaluation.v1 import evaluation_service_pb2_grpc as ev_grpc
 from llmo.protos.inference.v1 import inference_service_pb2 as inf_pb
 from llmo.protos.inference.v1 import inference_service_pb2_grpc as inf_grpc
 from llmo.protos.retrieval.v1 import retrieval_service_pb2 as ret_pb
@@ -267,6 +269,66 @@ RETRIEVAL = ServiceEntry(
 )
 
 
+# ---------------------------------------------------------------- evaluation
+
+SUITE_DATASET = "suite-ds"
+
+
+async def _start_evaluation(stack: Stack) -> Endpoint:
+    from llmo.evaluation.main import start
+    from llmo.evaluation.settings import EvaluationSettings
+
+    data = stack.data_dir / "evaluation"
+    data.mkdir(parents=True, exist_ok=True)
+    settings = EvaluationSettings(database_url=f"sqlite:///{data / 'evaluation.db'}", metrics_port=-1, judge_url="",
+                                  target_url="", platform=platform(stack.nats.url, data))
+    running = await start(settings, port=0, metrics=False)
+    return endpoint_of(running)
+
+
+def finished_run(stub: ev_grpc.EvaluationServiceStub, key: str, run_id: str, dataset: str) -> ev_pb.Run:
+    """Create a local-metric run over `dataset` and follow it to its end."""
+    stub.CreateRun(ev_pb.CreateRunRequest(run_id=run_id, run=ev_pb.Run(
+        dataset=f"datasets/{dataset}", metrics=[ev_pb.MetricSpec(metric=ev_pb.METRIC_EXACT_MATCH)])),
+        metadata=auth(key), timeout=TIMEOUT)
+    last = None
+    for reply in stub.WatchRun(ev_pb.WatchRunRequest(name=f"runs/{run_id}"), metadata=auth(key), timeout=TIMEOUT):
+        last = reply.run
+    assert last is not None and last.state == ev_pb.RUN_STATE_SUCCEEDED, last
+    return last
+
+
+def _evaluation_seed(stack: Stack) -> None:
+    stub = ev_grpc.EvaluationServiceStub(stack.channel("evaluation"))
+    for key in ("k1", "k-probe"):
+        stub.CreateDataset(ev_pb.CreateDatasetRequest(dataset_id=SUITE_DATASET), metadata=auth(key), timeout=TIMEOUT)
+        stub.CreateExample(ev_pb.CreateExampleRequest(parent=f"datasets/{SUITE_DATASET}", example_id="e1",
+                                                      example=ev_pb.Example(input="2+2?", output="4", reference="4")),
+                           metadata=auth(key), timeout=TIMEOUT)
+    finished_run(stub, "k-probe", "suite-run", SUITE_DATASET)
+
+
+def _evaluation_verify(stack: Stack, state: Any) -> None:
+    stub = ev_grpc.EvaluationServiceStub(stack.channel("evaluation"))
+    run = stub.GetRun(ev_pb.GetRunRequest(name="runs/suite-run"), metadata=auth("k-probe"), timeout=TIMEOUT).run
+    assert run.summaries[0].mean == 1.0 and run.progress.examples_completed == 1, run
+    reply = stub.Evaluate(ev_pb.EvaluateRequest(input="2+2?", output="4", reference="4", metrics=[
+        ev_pb.MetricSpec(metric=ev_pb.METRIC_EXACT_MATCH)]), metadata=auth("k-probe"), timeout=TIMEOUT)
+    assert reply.results[0].score == 1.0, reply
+
+
+EVALUATION = ServiceEntry(
+    name="evaluation",
+    descriptor=ev_pb.DESCRIPTOR.services_by_name["EvaluationService"],
+    start=_start_evaluation,
+    string_hints=(SUITE_DATASET, f"datasets/{SUITE_DATASET}", f"datasets/{SUITE_DATASET}/examples/e1", "e1",
+                  "runs/suite-run", "suite-run", "gates/g1", "rubrics/r1", "rubrics/r1@1", "feature:input_chars",
+                  "faithfulness", "exact_match", "display_name", "labels", "output", "input"),
+    seed=_evaluation_seed,
+    verify=_evaluation_verify,
+)
+
+
 # ---------------------------------------------------------------- router
 
 PORTFOLIO = """
@@ -370,7 +432,7 @@ def _http_known_good(stack: Stack, service: str, path: str, body: dict[str, Any]
 
 
 # Start order matters: the router calls inference (HTTP) and cost (budgets).
-SERVICES: list[ServiceEntry] = [INFERENCE, COST, ROUTER, RETRIEVAL]
+SERVICES: list[ServiceEntry] = [INFERENCE, COST, ROUTER, RETRIEVAL, EVALUATION]
 BY_NAME = {entry.name: entry for entry in SERVICES}
 
 

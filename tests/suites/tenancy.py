@@ -19,11 +19,22 @@ from google.protobuf import message as _message
 from llmo.protos.common.v1 import common_pb2
 from llmo.protos.cost.v1 import cost_service_pb2 as cost_pb
 from llmo.protos.cost.v1 import cost_service_pb2_grpc as cost_grpc
+from llmo.protos.evaluation.v1 import evaluation_service_pb2 as ev_pb
+from llmo.protos.evaluation.v1 import evaluation_service_pb2_grpc as ev_grpc
 from llmo.protos.retrieval.v1 import retrieval_service_pb2 as ret_pb
 from llmo.protos.retrieval.v1 import retrieval_service_pb2_grpc as ret_grpc
 from llmo.protos.router.v1 import router_service_pb2 as rpb
 from llmo.protos.router.v1 import router_service_pb2_grpc as router_grpc
-from tests.suites.registry import DEMO, SUITE_APP, TIMEOUT, auth, ingest, ledger_total, usage_record
+from tests.suites.registry import (
+    DEMO,
+    SUITE_APP,
+    TIMEOUT,
+    auth,
+    finished_run,
+    ingest,
+    ledger_total,
+    usage_record,
+)
 from tests.suites.stack import Stack
 
 A_KEY, B_KEY = "k1", "k2"
@@ -286,9 +297,110 @@ RETRIEVAL_PLAN = Plan(
 )
 
 
+# ---------------------------------------------------------------- evaluation
+
+
+def _evaluation(stack: Stack) -> ev_grpc.EvaluationServiceStub:
+    return ev_grpc.EvaluationServiceStub(stack.channel("evaluation"))
+
+
+def _ds(kind: str) -> str:
+    return f"datasets/{kind}-ds"
+
+
+def _ex(kind: str) -> str:
+    return f"{_ds(kind)}/examples/{kind}-ex"
+
+
+def _exact() -> list[ev_pb.MetricSpec]:
+    return [ev_pb.MetricSpec(metric=ev_pb.METRIC_EXACT_MATCH)]
+
+
+GATE_CONDITION = ev_pb.GateCondition(metric="exact_match", aggregation=ev_pb.AGGREGATION_MEAN,
+                                     comparator=ev_pb.COMPARATOR_GREATER_THAN_OR_EQUAL, threshold=0.5)
+RUBRIC = ev_pb.Rubric(name="helpful", criteria="Is it helpful?", min_score=1, max_score=5)
+
+
+def _evaluation_setup(stack: Stack) -> dict[str, Any]:
+    stub, meta = _evaluation(stack), auth(A_KEY)
+    stub.CreateDataset(ev_pb.CreateDatasetRequest(dataset_id=f"{SECRET}-ds", dataset=ev_pb.Dataset(
+        display_name=f"{SECRET} dataset")), metadata=meta, timeout=TIMEOUT)
+    stub.CreateExample(ev_pb.CreateExampleRequest(parent=_ds(SECRET), example_id=f"{SECRET}-ex", example=ev_pb.Example(
+        input=f"{SECRET} question", output="yes", reference="yes", human_scores={"helpful": 4})),
+        metadata=meta, timeout=TIMEOUT)
+    stub.PublishRubric(ev_pb.PublishRubricRequest(rubric_id=f"{SECRET}-rubric", rubric=RUBRIC), metadata=meta,
+                       timeout=TIMEOUT)
+    stub.CreateGate(ev_pb.CreateGateRequest(gate_id=f"{SECRET}-gate", gate=ev_pb.Gate(
+        display_name=f"{SECRET} gate", conditions=[GATE_CONDITION])), metadata=meta, timeout=TIMEOUT)
+    finished_run(stub, A_KEY, f"{SECRET}-run", f"{SECRET}-ds")
+    return {}
+
+
+def _evaluation_verify(stack: Stack, state: dict[str, Any]) -> None:
+    stub, meta = _evaluation(stack), auth(A_KEY)
+    dataset = stub.GetDataset(ev_pb.GetDatasetRequest(name=_ds(SECRET)), metadata=meta, timeout=TIMEOUT).dataset
+    assert (dataset.display_name, dataset.example_count) == (f"{SECRET} dataset", 1), dataset
+    run = stub.GetRun(ev_pb.GetRunRequest(name=f"runs/{SECRET}-run"), metadata=meta, timeout=TIMEOUT).run
+    assert run.state == ev_pb.RUN_STATE_SUCCEEDED and run.summaries[0].mean == 1.0, run
+    gate = stub.GetGate(ev_pb.GetGateRequest(name=f"gates/{SECRET}-gate"), metadata=meta, timeout=TIMEOUT).gate
+    assert gate.display_name == f"{SECRET} gate", gate
+    rubric = stub.GetRubric(ev_pb.GetRubricRequest(name=f"rubrics/{SECRET}-rubric"), metadata=meta,
+                            timeout=TIMEOUT).rubric
+    assert rubric.version == 1, rubric
+
+
+EVALUATION_PLAN = Plan(
+    setup=_evaluation_setup,
+    verify=_evaluation_verify,
+    probes=[
+        _pair("GetDataset", lambda k: ev_pb.GetDatasetRequest(name=_ds(k))),
+        _pair("UpdateDataset", lambda k: ev_pb.UpdateDatasetRequest(dataset=ev_pb.Dataset(
+            name=_ds(k), display_name="B was here"))),
+        _pair("DeleteDataset", lambda k: ev_pb.DeleteDatasetRequest(name=_ds(k))),
+        Probe("ListDatasets", "ListDatasets", lambda s: ev_pb.ListDatasetsRequest()),
+        _pair("CreateExample", lambda k: ev_pb.CreateExampleRequest(parent=_ds(k), example=ev_pb.Example(input="b"))),
+        _pair("BatchCreateExamples", lambda k: ev_pb.BatchCreateExamplesRequest(
+            parent=_ds(k), requests=[ev_pb.CreateExampleRequest(example=ev_pb.Example(input="b"))])),
+        _pair("GetExample", lambda k: ev_pb.GetExampleRequest(name=_ex(k))),
+        _pair("ListExamples", lambda k: ev_pb.ListExamplesRequest(parent=_ds(k))),
+        _pair("UpdateExample", lambda k: ev_pb.UpdateExampleRequest(example=ev_pb.Example(name=_ex(k), input="b"))),
+        _pair("DeleteExample", lambda k: ev_pb.DeleteExampleRequest(name=_ex(k))),
+        _pair("CreateRun", lambda k: ev_pb.CreateRunRequest(run=ev_pb.Run(dataset=_ds(k), metrics=_exact()))),
+        _pair("GetRun", lambda k: ev_pb.GetRunRequest(name=f"runs/{k}-run")),
+        Probe("ListRuns", "ListRuns", lambda s: ev_pb.ListRunsRequest()),
+        _pair("WatchRun", lambda k: ev_pb.WatchRunRequest(name=f"runs/{k}-run")),
+        _pair("CancelRun", lambda k: ev_pb.CancelRunRequest(name=f"runs/{k}-run")),
+        _pair("ListRunResults", lambda k: ev_pb.ListRunResultsRequest(parent=f"runs/{k}-run")),
+        _pair("CompareRuns", lambda k: ev_pb.CompareRunsRequest(base_run=f"runs/{k}-run", candidate_run=f"runs/{k}-run")),
+        _pair("GetRubric", lambda k: ev_pb.GetRubricRequest(name=f"rubrics/{k}-rubric")),
+        Probe("ListRubrics", "ListRubrics", lambda s: ev_pb.ListRubricsRequest()),
+        _pair("Evaluate", lambda k: ev_pb.EvaluateRequest(input="q", output="a", metrics=[ev_pb.MetricSpec(
+            metric=ev_pb.METRIC_G_EVAL, rubric_ref=f"rubrics/{k}-rubric")])),
+        _pair("GetGate", lambda k: ev_pb.GetGateRequest(name=f"gates/{k}-gate")),
+        Probe("ListGates", "ListGates", lambda s: ev_pb.ListGatesRequest()),
+        _pair("UpdateGate", lambda k: ev_pb.UpdateGateRequest(gate=ev_pb.Gate(name=f"gates/{k}-gate",
+                                                                              display_name="B was here"))),
+        _pair("DeleteGate", lambda k: ev_pb.DeleteGateRequest(name=f"gates/{k}-gate")),
+        _pair("CheckGate", lambda k: ev_pb.CheckGateRequest(gate=f"gates/{k}-gate", run=f"runs/{k}-run")),
+        _pair("AssessJudgeReliability", lambda k: ev_pb.AssessJudgeReliabilityRequest(
+            dataset=_ds(k), metric=ev_pb.MetricSpec(metric=ev_pb.METRIC_G_EVAL, rubric=RUBRIC))),
+        Probe("GetDriftReport-tenant", "GetDriftReport",
+              lambda s: ev_pb.GetDriftReportRequest(metric="exact_match", tenant="tenantA"),
+              lambda s: ev_pb.GetDriftReportRequest(metric="exact_match", tenant="tenant-nobody")),
+        # Squatting (last: tenantB then owns resources under tenantA's ids): each gets one of its own.
+        _pair("PublishRubric", lambda k: ev_pb.PublishRubricRequest(rubric_id=f"{k}-rubric", rubric=RUBRIC),
+              name="PublishRubric-same-id", markers=()),
+        _pair("CreateGate", lambda k: ev_pb.CreateGateRequest(gate_id=f"{k}-gate", gate=ev_pb.Gate(
+            conditions=[GATE_CONDITION])), name="CreateGate-same-id", markers=()),
+        _pair("CreateDataset", lambda k: ev_pb.CreateDatasetRequest(dataset_id=f"{k}-ds"),
+              name="CreateDataset-same-id", markers=()),
+    ],
+)
+
+
 # Models are the platform's, not a tenant's: inference names no tenant resource.
 INFERENCE_PLAN = Plan(setup=lambda stack: {}, verify=lambda stack, state: None, probes=[],
                       tenant_free=frozenset({"Generate", "CountTokens", "ListModels", "GetModel"}))
 
 PLANS: dict[str, Plan] = {"cost": COST_PLAN, "router": ROUTER_PLAN, "inference": INFERENCE_PLAN,
-                         "retrieval": RETRIEVAL_PLAN}
+                         "retrieval": RETRIEVAL_PLAN, "evaluation": EVALUATION_PLAN}
