@@ -238,6 +238,8 @@ class Scorer:
         self._load_detector = detector_loader or (lambda: Detector.load(embedder=embedder))
         self._detector: Detector | None = None
         self._detector_lock = asyncio.Lock()
+        # One generation of evaluation steps per rubric content, however many judgements wait for it.
+        self._step_locks: dict[tuple[str, str], asyncio.Lock] = {}
 
     async def detector(self) -> Detector:
         async with self._detector_lock:
@@ -329,6 +331,13 @@ class Scorer:
         if rubric.evaluation_steps:
             return list(rubric.evaluation_steps)
         key = rubric_hash(rubric)
+        lock = self._step_locks.setdefault((tenant, key), asyncio.Lock())
+        async with lock:
+            return await self._stored_or_new_steps(rubric, key, judge_cfg, spent, tenant=tenant,
+                                                   step_store=step_store)
+
+    async def _stored_or_new_steps(self, rubric: pb.Rubric, key: str, judge_cfg: pb.JudgeConfig, spent: Spent, *,
+                                   tenant: str, step_store: StepStore | None) -> list[str]:
         if step_store is not None:
             stored = await step_store.get(tenant, key)
             if stored:

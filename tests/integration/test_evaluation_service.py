@@ -302,3 +302,47 @@ async def test_a_cancelled_run_stops_after_the_examples_in_flight(database_url: 
         await channel.close()
         await running.stop()
         await judge.stop()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_judge_reliability_measures_agreement_consistency_and_position_bias(
+        database_url: str, tmp_path: Path) -> None:
+    # Human scores 1..5; a consistent judge that agrees with them, and a judge that always prefers answer A.
+    def answer(body: dict[str, Any]) -> str:
+        text = prompt_text(body)
+        if "Which answer is better" in text:
+            return "A"
+        return score_answer(lambda t: int(t.split("quality ")[1][0]) if "quality " in t else 3)(body)
+
+    judge = await FakeJudge(answer).start()
+    running, channel, client = await started(settings(database_url, tmp_path, judge_url=judge.url))
+    try:
+        examples = [example(i, input=f"q{i}", output=f"answer of quality {1 + i % 5}", reference="ref",
+                            human_scores={"helpful": 1 + i % 5}) for i in range(10)]
+        await make_dataset(client, "labelled", examples)
+        rubric = pb.Rubric(name="helpful", criteria="Does the answer help?", min_score=1, max_score=5)
+        reply = await client.AssessJudgeReliability(pb.AssessJudgeReliabilityRequest(
+            dataset="datasets/labelled", metric=pb.MetricSpec(metric=pb.METRIC_G_EVAL, rubric=rubric), repeats=3,
+            judge=pb.JudgeConfig(temperature=0.7)), metadata=A)
+        r = reply.reliability
+        assert r.examples == 10 and r.failed_examples == 0
+        assert r.spearman == pytest.approx(1.0) and r.kendall_tau == pytest.approx(1.0)
+        assert r.mean_absolute_error == pytest.approx(0.0) and r.cohen_kappa == pytest.approx(1.0)
+        assert r.self_consistency == pytest.approx(1.0) and r.flip_rate == 0.0
+        assert r.ci_low <= r.score_mean <= r.ci_high
+        # every repeat is a real judge call: 10 examples x 3 repeats, plus the generated steps once
+        assert reply.usage.input_tokens == 10 * (10 * 3 + 1)
+        pairwise = await client.AssessJudgeReliability(pb.AssessJudgeReliabilityRequest(
+            dataset="datasets/labelled", metric=pb.MetricSpec(metric=pb.METRIC_PAIRWISE), repeats=1,
+            label_key="helpful"), metadata=A)
+        assert pairwise.reliability.swap_flip_rate == 1.0 and pairwise.reliability.position_bias == 1.0
+        assert await code_of(client.AssessJudgeReliability(pb.AssessJudgeReliabilityRequest(
+            dataset="datasets/labelled", metric=pb.MetricSpec(metric=pb.METRIC_G_EVAL, rubric=rubric), repeats=11),
+            metadata=A)) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REPEATS")
+        assert await code_of(client.AssessJudgeReliability(pb.AssessJudgeReliabilityRequest(
+            dataset="datasets/labelled", metric=pb.MetricSpec(metric=pb.METRIC_G_EVAL, rubric=rubric),
+            label_key="nobody"), metadata=A)) == (grpc.StatusCode.FAILED_PRECONDITION, "NO_HUMAN_LABELS")
+    finally:
+        await channel.close()
+        await running.stop()
+        await judge.stop()
