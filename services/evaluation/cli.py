@@ -384,3 +384,49 @@ def compare(ctx: click.Context, base_run: str, candidate_run: str, as_json: bool
                       f"{c.mean_delta:+.3f}", f"[{c.ci_low:+.3f}, {c.ci_high:+.3f}]", f"{c.win_rate:.2f}",
                       f"{c.tie_rate:.2f}", f"{c.loss_rate:.2f}")
     out.print(table)
+
+
+@cli.command("meta")
+@click.option("--data", "data_path", type=click.Path(path_type=Path, dir_okay=False), required=True,
+              help="JSONL or CSV: one metric score and one human label per row (optionally a group).")
+@click.option("--score-field", default="score", show_default=True, help="Field holding the metric's score.")
+@click.option("--human-field", default="human", show_default=True, help="Field holding the human label.")
+@click.option("--group-field", default="group", show_default=True,
+              help="Field grouping rows (e.g. the source document) for per-group correlations.")
+@click.option("--threshold", default=0.5, show_default=True, help="Score at which a binary label is predicted.")
+@click.option("--resamples", default=1000, show_default=True, type=click.IntRange(100, 100_000),
+              help="Bootstrap resamples per CI.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object instead of tables.")
+def meta(data_path: Path, score_field: str, human_field: str, group_field: str, threshold: float, resamples: int,
+         as_json: bool) -> None:
+    """How well a metric agrees with human labels: Spearman and Kendall (overall and averaged over
+    groups), accuracy / precision / recall / F1 / AUROC for binary labels, each with a bootstrap 95% CI."""
+    from llmo.evaluation.meta import MetaInputError, load_rows, meta_evaluate
+
+    try:
+        rows = load_rows(data_path, score_field=score_field, human_field=human_field, group_field=group_field)
+    except MetaInputError as error:
+        raise InputError(str(error)) from error
+    with err.status(f"bootstrapping {len(rows)} rows..."):
+        report = meta_evaluate(rows, threshold=threshold, resamples=resamples)
+    if as_json:
+        out.print_json(json.dumps(report))
+        return
+    table = Table(title=f"{data_path.name}: {report['rows']} rows" + (f", {report['groups']} groups"
+                                                                      if "groups" in report else ""))
+    for column in ("figure", "value", "95% CI"):
+        table.add_column(column)
+
+    def row(name: str, figure: dict[str, Any]) -> None:
+        def fmt(x: float | None) -> str:
+            return "n/a" if x is None else f"{x:.3f}"
+
+        table.add_row(name, fmt(figure["value"]), f"[{fmt(figure['ci_low'])}, {fmt(figure['ci_high'])}]")
+
+    for key in ("spearman", "kendall", "spearman_per_group_mean", "kendall_per_group_mean"):
+        if key in report:
+            row(key.replace("_", " "), report[key])
+    for key in ("accuracy", "precision", "recall", "f1", "auroc"):
+        if "binary" in report:
+            row(f"{key} (>= {threshold})", report["binary"][key])
+    out.print(table)
