@@ -67,7 +67,7 @@ async def build(kit: Kit[InferenceSettings], backends: list[Backend] | None = No
     await registry.start()
     # usage events wait in the outbox while NATS is down or not yet connected
     publisher = kit.outbox_publisher() if settings.publish_events else None
-    service = InferenceService(registry, publisher)
+    service = InferenceService(registry, publisher, content_sample=settings.event_content_sample)
     kit.on_stop(service.drain)
     kit.on_stop(registry.stop)  # closers run last-declared first: the models stop, then in-flight work drains
     kit.task("gauges", lambda: _refresh_gauges(registry, settings.gauge_interval_s))

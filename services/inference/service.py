@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from google.protobuf import timestamp_pb2
 
+from llmo.core.content import completion_content, sampled
 from llmo.core.errors import invalid_argument
 from llmo.core.events import EventPublisher
 from llmo.core.limits import MAX_ID_LEN, check_text
@@ -52,10 +53,20 @@ def check_sampling(params: SamplingParams, vocab_size: int = 0,
     return params
 
 
+def _asked(request: GenerationRequest) -> str:
+    """The last user message of a chat request, else the prompt (token-id prompts carry no text)."""
+    if request.messages:
+        return next((str(m.get("content", "")) for m in reversed(request.messages) if m.get("role") == "user"), "")
+    return request.prompt or ""
+
+
 class InferenceService:
-    def __init__(self, registry: ModelRegistry, bus: EventPublisher | None = None) -> None:
+    def __init__(self, registry: ModelRegistry, bus: EventPublisher | None = None, *,
+                 content_sample: float = 0.0) -> None:
         self.registry = registry
         self.bus = bus
+        # Share of completed events that carry their text (InferenceSettings.event_content_sample).
+        self.content_sample = content_sample
         self._pending: set[asyncio.Task[None]] = set()
 
     async def generate(self, model: str, request: GenerationRequest, caller: Caller,
@@ -74,9 +85,13 @@ class InferenceService:
         timings: Timings | None = None
         finish = "error"
         reasons: dict[int, str] = {}
+        keep_text = self.bus is not None and sampled(request.request_id, self.content_sample)
+        text: list[str] = []
         try:
             async for chunk in backend.generate(request):
                 for choice in chunk.choices:
+                    if keep_text and choice.index == 0:
+                        text.append(choice.text)
                     if choice.finish_reason:
                         reasons[choice.index] = choice.finish_reason
                 if chunk.usage is not None:
@@ -94,11 +109,14 @@ class InferenceService:
             if finish != "error" or usage.completion_tokens:
                 metrics.record_request(backend.model_id, usage, timings, finish)
             info = backend.info()
+            content = None
+            if keep_text and finish not in ("error", "cancelled"):
+                content = completion_content(_asked(request), "".join(text))
             self._emit(request.request_id, backend.model_id, backend.engine_name, info.quantization, caller,
-                       usage, timings, finish)
+                       usage, timings, finish, content)
 
     def _emit(self, request_id: str, model: str, engine: str, quantization: str, caller: Caller, usage: Usage,
-              timings: Timings, finish: str) -> None:
+              timings: Timings, finish: str, content: events_pb2.CompletionContent | None = None) -> None:
         if self.bus is None:
             return
         occurred = timestamp_pb2.Timestamp()
@@ -116,6 +134,8 @@ class InferenceService:
                                        tpot_ms=timings.tpot_s * 1000, e2e_ms=timings.e2e_s * 1000),
             finish_reason=finish, quantization=quantization,
         )
+        if content is not None:
+            event.content.CopyFrom(content)
         task = asyncio.get_running_loop().create_task(self._publish(event))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
+from pydantic import Field
+
 from llmo.core.http_edge import DEFAULT_MAX_BODY_BYTES
 from llmo.core.settings import DEFAULT_HTTP_PORTS, ServiceSettings
 
@@ -45,6 +47,10 @@ class InferenceSettings(ServiceSettings):
     gauge_interval_s: float = 1.0
     # Publish llmo.inference.v1.completed on NATS.
     publish_events: bool = True
+    # Share of llmo.inference.v1.completed events that carry their content (the last user message or
+    # the prompt, and the first choice's text, each cut to 16 KiB) for online evaluation; chosen by a
+    # hash of the request id. 0 (the default) keeps user text off the bus; `llmo up` sets 1.
+    event_content_sample: float = Field(default=0.0, ge=0.0, le=1.0)
 
     def resolved_http_port(self) -> int | None:
         if self.http_port < 0:

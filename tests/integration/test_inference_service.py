@@ -269,6 +269,32 @@ async def test_completed_event_is_published(nats_server: Any, demo: LoadedModel,
         assert event.usage.output_tokens == 5 and event.finish_reason == "length"
         assert event.attribution.tenant == "default" and event.latency.ttft_ms > 0
         assert msg.headers and msg.headers["Nats-Msg-Id"] == event.event_id
+        assert not event.HasField("content")  # user text stays off the bus unless event_content_sample asks
+    finally:
+        await nc.close()
+        await running.stop()
+
+
+async def test_sampled_completed_events_carry_their_content(nats_server: Any, demo: LoadedModel,
+                                                            tmp_path: Path) -> None:
+    import nats
+
+    settings = InferenceSettings(publish_events=True, metrics_port=-1, event_content_sample=1.0,
+                                 platform=PlatformSettings(nats_url=nats_server.url, data_dir=tmp_path))
+    running = await start(settings, port=0, http_port=-1, metrics=False, backends=[_native(demo, DEMO)])
+    nc = await nats.connect(nats_server.url)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = pb_grpc.InferenceServiceStub(channel)
+            chunks = await _generate(stub, prompt="ROMEO:\n", request_id="req-content",
+                                     sampling=pb.SamplingParams(max_tokens=5, ignore_eos=True))
+        await running.service.drain()
+        assert running.publisher is not None and await running.publisher.flush(10)
+        sub = await nc.jetstream().pull_subscribe("llmo.inference.v1.completed", durable="content")
+        (msg,) = await sub.fetch(1, timeout=10)
+        event = events_pb2.InferenceCompleted.FromString(msg.data)
+        assert event.content.input == "ROMEO:\n" and not event.content.truncated
+        assert event.content.output == "".join(c.text for r in chunks for c in r.choices) != ""
     finally:
         await nc.close()
         await running.stop()

@@ -196,6 +196,7 @@ class Stack:
             # The embedded stack closes the quality loop: completed events carry their text, the
             # evaluation service scores them and the router's bandits learn from the scores.
             env.setdefault("LLMO_ROUTER_EVENT_CONTENT_SAMPLE", "1")
+            env.setdefault("LLMO_INFERENCE_EVENT_CONTENT_SAMPLE", "1")
         return env
 
     def _spawn(self, name: str) -> None:
