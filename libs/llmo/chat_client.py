@@ -27,9 +27,9 @@ DEADLINE_MARGIN_S = 0.25  # kept back from the RPC's deadline for the work after
 
 
 class ChatError(Exception):
-    def __init__(self, reason: str, detail: str, status: int = 0) -> None:
+    def __init__(self, reason: str, detail: str, status: int = 0, code: str = "") -> None:
         super().__init__(f"{reason}: {detail}")
-        self.reason, self.detail, self.status = reason, detail, status
+        self.reason, self.detail, self.status, self.code = reason, detail, status, code
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ class ChatClient:
 
     async def complete(self, messages: list[dict[str, str]], *, tenant: str, purpose: str, model: str = "",
                        temperature: float = 0.0, n: int = 1, logprobs: bool = False, top_logprobs: int = 0,
-                       max_tokens: int | None = None, user: str = "",
+                       max_tokens: int | None = None, user: str = "", response_format: dict[str, Any] | None = None,
                        extra_body: dict[str, Any] | None = None) -> Completion:
         budget = self.timeout()
         if budget <= 0:
@@ -105,6 +105,8 @@ class ChatClient:
             body["top_logprobs"] = top_logprobs
         if user:
             body["user"] = user
+        if response_format is not None:
+            body["response_format"] = response_format
         body.update(extra_body or {})
         try:
             async with asyncio.timeout(budget):
@@ -115,20 +117,25 @@ class ChatClient:
             raise ChatError("TIMEOUT", f"no answer within {budget:.2f}s") from error
         except aiohttp.ClientError as error:
             raise ChatError("UNAVAILABLE", f"{type(error).__name__}: {error}") from error
-        if status >= 500 or status == 429:
-            raise ChatError("UNAVAILABLE", f"HTTP {status}: {_error_message(raw)}", status)
         if status != 200:
-            raise ChatError("REJECTED", f"HTTP {status}: {_error_message(raw)}", status)
+            message, code = _error_of(raw)
+            reason = "UNAVAILABLE" if status >= 500 or status == 429 else "REJECTED"
+            raise ChatError(reason, f"HTTP {status}: {message}", status, code)
         return _parse(raw, body["model"])
 
 
-def _error_message(raw: bytes) -> str:
+def _error_of(raw: bytes) -> tuple[str, str]:
+    """(message, code) of an OpenAI-style error body, else the start of the body and no code."""
+    message: Any = None
+    code: Any = None
     try:
         parsed = json.loads(raw)
-        message = parsed.get("error", {}).get("message") if isinstance(parsed, dict) else None
-    except (ValueError, AttributeError):
-        message = None
-    return str(message or raw[:200].decode("utf-8", "replace"))
+        error = parsed.get("error") if isinstance(parsed, dict) else None
+        if isinstance(error, dict):
+            message, code = error.get("message"), error.get("code")
+    except ValueError:
+        pass
+    return str(message or raw[:200].decode("utf-8", "replace")), code if isinstance(code, str) else ""
 
 
 def _logprobs(choice: dict[str, Any]) -> list[TokenLogprob] | None:

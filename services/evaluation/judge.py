@@ -6,7 +6,8 @@ timed out or found the judge unavailable, with jittered exponential backoff. Log
 when wanted; an endpoint that refuses them (the router does, at its HTTP edge) is remembered and
 asked without them, and the caller falls back to sampling. Identical judgements (tenant, model,
 messages, sampling, logprobs and a caller's salt such as the repeat number) are answered from an
-LRU cache without a call; a cache hit reports no calls and no usage.
+LRU cache without a call; a cache hit reports no calls and no usage. A router that denies the call
+by budget (BUDGET_EXCEEDED) or does not know the model (JUDGE_MODEL_NOT_FOUND) is not retried.
 """
 
 from __future__ import annotations
@@ -61,21 +62,28 @@ class Judge:
 
     async def _call(self, messages: list[dict[str, str]], *, tenant: str, purpose: str, model: str,
                     temperature: float, logprobs: bool, max_tokens: int | None) -> tuple[str, str, list[TokenLogprob] | None, int, int, int, int]:
-        attempt = 0
+        attempt = made = 0  # retries; requests made (a refused or failed request is a call too)
         while True:
             try:
                 async with self._limit:
+                    made += 1
                     done = await self.client.complete(messages, tenant=tenant, purpose=purpose, model=model,
                                                       temperature=temperature, logprobs=logprobs,
                                                       top_logprobs=20 if logprobs else 0, max_tokens=max_tokens)
                 return (done.text, done.model, done.logprobs[0] if done.logprobs else None, done.input_tokens,
-                        done.output_tokens, done.cost_micros, attempt + 1)
+                        done.output_tokens, done.cost_micros, made)
             except ChatError as error:
+                # The router's own refusals, by their code: neither is worth a retry.
+                if error.code == "BUDGET_EXCEEDED":
+                    raise JudgeError("BUDGET_EXCEEDED", error.detail) from error
+                if error.code == "UNKNOWN_MODEL":
+                    raise JudgeError("JUDGE_MODEL_NOT_FOUND", error.detail) from error
                 if logprobs and error.reason == "REJECTED" and "logprob" in error.detail.lower():
                     self.logprobs_supported = False
                     logprobs = False
                     continue
-                if error.reason in ("TIMEOUT", "UNAVAILABLE") and attempt < self.retries:
+                # No retry once the caller's deadline leaves no time for one.
+                if error.reason in ("TIMEOUT", "UNAVAILABLE") and attempt < self.retries and self.client.timeout() > 0:
                     attempt += 1
                     await asyncio.sleep(BACKOFF_S * 2 ** (attempt - 1) * (0.5 + random.random()))
                     continue

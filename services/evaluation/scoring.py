@@ -72,7 +72,8 @@ _RUBRIC_NAME = re.compile(r"^[a-z0-9_-]{1,64}$")
 _CODES = {"MISSING_REFERENCE": grpc.StatusCode.INVALID_ARGUMENT, "MISSING_CONTEXTS": grpc.StatusCode.INVALID_ARGUMENT,
           "MISSING_INPUT": grpc.StatusCode.INVALID_ARGUMENT, "JUDGE_NOT_CONFIGURED": grpc.StatusCode.FAILED_PRECONDITION,
           "JUDGE_TIMEOUT": grpc.StatusCode.DEADLINE_EXCEEDED, "JUDGE_UNAVAILABLE": grpc.StatusCode.UNAVAILABLE,
-          "JUDGE_REJECTED": grpc.StatusCode.FAILED_PRECONDITION}
+          "JUDGE_REJECTED": grpc.StatusCode.FAILED_PRECONDITION, "JUDGE_MODEL_NOT_FOUND": grpc.StatusCode.NOT_FOUND,
+          "RUBRIC_NOT_FOUND": grpc.StatusCode.NOT_FOUND, "BUDGET_EXCEEDED": grpc.StatusCode.RESOURCE_EXHAUSTED}
 SYSTEM = "You are a careful, impartial evaluator of AI answers."
 FAITHFULNESS_SYSTEM = ("You check an answer against its context.\nSplit the answer into its factual claims and, for "
                        "each, say whether the context supports it. Reply with JSON only: {\"claims\": [{\"claim\": ..., "
@@ -393,8 +394,7 @@ class Scorer:
             try:
                 claims = _json_object(texts[0])["claims"]
                 verdicts = [pb.ClaimVerdict(claim=str(c["claim"]), supported=str(c["verdict"]).lower() == "supported",
-                                            context_index=int(c.get("context", -1)) if str(
-                                                c.get("context", -1)).lstrip("-").isdigit() else -1,
+                                            context_index=_context_index(c.get("context"), len(case.contexts)),
                                             explanation=str(c.get("explanation", ""))) for c in claims]
             except (ValueError, KeyError, TypeError) as error:
                 raise MetricError("JUDGE_BAD_OUTPUT", f"the judge's claims are not the JSON asked for: {error!r}"
@@ -518,6 +518,13 @@ class Scorer:
         if metric == pb.METRIC_LATENCY:
             return verdict(case.latency_ms <= check.max_latency_ms, f"{case.latency_ms:.1f} ms")
         return verdict(case.cost_micros <= check.max_cost_micros, f"{case.cost_micros} micro-USD")
+
+
+def _context_index(value: Any, contexts: int) -> int:
+    """The judge's context index when it names one of the contexts, else -1."""
+    text = str(value).strip()
+    index = int(text) if text.isdigit() else -1
+    return index if index < contexts else -1
 
 
 def _parse_score(text: str, low: int, high: int) -> float:

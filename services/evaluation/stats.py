@@ -163,6 +163,29 @@ def paired_comparison(base: ArrayLike, candidate: ArrayLike, *, lower_is_better:
 
 
 ALPHA_LEVELS = ("nominal", "ordinal", "interval", "ratio")
+PACKAGE_ALPHA_MAX_VALUES = 64
+"""The krippendorff package's cost grows with units x distinct values squared (seconds for 200 units of
+continuous scores); past this many distinct values interval alpha is computed in closed form instead."""
+
+
+def _interval_alpha(matrix: FloatArray) -> float:
+    """Interval alpha from sums of squares: within a unit, the squared differences of all ordered pairs
+    sum to 2 m SS (m values, SS their squared deviations from the unit mean); likewise over all pairable
+    values for the expected disagreement."""
+    present = ~np.isnan(matrix)
+    m = present.sum(axis=0)
+    pairable = m >= 2
+    if not pairable.any():
+        return math.nan
+    values = np.where(present, matrix, 0.0)[:, pairable]
+    m_u = m[pairable].astype(float)
+    means = values.sum(axis=0) / m_u
+    within = (np.where(present[:, pairable], values - means, 0.0) ** 2).sum(axis=0)
+    pooled = matrix[:, pairable][present[:, pairable]]
+    n = pooled.size
+    observed = float((2.0 * m_u * within / (m_u - 1.0)).sum() / n)
+    expected = float(2.0 * ((pooled - pooled.mean()) ** 2).sum() / (n - 1))
+    return 1.0 - observed / expected if expected > 0 else math.nan
 
 
 def krippendorff_alpha(ratings: ArrayLike, *, level: str = "interval") -> float:
@@ -174,6 +197,8 @@ def krippendorff_alpha(ratings: ArrayLike, *, level: str = "interval") -> float:
     matrix = np.asarray(ratings, dtype=float)
     if matrix.ndim != 2:
         raise ValueError(f"ratings must be coders x units, got shape {matrix.shape}")
+    if level == "interval" and np.unique(matrix[~np.isnan(matrix)]).size > PACKAGE_ALPHA_MAX_VALUES:
+        return _interval_alpha(matrix)
     try:
         with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)

@@ -212,11 +212,13 @@ class CommandSettings(BaseSettings):
     benchmarks_dir: str = ""
     """Folder of the `bench_<area>.py` files `llmo bench` runs; empty: the repository's `tests/benchmarks`."""
     api_key: str = ""
-    """API key (Bearer) the client subcommands (`llmo cost ...`, `llmo retrieval ...`) present when the service requires one."""
+    """API key (Bearer) the client subcommands (`llmo cost ...`, `llmo retrieval ...`, `llmo eval ...`) present when the service requires one."""
     cost_endpoint: str = ""
     """Cost service `host:port` for `llmo cost ...`; empty: the running `llmo up` stack's, else 127.0.0.1:50056."""
     retrieval_endpoint: str = ""
     """Retrieval service `host:port` for `llmo retrieval ...`; empty: the running `llmo up` stack's, else 127.0.0.1:50053."""
+    evaluation_endpoint: str = ""
+    """Evaluation service `host:port` for `llmo eval ...`; empty: the running `llmo up` stack's, else 127.0.0.1:50054."""
 
 
 class OpsSettings(BaseSettings):

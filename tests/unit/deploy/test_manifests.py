@@ -56,7 +56,7 @@ OVERLAYS = ("dev", "prod")
 IMPLEMENTED = tuple(implemented_services())
 # Secrets an SRE creates outside git (deploy/README.md); optional refs may be absent too.
 OUT_OF_BAND_SECRETS = {"llmo-api-keys", "llmo-router-keys", "llmo-router-postgres", "llmo-cost-postgres",
-                       "llmo-retrieval-postgres"}
+                       "llmo-retrieval-postgres", "llmo-evaluation-postgres"}
 # What the out-of-band secrets hold, for reading an overlay's environment (well-formed stand-ins).
 OUT_OF_BAND_STAND_INS = {"llmo-api-keys": "stand-in-key=stand-in-tenant"}
 # Variables a service reads other than as a settings knob: the router's generated portfolio names
@@ -691,13 +691,14 @@ def test_prod_overlay_uses_postgres_json_logs_and_replicas() -> None:
     config = _generated(manifests, "ConfigMap", "llmo-config")
     assert config is not None and config["data"]["LLMO_ENV"] == "prod"
     replicas = {m["metadata"]["name"]: m["spec"]["replicas"] for m in manifests if m["kind"] == "Deployment"}
-    assert replicas == {"router": 3, "inference": 2, "retrieval": 2, "cost": 2}
+    assert replicas == {"router": 3, "inference": 2, "retrieval": 2, "cost": 2, "evaluation": 1}
     urls = {
         m["metadata"]["name"].rsplit("-", 1)[0]: base64.b64decode(m["data"]["url"]).decode()
         for m in manifests
         if m["kind"] == "Secret" and "-database" in m["metadata"]["name"]
     }
-    assert set(urls) == {"llmo-router-database", "llmo-cost-database", "llmo-retrieval-database"}
+    assert set(urls) == {"llmo-router-database", "llmo-cost-database", "llmo-retrieval-database",
+                         "llmo-evaluation-database"}
     assert all(url.startswith("postgresql+psycopg://") for url in urls.values())
     nats_set = next(m for m in manifests if m["kind"] == "StatefulSet")
     assert nats_set["spec"]["replicas"] == 3

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from llmo.evaluation import stats
 from llmo.evaluation.cli import cli
-from llmo.evaluation.meta import Row, meta_evaluate
+from llmo.evaluation.meta import Row, _fast_binary, meta_evaluate
 
 
 def test_correlations_follow_the_labels_overall_and_per_group() -> None:
@@ -44,3 +46,12 @@ def test_bad_rows_name_the_file_and_line(tmp_path: Path) -> None:
     data.write_text("score,human\n0.5,1\nhigh,0\n")
     result = CliRunner().invoke(cli, ["meta", "--data", str(data)])
     assert result.exit_code == 2 and "line 3" in result.output and "score" in result.output
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_bootstrap_binary_figures_are_the_sklearn_ones(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    labels = rng.uniform(size=40) < 0.4
+    scores = np.round(np.clip(labels * 0.3 + rng.uniform(size=40), 0, 1), 1)  # ties included
+    fast, reference = _fast_binary(scores, labels, 0.6), stats.binary_metrics(scores, labels, 0.6)
+    assert fast == pytest.approx(reference)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import warnings
 
+import krippendorff
 import numpy as np
 import pytest
 from scipy import stats as sps
@@ -117,6 +118,16 @@ def test_krippendorff_alpha_hand_computed() -> None:
     # Nominal: o11 = 4, o12 = o21 = 1, n1 = 5, n2 = 1; D_o = 2/6 = D_e = 10/30.
     assert stats.krippendorff_alpha([[1, 1, 2], [1, 1, 1]], level="nominal") == pytest.approx(0.0)
     assert stats.krippendorff_alpha([[1, 2, 3, math.nan], [1, 2, 3, 4]]) == pytest.approx(1.0)
+
+
+def test_krippendorff_alpha_of_continuous_scores_matches_the_package() -> None:
+    # Past PACKAGE_ALPHA_MAX_VALUES distinct values interval alpha is computed in closed form.
+    rng = np.random.default_rng(6)
+    ratings = rng.uniform(size=(4, 30)) + rng.uniform(size=30)
+    ratings[rng.uniform(size=ratings.shape) < 0.2] = math.nan
+    assert np.unique(ratings[~np.isnan(ratings)]).size > stats.PACKAGE_ALPHA_MAX_VALUES
+    expected = krippendorff.alpha(reliability_data=ratings, level_of_measurement="interval")
+    assert stats.krippendorff_alpha(ratings) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("ratings", [
