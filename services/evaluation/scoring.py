@@ -472,10 +472,12 @@ class Scorer:
                       "better? Reply with A, B or TIE only.")
             texts, _, _ = await self._ask([{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}],
                                           judge_cfg, spent, tenant=tenant, purpose=purpose, repeat=repeat)
-            verdict = texts[0].strip().upper().strip(".* ")
-            for word in ("TIE", "A", "B"):
-                if verdict.startswith(word):
-                    return word
+            # The first word decides ("A", "Answer B.", "**TIE**"); "Both are fine" is not a B.
+            words = re.findall(r"[A-Z]+", texts[0].upper())
+            if words[:1] == ["ANSWER"]:
+                words = words[1:]
+            if words and words[0] in ("A", "B", "TIE"):
+                return words[0]
             raise MetricError("JUDGE_BAD_OUTPUT", f"expected A, B or TIE; got {texts[0][:50]!r}")
 
         one, two = await asyncio.gather(order(case.output, case.reference, "pairwise_ab"),
