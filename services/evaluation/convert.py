@@ -11,12 +11,11 @@ from google.protobuf import json_format
 
 from llmo.core.errors import invalid_argument
 from llmo.core.resources import timestamp
+from llmo.evaluation.scoring import MAX_CONTEXTS, MAX_TEXT
 from llmo.evaluation.storage import DatasetRow, ExampleRow, GateRow, RubricRow, RunRow
 from llmo.protos.common.v1 import common_pb2
 from llmo.protos.evaluation.v1 import evaluation_service_pb2 as pb
 
-MAX_TEXT = 64 * 1024  # input, output, reference, and each context
-MAX_CONTEXTS = 32
 MAX_HUMAN_SCORES = 32
 MAX_METADATA_BYTES = 16 * 1024
 MAX_LABELS = 64

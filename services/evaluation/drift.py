@@ -55,10 +55,6 @@ def distribution(values: Sequence[float], start_us: int, end_us: int) -> pb.Scor
         p50=float(np.percentile(array, 50)), p90=float(np.percentile(array, 90)))
 
 
-def severity_of(psi: float) -> str:
-    return "none" if psi < 0.1 else "moderate" if psi < 0.25 else "severe"
-
-
 def compare(metric: str, baseline: Sequence[float], current: Sequence[float], windows: tuple[int, int, int, int]
             ) -> pb.DriftReport:
     base = distribution(baseline, windows[0], windows[1])
@@ -66,7 +62,7 @@ def compare(metric: str, baseline: Sequence[float], current: Sequence[float], wi
     psi = stats.psi(baseline, current, edges="quantile" if metric.startswith("feature:") else "unit")
     ks, p_value = stats.ks_2samp(baseline, current)
     return pb.DriftReport(metric=metric, baseline=base, current=cur, mean_delta=cur.mean - base.mean, psi=psi,
-                          ks_statistic=ks, ks_p_value=p_value, severity=SEVERITY[severity_of(psi)])  # type: ignore[arg-type]
+                          ks_statistic=ks, ks_p_value=p_value, severity=SEVERITY[stats.drift_severity(psi)])  # type: ignore[arg-type]
 
 
 def _vectors(blobs: Sequence[bytes]) -> np.ndarray:
@@ -181,7 +177,7 @@ class DriftMonitor:
         event = events_pb2.EvaluationDriftDetected(
             event_id=event_id, occurred_at=timestamp(now_us()), tenant=tenant, model=model,
             prompt_version=prompt_version, metric=report.metric, psi=report.psi, ks_statistic=report.ks_statistic,
-            ks_p_value=report.ks_p_value, severity=severity_of(report.psi), baseline_mean=report.baseline.mean,
+            ks_p_value=report.ks_p_value, severity=stats.drift_severity(report.psi), baseline_mean=report.baseline.mean,
             current_mean=report.current.mean, window_start=timestamp(start), window_end=timestamp(end))
         # Published before the claim: a crash in between republishes the same event id (dropped downstream).
         if not await asyncio.to_thread(self.store.claim_drift_alert, tenant, model, prompt_version, report.metric,

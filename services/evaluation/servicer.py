@@ -27,7 +27,6 @@ from llmo.core.resources import fingerprint, page_after, parse_name, resource_id
 from llmo.evaluation import gates as gate_checks
 from llmo.evaluation import stats
 from llmo.evaluation.convert import (
-    MAX_TEXT,
     check_dataset_fields,
     check_example,
     check_labels,
@@ -612,5 +611,3 @@ class EvaluationServicer(pb_grpc.EvaluationServiceServicer):
         scope = request.tenant or ("" if ctx.is_admin() else tenant)  # "": every tenant (admins only)
         return pb.GetDriftReportResponse(report=await self.drift.report(request, tenant=scope))
 
-
-__all__ = ["MAX_TEXT", "EvaluationServicer"]

@@ -363,8 +363,8 @@ def ks_2samp(reference: ArrayLike, current: ArrayLike) -> tuple[float, float]:
 
 
 def drift_severity(psi_value: float) -> str:
-    """The usual PSI reading: "none" under 0.1, "moderate" under 0.25, "major" from there."""
-    return "none" if psi_value < 0.1 else "moderate" if psi_value < 0.25 else "major"
+    """The usual PSI reading: "none" under 0.1, "moderate" under 0.25, "severe" from there (the words of DriftSeverity and the drift event)."""
+    return "none" if psi_value < 0.1 else "moderate" if psi_value < 0.25 else "severe"
 
 
 def distribution(values: ArrayLike, bins: int = 10) -> list[tuple[float, float, int]]:

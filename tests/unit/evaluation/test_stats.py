@@ -239,14 +239,14 @@ def test_psi_grows_with_the_shift_and_reads_as_severity() -> None:
     reference = rng.normal(size=2000)
     values = [stats.psi(reference, rng.normal(loc=shift, size=2000)) for shift in (0.0, 0.3, 1.0)]
     assert values[0] < values[1] < values[2]
-    assert [stats.drift_severity(v) for v in values] == ["none", "moderate", "major"]
-    assert [stats.drift_severity(v) for v in (0.0999, 0.1, 0.2499, 0.25)] == ["none", "moderate", "moderate", "major"]
+    assert [stats.drift_severity(v) for v in values] == ["none", "moderate", "severe"]
+    assert [stats.drift_severity(v) for v in (0.0999, 0.1, 0.2499, 0.25)] == ["none", "moderate", "moderate", "severe"]
 
 
 def test_psi_sees_drift_away_from_a_constant_reference_and_ignores_nan() -> None:
     assert stats.psi([1.0] * 50, [1.0] * 49 + [math.nan]) == 0.0
-    assert stats.drift_severity(stats.psi([1.0] * 50, [0.8] * 50)) == "major"
-    assert stats.drift_severity(stats.psi([0.5] * 50, [0.6] * 50)) == "major"
+    assert stats.drift_severity(stats.psi([1.0] * 50, [0.8] * 50)) == "severe"
+    assert stats.drift_severity(stats.psi([0.5] * 50, [0.6] * 50)) == "severe"
     with pytest.raises(ValueError):
         stats.psi([], [0.5])
 
