@@ -267,18 +267,54 @@ class SearchStage(_message.Message):
     def __init__(self, stage: _Optional[str] = ..., latency_ms: _Optional[float] = ..., fell_back: _Optional[bool] = ..., fallback_reason: _Optional[str] = ...) -> None: ...
 
 class CrawlCompleted(_message.Message):
-    __slots__ = ("event_id", "occurred_at", "crawl", "pages_fetched", "pages_failed")
+    __slots__ = ("event_id", "occurred_at", "crawl", "pages_fetched", "pages_failed", "tenant", "state", "mean_score")
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     OCCURRED_AT_FIELD_NUMBER: _ClassVar[int]
     CRAWL_FIELD_NUMBER: _ClassVar[int]
     PAGES_FETCHED_FIELD_NUMBER: _ClassVar[int]
     PAGES_FAILED_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    MEAN_SCORE_FIELD_NUMBER: _ClassVar[int]
     event_id: str
     occurred_at: _timestamp_pb2.Timestamp
     crawl: str
     pages_fetched: int
     pages_failed: int
-    def __init__(self, event_id: _Optional[str] = ..., occurred_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., crawl: _Optional[str] = ..., pages_fetched: _Optional[int] = ..., pages_failed: _Optional[int] = ...) -> None: ...
+    tenant: str
+    state: str
+    mean_score: float
+    def __init__(self, event_id: _Optional[str] = ..., occurred_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., crawl: _Optional[str] = ..., pages_fetched: _Optional[int] = ..., pages_failed: _Optional[int] = ..., tenant: _Optional[str] = ..., state: _Optional[str] = ..., mean_score: _Optional[float] = ...) -> None: ...
+
+class ShareOfVoiceChanged(_message.Message):
+    __slots__ = ("event_id", "occurred_at", "tenant", "run", "previous_run", "engine", "brand", "metric", "before", "after", "difference_low", "difference_high", "p_value")
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    OCCURRED_AT_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_RUN_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
+    BRAND_FIELD_NUMBER: _ClassVar[int]
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    BEFORE_FIELD_NUMBER: _ClassVar[int]
+    AFTER_FIELD_NUMBER: _ClassVar[int]
+    DIFFERENCE_LOW_FIELD_NUMBER: _ClassVar[int]
+    DIFFERENCE_HIGH_FIELD_NUMBER: _ClassVar[int]
+    P_VALUE_FIELD_NUMBER: _ClassVar[int]
+    event_id: str
+    occurred_at: _timestamp_pb2.Timestamp
+    tenant: str
+    run: str
+    previous_run: str
+    engine: str
+    brand: str
+    metric: str
+    before: float
+    after: float
+    difference_low: float
+    difference_high: float
+    p_value: float
+    def __init__(self, event_id: _Optional[str] = ..., occurred_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., tenant: _Optional[str] = ..., run: _Optional[str] = ..., previous_run: _Optional[str] = ..., engine: _Optional[str] = ..., brand: _Optional[str] = ..., metric: _Optional[str] = ..., before: _Optional[float] = ..., after: _Optional[float] = ..., difference_low: _Optional[float] = ..., difference_high: _Optional[float] = ..., p_value: _Optional[float] = ...) -> None: ...
 
 class DeadLetter(_message.Message):
     __slots__ = ("event_id", "occurred_at", "original_subject", "consumer", "reason", "detail", "deliveries", "message_type", "payload")

@@ -13,6 +13,13 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class Surface(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SURFACE_UNSPECIFIED: _ClassVar[Surface]
+    SURFACE_API: _ClassVar[Surface]
+    SURFACE_API_GROUNDED: _ClassVar[Surface]
+    SURFACE_UI: _ClassVar[Surface]
+
 class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     JOB_STATE_UNSPECIFIED: _ClassVar[JobState]
@@ -29,6 +36,9 @@ class Pillar(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PILLAR_STRUCTURE: _ClassVar[Pillar]
     PILLAR_CONTENT: _ClassVar[Pillar]
     PILLAR_AUTHORITY: _ClassVar[Pillar]
+    PILLAR_RELEVANCE: _ClassVar[Pillar]
+    PILLAR_CLARITY: _ClassVar[Pillar]
+    PILLAR_QUALITY: _ClassVar[Pillar]
 
 class Severity(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -57,6 +67,10 @@ class GapKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     GAP_KIND_NO_CONTENT: _ClassVar[GapKind]
     GAP_KIND_NOT_CITED: _ClassVar[GapKind]
     GAP_KIND_COMPETITOR_ONLY: _ClassVar[GapKind]
+SURFACE_UNSPECIFIED: Surface
+SURFACE_API: Surface
+SURFACE_API_GROUNDED: Surface
+SURFACE_UI: Surface
 JOB_STATE_UNSPECIFIED: JobState
 JOB_STATE_PENDING: JobState
 JOB_STATE_RUNNING: JobState
@@ -68,6 +82,9 @@ PILLAR_TECHNICAL: Pillar
 PILLAR_STRUCTURE: Pillar
 PILLAR_CONTENT: Pillar
 PILLAR_AUTHORITY: Pillar
+PILLAR_RELEVANCE: Pillar
+PILLAR_CLARITY: Pillar
+PILLAR_QUALITY: Pillar
 SEVERITY_UNSPECIFIED: Severity
 SEVERITY_INFO: Severity
 SEVERITY_WARNING: Severity
@@ -86,7 +103,7 @@ GAP_KIND_NOT_CITED: GapKind
 GAP_KIND_COMPETITOR_ONLY: GapKind
 
 class Brand(_message.Message):
-    __slots__ = ("name", "aliases", "description", "facts")
+    __slots__ = ("name", "aliases", "description", "facts", "same_as", "logo_url")
     class FactsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -98,11 +115,39 @@ class Brand(_message.Message):
     ALIASES_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     FACTS_FIELD_NUMBER: _ClassVar[int]
+    SAME_AS_FIELD_NUMBER: _ClassVar[int]
+    LOGO_URL_FIELD_NUMBER: _ClassVar[int]
     name: str
     aliases: _containers.RepeatedScalarFieldContainer[str]
     description: str
     facts: _containers.ScalarMap[str, str]
-    def __init__(self, name: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., description: _Optional[str] = ..., facts: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    same_as: _containers.RepeatedScalarFieldContainer[str]
+    logo_url: str
+    def __init__(self, name: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., description: _Optional[str] = ..., facts: _Optional[_Mapping[str, str]] = ..., same_as: _Optional[_Iterable[str]] = ..., logo_url: _Optional[str] = ...) -> None: ...
+
+class TrackedQuery(_message.Message):
+    __slots__ = ("text", "weight", "topic")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    TOPIC_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    weight: float
+    topic: str
+    def __init__(self, text: _Optional[str] = ..., weight: _Optional[float] = ..., topic: _Optional[str] = ...) -> None: ...
+
+class AnswerEngine(_message.Message):
+    __slots__ = ("name", "model", "base_url", "surface", "api_key_env")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    BASE_URL_FIELD_NUMBER: _ClassVar[int]
+    SURFACE_FIELD_NUMBER: _ClassVar[int]
+    API_KEY_ENV_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    model: str
+    base_url: str
+    surface: Surface
+    api_key_env: str
+    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., base_url: _Optional[str] = ..., surface: _Optional[_Union[Surface, str]] = ..., api_key_env: _Optional[str] = ...) -> None: ...
 
 class Competitor(_message.Message):
     __slots__ = ("name", "aliases", "domains")
@@ -133,7 +178,7 @@ class CrawlConfig(_message.Message):
     def __init__(self, max_pages: _Optional[int] = ..., max_depth: _Optional[int] = ..., requests_per_second: _Optional[float] = ..., concurrency: _Optional[int] = ..., include_paths: _Optional[_Iterable[str]] = ..., exclude_paths: _Optional[_Iterable[str]] = ..., user_agent: _Optional[str] = ...) -> None: ...
 
 class Project(_message.Message):
-    __slots__ = ("name", "display_name", "brand", "domains", "competitors", "tracked_queries", "default_engines", "crawl_config", "labels", "create_time", "update_time", "etag")
+    __slots__ = ("name", "display_name", "brand", "domains", "competitors", "tracked_queries", "default_engines", "crawl_config", "labels", "create_time", "update_time", "etag", "queries", "query_set_version", "engines")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -153,6 +198,9 @@ class Project(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
     ETAG_FIELD_NUMBER: _ClassVar[int]
+    QUERIES_FIELD_NUMBER: _ClassVar[int]
+    QUERY_SET_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ENGINES_FIELD_NUMBER: _ClassVar[int]
     name: str
     display_name: str
     brand: Brand
@@ -165,7 +213,10 @@ class Project(_message.Message):
     create_time: _timestamp_pb2.Timestamp
     update_time: _timestamp_pb2.Timestamp
     etag: str
-    def __init__(self, name: _Optional[str] = ..., display_name: _Optional[str] = ..., brand: _Optional[_Union[Brand, _Mapping]] = ..., domains: _Optional[_Iterable[str]] = ..., competitors: _Optional[_Iterable[_Union[Competitor, _Mapping]]] = ..., tracked_queries: _Optional[_Iterable[str]] = ..., default_engines: _Optional[_Iterable[str]] = ..., crawl_config: _Optional[_Union[CrawlConfig, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., etag: _Optional[str] = ...) -> None: ...
+    queries: _containers.RepeatedCompositeFieldContainer[TrackedQuery]
+    query_set_version: int
+    engines: _containers.RepeatedCompositeFieldContainer[AnswerEngine]
+    def __init__(self, name: _Optional[str] = ..., display_name: _Optional[str] = ..., brand: _Optional[_Union[Brand, _Mapping]] = ..., domains: _Optional[_Iterable[str]] = ..., competitors: _Optional[_Iterable[_Union[Competitor, _Mapping]]] = ..., tracked_queries: _Optional[_Iterable[str]] = ..., default_engines: _Optional[_Iterable[str]] = ..., crawl_config: _Optional[_Union[CrawlConfig, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., etag: _Optional[str] = ..., queries: _Optional[_Iterable[_Union[TrackedQuery, _Mapping]]] = ..., query_set_version: _Optional[int] = ..., engines: _Optional[_Iterable[_Union[AnswerEngine, _Mapping]]] = ...) -> None: ...
 
 class CreateProjectRequest(_message.Message):
     __slots__ = ("project_id", "project", "request_id")
@@ -238,30 +289,58 @@ class DeleteProjectResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class CrawlProgress(_message.Message):
-    __slots__ = ("pages_discovered", "pages_fetched", "pages_failed", "pages_disallowed", "pages_queued")
+    __slots__ = ("pages_discovered", "pages_fetched", "pages_failed", "pages_disallowed", "pages_queued", "pages_trapped", "pages_unchanged")
     PAGES_DISCOVERED_FIELD_NUMBER: _ClassVar[int]
     PAGES_FETCHED_FIELD_NUMBER: _ClassVar[int]
     PAGES_FAILED_FIELD_NUMBER: _ClassVar[int]
     PAGES_DISALLOWED_FIELD_NUMBER: _ClassVar[int]
     PAGES_QUEUED_FIELD_NUMBER: _ClassVar[int]
+    PAGES_TRAPPED_FIELD_NUMBER: _ClassVar[int]
+    PAGES_UNCHANGED_FIELD_NUMBER: _ClassVar[int]
     pages_discovered: int
     pages_fetched: int
     pages_failed: int
     pages_disallowed: int
     pages_queued: int
-    def __init__(self, pages_discovered: _Optional[int] = ..., pages_fetched: _Optional[int] = ..., pages_failed: _Optional[int] = ..., pages_disallowed: _Optional[int] = ..., pages_queued: _Optional[int] = ...) -> None: ...
+    pages_trapped: int
+    pages_unchanged: int
+    def __init__(self, pages_discovered: _Optional[int] = ..., pages_fetched: _Optional[int] = ..., pages_failed: _Optional[int] = ..., pages_disallowed: _Optional[int] = ..., pages_queued: _Optional[int] = ..., pages_trapped: _Optional[int] = ..., pages_unchanged: _Optional[int] = ...) -> None: ...
 
 class PillarScores(_message.Message):
-    __slots__ = ("technical", "structure", "content", "authority")
+    __slots__ = ("technical", "structure", "content", "authority", "relevance", "relevance_applicable", "clarity", "quality")
     TECHNICAL_FIELD_NUMBER: _ClassVar[int]
     STRUCTURE_FIELD_NUMBER: _ClassVar[int]
     CONTENT_FIELD_NUMBER: _ClassVar[int]
     AUTHORITY_FIELD_NUMBER: _ClassVar[int]
+    RELEVANCE_FIELD_NUMBER: _ClassVar[int]
+    RELEVANCE_APPLICABLE_FIELD_NUMBER: _ClassVar[int]
+    CLARITY_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_FIELD_NUMBER: _ClassVar[int]
     technical: float
     structure: float
     content: float
     authority: float
-    def __init__(self, technical: _Optional[float] = ..., structure: _Optional[float] = ..., content: _Optional[float] = ..., authority: _Optional[float] = ...) -> None: ...
+    relevance: float
+    relevance_applicable: bool
+    clarity: float
+    quality: float
+    def __init__(self, technical: _Optional[float] = ..., structure: _Optional[float] = ..., content: _Optional[float] = ..., authority: _Optional[float] = ..., relevance: _Optional[float] = ..., relevance_applicable: _Optional[bool] = ..., clarity: _Optional[float] = ..., quality: _Optional[float] = ...) -> None: ...
+
+class Signal(_message.Message):
+    __slots__ = ("pillar", "name", "value", "score", "weight", "detail")
+    PILLAR_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    pillar: Pillar
+    name: str
+    value: float
+    score: float
+    weight: float
+    detail: str
+    def __init__(self, pillar: _Optional[_Union[Pillar, str]] = ..., name: _Optional[str] = ..., value: _Optional[float] = ..., score: _Optional[float] = ..., weight: _Optional[float] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class Finding(_message.Message):
     __slots__ = ("pillar", "severity", "code", "message", "recommendation", "impact")
@@ -280,17 +359,19 @@ class Finding(_message.Message):
     def __init__(self, pillar: _Optional[_Union[Pillar, str]] = ..., severity: _Optional[_Union[Severity, str]] = ..., code: _Optional[str] = ..., message: _Optional[str] = ..., recommendation: _Optional[str] = ..., impact: _Optional[float] = ...) -> None: ...
 
 class PageScore(_message.Message):
-    __slots__ = ("overall", "pillars", "findings")
+    __slots__ = ("overall", "pillars", "findings", "signals")
     OVERALL_FIELD_NUMBER: _ClassVar[int]
     PILLARS_FIELD_NUMBER: _ClassVar[int]
     FINDINGS_FIELD_NUMBER: _ClassVar[int]
+    SIGNALS_FIELD_NUMBER: _ClassVar[int]
     overall: float
     pillars: PillarScores
     findings: _containers.RepeatedCompositeFieldContainer[Finding]
-    def __init__(self, overall: _Optional[float] = ..., pillars: _Optional[_Union[PillarScores, _Mapping]] = ..., findings: _Optional[_Iterable[_Union[Finding, _Mapping]]] = ...) -> None: ...
+    signals: _containers.RepeatedCompositeFieldContainer[Signal]
+    def __init__(self, overall: _Optional[float] = ..., pillars: _Optional[_Union[PillarScores, _Mapping]] = ..., findings: _Optional[_Iterable[_Union[Finding, _Mapping]]] = ..., signals: _Optional[_Iterable[_Union[Signal, _Mapping]]] = ...) -> None: ...
 
 class Page(_message.Message):
-    __slots__ = ("name", "url", "canonical_url", "http_status", "title", "depth", "content_bytes", "word_count", "schema_types", "score", "fetch_time", "error_reason")
+    __slots__ = ("name", "url", "canonical_url", "http_status", "title", "depth", "content_bytes", "word_count", "schema_types", "score", "fetch_time", "error_reason", "noindex", "content_hash", "not_modified", "version", "sitemap_lastmod", "main_text")
     NAME_FIELD_NUMBER: _ClassVar[int]
     URL_FIELD_NUMBER: _ClassVar[int]
     CANONICAL_URL_FIELD_NUMBER: _ClassVar[int]
@@ -303,6 +384,12 @@ class Page(_message.Message):
     SCORE_FIELD_NUMBER: _ClassVar[int]
     FETCH_TIME_FIELD_NUMBER: _ClassVar[int]
     ERROR_REASON_FIELD_NUMBER: _ClassVar[int]
+    NOINDEX_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_HASH_FIELD_NUMBER: _ClassVar[int]
+    NOT_MODIFIED_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SITEMAP_LASTMOD_FIELD_NUMBER: _ClassVar[int]
+    MAIN_TEXT_FIELD_NUMBER: _ClassVar[int]
     name: str
     url: str
     canonical_url: str
@@ -315,17 +402,27 @@ class Page(_message.Message):
     score: PageScore
     fetch_time: _timestamp_pb2.Timestamp
     error_reason: str
-    def __init__(self, name: _Optional[str] = ..., url: _Optional[str] = ..., canonical_url: _Optional[str] = ..., http_status: _Optional[int] = ..., title: _Optional[str] = ..., depth: _Optional[int] = ..., content_bytes: _Optional[int] = ..., word_count: _Optional[int] = ..., schema_types: _Optional[_Iterable[str]] = ..., score: _Optional[_Union[PageScore, _Mapping]] = ..., fetch_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error_reason: _Optional[str] = ...) -> None: ...
+    noindex: bool
+    content_hash: str
+    not_modified: bool
+    version: int
+    sitemap_lastmod: _timestamp_pb2.Timestamp
+    main_text: str
+    def __init__(self, name: _Optional[str] = ..., url: _Optional[str] = ..., canonical_url: _Optional[str] = ..., http_status: _Optional[int] = ..., title: _Optional[str] = ..., depth: _Optional[int] = ..., content_bytes: _Optional[int] = ..., word_count: _Optional[int] = ..., schema_types: _Optional[_Iterable[str]] = ..., score: _Optional[_Union[PageScore, _Mapping]] = ..., fetch_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error_reason: _Optional[str] = ..., noindex: _Optional[bool] = ..., content_hash: _Optional[str] = ..., not_modified: _Optional[bool] = ..., version: _Optional[int] = ..., sitemap_lastmod: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., main_text: _Optional[str] = ...) -> None: ...
 
 class CrawlSummary(_message.Message):
-    __slots__ = ("mean_overall", "mean_pillars", "top_finding_codes")
+    __slots__ = ("mean_overall", "mean_pillars", "top_finding_codes", "llms_txt_found", "ai_bots_blocked")
     MEAN_OVERALL_FIELD_NUMBER: _ClassVar[int]
     MEAN_PILLARS_FIELD_NUMBER: _ClassVar[int]
     TOP_FINDING_CODES_FIELD_NUMBER: _ClassVar[int]
+    LLMS_TXT_FOUND_FIELD_NUMBER: _ClassVar[int]
+    AI_BOTS_BLOCKED_FIELD_NUMBER: _ClassVar[int]
     mean_overall: float
     mean_pillars: PillarScores
     top_finding_codes: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, mean_overall: _Optional[float] = ..., mean_pillars: _Optional[_Union[PillarScores, _Mapping]] = ..., top_finding_codes: _Optional[_Iterable[str]] = ...) -> None: ...
+    llms_txt_found: bool
+    ai_bots_blocked: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, mean_overall: _Optional[float] = ..., mean_pillars: _Optional[_Union[PillarScores, _Mapping]] = ..., top_finding_codes: _Optional[_Iterable[str]] = ..., llms_txt_found: _Optional[bool] = ..., ai_bots_blocked: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Crawl(_message.Message):
     __slots__ = ("name", "seed_urls", "config", "state", "progress", "summary", "error_reason", "error_message", "create_time", "start_time", "end_time")
@@ -533,34 +630,80 @@ class ShareOfVoiceProgress(_message.Message):
     answers_failed: int
     def __init__(self, answers_total: _Optional[int] = ..., answers_completed: _Optional[int] = ..., answers_failed: _Optional[int] = ...) -> None: ...
 
+class Interval(_message.Message):
+    __slots__ = ("estimate", "low", "high")
+    ESTIMATE_FIELD_NUMBER: _ClassVar[int]
+    LOW_FIELD_NUMBER: _ClassVar[int]
+    HIGH_FIELD_NUMBER: _ClassVar[int]
+    estimate: float
+    low: float
+    high: float
+    def __init__(self, estimate: _Optional[float] = ..., low: _Optional[float] = ..., high: _Optional[float] = ...) -> None: ...
+
 class BrandShare(_message.Message):
-    __slots__ = ("brand", "is_project_brand", "mentions", "citations", "share_of_voice", "mean_position")
+    __slots__ = ("brand", "is_project_brand", "mentions", "citations", "share_of_voice", "mean_position", "mention_rate", "mention_share", "answer_share", "citation_rate", "citation_share", "position_weighted_share", "demand_weighted_share")
     BRAND_FIELD_NUMBER: _ClassVar[int]
     IS_PROJECT_BRAND_FIELD_NUMBER: _ClassVar[int]
     MENTIONS_FIELD_NUMBER: _ClassVar[int]
     CITATIONS_FIELD_NUMBER: _ClassVar[int]
     SHARE_OF_VOICE_FIELD_NUMBER: _ClassVar[int]
     MEAN_POSITION_FIELD_NUMBER: _ClassVar[int]
+    MENTION_RATE_FIELD_NUMBER: _ClassVar[int]
+    MENTION_SHARE_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_SHARE_FIELD_NUMBER: _ClassVar[int]
+    CITATION_RATE_FIELD_NUMBER: _ClassVar[int]
+    CITATION_SHARE_FIELD_NUMBER: _ClassVar[int]
+    POSITION_WEIGHTED_SHARE_FIELD_NUMBER: _ClassVar[int]
+    DEMAND_WEIGHTED_SHARE_FIELD_NUMBER: _ClassVar[int]
     brand: str
     is_project_brand: bool
     mentions: int
     citations: int
     share_of_voice: float
     mean_position: float
-    def __init__(self, brand: _Optional[str] = ..., is_project_brand: _Optional[bool] = ..., mentions: _Optional[int] = ..., citations: _Optional[int] = ..., share_of_voice: _Optional[float] = ..., mean_position: _Optional[float] = ...) -> None: ...
+    mention_rate: Interval
+    mention_share: Interval
+    answer_share: Interval
+    citation_rate: Interval
+    citation_share: Interval
+    position_weighted_share: Interval
+    demand_weighted_share: Interval
+    def __init__(self, brand: _Optional[str] = ..., is_project_brand: _Optional[bool] = ..., mentions: _Optional[int] = ..., citations: _Optional[int] = ..., share_of_voice: _Optional[float] = ..., mean_position: _Optional[float] = ..., mention_rate: _Optional[_Union[Interval, _Mapping]] = ..., mention_share: _Optional[_Union[Interval, _Mapping]] = ..., answer_share: _Optional[_Union[Interval, _Mapping]] = ..., citation_rate: _Optional[_Union[Interval, _Mapping]] = ..., citation_share: _Optional[_Union[Interval, _Mapping]] = ..., position_weighted_share: _Optional[_Union[Interval, _Mapping]] = ..., demand_weighted_share: _Optional[_Union[Interval, _Mapping]] = ...) -> None: ...
+
+class ShareOfVoiceChange(_message.Message):
+    __slots__ = ("engine", "brand", "metric", "before", "after", "difference", "p_value", "significant")
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
+    BRAND_FIELD_NUMBER: _ClassVar[int]
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    BEFORE_FIELD_NUMBER: _ClassVar[int]
+    AFTER_FIELD_NUMBER: _ClassVar[int]
+    DIFFERENCE_FIELD_NUMBER: _ClassVar[int]
+    P_VALUE_FIELD_NUMBER: _ClassVar[int]
+    SIGNIFICANT_FIELD_NUMBER: _ClassVar[int]
+    engine: str
+    brand: str
+    metric: str
+    before: float
+    after: float
+    difference: Interval
+    p_value: float
+    significant: bool
+    def __init__(self, engine: _Optional[str] = ..., brand: _Optional[str] = ..., metric: _Optional[str] = ..., before: _Optional[float] = ..., after: _Optional[float] = ..., difference: _Optional[_Union[Interval, _Mapping]] = ..., p_value: _Optional[float] = ..., significant: _Optional[bool] = ...) -> None: ...
 
 class EngineShare(_message.Message):
-    __slots__ = ("engine", "answers", "brands")
+    __slots__ = ("engine", "answers", "brands", "surface")
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     ANSWERS_FIELD_NUMBER: _ClassVar[int]
     BRANDS_FIELD_NUMBER: _ClassVar[int]
+    SURFACE_FIELD_NUMBER: _ClassVar[int]
     engine: str
     answers: int
     brands: _containers.RepeatedCompositeFieldContainer[BrandShare]
-    def __init__(self, engine: _Optional[str] = ..., answers: _Optional[int] = ..., brands: _Optional[_Iterable[_Union[BrandShare, _Mapping]]] = ...) -> None: ...
+    surface: Surface
+    def __init__(self, engine: _Optional[str] = ..., answers: _Optional[int] = ..., brands: _Optional[_Iterable[_Union[BrandShare, _Mapping]]] = ..., surface: _Optional[_Union[Surface, str]] = ...) -> None: ...
 
 class ShareOfVoiceRun(_message.Message):
-    __slots__ = ("name", "engines", "queries", "samples_per_query", "state", "progress", "engine_shares", "overall_share_of_voice", "error_reason", "error_message", "usage", "cost", "create_time", "start_time", "end_time")
+    __slots__ = ("name", "engines", "queries", "samples_per_query", "state", "progress", "engine_shares", "overall_share_of_voice", "error_reason", "error_message", "usage", "cost", "create_time", "start_time", "end_time", "overall", "changes", "previous_run", "query_set_version")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ENGINES_FIELD_NUMBER: _ClassVar[int]
     QUERIES_FIELD_NUMBER: _ClassVar[int]
@@ -576,6 +719,10 @@ class ShareOfVoiceRun(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     START_TIME_FIELD_NUMBER: _ClassVar[int]
     END_TIME_FIELD_NUMBER: _ClassVar[int]
+    OVERALL_FIELD_NUMBER: _ClassVar[int]
+    CHANGES_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_RUN_FIELD_NUMBER: _ClassVar[int]
+    QUERY_SET_VERSION_FIELD_NUMBER: _ClassVar[int]
     name: str
     engines: _containers.RepeatedScalarFieldContainer[str]
     queries: _containers.RepeatedScalarFieldContainer[str]
@@ -591,7 +738,11 @@ class ShareOfVoiceRun(_message.Message):
     create_time: _timestamp_pb2.Timestamp
     start_time: _timestamp_pb2.Timestamp
     end_time: _timestamp_pb2.Timestamp
-    def __init__(self, name: _Optional[str] = ..., engines: _Optional[_Iterable[str]] = ..., queries: _Optional[_Iterable[str]] = ..., samples_per_query: _Optional[int] = ..., state: _Optional[_Union[JobState, str]] = ..., progress: _Optional[_Union[ShareOfVoiceProgress, _Mapping]] = ..., engine_shares: _Optional[_Iterable[_Union[EngineShare, _Mapping]]] = ..., overall_share_of_voice: _Optional[float] = ..., error_reason: _Optional[str] = ..., error_message: _Optional[str] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., cost: _Optional[_Union[_common_pb2.Money, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    overall: BrandShare
+    changes: _containers.RepeatedCompositeFieldContainer[ShareOfVoiceChange]
+    previous_run: str
+    query_set_version: int
+    def __init__(self, name: _Optional[str] = ..., engines: _Optional[_Iterable[str]] = ..., queries: _Optional[_Iterable[str]] = ..., samples_per_query: _Optional[int] = ..., state: _Optional[_Union[JobState, str]] = ..., progress: _Optional[_Union[ShareOfVoiceProgress, _Mapping]] = ..., engine_shares: _Optional[_Iterable[_Union[EngineShare, _Mapping]]] = ..., overall_share_of_voice: _Optional[float] = ..., error_reason: _Optional[str] = ..., error_message: _Optional[str] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., cost: _Optional[_Union[_common_pb2.Money, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., overall: _Optional[_Union[BrandShare, _Mapping]] = ..., changes: _Optional[_Iterable[_Union[ShareOfVoiceChange, _Mapping]]] = ..., previous_run: _Optional[str] = ..., query_set_version: _Optional[int] = ...) -> None: ...
 
 class CreateShareOfVoiceRunRequest(_message.Message):
     __slots__ = ("parent", "share_of_voice_run_id", "share_of_voice_run", "request_id")
@@ -653,6 +804,64 @@ class WatchShareOfVoiceRunResponse(_message.Message):
     share_of_voice_run: ShareOfVoiceRun
     def __init__(self, share_of_voice_run: _Optional[_Union[ShareOfVoiceRun, _Mapping]] = ...) -> None: ...
 
+class CancelShareOfVoiceRunRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class CancelShareOfVoiceRunResponse(_message.Message):
+    __slots__ = ("share_of_voice_run",)
+    SHARE_OF_VOICE_RUN_FIELD_NUMBER: _ClassVar[int]
+    share_of_voice_run: ShareOfVoiceRun
+    def __init__(self, share_of_voice_run: _Optional[_Union[ShareOfVoiceRun, _Mapping]] = ...) -> None: ...
+
+class Answer(_message.Message):
+    __slots__ = ("name", "query", "engine", "sample", "text", "brands_mentioned", "cited_domains", "surface", "error_reason", "error_message", "usage", "create_time")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    BRANDS_MENTIONED_FIELD_NUMBER: _ClassVar[int]
+    CITED_DOMAINS_FIELD_NUMBER: _ClassVar[int]
+    SURFACE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_REASON_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    query: str
+    engine: str
+    sample: int
+    text: str
+    brands_mentioned: _containers.RepeatedScalarFieldContainer[str]
+    cited_domains: _containers.RepeatedScalarFieldContainer[str]
+    surface: Surface
+    error_reason: str
+    error_message: str
+    usage: _common_pb2.Usage
+    create_time: _timestamp_pb2.Timestamp
+    def __init__(self, name: _Optional[str] = ..., query: _Optional[str] = ..., engine: _Optional[str] = ..., sample: _Optional[int] = ..., text: _Optional[str] = ..., brands_mentioned: _Optional[_Iterable[str]] = ..., cited_domains: _Optional[_Iterable[str]] = ..., surface: _Optional[_Union[Surface, str]] = ..., error_reason: _Optional[str] = ..., error_message: _Optional[str] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class ListAnswersRequest(_message.Message):
+    __slots__ = ("parent", "page_size", "page_token")
+    PARENT_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    parent: str
+    page_size: int
+    page_token: str
+    def __init__(self, parent: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListAnswersResponse(_message.Message):
+    __slots__ = ("answers", "next_page_token")
+    ANSWERS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    answers: _containers.RepeatedCompositeFieldContainer[Answer]
+    next_page_token: str
+    def __init__(self, answers: _Optional[_Iterable[_Union[Answer, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
 class GetShareOfVoiceTrendRequest(_message.Message):
     __slots__ = ("project", "engines", "start_time", "end_time", "granularity")
     PROJECT_FIELD_NUMBER: _ClassVar[int]
@@ -668,20 +877,24 @@ class GetShareOfVoiceTrendRequest(_message.Message):
     def __init__(self, project: _Optional[str] = ..., engines: _Optional[_Iterable[str]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., granularity: _Optional[_Union[Granularity, str]] = ...) -> None: ...
 
 class TrendPoint(_message.Message):
-    __slots__ = ("bucket_start_time", "engine", "brand", "share_of_voice", "mentions", "answers")
+    __slots__ = ("bucket_start_time", "engine", "brand", "share_of_voice", "mentions", "answers", "mention_share", "mention_rate")
     BUCKET_START_TIME_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     BRAND_FIELD_NUMBER: _ClassVar[int]
     SHARE_OF_VOICE_FIELD_NUMBER: _ClassVar[int]
     MENTIONS_FIELD_NUMBER: _ClassVar[int]
     ANSWERS_FIELD_NUMBER: _ClassVar[int]
+    MENTION_SHARE_FIELD_NUMBER: _ClassVar[int]
+    MENTION_RATE_FIELD_NUMBER: _ClassVar[int]
     bucket_start_time: _timestamp_pb2.Timestamp
     engine: str
     brand: str
     share_of_voice: float
     mentions: int
     answers: int
-    def __init__(self, bucket_start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., engine: _Optional[str] = ..., brand: _Optional[str] = ..., share_of_voice: _Optional[float] = ..., mentions: _Optional[int] = ..., answers: _Optional[int] = ...) -> None: ...
+    mention_share: Interval
+    mention_rate: Interval
+    def __init__(self, bucket_start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., engine: _Optional[str] = ..., brand: _Optional[str] = ..., share_of_voice: _Optional[float] = ..., mentions: _Optional[int] = ..., answers: _Optional[int] = ..., mention_share: _Optional[_Union[Interval, _Mapping]] = ..., mention_rate: _Optional[_Union[Interval, _Mapping]] = ...) -> None: ...
 
 class GetShareOfVoiceTrendResponse(_message.Message):
     __slots__ = ("points",)
@@ -690,7 +903,7 @@ class GetShareOfVoiceTrendResponse(_message.Message):
     def __init__(self, points: _Optional[_Iterable[_Union[TrendPoint, _Mapping]]] = ...) -> None: ...
 
 class CoverageGap(_message.Message):
-    __slots__ = ("query", "kind", "engines", "competitors_present", "best_page_url", "best_page_similarity", "opportunity", "recommendation")
+    __slots__ = ("query", "kind", "engines", "competitors_present", "best_page_url", "best_page_similarity", "opportunity", "recommendation", "nearest_passages", "competitor_citations")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     ENGINES_FIELD_NUMBER: _ClassVar[int]
@@ -699,6 +912,8 @@ class CoverageGap(_message.Message):
     BEST_PAGE_SIMILARITY_FIELD_NUMBER: _ClassVar[int]
     OPPORTUNITY_FIELD_NUMBER: _ClassVar[int]
     RECOMMENDATION_FIELD_NUMBER: _ClassVar[int]
+    NEAREST_PASSAGES_FIELD_NUMBER: _ClassVar[int]
+    COMPETITOR_CITATIONS_FIELD_NUMBER: _ClassVar[int]
     query: str
     kind: GapKind
     engines: _containers.RepeatedScalarFieldContainer[str]
@@ -707,7 +922,19 @@ class CoverageGap(_message.Message):
     best_page_similarity: float
     opportunity: float
     recommendation: str
-    def __init__(self, query: _Optional[str] = ..., kind: _Optional[_Union[GapKind, str]] = ..., engines: _Optional[_Iterable[str]] = ..., competitors_present: _Optional[_Iterable[str]] = ..., best_page_url: _Optional[str] = ..., best_page_similarity: _Optional[float] = ..., opportunity: _Optional[float] = ..., recommendation: _Optional[str] = ...) -> None: ...
+    nearest_passages: _containers.RepeatedCompositeFieldContainer[PassageMatch]
+    competitor_citations: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, query: _Optional[str] = ..., kind: _Optional[_Union[GapKind, str]] = ..., engines: _Optional[_Iterable[str]] = ..., competitors_present: _Optional[_Iterable[str]] = ..., best_page_url: _Optional[str] = ..., best_page_similarity: _Optional[float] = ..., opportunity: _Optional[float] = ..., recommendation: _Optional[str] = ..., nearest_passages: _Optional[_Iterable[_Union[PassageMatch, _Mapping]]] = ..., competitor_citations: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class PassageMatch(_message.Message):
+    __slots__ = ("url", "text", "similarity")
+    URL_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    SIMILARITY_FIELD_NUMBER: _ClassVar[int]
+    url: str
+    text: str
+    similarity: float
+    def __init__(self, url: _Optional[str] = ..., text: _Optional[str] = ..., similarity: _Optional[float] = ...) -> None: ...
 
 class ListCoverageGapsRequest(_message.Message):
     __slots__ = ("parent", "page_size", "page_token", "share_of_voice_run")
@@ -730,20 +957,22 @@ class ListCoverageGapsResponse(_message.Message):
     def __init__(self, coverage_gaps: _Optional[_Iterable[_Union[CoverageGap, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class ReferralVisit(_message.Message):
-    __slots__ = ("visit_id", "visit_time", "landing_url", "referrer", "user_agent", "utm_source")
+    __slots__ = ("visit_id", "visit_time", "landing_url", "referrer", "user_agent", "utm_source", "count")
     VISIT_ID_FIELD_NUMBER: _ClassVar[int]
     VISIT_TIME_FIELD_NUMBER: _ClassVar[int]
     LANDING_URL_FIELD_NUMBER: _ClassVar[int]
     REFERRER_FIELD_NUMBER: _ClassVar[int]
     USER_AGENT_FIELD_NUMBER: _ClassVar[int]
     UTM_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
     visit_id: str
     visit_time: _timestamp_pb2.Timestamp
     landing_url: str
     referrer: str
     user_agent: str
     utm_source: str
-    def __init__(self, visit_id: _Optional[str] = ..., visit_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., landing_url: _Optional[str] = ..., referrer: _Optional[str] = ..., user_agent: _Optional[str] = ..., utm_source: _Optional[str] = ...) -> None: ...
+    count: int
+    def __init__(self, visit_id: _Optional[str] = ..., visit_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., landing_url: _Optional[str] = ..., referrer: _Optional[str] = ..., user_agent: _Optional[str] = ..., utm_source: _Optional[str] = ..., count: _Optional[int] = ...) -> None: ...
 
 class RecordReferralVisitsRequest(_message.Message):
     __slots__ = ("project", "visits")
@@ -817,7 +1046,7 @@ class LandingPageTraffic(_message.Message):
     def __init__(self, url: _Optional[str] = ..., visits: _Optional[int] = ..., by_engine: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class GetReferralTrafficResponse(_message.Message):
-    __slots__ = ("buckets", "totals_by_engine", "ai_share_of_visits", "top_pages")
+    __slots__ = ("buckets", "totals_by_engine", "ai_share_of_visits", "top_pages", "crawlers", "lower_bound_note")
     class TotalsByEngineEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -829,8 +1058,26 @@ class GetReferralTrafficResponse(_message.Message):
     TOTALS_BY_ENGINE_FIELD_NUMBER: _ClassVar[int]
     AI_SHARE_OF_VISITS_FIELD_NUMBER: _ClassVar[int]
     TOP_PAGES_FIELD_NUMBER: _ClassVar[int]
+    CRAWLERS_FIELD_NUMBER: _ClassVar[int]
+    LOWER_BOUND_NOTE_FIELD_NUMBER: _ClassVar[int]
     buckets: _containers.RepeatedCompositeFieldContainer[ReferralBucket]
     totals_by_engine: _containers.ScalarMap[str, int]
     ai_share_of_visits: float
     top_pages: _containers.RepeatedCompositeFieldContainer[LandingPageTraffic]
-    def __init__(self, buckets: _Optional[_Iterable[_Union[ReferralBucket, _Mapping]]] = ..., totals_by_engine: _Optional[_Mapping[str, int]] = ..., ai_share_of_visits: _Optional[float] = ..., top_pages: _Optional[_Iterable[_Union[LandingPageTraffic, _Mapping]]] = ...) -> None: ...
+    crawlers: _containers.RepeatedCompositeFieldContainer[CrawlerActivity]
+    lower_bound_note: str
+    def __init__(self, buckets: _Optional[_Iterable[_Union[ReferralBucket, _Mapping]]] = ..., totals_by_engine: _Optional[_Mapping[str, int]] = ..., ai_share_of_visits: _Optional[float] = ..., top_pages: _Optional[_Iterable[_Union[LandingPageTraffic, _Mapping]]] = ..., crawlers: _Optional[_Iterable[_Union[CrawlerActivity, _Mapping]]] = ..., lower_bound_note: _Optional[str] = ...) -> None: ...
+
+class CrawlerActivity(_message.Message):
+    __slots__ = ("token", "operator", "purpose", "fetches", "verified")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    OPERATOR_FIELD_NUMBER: _ClassVar[int]
+    PURPOSE_FIELD_NUMBER: _ClassVar[int]
+    FETCHES_FIELD_NUMBER: _ClassVar[int]
+    VERIFIED_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    operator: str
+    purpose: str
+    fetches: int
+    verified: bool
+    def __init__(self, token: _Optional[str] = ..., operator: _Optional[str] = ..., purpose: _Optional[str] = ..., fetches: _Optional[int] = ..., verified: _Optional[bool] = ...) -> None: ...

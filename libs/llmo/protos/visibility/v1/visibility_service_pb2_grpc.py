@@ -41,10 +41,17 @@ class VisibilityServiceStub:
     projects/{project}/crawls/{crawl}
     projects/{project}/crawls/{crawl}/pages/{page}
     projects/{project}/shareOfVoiceRuns/{share_of_voice_run}
+    projects/{project}/shareOfVoiceRuns/{share_of_voice_run}/answers/{answer}
     Resource ids match `[a-z0-9][a-z0-9-]{0,62}`; page ids are the hex SHA-256
     prefix (16 chars) of the page's canonical URL.
 
-    Scores are in [0, 100]; shares are fractions in [0, 1].
+    Scores are in [0, 100]; shares are fractions in [0, 1]. Every rate and share of a
+    share-of-voice run comes with a 95% confidence interval (`Interval`): answers vary
+    from run to run, so a rate without its interval says little.
+
+    The crawler never fetches private, loopback, link-local, multicast, reserved or
+    cloud-metadata addresses (checked after DNS resolution, at connect time and on every
+    redirect hop) unless the service's allowlist names them (LLMO_VISIBILITY_FETCH_ALLOW).
 
     Errors: canonical gRPC status with a `google.rpc.ErrorInfo` detail whose
     `domain` is `llmo.visibility` and whose `reason` is one of the stable strings
@@ -150,6 +157,16 @@ class VisibilityServiceStub:
                 request_serializer=llmo_dot_visibility_dot_v1_dot_visibility__service__pb2.WatchShareOfVoiceRunRequest.SerializeToString,
                 response_deserializer=llmo_dot_visibility_dot_v1_dot_visibility__service__pb2.WatchShareOfVoiceRunResponse.FromString,
                 _registered_method=True)
+        self.CancelShareOfVoiceRun = channel.unary_unary(
+                '/llmo.visibility.v1.VisibilityService/CancelShareOfVoiceRun',
+                request_serializer=llmo_dot_visibility_dot_v1_dot_visibility__service__pb2.CancelShareOfVoiceRunRequest.SerializeToString,
+                response_deserializer=llmo_dot_visibility_dot_v1_dot_visibility__service__pb2.CancelShareOfVoiceRunResponse.FromString,
+                _registered_method=True)
+        self.ListAnswers = channel.unary_unary(
+                '/llmo.visibility.v1.VisibilityService/ListAnswers',
+                request_serializer=llmo_dot_visibility_dot_v1_dot_visibility__service__pb2.ListAnswersRequest.SerializeToString,
+                response_deserializer=llmo_dot_visibility_dot_v1_dot_visibility__service__pb2.ListAnswersResponse.FromString,
+                _registered_method=True)
         self.GetShareOfVoiceTrend = channel.unary_unary(
                 '/llmo.visibility.v1.VisibilityService/GetShareOfVoiceTrend',
                 request_serializer=llmo_dot_visibility_dot_v1_dot_visibility__service__pb2.GetShareOfVoiceTrendRequest.SerializeToString,
@@ -187,10 +204,17 @@ class VisibilityServiceServicer:
     projects/{project}/crawls/{crawl}
     projects/{project}/crawls/{crawl}/pages/{page}
     projects/{project}/shareOfVoiceRuns/{share_of_voice_run}
+    projects/{project}/shareOfVoiceRuns/{share_of_voice_run}/answers/{answer}
     Resource ids match `[a-z0-9][a-z0-9-]{0,62}`; page ids are the hex SHA-256
     prefix (16 chars) of the page's canonical URL.
 
-    Scores are in [0, 100]; shares are fractions in [0, 1].
+    Scores are in [0, 100]; shares are fractions in [0, 1]. Every rate and share of a
+    share-of-voice run comes with a 95% confidence interval (`Interval`): answers vary
+    from run to run, so a rate without its interval says little.
+
+    The crawler never fetches private, loopback, link-local, multicast, reserved or
+    cloud-metadata addresses (checked after DNS resolution, at connect time and on every
+    redirect hop) unless the service's allowlist names them (LLMO_VISIBILITY_FETCH_ALLOW).
 
     Errors: canonical gRPC status with a `google.rpc.ErrorInfo` detail whose
     `domain` is `llmo.visibility` and whose `reason` is one of the stable strings
@@ -361,14 +385,22 @@ class VisibilityServiceServicer:
 
     def CreateShareOfVoiceRun(self, request, context):
         """Starts a share-of-voice run: every tracked query is asked to every answer
-        engine `samples_per_query` times through the router. Returns at once in
-        JOB_STATE_PENDING.
+        engine `samples_per_query` times (an engine is one of the project's `engines`,
+        or a router model name). Returns at once in JOB_STATE_PENDING. Every answer is
+        stored; an engine that times out or returns garbage fails that answer only
+        (`answers_failed`), never the run. When it succeeds the run is compared with
+        the project's previous succeeded run and `llmo.visibility.v1.share_of_voice_changed`
+        is published for each significant change of the brand's mention rate.
+        Answers through the router are charged to the calling tenant.
         Errors:
         INVALID_ARGUMENT     INVALID_NAME, INVALID_RUN_ID, NO_ENGINES, NO_QUERIES,
         INVALID_SAMPLES (outside 1..10)
-        NOT_FOUND            PROJECT_NOT_FOUND, ENGINE_NOT_FOUND (unknown to the router)
+        NOT_FOUND            PROJECT_NOT_FOUND, ENGINE_NOT_FOUND (neither a project engine nor
+        a model the router lists)
         ALREADY_EXISTS       RUN_ALREADY_EXISTS
-        RESOURCE_EXHAUSTED   BUDGET_EXCEEDED (the run's estimated cost exceeds a hard budget)
+        FAILED_PRECONDITION  ENGINES_NOT_CONFIGURED (a router model is named but the service
+        has no router URL)
+        RESOURCE_EXHAUSTED   TOO_MANY_ACTIVE_RUNS
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -403,6 +435,28 @@ class VisibilityServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CancelShareOfVoiceRun(self, request, context):
+        """Requests cancellation of a share-of-voice run; answers stored so far are kept and
+        the run ends CANCELLED without metrics. Cancelling a finished run is a no-op.
+        Errors:
+        INVALID_ARGUMENT  INVALID_NAME
+        NOT_FOUND         PROJECT_NOT_FOUND, RUN_NOT_FOUND
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAnswers(self, request, context):
+        """Lists the answers a run stored, with the mentions and citations found in each,
+        ordered by query, engine and sample.
+        Errors:
+        INVALID_ARGUMENT  INVALID_NAME, INVALID_PAGE_SIZE, INVALID_PAGE_TOKEN
+        NOT_FOUND         PROJECT_NOT_FOUND, RUN_NOT_FOUND
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetShareOfVoiceTrend(self, request, context):
         """Share of voice over time, per engine, from the project's succeeded runs.
         Errors:
@@ -414,8 +468,9 @@ class VisibilityServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListCoverageGaps(self, request, context):
-        """Lists tracked queries where the brand is missing from answers, ordered by
-        `opportunity` (highest first).
+        """Lists tracked queries where the brand is missing from answers or that no crawled
+        passage answers well (best passage similarity below the service's threshold),
+        ordered by `opportunity` (highest first). Reads the latest succeeded crawl.
         Errors:
         INVALID_ARGUMENT     INVALID_NAME, INVALID_PAGE_SIZE, INVALID_PAGE_TOKEN
         NOT_FOUND            PROJECT_NOT_FOUND, RUN_NOT_FOUND
@@ -434,14 +489,16 @@ class VisibilityServiceServicer:
         INVALID_ARGUMENT  INVALID_NAME, TOO_MANY_VISITS (more than 10000 per call)
         NOT_FOUND         PROJECT_NOT_FOUND
         Per-visit reasons (in `RejectedVisit.reason`): INVALID_URL,
-        DOMAIN_NOT_IN_PROJECT, MISSING_VISIT_TIME
+        DOMAIN_NOT_IN_PROJECT, MISSING_VISIT_TIME, INVALID_COUNT
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetReferralTraffic(self, request, context):
-        """AI referral traffic per engine and time bucket, with top landing pages.
+        """AI referral traffic per engine and time bucket, with top landing pages, and
+        fetches by AI crawlers (by user agent; unverified). Referral counts are a lower
+        bound: many apps and engines send no Referer, and such visits look direct.
         Errors:
         INVALID_ARGUMENT  INVALID_NAME, INVALID_WINDOW
         NOT_FOUND         PROJECT_NOT_FOUND
@@ -543,6 +600,16 @@ def add_VisibilityServiceServicer_to_server(servicer, server):
                     request_deserializer=llmo_dot_visibility_dot_v1_dot_visibility__service__pb2.WatchShareOfVoiceRunRequest.FromString,
                     response_serializer=llmo_dot_visibility_dot_v1_dot_visibility__service__pb2.WatchShareOfVoiceRunResponse.SerializeToString,
             ),
+            'CancelShareOfVoiceRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelShareOfVoiceRun,
+                    request_deserializer=llmo_dot_visibility_dot_v1_dot_visibility__service__pb2.CancelShareOfVoiceRunRequest.FromString,
+                    response_serializer=llmo_dot_visibility_dot_v1_dot_visibility__service__pb2.CancelShareOfVoiceRunResponse.SerializeToString,
+            ),
+            'ListAnswers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAnswers,
+                    request_deserializer=llmo_dot_visibility_dot_v1_dot_visibility__service__pb2.ListAnswersRequest.FromString,
+                    response_serializer=llmo_dot_visibility_dot_v1_dot_visibility__service__pb2.ListAnswersResponse.SerializeToString,
+            ),
             'GetShareOfVoiceTrend': grpc.unary_unary_rpc_method_handler(
                     servicer.GetShareOfVoiceTrend,
                     request_deserializer=llmo_dot_visibility_dot_v1_dot_visibility__service__pb2.GetShareOfVoiceTrendRequest.FromString,
@@ -586,10 +653,17 @@ class VisibilityService:
     projects/{project}/crawls/{crawl}
     projects/{project}/crawls/{crawl}/pages/{page}
     projects/{project}/shareOfVoiceRuns/{share_of_voice_run}
+    projects/{project}/shareOfVoiceRuns/{share_of_voice_run}/answers/{answer}
     Resource ids match `[a-z0-9][a-z0-9-]{0,62}`; page ids are the hex SHA-256
     prefix (16 chars) of the page's canonical URL.
 
-    Scores are in [0, 100]; shares are fractions in [0, 1].
+    Scores are in [0, 100]; shares are fractions in [0, 1]. Every rate and share of a
+    share-of-voice run comes with a 95% confidence interval (`Interval`): answers vary
+    from run to run, so a rate without its interval says little.
+
+    The crawler never fetches private, loopback, link-local, multicast, reserved or
+    cloud-metadata addresses (checked after DNS resolution, at connect time and on every
+    redirect hop) unless the service's allowlist names them (LLMO_VISIBILITY_FETCH_ALLOW).
 
     Errors: canonical gRPC status with a `google.rpc.ErrorInfo` detail whose
     `domain` is `llmo.visibility` and whose `reason` is one of the stable strings
@@ -1075,6 +1149,60 @@ class VisibilityService:
             '/llmo.visibility.v1.VisibilityService/WatchShareOfVoiceRun',
             llmo_dot_visibility_dot_v1_dot_visibility__service__pb2.WatchShareOfVoiceRunRequest.SerializeToString,
             llmo_dot_visibility_dot_v1_dot_visibility__service__pb2.WatchShareOfVoiceRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelShareOfVoiceRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmo.visibility.v1.VisibilityService/CancelShareOfVoiceRun',
+            llmo_dot_visibility_dot_v1_dot_visibility__service__pb2.CancelShareOfVoiceRunRequest.SerializeToString,
+            llmo_dot_visibility_dot_v1_dot_visibility__service__pb2.CancelShareOfVoiceRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAnswers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmo.visibility.v1.VisibilityService/ListAnswers',
+            llmo_dot_visibility_dot_v1_dot_visibility__service__pb2.ListAnswersRequest.SerializeToString,
+            llmo_dot_visibility_dot_v1_dot_visibility__service__pb2.ListAnswersResponse.FromString,
             options,
             channel_credentials,
             insecure,
