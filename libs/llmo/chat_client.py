@@ -48,6 +48,9 @@ class Completion:
     cost_micros: int = 0
     # Per choice, the tokens with their logprobs, when asked for and returned.
     logprobs: list[list[TokenLogprob] | None] = field(default_factory=list)
+    # URLs the answer cites: the first choice's `url_citation` annotations (OpenAI search models) and
+    # a top-level `citations` list (Perplexity).
+    citations: list[str] = field(default_factory=list)
 
     @property
     def text(self) -> str:
@@ -147,6 +150,22 @@ def _logprobs(choice: dict[str, Any]) -> list[TokenLogprob] | None:
             for t in content]
 
 
+def _citations(parsed: dict[str, Any], choice: dict[str, Any]) -> list[str]:
+    found: list[str] = []
+    annotations = (choice.get("message") or {}).get("annotations")
+    for annotation in annotations if isinstance(annotations, list) else ():
+        cited = annotation.get("url_citation") if isinstance(annotation, dict) else None
+        if isinstance(cited, dict) and isinstance(cited.get("url"), str):
+            found.append(cited["url"])
+    listed = parsed.get("citations")
+    for url in listed if isinstance(listed, list) else ():
+        if isinstance(url, str):
+            found.append(url)
+        elif isinstance(url, dict) and isinstance(url.get("url"), str):
+            found.append(url["url"])
+    return found
+
+
 def _parse(raw: bytes, asked: str) -> Completion:
     try:
         parsed = json.loads(raw)
@@ -158,6 +177,6 @@ def _parse(raw: bytes, asked: str) -> Completion:
         cost = (parsed.get("llmo") or {}).get("cost_micros") or 0
         return Completion([t.strip() for t in texts], str(parsed.get("model") or asked),
                           int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0), int(cost),
-                          [_logprobs(c) for c in choices])
+                          [_logprobs(c) for c in choices], _citations(parsed, choices[0]))
     except (ValueError, KeyError, IndexError, TypeError, AttributeError) as error:
         raise ChatError("BAD_OUTPUT", f"not a chat completion: {error!r}") from error

@@ -219,6 +219,8 @@ class CommandSettings(BaseSettings):
     """Retrieval service `host:port` for `llmo retrieval ...`; empty: the running `llmo up` stack's, else 127.0.0.1:50053."""
     evaluation_endpoint: str = ""
     """Evaluation service `host:port` for `llmo eval ...`; empty: the running `llmo up` stack's, else 127.0.0.1:50054."""
+    visibility_endpoint: str = ""
+    """Visibility service `host:port` for `llmo visibility ...`; empty: the running `llmo up` stack's, else 127.0.0.1:50055."""
 
 
 class OpsSettings(BaseSettings):
