@@ -33,6 +33,8 @@ from llmo.protos.retrieval.v1 import retrieval_service_pb2 as ret_pb
 from llmo.protos.retrieval.v1 import retrieval_service_pb2_grpc as ret_grpc
 from llmo.protos.router.v1 import router_service_pb2 as router_pb
 from llmo.protos.router.v1 import router_service_pb2_grpc as router_grpc
+from llmo.protos.visibility.v1 import visibility_service_pb2 as vis_pb
+from llmo.protos.visibility.v1 import visibility_service_pb2_grpc as vis_grpc
 from tests.suites.stack import UPSTREAM_KEY_ENV, Endpoint, Stack, platform
 
 DEMO = "llmo-demo"
@@ -329,6 +331,79 @@ EVALUATION = ServiceEntry(
 )
 
 
+# ---------------------------------------------------------------- visibility
+
+SUITE_PROJECT = "suite-proj"
+
+
+async def _start_visibility(stack: Stack) -> Endpoint:
+    from llmo.visibility.main import start
+    from llmo.visibility.settings import VisibilitySettings
+
+    data = stack.data_dir / "visibility"
+    data.mkdir(parents=True, exist_ok=True)
+    router = stack.endpoints["router"]
+    # Answers go through the real router (the demo model), charged to the tenant who started the run.
+    settings = VisibilitySettings(database_url=f"sqlite:///{data / 'visibility.db'}", metrics_port=-1,
+                                  engine_url=f"http://127.0.0.1:{router.http_port}", engine_api_key="k-router",
+                                  engine_max_tokens=16, sov_resamples=100, platform=platform(stack.nats.url, data))
+    running = await start(settings, port=0, metrics=False)
+    return endpoint_of(running)
+
+
+def visibility_project(brand: str = "Acme") -> vis_pb.Project:
+    # 127.0.0.1: a crawl of it is refused by the crawler's address policy, so suites never send traffic.
+    return vis_pb.Project(brand=vis_pb.Brand(name=brand), domains=["acme.example", "127.0.0.1"],
+                          competitors=[vis_pb.Competitor(name="Globex")], default_engines=[DEMO],
+                          queries=[vis_pb.TrackedQuery(text="best anvil supplier")])
+
+
+def finished_sov_run(stub: vis_grpc.VisibilityServiceStub, key: str, project: str, run_id: str) -> vis_pb.ShareOfVoiceRun:
+    """A one-answer share-of-voice run of `project` through the router, followed to its end."""
+    stub.CreateShareOfVoiceRun(vis_pb.CreateShareOfVoiceRunRequest(
+        parent=f"projects/{project}", share_of_voice_run_id=run_id), metadata=auth(key), timeout=TIMEOUT)
+    last = None
+    for reply in stub.WatchShareOfVoiceRun(vis_pb.WatchShareOfVoiceRunRequest(
+            name=f"projects/{project}/shareOfVoiceRuns/{run_id}"), metadata=auth(key), timeout=TIMEOUT):
+        last = reply.share_of_voice_run
+    assert last is not None and last.state == vis_pb.JOB_STATE_SUCCEEDED, last
+    return last
+
+
+def _visibility_seed(stack: Stack) -> None:
+    stub = vis_grpc.VisibilityServiceStub(stack.channel("visibility"))
+    for key in ("k1", "k-probe"):
+        stub.CreateProject(vis_pb.CreateProjectRequest(project_id=SUITE_PROJECT, project=visibility_project()),
+                           metadata=auth(key), timeout=TIMEOUT)
+    finished_sov_run(stub, "k-probe", SUITE_PROJECT, "suite-run")
+
+
+def _visibility_verify(stack: Stack, state: Any) -> None:
+    stub = vis_grpc.VisibilityServiceStub(stack.channel("visibility"))
+    name = f"projects/{SUITE_PROJECT}"
+    run = stub.GetShareOfVoiceRun(vis_pb.GetShareOfVoiceRunRequest(name=f"{name}/shareOfVoiceRuns/suite-run"),
+                                  metadata=auth("k-probe"), timeout=TIMEOUT).share_of_voice_run
+    assert run.state == vis_pb.JOB_STATE_SUCCEEDED and run.progress.answers_completed == 1, run
+    page = stub.ScorePage(vis_pb.ScorePageRequest(html="<html><head><title>Anvils</title></head><body><h1>Anvils"
+                                                       "</h1><p>We make anvils.</p></body></html>"),
+                          metadata=auth("k-probe"), timeout=TIMEOUT).page
+    assert 0 <= page.score.overall <= 100 and page.score.findings, page
+
+
+VISIBILITY = ServiceEntry(
+    name="visibility",
+    descriptor=vis_pb.DESCRIPTOR.services_by_name["VisibilityService"],
+    start=_start_visibility,
+    string_hints=(SUITE_PROJECT, f"projects/{SUITE_PROJECT}", f"projects/{SUITE_PROJECT}/crawls/c1",
+                  f"projects/{SUITE_PROJECT}/shareOfVoiceRuns/suite-run",
+                  f"projects/{SUITE_PROJECT}/crawls/c1/pages/0123456789abcdef", "acme.example",
+                  "https://acme.example/", "https://chatgpt.com/", DEMO, "Acme", "display_name", "brand",
+                  "queries", "labels"),
+    seed=_visibility_seed,
+    verify=_visibility_verify,
+)
+
+
 # ---------------------------------------------------------------- router
 
 PORTFOLIO = """
@@ -431,8 +506,8 @@ def _http_known_good(stack: Stack, service: str, path: str, body: dict[str, Any]
     assert status == 200, (status, payload[:500])
 
 
-# Start order matters: the router calls inference (HTTP) and cost (budgets).
-SERVICES: list[ServiceEntry] = [INFERENCE, COST, ROUTER, RETRIEVAL, EVALUATION]
+# Start order matters: the router calls inference (HTTP) and cost (budgets); visibility asks the router.
+SERVICES: list[ServiceEntry] = [INFERENCE, COST, ROUTER, RETRIEVAL, EVALUATION, VISIBILITY]
 BY_NAME = {entry.name: entry for entry in SERVICES}
 
 

@@ -25,15 +25,19 @@ from llmo.protos.retrieval.v1 import retrieval_service_pb2 as ret_pb
 from llmo.protos.retrieval.v1 import retrieval_service_pb2_grpc as ret_grpc
 from llmo.protos.router.v1 import router_service_pb2 as rpb
 from llmo.protos.router.v1 import router_service_pb2_grpc as router_grpc
+from llmo.protos.visibility.v1 import visibility_service_pb2 as vis_pb
+from llmo.protos.visibility.v1 import visibility_service_pb2_grpc as vis_grpc
 from tests.suites.registry import (
     DEMO,
     SUITE_APP,
     TIMEOUT,
     auth,
     finished_run,
+    finished_sov_run,
     ingest,
     ledger_total,
     usage_record,
+    visibility_project,
 )
 from tests.suites.stack import Stack
 
@@ -398,9 +402,107 @@ EVALUATION_PLAN = Plan(
 )
 
 
+# ---------------------------------------------------------------- visibility
+
+
+def _visibility(stack: Stack) -> vis_grpc.VisibilityServiceStub:
+    return vis_grpc.VisibilityServiceStub(stack.channel("visibility"))
+
+
+def _proj(kind: str) -> str:
+    return f"projects/{kind}-proj"
+
+
+def _vis_run(kind: str) -> str:
+    return f"{_proj(kind)}/shareOfVoiceRuns/{kind}-run"
+
+
+def _vis_crawl(kind: str) -> str:
+    return f"{_proj(kind)}/crawls/{kind}-crawl"
+
+
+def _stamp(seconds: int) -> Any:
+    from google.protobuf import timestamp_pb2
+
+    return timestamp_pb2.Timestamp(seconds=seconds)
+
+
+def _visibility_setup(stack: Stack) -> dict[str, Any]:
+    stub, meta = _visibility(stack), auth(A_KEY)
+    project = visibility_project(brand=f"{SECRET} brand")
+    project.display_name = f"{SECRET} project"
+    stub.CreateProject(vis_pb.CreateProjectRequest(project_id=f"{SECRET}-proj", project=project), metadata=meta,
+                       timeout=TIMEOUT)
+    finished_sov_run(stub, A_KEY, f"{SECRET}-proj", f"{SECRET}-run")
+    # A crawl of a loopback address, which the crawler refuses without an allowlist: it ends at once,
+    # and nothing leaves the machine.
+    stub.StartCrawl(vis_pb.StartCrawlRequest(parent=_proj(SECRET), crawl_id=f"{SECRET}-crawl", crawl=vis_pb.Crawl(
+        seed_urls=["http://127.0.0.1:1/"], config=vis_pb.CrawlConfig(max_pages=1))), metadata=meta, timeout=TIMEOUT)
+    for _ in stub.WatchCrawl(vis_pb.WatchCrawlRequest(name=_vis_crawl(SECRET)), metadata=meta, timeout=TIMEOUT):
+        pass
+    stub.RecordReferralVisits(vis_pb.RecordReferralVisitsRequest(project=_proj(SECRET), visits=[vis_pb.ReferralVisit(
+        visit_id=f"{SECRET}-visit", visit_time=_stamp(1_767_225_600), landing_url="https://acme.example/",
+        referrer="https://chatgpt.com/")]), metadata=meta, timeout=TIMEOUT)
+    return {}
+
+
+def _visibility_verify(stack: Stack, state: dict[str, Any]) -> None:
+    stub, meta = _visibility(stack), auth(A_KEY)
+    project = stub.GetProject(vis_pb.GetProjectRequest(name=_proj(SECRET)), metadata=meta, timeout=TIMEOUT).project
+    assert project.display_name == f"{SECRET} project" and project.brand.name == f"{SECRET} brand", project
+    run = stub.GetShareOfVoiceRun(vis_pb.GetShareOfVoiceRunRequest(name=_vis_run(SECRET)), metadata=meta,
+                                  timeout=TIMEOUT).share_of_voice_run
+    assert run.state == vis_pb.JOB_STATE_SUCCEEDED and run.progress.answers_completed == 1, run
+    crawl = stub.GetCrawl(vis_pb.GetCrawlRequest(name=_vis_crawl(SECRET)), metadata=meta, timeout=TIMEOUT).crawl
+    assert crawl.state == vis_pb.JOB_STATE_SUCCEEDED, crawl
+    traffic = stub.GetReferralTraffic(vis_pb.GetReferralTrafficRequest(project=_proj(SECRET)), metadata=meta,
+                                      timeout=TIMEOUT)
+    assert dict(traffic.totals_by_engine) == {"chatgpt": 1}, traffic
+
+
+VISIBILITY_PLAN = Plan(
+    setup=_visibility_setup,
+    verify=_visibility_verify,
+    probes=[
+        _pair("GetProject", lambda k: vis_pb.GetProjectRequest(name=_proj(k))),
+        Probe("ListProjects", "ListProjects", lambda s: vis_pb.ListProjectsRequest()),
+        _pair("UpdateProject", lambda k: vis_pb.UpdateProjectRequest(project=vis_pb.Project(
+            name=_proj(k), display_name="B was here"))),
+        _pair("DeleteProject", lambda k: vis_pb.DeleteProjectRequest(name=_proj(k))),
+        _pair("StartCrawl", lambda k: vis_pb.StartCrawlRequest(parent=_proj(k), crawl=vis_pb.Crawl(
+            seed_urls=["http://127.0.0.1:1/"]))),
+        _pair("GetCrawl", lambda k: vis_pb.GetCrawlRequest(name=_vis_crawl(k))),
+        _pair("ListCrawls", lambda k: vis_pb.ListCrawlsRequest(parent=_proj(k))),
+        _pair("WatchCrawl", lambda k: vis_pb.WatchCrawlRequest(name=_vis_crawl(k))),
+        _pair("CancelCrawl", lambda k: vis_pb.CancelCrawlRequest(name=_vis_crawl(k))),
+        _pair("GetPage", lambda k: vis_pb.GetPageRequest(name=f"{_vis_crawl(k)}/pages/0123456789abcdef")),
+        _pair("ListPages", lambda k: vis_pb.ListPagesRequest(parent=_vis_crawl(k))),
+        _pair("ScorePage", lambda k: vis_pb.ScorePageRequest(project=_proj(k), html="<h1>x</h1>"),
+              name="ScorePage-project"),
+        _pair("GetEntityConsistency", lambda k: vis_pb.GetEntityConsistencyRequest(project=_proj(k))),
+        _pair("CreateShareOfVoiceRun", lambda k: vis_pb.CreateShareOfVoiceRunRequest(parent=_proj(k))),
+        _pair("GetShareOfVoiceRun", lambda k: vis_pb.GetShareOfVoiceRunRequest(name=_vis_run(k))),
+        _pair("ListShareOfVoiceRuns", lambda k: vis_pb.ListShareOfVoiceRunsRequest(parent=_proj(k))),
+        _pair("WatchShareOfVoiceRun", lambda k: vis_pb.WatchShareOfVoiceRunRequest(name=_vis_run(k))),
+        _pair("CancelShareOfVoiceRun", lambda k: vis_pb.CancelShareOfVoiceRunRequest(name=_vis_run(k))),
+        _pair("ListAnswers", lambda k: vis_pb.ListAnswersRequest(parent=_vis_run(k))),
+        _pair("GetShareOfVoiceTrend", lambda k: vis_pb.GetShareOfVoiceTrendRequest(project=_proj(k))),
+        _pair("ListCoverageGaps", lambda k: vis_pb.ListCoverageGapsRequest(parent=_proj(k))),
+        _pair("RecordReferralVisits", lambda k: vis_pb.RecordReferralVisitsRequest(project=_proj(k), visits=[
+            vis_pb.ReferralVisit(visit_id=f"{k}-visit", visit_time=_stamp(1_767_225_700),
+                                 landing_url="https://acme.example/", referrer="https://chatgpt.com/")])),
+        _pair("GetReferralTraffic", lambda k: vis_pb.GetReferralTrafficRequest(project=_proj(k))),
+        # Squatting (last): tenantB gets a project of its own under tenantA's id.
+        _pair("CreateProject", lambda k: vis_pb.CreateProjectRequest(project_id=f"{k}-proj",
+                                                                      project=visibility_project()),
+              name="CreateProject-same-id", markers=()),
+    ],
+)
+
+
 # Models are the platform's, not a tenant's: inference names no tenant resource.
 INFERENCE_PLAN = Plan(setup=lambda stack: {}, verify=lambda stack, state: None, probes=[],
                       tenant_free=frozenset({"Generate", "CountTokens", "ListModels", "GetModel"}))
 
 PLANS: dict[str, Plan] = {"cost": COST_PLAN, "router": ROUTER_PLAN, "inference": INFERENCE_PLAN,
-                         "retrieval": RETRIEVAL_PLAN, "evaluation": EVALUATION_PLAN}
+                         "retrieval": RETRIEVAL_PLAN, "evaluation": EVALUATION_PLAN, "visibility": VISIBILITY_PLAN}
