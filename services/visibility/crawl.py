@@ -56,6 +56,7 @@ from llmo.visibility.storage import (
 log = get_logger(__name__)
 DEFAULT_MAX_PAGES, DEFAULT_MAX_DEPTH, DEFAULT_RPS, DEFAULT_CONCURRENCY = 500, 5, 1.0, 1
 HTML_TYPES = ("text/html", "application/xhtml+xml")
+DRAIN_S = 10.0  # how long a stopping service waits for the fetches and answers in flight
 
 
 def merged_config(project: pb.CrawlConfig, requested: pb.CrawlConfig, user_agent: str) -> pb.CrawlConfig:
@@ -124,6 +125,7 @@ class CrawlExecutor:
         self.store, self.settings, self.fetcher, self.robots = store, settings, fetcher, robots
         self.embedder, self.announcer, self.publisher = embedder, announcer, publisher
         self._wake = asyncio.Event()
+        self._stopping = False
         self._active: dict[int, asyncio.Task[None]] = {}
         self._listeners: dict[int, list[asyncio.Queue[pb.Page | None]]] = {}
 
@@ -173,6 +175,11 @@ class CrawlExecutor:
         self._wake.set()
 
     async def close(self) -> None:
+        """Stop starting fetches, let the ones in flight record their pages (so a resumed crawl does not
+        fetch them again), then cancel what is still running after `DRAIN_S`."""
+        self._stopping = True
+        if self._active:
+            await asyncio.wait(list(self._active.values()), timeout=DRAIN_S)
         for task in list(self._active.values()):
             task.cancel()
         for task in list(self._active.values()):
@@ -223,6 +230,8 @@ class CrawlExecutor:
             if row.cancel_requested:
                 cancelled = True
                 break
+            if self._stopping:
+                break
             attempted = row.fetched + row.failed
             budget = config.max_pages - attempted - len(in_flight)
             if budget > 0 and len(in_flight) < width:
@@ -239,6 +248,8 @@ class CrawlExecutor:
                     log.error("page processing failed", crawl=plan.name, error=repr(task.exception()))
         if in_flight:
             await asyncio.gather(*in_flight.values(), return_exceptions=True)
+        if self._stopping and not cancelled:
+            return  # the service is stopping: the crawl stays RUNNING and resumes on the next start
         if not cancelled:
             await asyncio.to_thread(self.store.skip_queued, pk)  # page limit reached: the rest is not fetched
         await self._finish(plan, site, CANCELLED if cancelled else SUCCEEDED)

@@ -15,6 +15,7 @@ with its own key and names that tenant in `x-llmo-tenant`.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import time
@@ -38,6 +39,7 @@ from llmo.visibility.storage import CANCELLED, FAILED, SUCCEEDED, AnswerRow, Run
 
 log = get_logger(__name__)
 ALL_ENGINES = "all"
+DRAIN_S = 10.0  # how long a stopping service waits for the answers in flight
 CHANGE_METRIC = "mention_rate"
 
 
@@ -133,6 +135,7 @@ class RunExecutor:
                  announcer: EventAnnouncer) -> None:
         self.store, self.settings, self.engines, self.announcer = store, settings, engines, announcer
         self._wake = asyncio.Event()
+        self._stopping = False
         self._active: dict[int, asyncio.Task[None]] = {}
         self.changed = asyncio.Condition()  # notified whenever a run records an answer or ends
 
@@ -168,6 +171,11 @@ class RunExecutor:
             self.changed.notify_all()
 
     async def close(self) -> None:
+        """Stop asking, let the answers in flight be stored (a resumed run does not ask them again), then
+        cancel what is still running after `DRAIN_S`."""
+        self._stopping = True
+        if self._active:
+            await asyncio.wait(list(self._active.values()), timeout=DRAIN_S)
         for task in list(self._active.values()):
             task.cancel()
         for task in list(self._active.values()):
@@ -199,18 +207,22 @@ class RunExecutor:
         todo = [(qi, engine, s) for qi in range(len(spec.queries)) for engine in engines for s in range(samples)
                 if (qi, engine.name, s) not in done]
         name = f"projects/{project_row.project_id}/shareOfVoiceRuns/{row.run_id}"
-        cancel = asyncio.Event()
+        queue = collections.deque(todo)
+        cancelled = False
 
-        async def one(qi: int, engine: EngineRef, sample: int) -> None:
-            if cancel.is_set():
-                return
-            await self._answer(pk, name, project_row.tenant, spec.queries[qi], qi, engine, sample, brands)
-            current = await asyncio.to_thread(self.store.run_by_pk, pk)
-            if current is not None and current.cancel_requested:
-                cancel.set()
+        async def worker() -> None:
+            # Each worker checks for a cancel or a stop before every answer it asks.
+            nonlocal cancelled
+            while queue and not cancelled and not self._stopping:
+                qi, engine, sample = queue.popleft()
+                await self._answer(pk, name, project_row.tenant, spec.queries[qi], qi, engine, sample, brands)
+                current = await asyncio.to_thread(self.store.run_by_pk, pk)
+                cancelled = cancelled or (current is not None and current.cancel_requested)
 
         with ctx.bind(tenant=project_row.tenant, request_id=f"sov/{project_row.project_id}/{row.run_id}"):
-            await asyncio.gather(*(one(*item) for item in todo))
+            await asyncio.gather(*(worker() for _ in range(min(self.settings.engine_concurrency, len(todo)))))
+        if self._stopping:
+            return  # the service is stopping: the run stays RUNNING and resumes on the next start
         current = await asyncio.to_thread(self.store.run_by_pk, pk)
         if current is None:
             return
@@ -300,7 +312,9 @@ class RunExecutor:
         changes: list[pb.ShareOfVoiceChange] = []
         if previous is not None:
             before = previous[1]
-            for scope in [ALL_ENGINES, *[e.name for e in engines]]:
+            # "all" pools every engine; with one engine it would repeat that engine's test.
+            scopes = [e.name for e in engines] if len(engines) == 1 else [ALL_ENGINES, *[e.name for e in engines]]
+            for scope in scopes:
                 a = [x for x in before if scope == ALL_ENGINES or x.engine == scope]
                 b = [x for x in answers if scope == ALL_ENGINES or x.engine == scope]
                 if not a or not b:
