@@ -15,6 +15,8 @@ from llmo.cli.stack import (
     RETRIEVAL_KEY_ENV,
     RETRIEVAL_SERVICE_TENANT,
     ROUTER_SERVICE_TENANT,
+    VISIBILITY_KEY_ENV,
+    VISIBILITY_SERVICE_TENANT,
     service_keys,
 )
 from llmo.core.natsd import NatsServer
@@ -49,23 +51,29 @@ async def answer_from(s: RouterSettings, key: str = "key-a") -> str:
         await router.stop()
 
 
-def test_llmo_up_mints_a_service_key_for_the_router_retrieval_and_evaluation_when_api_keys_are_on() -> None:
+def test_llmo_up_mints_a_service_key_for_each_service_calling_another_when_api_keys_are_on() -> None:
     assert service_keys({}) == ({}, {})  # authentication off: nothing to mint
     env = {"LLMO_API_KEYS": "k1=tenantA,k2=tenantB", "LLMO_ADMIN_TENANTS": "finops"}
     shared, per_service = service_keys(env)
     key = per_service["router"][INFERENCE_KEY_ENV]
     generator_key = per_service["retrieval"][RETRIEVAL_KEY_ENV]
     judge_key = per_service["evaluation"][EVALUATION_KEY_ENV]
+    engine_key = per_service["visibility"][VISIBILITY_KEY_ENV]
     assert parse_api_keys(shared["LLMO_API_KEYS"]) == {"k1": "tenantA", "k2": "tenantB", key: ROUTER_SERVICE_TENANT,
                                                        generator_key: RETRIEVAL_SERVICE_TENANT,
-                                                       judge_key: EVALUATION_SERVICE_TENANT}
+                                                       judge_key: EVALUATION_SERVICE_TENANT,
+                                                       engine_key: VISIBILITY_SERVICE_TENANT}
     assert parse_admin_tenants(shared["LLMO_ADMIN_TENANTS"]) == {"finops", ROUTER_SERVICE_TENANT,
-                                                                 RETRIEVAL_SERVICE_TENANT, EVALUATION_SERVICE_TENANT}
-    assert per_service["router"]["LLMO_ROUTER_COST_API_KEY"] == key and len({key, generator_key, judge_key}) == 3
+                                                                 RETRIEVAL_SERVICE_TENANT, EVALUATION_SERVICE_TENANT,
+                                                                 VISIBILITY_SERVICE_TENANT}
+    assert per_service["router"]["LLMO_ROUTER_COST_API_KEY"] == key
+    assert len({key, generator_key, judge_key, engine_key}) == 4
     # An operator who chose the services' keys keeps them.
-    chosen = {INFERENCE_KEY_ENV: "mine", RETRIEVAL_KEY_ENV: "theirs", EVALUATION_KEY_ENV: "ours"}
+    chosen = {INFERENCE_KEY_ENV: "mine", RETRIEVAL_KEY_ENV: "theirs", EVALUATION_KEY_ENV: "ours",
+              VISIBILITY_KEY_ENV: "yours"}
     assert service_keys({**env, **chosen}) == ({}, {})
-    _, only_retrieval = service_keys({**env, INFERENCE_KEY_ENV: "mine", EVALUATION_KEY_ENV: "ours"})
+    _, only_retrieval = service_keys({**env, INFERENCE_KEY_ENV: "mine", EVALUATION_KEY_ENV: "ours",
+                                      VISIBILITY_KEY_ENV: "yours"})
     assert set(only_retrieval) == {"retrieval"}
 
 

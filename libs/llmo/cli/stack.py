@@ -48,6 +48,8 @@ RETRIEVAL_SERVICE_TENANT = "llmo-retrieval"
 RETRIEVAL_KEY_ENV = "LLMO_RETRIEVAL_GENERATOR_API_KEY"
 EVALUATION_SERVICE_TENANT = "llmo-evaluation"
 EVALUATION_KEY_ENV = "LLMO_EVALUATION_JUDGE_API_KEY"
+VISIBILITY_SERVICE_TENANT = "llmo-visibility"
+VISIBILITY_KEY_ENV = "LLMO_VISIBILITY_ENGINE_API_KEY"
 
 
 def implemented_services() -> list[str]:
@@ -291,7 +293,10 @@ def service_keys(env: Mapping[str, str]) -> tuple[dict[str, str], dict[str, dict
     - retrieval (admin tenant `llmo-retrieval`), unless `LLMO_RETRIEVAL_GENERATOR_API_KEY` is set:
       it presents the key to the router, its generator, which charges the searching tenant;
     - evaluation (admin tenant `llmo-evaluation`), unless `LLMO_EVALUATION_JUDGE_API_KEY` is set:
-      it presents the key to the router, its judge and target, which charge the evaluated tenant.
+      it presents the key to the router, its judge and target, which charge the evaluated tenant;
+    - visibility (admin tenant `llmo-visibility`), unless `LLMO_VISIBILITY_ENGINE_API_KEY` is set:
+      it presents the key to the router, its answer engines, which charge the tenant who ran the
+      share-of-voice run.
 
     Every service accepts every minted key."""
     keys = parse_api_keys(env.get("LLMO_API_KEYS"))
@@ -315,6 +320,8 @@ def service_keys(env: Mapping[str, str]) -> tuple[dict[str, str], dict[str, dict
         per_service["retrieval"] = {RETRIEVAL_KEY_ENV: mint(RETRIEVAL_SERVICE_TENANT)}
     if not env.get(EVALUATION_KEY_ENV):
         per_service["evaluation"] = {EVALUATION_KEY_ENV: mint(EVALUATION_SERVICE_TENANT)}
+    if not env.get(VISIBILITY_KEY_ENV):
+        per_service["visibility"] = {VISIBILITY_KEY_ENV: mint(VISIBILITY_SERVICE_TENANT)}
     if not per_service:
         return {}, {}
     return {"LLMO_API_KEYS": json.dumps(keys), "LLMO_ADMIN_TENANTS": ",".join(sorted(admins))}, per_service
