@@ -360,7 +360,7 @@ class CrawlExecutor:
             brand=brand_facts(plan.project), prompt_similarity=similarity,
             sitemap_lastmod=site["lastmod"].get(item.url), http_last_modified=http_date(
                 result.headers.get("last-modified", "")),
-            noindex=noindex, ai_bots_blocked=rules.ai_bots_blocked(), http_status=result.status)
+            noindex=noindex, ai_bots_blocked=rules.answer_crawlers_blocked(item.url), http_status=result.status)
         score = await asyncio.to_thread(score_page, extracted, context)
         pid = page_id(canonical)
         content_hash = hashlib.sha256(extracted.main_text.encode()).hexdigest()

@@ -71,7 +71,9 @@ denominator so that one number on a tiny page does not look like dense evidence.
 
 Blockers (pillar "blockers", severity critical, impact 80: the points the cap can take away).
 NOINDEX (meta robots on the page or `context.noindex`, e.g. from X-Robots-Tag), AI_BOTS_BLOCKED
-(`context.ai_bots_blocked`, robots.txt disallows those AI crawlers), HTTP_ERROR (status outside 200-399).
+(`context.ai_bots_blocked`: robots.txt disallows the page to answer-engine crawlers, those that fetch
+pages to answer or cite them, `robots.ANSWER_CRAWLERS`; blocking training crawlers is not a blocker),
+HTTP_ERROR (status outside 200-399).
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ AI_CRAWLERS = (
     "ChatGPT-User",
     "ClaudeBot",
     "Claude-User",
+    "Claude-SearchBot",
     "PerplexityBot",
     "Perplexity-User",
     "Google-Extended",
@@ -29,6 +30,10 @@ AI_CRAWLERS = (
     "Bytespider",
     "Applebot-Extended",
 )
+# The crawlers that fetch pages to answer or cite them (search indexes and user-triggered fetches).
+# Blocking these keeps a page out of answers; blocking the training crawlers above does not.
+ANSWER_CRAWLERS = ("OAI-SearchBot", "ChatGPT-User", "Claude-SearchBot", "Claude-User", "PerplexityBot",
+                   "Perplexity-User")
 # RFC 9309 section 2.5: crawlers must parse at least the first 500 KiB.
 MAX_ROBOTS_BYTES = 500 * 1024
 _TOKEN = re.compile(r"[A-Za-z0-9_-]+")
@@ -111,6 +116,10 @@ class RobotsRules:
     def ai_bots_blocked(self, agents: Iterable[str] = AI_CRAWLERS) -> list[str]:
         """The AI crawler user agents that may not fetch `/` of this origin."""
         return [agent for agent in agents if not self.allowed(self.origin + "/", agent)]
+
+    def answer_crawlers_blocked(self, url: str) -> list[str]:
+        """The answer-engine crawlers (`ANSWER_CRAWLERS`) that may not fetch `url`."""
+        return [agent for agent in ANSWER_CRAWLERS if not self.allowed(url, agent)]
 
 
 def parse_robots(origin: str, body: bytes) -> RobotsRules:

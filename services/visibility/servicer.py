@@ -352,7 +352,7 @@ class VisibilityServicer(pb_grpc.VisibilityServiceServicer):
                 raise unavailable("FETCH_FAILED", f"fetching {preview(url)!r} failed: {result.error_reason} "
                                   f"{preview(result.error_message)}", url=preview(url), cause=result.error_reason)
             body, status, headers, url = result.body, result.status, result.headers, result.final_url
-            blocked = rules.ai_bots_blocked()
+            blocked = rules.answer_crawlers_blocked(url)
         extracted = await asyncio.to_thread(extract_page, body, url)
         similarity = None
         if project is not None:

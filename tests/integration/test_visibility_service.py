@@ -143,6 +143,8 @@ async def test_a_crawl_obeys_robots_refuses_internal_addresses_and_scores_every_
     assert score.pillars.relevance_applicable and all(0 <= v <= 100 for v in (
         score.pillars.relevance, score.pillars.authority, score.pillars.clarity, score.pillars.quality))
     assert all(f.recommendation for f in score.findings) and score.signals
+    # The site blocks GPTBot, a training crawler: that keeps no page out of answers, so it caps no score.
+    assert "AI_BOTS_BLOCKED" not in {f.code for f in score.findings} and score.overall > 20
     # The printable duplicate canonicalises to /articles/2: one page, not two.
     assert "/articles/dup" not in pages or pages["/articles/dup"].canonical_url.endswith("/articles/2")
     full = (await stub.GetPage(pb.GetPageRequest(name=article.name), metadata=A)).page

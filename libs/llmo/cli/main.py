@@ -292,7 +292,10 @@ def _demo_keys() -> tuple[dict[str, str], str]:
 def _demo_env(tenants: dict[str, str], admin_key: str) -> dict[str, str]:
     """The stack's API keys; the stack adds the services' own keys (llmo.cli.stack.service_keys)."""
     keys = {key: tenant for tenant, key in tenants.items()} | {admin_key: DEMO_ADMIN_TENANT}
-    return {"LLMO_API_KEYS": json.dumps(keys), "LLMO_ADMIN_TENANTS": DEMO_ADMIN_TENANT}
+    # The visibility step crawls a site it serves on 127.0.0.1, which the crawler refuses by default;
+    # the site is its own, so it need not wait a second between pages.
+    return {"LLMO_API_KEYS": json.dumps(keys), "LLMO_ADMIN_TENANTS": DEMO_ADMIN_TENANT,
+            "LLMO_VISIBILITY_FETCH_ALLOW": "127.0.0.1", "LLMO_VISIBILITY_MIN_DELAY_S": "0.1"}
 
 
 def _demo_order(services: list[str]) -> list[str]:

@@ -208,3 +208,13 @@ def test_product_token_and_origin() -> None:
     )
     assert origin_of("HTTPS://Example.com:443/a?b") == "https://example.com"
     assert origin_of("http://example.com:8080/") == "http://example.com:8080"
+
+
+def test_only_answer_engine_crawlers_count_as_blocked_for_a_page() -> None:
+    """Regression: blocking a training crawler (CCBot, GPTBot) once capped every page's score."""
+    body = (b"User-agent: CCBot\nDisallow: /\n\nUser-agent: GPTBot\nDisallow: /\n\n"
+            b"User-agent: PerplexityBot\nDisallow: /private/\n")
+    rules = parse_robots("https://a.example", body)
+    assert rules.answer_crawlers_blocked("https://a.example/post") == []
+    assert rules.answer_crawlers_blocked("https://a.example/private/x") == ["PerplexityBot"]
+    assert set(rules.ai_bots_blocked()) == {"CCBot", "GPTBot"}
