@@ -32,6 +32,8 @@ Authority.
   Finding NO_AUTHOR.
 * `third_party_mentions` (0.25): n crawled pages on other domains naming the brand;
   score = 100 x min(1, ln(1 + n) / ln(21)), so 20 mentions score 100. Finding FEW_THIRD_PARTY_MENTIONS.
+  Left out (the other weights rescaled) when `context.third_party_mentions` is None: the crawler stays
+  on the project's domains, so it cannot count them; a caller who can passes the count.
 * `topical_depth` (0.2): 100 x (0.6 x min(1, words / 1000) + 0.4 x min(1, h2/h3 sections / 4)).
   Finding THIN_CONTENT.
 
@@ -160,7 +162,7 @@ class ScoringContext:
     brand: BrandFacts | None = None
     prompt_similarity: list[float] | None = None
     site_organization: dict[str, object] | None = None
-    third_party_mentions: int = 0
+    third_party_mentions: int | None = None  # None: not counted, the signal is left out
     sitemap_lastmod: datetime | None = None
     http_last_modified: datetime | None = None
     noindex: bool = False
@@ -314,28 +316,34 @@ def _entity_consistency(page: ExtractedPage, context: ScoringContext) -> _Measur
 
 
 def _authority(page: ExtractedPage, context: ScoringContext) -> list[_Measured]:
-    n = max(0, context.third_party_mentions)
     sections = sum(1 for level, _ in page.headings if level in (2, 3))
     depth = 0.6 * _clamp(page.word_count / 1000) + 0.4 * _clamp(sections / 4)
     authors = ", ".join(page.person_authors)
-    return [
+    measured = [
         _entity_consistency(page, context),
         _m("author_present", len(page.person_authors), 100 if page.person_authors else 0, 0.2,
            f"authors: {authors}" if authors else "no author named", "NO_AUTHOR",
            "The page names no author.",
            "Name the author in a visible byline linked with rel=\"author\" to an author page, and add "
            "\"author\": {\"@type\": \"Person\", \"name\": ...} to the Article JSON-LD."),
-        _m("third_party_mentions", n, 100 * _clamp(math.log1p(n) / math.log(21)), 0.25,
-           f"{n} pages on other domains name the brand", "FEW_THIRD_PARTY_MENTIONS",
-           f"Only {n} crawled pages on other domains mention the brand.",
-           "Earn mentions on independent sites answer engines trust (reviews, industry press, directories, "
-           "Wikipedia, community forums) and list those profiles in sameAs."),
         _m("topical_depth", page.word_count, 100 * depth, 0.2,
            f"{page.word_count} words, {sections} H2/H3 sections", "THIN_CONTENT",
            f"The page is thin: {page.word_count} words in {sections} H2/H3 sections.",
            "Cover the topic in depth: aim for 1000+ words organised in at least 4 H2/H3 sections, each "
            "answering one sub-question."),
     ]
+    if context.third_party_mentions is None:  # not counted (unknown is not zero): rescale the others to 1
+        for m in measured:
+            m.signal.weight = m.signal.weight / 0.75
+    else:
+        n = max(0, context.third_party_mentions)
+        measured.insert(2, _m(
+            "third_party_mentions", n, 100 * _clamp(math.log1p(n) / math.log(21)), 0.25,
+            f"{n} pages on other domains name the brand", "FEW_THIRD_PARTY_MENTIONS",
+            f"Only {n} crawled pages on other domains mention the brand.",
+            "Earn mentions on independent sites answer engines trust (reviews, industry press, directories, "
+            "Wikipedia, community forums) and list those profiles in sameAs."))
+    return measured
 
 
 # ---------------------------------------------------------------- clarity

@@ -294,7 +294,7 @@ def test_page_entity_disagreeing_with_the_site_entity(good: ExtractedPage) -> No
 
 
 def test_authority_without_author_or_mentions() -> None:
-    score = _score(_page(SKIPPED_HEADINGS))
+    score = _score(_page(SKIPPED_HEADINGS), third_party_mentions=0)
     assert {"NO_AUTHOR", "MISSING_ORGANIZATION_SCHEMA", "FEW_THIRD_PARTY_MENTIONS", "THIN_CONTENT"} <= _codes(score)
     many = _score(_page(SKIPPED_HEADINGS), third_party_mentions=20)
     assert "FEW_THIRD_PARTY_MENTIONS" not in _codes(many)
@@ -333,3 +333,14 @@ def test_worst_pages_stay_in_range() -> None:
 def test_scoring_is_deterministic(good: ExtractedPage) -> None:
     context = ScoringContext(brand=BRAND, prompt_similarity=[0.4, 0.6], now=NOW)
     assert score_page(good, context) == score_page(good, context)
+
+
+def test_third_party_mentions_left_out_when_not_counted() -> None:
+    """Regression: an uncounted signal once scored as zero mentions on every crawled page."""
+    unknown = _score(_page(SKIPPED_HEADINGS))
+    counted = _score(_page(SKIPPED_HEADINGS), third_party_mentions=0)
+    names = {s.name for s in unknown.pillars["authority"].signals}
+    assert "third_party_mentions" not in names
+    assert "FEW_THIRD_PARTY_MENTIONS" not in {f.code for f in unknown.findings}
+    assert "FEW_THIRD_PARTY_MENTIONS" in {f.code for f in counted.findings}
+    assert abs(sum(s.weight for s in unknown.pillars["authority"].signals) - 1.0) < 1e-3
