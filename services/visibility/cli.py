@@ -7,9 +7,11 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urljoin
 
 import click
 from rich.console import Console
@@ -85,6 +87,8 @@ def project_create(ctx: click.Context, project_id: str, path: Path, as_json: boo
         body = json_format.ParseDict(raw, pb.Project())
     except OSError as error:
         raise InputError(f"{path}: {error.strerror or error}") from error
+    except UnicodeDecodeError as error:
+        raise InputError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from error
     except (yaml.YAMLError, json_format.ParseError, TypeError) as error:
         raise InputError(f"{path}: not a Project: {error}") from error
 
@@ -394,7 +398,8 @@ def _visits_from_files(access_logs: tuple[Path, ...], site: str, ga4: tuple[Path
 @click.option("--access-log", "access_logs", multiple=True, type=click.Path(path_type=Path, dir_okay=False),
               help="A web-server access log in combined log format to ingest (repeatable).")
 @click.option("--site", default="", help="Scheme and host of the logged site, e.g. https://example.com "
-              "(needed with --access-log).")
+              "(needed with --access-log; GA4 landing paths resolve against it) [default for GA4: "
+              "https://{the project's first domain}].")
 @click.option("--ga4", "ga4", multiple=True, type=click.Path(path_type=Path, dir_okay=False),
               help="A GA4 CSV export to ingest (repeatable).")
 @click.option("--days", type=click.IntRange(1, 3650), default=30, show_default=True, help="Window of the report.")
@@ -417,16 +422,23 @@ def referrals(ctx: click.Context, project_id: str, access_logs: tuple[Path, ...]
         value.FromDatetime(moment.astimezone(UTC).replace(tzinfo=None))
         return value
 
-    async def action(stub: Any, metadata: list[tuple[str, str]]) -> tuple[int, int, int, Any]:
-        accepted = duplicates = rejected = 0
+    async def action(stub: Any, metadata: list[tuple[str, str]]) -> tuple[int, int, Counter[str], Any]:
+        accepted = duplicates = 0
+        rejected: Counter[str] = Counter()
+        base = site
+        if visits and not base:  # GA4 landing pages are paths: they belong to the project's site
+            project = (await stub.GetProject(pb.GetProjectRequest(name=name), metadata=metadata,
+                                             timeout=SERVICE_TIMEOUT_S)).project
+            base = f"https://{project.domains[0]}" if project.domains else ""
         for start in range(0, len(visits), UPLOAD_BATCH):
-            batch = [pb.ReferralVisit(visit_time=stamp(v.time), landing_url=v.landing_url, referrer=v.referrer,
+            batch = [pb.ReferralVisit(visit_time=stamp(v.time), landing_url=urljoin(base + "/", v.landing_url)
+                                      if base else v.landing_url, referrer=v.referrer,
                                       user_agent=v.user_agent, utm_source=v.utm_source, count=v.count)
                      for v in visits[start:start + UPLOAD_BATCH]]
             reply = await stub.RecordReferralVisits(pb.RecordReferralVisitsRequest(project=name, visits=batch),
                                                     metadata=metadata, timeout=SERVICE_TIMEOUT_S)
-            accepted, duplicates, rejected = (accepted + reply.accepted, duplicates + reply.duplicates,
-                                              rejected + len(reply.rejected))
+            accepted, duplicates = accepted + reply.accepted, duplicates + reply.duplicates
+            rejected.update(r.reason for r in reply.rejected)
         now = time.time()
         report = await stub.GetReferralTraffic(pb.GetReferralTrafficRequest(
             project=name, start_time=timestamp_pb2.Timestamp(seconds=int(now - days * 86_400))),
@@ -438,8 +450,10 @@ def referrals(ctx: click.Context, project_id: str, access_logs: tuple[Path, ...]
         _json(report)
         return
     if visits or bad:
-        out.print(f"ingested {accepted} visits ({duplicates} already recorded, {rejected} rejected by the service, "
-                  f"{bad} unreadable lines)")
+        out.print(f"ingested {accepted} visits ({duplicates} already recorded, {sum(rejected.values())} rejected by "
+                  f"the service, {bad} unreadable lines)")
+        if rejected:
+            out.print("rejected: " + ", ".join(f"{reason} x{n}" for reason, n in rejected.most_common()))
     table = Table("engine", "visits", title=f"AI referral visits, last {days} days")
     for engine, count in sorted(report.totals_by_engine.items(), key=lambda item: -item[1]):
         table.add_row(engine, str(count))

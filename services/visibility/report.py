@@ -53,7 +53,7 @@ class ReportData:
 
 def _svg(figure: Any, element_id: str) -> str:
     buffer = io.StringIO()
-    figure.savefig(buffer, format="svg", bbox_inches="tight")
+    figure.savefig(buffer, format="svg", bbox_inches="tight", metadata={"Date": None})
     plt.close(figure)
     text = buffer.getvalue()
     start = text.find("<svg")
@@ -167,7 +167,7 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
 
 def _cell(value: Any) -> str:
     if isinstance(value, float):
-        return f"{value:.3f}"
+        return f"{value:.1f}" if abs(value) >= 1 else f"{value:.3f}"
     return "" if value is None else str(value)
 
 
@@ -180,6 +180,12 @@ figure.plot svg{max-width:100%;height:auto}"""
 
 def render_html(data: ReportData) -> str:
     """The report as one HTML document (plots inline as SVG)."""
+    # Labels are user text (brands, queries): a pair of `$` must stay two dollar signs, not mathtext.
+    with matplotlib.rc_context({"text.parse_math": False}):
+        return _render_html(data)
+
+
+def _render_html(data: ReportData) -> str:
     parts = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>Visibility report: "
              f"{html.escape(data.brand)}</title><style>{CSS}</style></head><body>",
              f"<h1>Answer-engine visibility of {html.escape(data.brand)}</h1>",
