@@ -12,6 +12,7 @@ page (`Page.error_reason`), never a dead crawl.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import email.utils
 import hashlib
@@ -33,6 +34,7 @@ from llmo.embedding import Embedder
 from llmo.protos.events.v1 import events_pb2
 from llmo.protos.visibility.v1 import visibility_service_pb2 as pb
 from llmo.visibility import sitemaps, urls
+from llmo.visibility.batching import EmbeddingBatcher
 from llmo.visibility.convert import page_id, project_queries, score_proto, url_hash
 from llmo.visibility.events import EventAnnouncer, event_row
 from llmo.visibility.extract import ExtractedPage, extract_page
@@ -56,6 +58,8 @@ from llmo.visibility.storage import (
 log = get_logger(__name__)
 DEFAULT_MAX_PAGES, DEFAULT_MAX_DEPTH, DEFAULT_RPS, DEFAULT_CONCURRENCY = 500, 5, 1.0, 1
 HTML_TYPES = ("text/html", "application/xhtml+xml")
+ATTEMPTED = ("fetched", "unchanged", "failed")  # outcomes that count against max_pages
+CONTROL_INTERVAL_S = 0.5  # how often a running crawl reads its cancel flag
 DRAIN_S = 10.0  # how long a stopping service waits for the fetches and answers in flight
 
 
@@ -124,6 +128,7 @@ class CrawlExecutor:
                  embedder: Embedder, announcer: EventAnnouncer, publisher: Publisher | None = None) -> None:
         self.store, self.settings, self.fetcher, self.robots = store, settings, fetcher, robots
         self.embedder, self.announcer, self.publisher = embedder, announcer, publisher
+        self.batcher = EmbeddingBatcher(embedder)
         self._wake = asyncio.Event()
         self._stopping = False
         self._active: dict[int, asyncio.Task[None]] = {}
@@ -185,6 +190,7 @@ class CrawlExecutor:
         for task in list(self._active.values()):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        await self.batcher.close()
 
     async def _execute_safely(self, pk: int) -> None:
         try:
@@ -219,33 +225,48 @@ class CrawlExecutor:
         pacer = HostPacer(requests_per_second=config.requests_per_second, concurrency=config.concurrency,
                           min_delay_s=self.settings.min_delay_s, polite=self.settings.politeness)
         site = await self._discover(plan)
-        in_flight: dict[str, asyncio.Task[None]] = {}
+        in_flight: dict[str, asyncio.Task[str]] = {}
         # Across hosts at most this many fetches run at once; each host is bounded by its pacer.
         width = max(1, config.concurrency) * max(1, len(plan.project.domains))
+        row = await asyncio.to_thread(self.store.crawl_by_pk, pk)
+        if row is None:
+            return
+        attempted = row.fetched + row.failed  # what counts against max_pages, kept here as pages finish
+        queue: collections.deque[FrontierUrl] = collections.deque()
         cancelled = False
+        checked = 0.0
         while True:
-            row = await asyncio.to_thread(self.store.crawl_by_pk, pk)
-            if row is None:
-                return
-            if row.cancel_requested:
-                cancelled = True
-                break
+            if time.monotonic() - checked >= CONTROL_INTERVAL_S:
+                control = await asyncio.to_thread(self.store.crawl_cancel_requested, pk)
+                if control is None:
+                    return
+                if control:
+                    cancelled = True
+                    break
+                checked = time.monotonic()
             if self._stopping:
                 break
-            attempted = row.fetched + row.failed
             budget = config.max_pages - attempted - len(in_flight)
-            if budget > 0 and len(in_flight) < width:
-                batch = await asyncio.to_thread(self.store.queued_urls, pk, min(width - len(in_flight), budget),
-                                                list(in_flight))
-                for item in batch:
+            while budget > 0 and len(in_flight) < width:
+                if not queue:
+                    queue.extend(await asyncio.to_thread(self.store.queued_urls, pk, max(4 * width, 64),
+                                                         list(in_flight)))
+                    if not queue:
+                        break
+                item = queue.popleft()
+                if item.url_hash not in in_flight:
                     in_flight[item.url_hash] = asyncio.create_task(self._visit(plan, item, pacer, site))
+                    budget -= 1
             if not in_flight:
                 break
-            done, _ = await asyncio.wait(in_flight.values(), return_when=asyncio.FIRST_COMPLETED, timeout=1.0)
+            done, _ = await asyncio.wait(in_flight.values(), return_when=asyncio.FIRST_COMPLETED,
+                                         timeout=CONTROL_INTERVAL_S)
             for key in [k for k, task in in_flight.items() if task in done]:
                 task = in_flight.pop(key)
                 if task.exception() is not None:
                     log.error("page processing failed", crawl=plan.name, error=repr(task.exception()))
+                elif task.result() in ATTEMPTED:
+                    attempted += 1
         if in_flight:
             await asyncio.gather(*in_flight.values(), return_exceptions=True)
         if self._stopping and not cancelled:
@@ -290,11 +311,12 @@ class CrawlExecutor:
             return False
         return not any(path_only.startswith(p) for p in plan.config.exclude_paths)
 
-    async def _visit(self, plan: CrawlPlan, item: FrontierUrl, pacer: HostPacer, site: dict[str, Any]) -> None:
+    async def _visit(self, plan: CrawlPlan, item: FrontierUrl, pacer: HostPacer, site: dict[str, Any]) -> str:
         outcome = await self._fetch_and_score(plan, item, pacer, site)
         await asyncio.to_thread(self.store.record_page, plan.pk, plan.project_pk, outcome)
-        if outcome.page is not None:
+        if outcome.page is not None and self._listeners.get(plan.pk):
             self._notify(plan.pk, pb.Page.FromString(outcome.page.body))
+        return outcome.outcome
 
     async def _fetch_and_score(self, plan: CrawlPlan, item: FrontierUrl, pacer: HostPacer,
                                site: dict[str, Any]) -> PageOutcome:
@@ -350,7 +372,7 @@ class CrawlExecutor:
             else None
         if canonical is None or not urls.in_domains(canonical, plan.project.domains):
             canonical = urls.normalize_url(result.final_url) or item.url
-        vectors = await asyncio.to_thread(self.embedder.encode, extracted.passages)
+        vectors = await self.batcher.encode(extracted.passages)
         similarity = None
         if len(plan.query_vectors):
             similarity = [0.0] * len(plan.query_vectors) if not len(vectors) else \

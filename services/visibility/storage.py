@@ -491,6 +491,12 @@ class VisibilityStore:
             rows = conn.execute(q.order_by(crawls.c.create_us.desc(), crawls.c.crawl_id.desc()).limit(limit)).all()
             return [self._crawl_row(conn, r) for r in rows]
 
+    def crawl_cancel_requested(self, pk: int) -> bool | None:
+        """Whether a cancel was asked for (None: the crawl is gone), without counting its frontier."""
+        with self.engine.connect() as conn:
+            value = conn.execute(sa.select(crawls.c.cancel_requested).where(crawls.c.pk == pk)).scalar_one_or_none()
+            return None if value is None else bool(value)
+
     def latest_succeeded_crawl(self, project_pk: int) -> CrawlRow | None:
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(crawls).where(
