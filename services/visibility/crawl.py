@@ -107,6 +107,21 @@ def x_robots_noindex(headers: dict[str, str]) -> bool:
     return any("noindex" in d or "none" == d.strip() for d in directives)
 
 
+class PacedFetcher:
+    """A fetcher whose every request waits for its host's pace (robots.txt Crawl-delay included)."""
+
+    def __init__(self, fetcher: Fetcher, pacer: HostPacer, robots: RobotsCache, user_agent: str) -> None:
+        self.fetcher, self.pacer, self.robots, self.user_agent = fetcher, pacer, robots, user_agent
+
+    async def fetch(self, url: str, **options: Any) -> FetchResult:
+        host = urls.host_of(url)
+        delay = (await self.robots.rules(url)).crawl_delay(self.user_agent)
+        async with self.pacer.slot(host, delay):
+            result = await self.fetcher.fetch(url, **options)
+        self.pacer.observe(host, result.elapsed_s, result.status)
+        return result
+
+
 @dataclass
 class CrawlPlan:
     """What one crawl execution needs, read once."""
@@ -224,7 +239,7 @@ class CrawlExecutor:
         config = plan.config
         pacer = HostPacer(requests_per_second=config.requests_per_second, concurrency=config.concurrency,
                           min_delay_s=self.settings.min_delay_s, polite=self.settings.politeness)
-        site = await self._discover(plan)
+        site = await self._discover(plan, pacer)
         in_flight: dict[str, asyncio.Task[str]] = {}
         # Across hosts at most this many fetches run at once; each host is bounded by its pacer.
         width = max(1, config.concurrency) * max(1, len(plan.project.domains))
@@ -275,21 +290,24 @@ class CrawlExecutor:
             await asyncio.to_thread(self.store.skip_queued, pk)  # page limit reached: the rest is not fetched
         await self._finish(plan, site, CANCELLED if cancelled else SUCCEEDED)
 
-    async def _discover(self, plan: CrawlPlan) -> dict[str, Any]:
-        """Sitemaps, robots.txt facts and llms.txt of the project's origins; sitemap URLs are queued."""
+    async def _discover(self, plan: CrawlPlan, pacer: HostPacer) -> dict[str, Any]:
+        """Sitemaps, robots.txt facts and llms.txt of the project's origins; sitemap URLs are queued.
+        Every request is paced like a page fetch: the host sees one rate, discovery included."""
+        paced = PacedFetcher(self.fetcher, pacer, self.robots, plan.config.user_agent)
         origins = sorted({origin_of(u) for u in plan.seeds})
         lastmod: dict[str, datetime] = {}
         blocked: set[str] = set()
         llms_found = False
         roots: list[str] = []
         for origin in origins:
-            rules = await self.robots.rules(origin + "/")
+            async with pacer.slot(urls.host_of(origin + "/")):
+                rules = await self.robots.rules(origin + "/")
             blocked.update(rules.ai_bots_blocked())
             roots.extend(rules.sitemaps() or [origin + "/sitemap.xml"])
-            llms = await self.fetcher.fetch(origin + "/llms.txt", accept=())
+            llms = await paced.fetch(origin + "/llms.txt", accept=())
             if llms.ok and llms.status == 200 and parse_llms_txt(llms.text).title:
                 llms_found = True
-        entries = await sitemaps.discover(self.fetcher, roots, max_urls=max(plan.config.max_pages * 4, 100))
+        entries = await sitemaps.discover(paced, roots, max_urls=max(plan.config.max_pages * 4, 100))
         queued: list[tuple[str, str, int]] = []
         for entry in entries:
             url = urls.normalize_url(entry.loc)

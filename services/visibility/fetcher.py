@@ -11,7 +11,7 @@ import zlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
@@ -153,6 +153,12 @@ class _Decoder:
             else:
                 pending = self._zlib.unconsumed_tail
         return bytes(out)
+
+
+class PageFetcher(Protocol):
+    """What fetches a URL into a `FetchResult` (a `Fetcher`, or one that paces it)."""
+
+    async def fetch(self, url: str, *, accept: tuple[str, ...] = ...) -> FetchResult: ...
 
 
 class Fetcher:

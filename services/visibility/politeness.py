@@ -22,7 +22,7 @@ class _Host:
     delay_s: float
     floor_s: float
     slots: asyncio.Semaphore
-    next_start: float = 0.0
+    last_start: float = float("-inf")
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -38,12 +38,15 @@ class HostPacer:
 
     def _host(self, host: str, crawl_delay_s: float | None) -> _Host:
         state = self._hosts.get(host)
+        floor = self.base_delay_s
+        if self.polite and crawl_delay_s:
+            floor = max(floor, min(crawl_delay_s, self.max_delay_s))
         if state is None:
-            floor = self.base_delay_s
-            if self.polite and crawl_delay_s:
-                floor = max(floor, min(crawl_delay_s, self.max_delay_s))
             state = _Host(delay_s=floor, floor_s=floor, slots=asyncio.Semaphore(self.concurrency))
             self._hosts[host] = state
+        elif floor > state.floor_s:  # robots.txt's Crawl-delay became known after the first request
+            state.floor_s = floor
+            state.delay_s = max(state.delay_s, floor)
         return state
 
     def delay(self, host: str) -> float:
@@ -57,10 +60,11 @@ class HostPacer:
         async with state.slots:
             if self.polite:
                 async with state.lock:
-                    wait = state.next_start - self.clock()
+                    # The delay is read now, so a Crawl-delay learnt since the last start applies to this one.
+                    wait = state.last_start + state.delay_s - self.clock()
                     if wait > 0:
                         await asyncio.sleep(wait)
-                    state.next_start = self.clock() + state.delay_s
+                    state.last_start = self.clock()
             yield
 
     def observe(self, host: str, latency_s: float, status: int) -> None:

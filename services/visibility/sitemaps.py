@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from lxml import etree
 
 from llmo.core.logging import get_logger
-from llmo.visibility.fetcher import Fetcher
+from llmo.visibility.fetcher import PageFetcher
 
 log = get_logger(__name__)
 
@@ -173,7 +173,7 @@ def parse_sitemap(body: bytes, *, max_bytes: int = 50 * 2**20, max_urls: int = 5
 
 
 async def discover(
-    fetcher: Fetcher, roots: Iterable[str], *, max_sitemaps: int = 50, max_urls: int = 50_000
+    fetcher: PageFetcher, roots: Iterable[str], *, max_sitemaps: int = 50, max_urls: int = 50_000
 ) -> list[SitemapEntry]:
     """Entries of the sitemaps at `roots` and every sitemap their indexes name, breadth-first.
 
