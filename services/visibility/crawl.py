@@ -390,9 +390,10 @@ class CrawlExecutor:
             else None
         if canonical is None or not urls.in_domains(canonical, plan.project.domains):
             canonical = urls.normalize_url(result.final_url) or item.url
-        vectors = await self.batcher.encode(extracted.passages)
+        # Without tracked queries nothing needs the vectors now; coverage gaps embed what they read later.
+        vectors = await self.batcher.encode(extracted.passages) if len(plan.query_vectors) else None
         similarity = None
-        if len(plan.query_vectors):
+        if vectors is not None:
             similarity = [0.0] * len(plan.query_vectors) if not len(vectors) else \
                 [float(v) for v in (plan.query_vectors @ vectors.T).max(axis=1)]
         rules = await self.robots.rules(item.url)
@@ -410,7 +411,7 @@ class CrawlExecutor:
                           sitemap_lastmod=site["lastmod"].get(item.url))
         row = PageRow(crawl_pk=plan.pk, page_id=pid, url=item.url, overall=page.score.overall, failed=False,
                       body=page.SerializeToString(), passages=list(extracted.passages),
-                      embeddings=np.asarray(vectors, dtype=np.float32).tobytes(),
+                      embeddings=b"" if vectors is None else np.asarray(vectors, dtype=np.float32).tobytes(),
                       entity={"organization": _jsonable(extracted.organization)}, fetch_us=_now_us())
         version = UrlVersion(url_hash=item.url_hash, url=item.url, version=version_number, content_hash=content_hash,
                              etag=result.headers.get("etag", ""), last_modified=result.headers.get("last-modified", ""),

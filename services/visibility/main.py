@@ -65,8 +65,9 @@ async def build(kit: Kit[VisibilitySettings]) -> None:
                       max_bytes=settings.max_page_bytes)
     kit.on_stop(fetcher.close)
     robots = RobotsCache(fetcher, ttl_s=settings.robots_ttl_s)
-    # MiniLM loads on first use (seconds), not at start.
-    embedder = Embedder(max_seq_length=256)
+    # MiniLM loads on first use (seconds), not at start. 128 tokens is the window all-MiniLM-L6-v2 was
+    # trained with; passages are 40-200 words, so a longer window costs time and adds little.
+    embedder = Embedder(max_seq_length=128)
     announcer = EventAnnouncer(store, publisher)
     engines = EngineClients(settings)
     kit.on_stop(engines.close)

@@ -606,9 +606,18 @@ class VisibilityServicer(pb_grpc.VisibilityServiceServicer):
             passages = Passages.empty()
             if crawl is not None:
                 page_urls, texts, vectors = [], [], []
-                for page in self.store.crawl_pages(crawl.pk):
-                    if page.failed or not page.passages or not page.embeddings:
-                        continue
+                rows = [p for p in self.store.crawl_pages(crawl.pk) if not p.failed and p.passages]
+                # Pages crawled while the project tracked no queries were stored without vectors.
+                missing = [p for p in rows if not p.embeddings]
+                if missing:
+                    encoded = self.embedder.encode([t for p in missing for t in p.passages])
+                    start, fresh = 0, {}
+                    for p in missing:
+                        p.embeddings = encoded[start:start + len(p.passages)].astype(np.float32).tobytes()
+                        fresh[p.page_id] = p.embeddings
+                        start += len(p.passages)
+                    self.store.set_page_embeddings(crawl.pk, fresh)
+                for page in rows:
                     matrix = np.frombuffer(page.embeddings, dtype=np.float32).reshape(len(page.passages), -1)
                     page_urls += [page.url] * len(page.passages)
                     texts += list(page.passages)

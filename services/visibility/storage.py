@@ -651,6 +651,13 @@ class VisibilityStore:
             q = q.order_by(key.desc() if order == "score_desc" else key, pages.c.page_id)
             return [_row(PageRow, pages, r) for r in conn.execute(q.limit(limit))]
 
+    def set_page_embeddings(self, crawl_pk: int, vectors: dict[str, bytes]) -> None:
+        """Store the passage vectors of pages crawled without them (page id -> float32 rows)."""
+        with self.engine.begin() as conn:
+            for page_id, blob in vectors.items():
+                conn.execute(pages.update().where(pages.c.crawl_pk == crawl_pk, pages.c.page_id == page_id).values(
+                    embeddings=blob))
+
     def crawl_pages(self, crawl_pk: int) -> list[PageRow]:
         with self.engine.connect() as conn:
             return [_row(PageRow, pages, r) for r in conn.execute(

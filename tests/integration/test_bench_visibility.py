@@ -82,6 +82,9 @@ def test_the_smoke_bench_measures_every_area_and_reports_skipped_peers(tmp_path:
     assert ours["site_requests"]["article"] >= ours["progress"]["fetched"] - 1  # all but the start page
     assert "--smoke" in crawl["scrapy"]["skipped"]
     assert crawl["ratio_ours_over_scrapy"] is None and crawl["goal"]["met"] is None
+    plain = crawl["ours_without_relevance"]
+    assert plain["state"] == "JOB_STATE_SUCCEEDED" and plain["pages"] == ours["pages"]
+    assert "MiniLM" in ours["work"] and "MiniLM" not in plain["work"]
     scored = crawl["in_process"]["parse_extract_score"]
     assert scored["pages"] == 31  # the start page and the 30 articles
     assert crawl["in_process"]["goal"]["met"] == (scored["pages_per_cpu_s"] >= 100)

@@ -395,3 +395,29 @@ async def test_score_page_from_html_or_a_url_that_robots_allows(stub: pb_grpc.Vi
         grpc.StatusCode.INVALID_ARGUMENT, "MISSING_PAGE_SOURCE")
     assert await code_of(stub.ScorePage(pb.ScorePageRequest(html="x" * (5 * 2**20 + 1)), metadata=A)) == (
         grpc.StatusCode.INVALID_ARGUMENT, "PAGE_TOO_LARGE")
+
+
+async def test_gaps_embed_the_pages_of_a_crawl_made_before_any_query_was_tracked(
+        stub: pb_grpc.VisibilityServiceStub, site: tuple[str, Any]) -> None:
+    base, _ = site
+    created = (await stub.CreateProject(pb.CreateProjectRequest(project_id="acme", project=project(queries=[])),
+                                        metadata=A)).project
+    crawl = await crawl_site(stub, base, "c1", max_pages=8)
+    pages = await all_pages(stub, crawl.name)
+    assert pages and not any(p.score.pillars.relevance_applicable for p in pages if not p.error_reason)
+    queries = [pb.TrackedQuery(text="how do answer engines choose which sources to cite"),
+               pb.TrackedQuery(text="recipe for sourdough bread with rye flour")]
+    await stub.UpdateProject(pb.UpdateProjectRequest(project=pb.Project(
+        name="projects/acme", etag=created.etag, queries=queries), update_mask=field_mask_pb2.FieldMask(
+        paths=["queries"])), metadata=A)
+    run = (await stub.CreateShareOfVoiceRun(pb.CreateShareOfVoiceRunRequest(
+        parent="projects/acme", share_of_voice_run=pb.ShareOfVoiceRun(engines=["engine-b"])), metadata=A)
+           ).share_of_voice_run
+    await watch_run(stub, run.name)
+    first = {g.query: g for g in (await stub.ListCoverageGaps(pb.ListCoverageGapsRequest(parent="projects/acme"),
+                                                              metadata=A)).coverage_gaps}
+    bread = first["recipe for sourdough bread with rye flour"]
+    assert bread.kind == pb.GAP_KIND_NO_CONTENT and bread.nearest_passages[0].url.startswith(base)
+    again = {g.query: g for g in (await stub.ListCoverageGaps(pb.ListCoverageGapsRequest(parent="projects/acme"),
+                                                              metadata=A)).coverage_gaps}
+    assert again["recipe for sourdough bread with rye flour"].best_page_similarity == bread.best_page_similarity
