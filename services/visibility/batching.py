@@ -1,4 +1,5 @@
-"""One MiniLM call for the passages of many pages at once.
+"""Batching for the crawler: one MiniLM call for the passages of many pages, one transaction for the
+pages recorded at the same moment.
 
 A crawl scores pages concurrently and each page has a few passages; encoding them page by page
 pays the model's per-call cost for every handful of texts. `EmbeddingBatcher` collects the texts
@@ -10,12 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import numpy as np
 
 from llmo.embedding import EMBEDDING_DIM, Embedder
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -67,6 +71,50 @@ class EmbeddingBatcher:
                     if not request.done.done():
                         request.done.set_result(vectors[start:start + len(request.texts)])
                     start += len(request.texts)
+
+    async def close(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+
+
+class WriteBatcher(Generic[T]):
+    """Items written by `write` (a blocking function, run off the event loop) in one call per batch:
+    concurrent `submit` calls within `linger_s` share one transaction. `submit` returns once its item is
+    written, so callers keep their at-most-once bookkeeping."""
+
+    def __init__(self, write: Callable[[list[T]], None], *, max_batch: int = 64, linger_s: float = 0.01) -> None:
+        self.write, self.max_batch, self.linger_s = write, max_batch, linger_s
+        self._pending: list[tuple[T, asyncio.Future[None]]] = []
+        self._wake = asyncio.Event()
+        self._worker: asyncio.Task[None] | None = None
+
+    async def submit(self, item: T) -> None:
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.create_task(self._run())
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((item, done))
+        self._wake.set()
+        await done
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await asyncio.sleep(self.linger_s)
+            while self._pending:
+                batch, self._pending = self._pending[:self.max_batch], self._pending[self.max_batch:]
+                try:
+                    await asyncio.to_thread(self.write, [item for item, _ in batch])
+                except Exception as error:  # every item of the batch fails; the next batch is tried anew
+                    for _, done in batch:
+                        if not done.done():
+                            done.set_exception(error)
+                    continue
+                for _, done in batch:
+                    if not done.done():
+                        done.set_result(None)
 
     async def close(self) -> None:
         if self._worker is not None:

@@ -34,7 +34,7 @@ from llmo.embedding import Embedder
 from llmo.protos.events.v1 import events_pb2
 from llmo.protos.visibility.v1 import visibility_service_pb2 as pb
 from llmo.visibility import sitemaps, urls
-from llmo.visibility.batching import EmbeddingBatcher
+from llmo.visibility.batching import EmbeddingBatcher, WriteBatcher
 from llmo.visibility.convert import page_id, project_queries, score_proto, url_hash
 from llmo.visibility.events import EventAnnouncer, event_row
 from llmo.visibility.extract import ExtractedPage, extract_page
@@ -248,12 +248,18 @@ class CrawlExecutor:
             return
         attempted = row.fetched + row.failed  # what counts against max_pages, kept here as pages finish
         queue: collections.deque[FrontierUrl] = collections.deque()
+        # Pages finishing together are recorded in one transaction.
+        writer: WriteBatcher[PageOutcome] = WriteBatcher(
+            lambda outcomes: self.store.record_pages(pk, plan.project_pk, outcomes))
         cancelled = False
         checked = 0.0
         while True:
             if time.monotonic() - checked >= CONTROL_INTERVAL_S:
                 control = await asyncio.to_thread(self.store.crawl_cancel_requested, pk)
-                if control is None:
+                if control is None:  # the crawl was deleted under us
+                    for task in in_flight.values():
+                        task.cancel()
+                    await writer.close()
                     return
                 if control:
                     cancelled = True
@@ -270,7 +276,7 @@ class CrawlExecutor:
                         break
                 item = queue.popleft()
                 if item.url_hash not in in_flight:
-                    in_flight[item.url_hash] = asyncio.create_task(self._visit(plan, item, pacer, site))
+                    in_flight[item.url_hash] = asyncio.create_task(self._visit(plan, item, pacer, site, writer))
                     budget -= 1
             if not in_flight:
                 break
@@ -284,6 +290,7 @@ class CrawlExecutor:
                     attempted += 1
         if in_flight:
             await asyncio.gather(*in_flight.values(), return_exceptions=True)
+        await writer.close()
         if self._stopping and not cancelled:
             return  # the service is stopping: the crawl stays RUNNING and resumes on the next start
         if not cancelled:
@@ -329,9 +336,10 @@ class CrawlExecutor:
             return False
         return not any(path_only.startswith(p) for p in plan.config.exclude_paths)
 
-    async def _visit(self, plan: CrawlPlan, item: FrontierUrl, pacer: HostPacer, site: dict[str, Any]) -> str:
+    async def _visit(self, plan: CrawlPlan, item: FrontierUrl, pacer: HostPacer, site: dict[str, Any],
+                     writer: WriteBatcher[PageOutcome]) -> str:
         outcome = await self._fetch_and_score(plan, item, pacer, site)
-        await asyncio.to_thread(self.store.record_page, plan.pk, plan.project_pk, outcome)
+        await writer.submit(outcome)
         if outcome.page is not None and self._listeners.get(plan.pk):
             self._notify(plan.pk, pb.Page.FromString(outcome.page.body))
         return outcome.outcome

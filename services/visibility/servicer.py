@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -87,6 +88,7 @@ from llmo.visibility.validate import check_crawl_config, check_http_url, check_p
 PROJECT_FIELDS = ("display_name", "brand", "domains", "competitors", "tracked_queries", "queries", "default_engines",
                   "engines", "crawl_config", "labels")
 MAX_VISITS = 10_000
+WATCH_INTERVAL_S = 0.1  # at most ten crawl snapshots a second per watcher
 MAX_HTML_BYTES = 5 * 2**20
 MAX_SEEDS = 100
 MAX_RUN_QUERIES = 1000
@@ -263,10 +265,16 @@ class VisibilityServicer(pb_grpc.VisibilityServiceServicer):
         queue = self.crawls.listen(crawl.pk)
         try:
             yield pb.WatchCrawlResponse(crawl=crawl_proto(crawl, project.project_id))
+            sent = time.monotonic()
             while crawl.state in ACTIVE_STATES:
                 page = None
                 with contextlib.suppress(TimeoutError):
                     page = await asyncio.wait_for(queue.get(), timeout=1.0)  # other replicas: poll
+                # Pages recorded within one interval make one snapshot, with the last of them.
+                await asyncio.sleep(max(0.0, sent + WATCH_INTERVAL_S - time.monotonic()))
+                while not queue.empty():
+                    page = queue.get_nowait() or page
+                sent = time.monotonic()
                 fresh = await asyncio.to_thread(self.store.crawl_by_pk, crawl.pk)
                 if fresh is None:
                     return

@@ -466,9 +466,13 @@ class VisibilityStore:
             return row
 
     def _crawl_row(self, conn: Connection, row: Any) -> CrawlRow:
-        queued = conn.execute(sa.select(sa.func.count()).select_from(frontier).where(
-            frontier.c.crawl_pk == row.pk, frontier.c.done == sa.false())).scalar_one()
-        return _row(CrawlRow, crawls, row, queued=int(queued))
+        # Every frontier URL is discovered once and done once with one outcome, counted on the crawl (an
+        # unchanged page is also a fetched one): what is neither is queued. Skipped URLs exist only once
+        # the crawl has ended, when nothing is queued. No count over the frontier, however large.
+        m = row._mapping
+        queued = 0 if m["state"] not in ACTIVE_STATES else max(
+            0, m["discovered"] - m["fetched"] - m["failed"] - m["disallowed"] - m["trapped"])
+        return _row(CrawlRow, crawls, row, queued=queued)
 
     def get_crawl(self, project_pk: int, crawl_id: str) -> CrawlRow | None:
         with self.engine.connect() as conn:
@@ -568,38 +572,46 @@ class VisibilityStore:
 
     def record_page(self, crawl_pk: int, project_pk: int, result: PageOutcome) -> None:
         """The URL's outcome, its page and version, its links and the crawl's counters, atomically."""
+        self.record_pages(crawl_pk, project_pk, [result])
+
+    def record_pages(self, crawl_pk: int, project_pk: int, results: Sequence[PageOutcome]) -> None:
+        """`record_page` for several URLs in one transaction (all or none)."""
+        with self.engine.begin() as conn:
+            for result in results:
+                self._record_page(conn, crawl_pk, project_pk, result)
+
+    def _record_page(self, conn: Connection, crawl_pk: int, project_pk: int, result: PageOutcome) -> None:
         counter = {"fetched": "fetched", "unchanged": "fetched", "failed": "failed", "disallowed": "disallowed",
                    "trapped": "trapped"}.get(result.outcome)
-        with self.engine.begin() as conn:
-            done = conn.execute(frontier.update().where(
-                frontier.c.crawl_pk == crawl_pk, frontier.c.url_hash == result.url_hash,
-                frontier.c.done == sa.false()).values(done=True, outcome=result.outcome)).rowcount
-            if not done:
-                return  # already recorded (a resumed crawl repeating a fetch)
-            if result.page is not None:
-                values = {c.name: getattr(result.page, c.name) for c in pages.columns}
-                exists = conn.execute(sa.select(pages.c.page_id).where(
-                    pages.c.crawl_pk == crawl_pk, pages.c.page_id == result.page.page_id)).first()
-                if exists is None:  # two URLs canonicalising to one page keep the first
-                    conn.execute(pages.insert().values(**values))
-            if result.version is not None:
-                v = result.version
-                conn.execute(url_versions.delete().where(
-                    url_versions.c.project_pk == project_pk, url_versions.c.url_hash == v.url_hash))
-                conn.execute(url_versions.insert().values(
-                    project_pk=project_pk, url_hash=v.url_hash, url=v.url, version=v.version,
-                    content_hash=v.content_hash, etag=v.etag, last_modified=v.last_modified, crawl_pk=v.crawl_pk,
-                    page_id=v.page_id, update_us=now_us()))
-            added = self._add_urls(conn, crawl_pk, result.links)
-            changes: dict[str, Any] = {}
-            if counter:
-                changes[counter] = getattr(crawls.c, counter) + 1
-            if result.outcome == "unchanged":
-                changes["unchanged"] = crawls.c.unchanged + 1
-            if added:
-                changes["discovered"] = crawls.c.discovered + added
-            if changes:
-                conn.execute(crawls.update().where(crawls.c.pk == crawl_pk).values(**changes))
+        done = conn.execute(frontier.update().where(
+            frontier.c.crawl_pk == crawl_pk, frontier.c.url_hash == result.url_hash,
+            frontier.c.done == sa.false()).values(done=True, outcome=result.outcome)).rowcount
+        if not done:
+            return  # already recorded (a resumed crawl repeating a fetch)
+        if result.page is not None:
+            values = {c.name: getattr(result.page, c.name) for c in pages.columns}
+            exists = conn.execute(sa.select(pages.c.page_id).where(
+                pages.c.crawl_pk == crawl_pk, pages.c.page_id == result.page.page_id)).first()
+            if exists is None:  # two URLs canonicalising to one page keep the first
+                conn.execute(pages.insert().values(**values))
+        if result.version is not None:
+            v = result.version
+            conn.execute(url_versions.delete().where(
+                url_versions.c.project_pk == project_pk, url_versions.c.url_hash == v.url_hash))
+            conn.execute(url_versions.insert().values(
+                project_pk=project_pk, url_hash=v.url_hash, url=v.url, version=v.version,
+                content_hash=v.content_hash, etag=v.etag, last_modified=v.last_modified, crawl_pk=v.crawl_pk,
+                page_id=v.page_id, update_us=now_us()))
+        added = self._add_urls(conn, crawl_pk, result.links)
+        changes: dict[str, Any] = {}
+        if counter:
+            changes[counter] = getattr(crawls.c, counter) + 1
+        if result.outcome == "unchanged":
+            changes["unchanged"] = crawls.c.unchanged + 1
+        if added:
+            changes["discovered"] = crawls.c.discovered + added
+        if changes:
+            conn.execute(crawls.update().where(crawls.c.pk == crawl_pk).values(**changes))
 
     def skip_queued(self, crawl_pk: int) -> None:
         """Mark what is left in the frontier as not fetched (page limit reached)."""

@@ -316,8 +316,9 @@ class VisibilityServiceServicer:
 
     def WatchCrawl(self, request, context):
         """Streams a crawl's progress: the current snapshot at once, then a snapshot
-        with each page fetched, and a last one when the crawl reaches a terminal
-        state, after which the stream ends with OK.
+        as pages are recorded (at most one every 100 ms; `latest_page` is the last
+        page recorded since the previous one), and a last one when the crawl
+        reaches a terminal state, after which the stream ends with OK.
         Errors:
         INVALID_ARGUMENT  INVALID_NAME
         NOT_FOUND         PROJECT_NOT_FOUND, CRAWL_NOT_FOUND
