@@ -322,21 +322,30 @@ def _links(root: lxml.html.HtmlElement, base: str, page_host: str) -> list[tuple
     """(anchor element, link) for every http(s) link under `root`."""
     page_site = site_key(page_host) if page_host else ""
     out: list[tuple[lxml.html.HtmlElement, Link]] = []
+    resolved: dict[str, tuple[str, bool] | None] = {}  # a page repeats its hrefs (menus, footers)
     for a in _elements(root, "a"):
         href = (a.get("href") or "").strip()
         if not href or href.startswith("#"):
             continue
-        try:
-            parts = urlsplit(urljoin(base, href))
-            host = (parts.hostname or "").lower()
-        except ValueError:
-            continue
-        if parts.scheme not in ("http", "https") or not host:
-            continue
-        absolute = urlunsplit((parts.scheme, parts.netloc, parts.path, parts.query, ""))
-        internal = host == page_host or (bool(page_site) and site_key(host) == page_site)
-        out.append((a, Link(absolute, _norm(a.text_content()), _norm(a.get("rel")).lower(), internal)))
+        if href not in resolved:
+            resolved[href] = _resolve(base, href, page_host, page_site)
+        target = resolved[href]
+        if target is not None:
+            out.append((a, Link(target[0], _norm(a.text_content()), _norm(a.get("rel")).lower(), target[1])))
     return out
+
+
+def _resolve(base: str, href: str, page_host: str, page_site: str) -> tuple[str, bool] | None:
+    """(absolute URL without fragment, internal) of an http(s) link, or None."""
+    try:
+        parts = urlsplit(urljoin(base, href))
+        host = (parts.hostname or "").lower()
+    except ValueError:
+        return None
+    if parts.scheme not in ("http", "https") or not host:
+        return None
+    absolute = urlunsplit((parts.scheme, parts.netloc, parts.path, parts.query, ""))
+    return absolute, host == page_host or (bool(page_site) and site_key(host) == page_site)
 
 
 def _host(url: str) -> str:
@@ -681,10 +690,13 @@ def _extract(html: str | bytes, url: str) -> ExtractedPage:
         if isinstance(h, lxml.html.HtmlElement) and _norm(h.text_content())
     ]
     main_text = _main_text(text, url, root)
-    links = [lk for _, lk in _links(root, base, page_host)]
+    anchored = _links(root, base, page_host)
+    links = [lk for _, lk in anchored]
     area = _content_area(root)
+    in_area = set(area.iter("a")) if area is not root else None  # the content area's anchors, resolved once
     outbound_in_content = sum(
-        1 for a, lk in _links(area, base, page_host) if not lk.internal and not _in_boilerplate(a, area)
+        1 for a, lk in anchored
+        if (in_area is None or a in in_area) and not lk.internal and not _in_boilerplate(a, area)
     )
 
     lists = sum(1 for el in area.iter("ul", "ol") if not _in_boilerplate(el, area))
