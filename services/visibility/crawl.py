@@ -19,7 +19,7 @@ import hashlib
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -39,6 +39,7 @@ from llmo.visibility.convert import page_id, project_queries, score_proto, url_h
 from llmo.visibility.events import EventAnnouncer, event_row
 from llmo.visibility.extract import ExtractedPage, extract_page
 from llmo.visibility.fetcher import Fetcher, FetchResult
+from llmo.visibility.jobs import JobExecutor
 from llmo.visibility.llms_txt import parse_llms_txt
 from llmo.visibility.page_scores import BrandFacts, ScoringContext, score_page
 from llmo.visibility.politeness import HostPacer
@@ -60,7 +61,6 @@ DEFAULT_MAX_PAGES, DEFAULT_MAX_DEPTH, DEFAULT_RPS, DEFAULT_CONCURRENCY = 500, 5,
 HTML_TYPES = ("text/html", "application/xhtml+xml")
 ATTEMPTED = ("fetched", "unchanged", "failed")  # outcomes that count against max_pages
 CONTROL_INTERVAL_S = 0.5  # how often a running crawl reads its cancel flag
-DRAIN_S = 10.0  # how long a stopping service waits for the fetches and answers in flight
 
 
 def merged_config(project: pb.CrawlConfig, requested: pb.CrawlConfig, user_agent: str) -> pb.CrawlConfig:
@@ -136,21 +136,18 @@ class CrawlPlan:
     query_vectors: np.ndarray  # (queries, 384)
 
 
-class CrawlExecutor:
+class CrawlExecutor(JobExecutor):
     """Executes PENDING and interrupted RUNNING crawls, `crawl_workers` at a time."""
+
+    kind = "crawl"
 
     def __init__(self, store: VisibilityStore, settings: VisibilitySettings, fetcher: Fetcher, robots: RobotsCache,
                  embedder: Embedder, announcer: EventAnnouncer, publisher: Publisher | None = None) -> None:
+        super().__init__(settings.crawl_workers)
         self.store, self.settings, self.fetcher, self.robots = store, settings, fetcher, robots
         self.embedder, self.announcer, self.publisher = embedder, announcer, publisher
         self.batcher = EmbeddingBatcher(embedder)
-        self._wake = asyncio.Event()
-        self._stopping = False
-        self._active: dict[int, asyncio.Task[None]] = {}
         self._listeners: dict[int, list[asyncio.Queue[pb.Page | None]]] = {}
-
-    def wake(self) -> None:
-        self._wake.set()
 
     def listen(self, crawl_pk: int) -> asyncio.Queue[pb.Page | None]:
         """A queue that receives each page the crawl records (and None when it ends)."""
@@ -170,51 +167,20 @@ class CrawlExecutor:
             with contextlib.suppress(asyncio.QueueFull):
                 queue.put_nowait(page)
 
-    async def run(self) -> None:
-        while True:
-            try:
-                for pk in await asyncio.to_thread(self.store.runnable_crawls):
-                    if pk not in self._active and len(self._active) < self.settings.crawl_workers:
-                        task = asyncio.create_task(self._execute_safely(pk))
-                        self._active[pk] = task
-                        task.add_done_callback(self._on_done(pk))
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:  # the store is unreachable: try again shortly
-                log.warning("crawl scheduling failed", error=repr(error))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=1.0)
-            self._wake.clear()
+    def runnable(self) -> list[int]:
+        return self.store.runnable_crawls()
 
-    def _on_done(self, pk: int) -> Callable[[asyncio.Task[None]], None]:
-        return lambda _task: self._done(pk)
+    def fail(self, pk: int, reason: str, message: str) -> None:
+        self.store.finish_crawl(pk, FAILED, b"", reason, message)
 
-    def _done(self, pk: int) -> None:
-        self._active.pop(pk, None)
+    def ended(self, pk: int) -> None:
         self._notify(pk, None)
-        self._wake.set()
 
     async def close(self) -> None:
-        """Stop starting fetches, let the ones in flight record their pages (so a resumed crawl does not
-        fetch them again), then cancel what is still running after `DRAIN_S`."""
-        self._stopping = True
-        if self._active:
-            await asyncio.wait(list(self._active.values()), timeout=DRAIN_S)
-        for task in list(self._active.values()):
-            task.cancel()
-        for task in list(self._active.values()):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        """Stop starting fetches and let the ones in flight record their pages (a resumed crawl does not
+        fetch them again), then cancel what still runs."""
+        await super().close()
         await self.batcher.close()
-
-    async def _execute_safely(self, pk: int) -> None:
-        try:
-            await self.execute(pk)
-        except asyncio.CancelledError:
-            raise  # service stopping: the crawl stays RUNNING and resumes on the next start
-        except Exception as error:
-            log.error("crawl failed", crawl_pk=pk, error=repr(error))
-            await asyncio.to_thread(self.store.finish_crawl, pk, FAILED, b"", "INTERNAL_ERROR", repr(error)[:500])
 
     async def _plan(self, pk: int) -> CrawlPlan | None:
         row = await asyncio.to_thread(self.store.crawl_by_pk, pk)
@@ -265,7 +231,7 @@ class CrawlExecutor:
                     cancelled = True
                     break
                 checked = time.monotonic()
-            if self._stopping:
+            if self.stopping:
                 break
             budget = config.max_pages - attempted - len(in_flight)
             while budget > 0 and len(in_flight) < width:
@@ -291,7 +257,7 @@ class CrawlExecutor:
         if in_flight:
             await asyncio.gather(*in_flight.values(), return_exceptions=True)
         await writer.close()
-        if self._stopping and not cancelled:
+        if self.stopping and not cancelled:
             return  # the service is stopping: the crawl stays RUNNING and resumes on the next start
         if not cancelled:
             await asyncio.to_thread(self.store.skip_queued, pk)  # page limit reached: the rest is not fetched

@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +31,7 @@ from llmo.protos.events.v1 import events_pb2
 from llmo.protos.visibility.v1 import visibility_service_pb2 as pb
 from llmo.visibility.convert import brand_share_proto
 from llmo.visibility.events import EventAnnouncer, event_row
+from llmo.visibility.jobs import JobExecutor
 from llmo.visibility.mentions import AnswerAnalysis, BrandSpec, analyze_answer
 from llmo.visibility.settings import VisibilitySettings
 from llmo.visibility.sov_stats import Answer, brand_metrics, change_test
@@ -39,7 +39,6 @@ from llmo.visibility.storage import CANCELLED, FAILED, SUCCEEDED, AnswerRow, Run
 
 log = get_logger(__name__)
 ALL_ENGINES = "all"
-DRAIN_S = 10.0  # how long a stopping service waits for the answers in flight
 CHANGE_METRIC = "mention_rate"
 
 
@@ -128,68 +127,29 @@ class EngineClients:
             await client.close()
 
 
-class RunExecutor:
+class RunExecutor(JobExecutor):
     """Executes PENDING and interrupted RUNNING runs, `run_workers` at a time."""
+
+    kind = "share-of-voice run"
 
     def __init__(self, store: VisibilityStore, settings: VisibilitySettings, engines: EngineClients,
                  announcer: EventAnnouncer) -> None:
+        super().__init__(settings.run_workers)
         self.store, self.settings, self.engines, self.announcer = store, settings, engines, announcer
-        self._wake = asyncio.Event()
-        self._stopping = False
-        self._active: dict[int, asyncio.Task[None]] = {}
         self.changed = asyncio.Condition()  # notified whenever a run records an answer or ends
 
-    def wake(self) -> None:
-        self._wake.set()
+    def runnable(self) -> list[int]:
+        return self.store.runnable_runs()
 
-    async def run(self) -> None:
-        while True:
-            try:
-                for pk in await asyncio.to_thread(self.store.runnable_runs):
-                    if pk not in self._active and len(self._active) < self.settings.run_workers:
-                        task = asyncio.create_task(self._execute_safely(pk))
-                        self._active[pk] = task
-                        task.add_done_callback(self._on_done(pk))
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:
-                log.warning("run scheduling failed", error=repr(error))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=1.0)
-            self._wake.clear()
+    def fail(self, pk: int, reason: str, message: str) -> None:
+        self.store.finish_run(pk, FAILED, b"", reason, message)
 
-    def _on_done(self, pk: int) -> Callable[[asyncio.Task[None]], None]:
-        return lambda _task: self._done(pk)
-
-    def _done(self, pk: int) -> None:
-        self._active.pop(pk, None)
-        self._wake.set()
+    def ended(self, pk: int) -> None:
         asyncio.get_running_loop().create_task(self._notify())
 
     async def _notify(self) -> None:
         async with self.changed:
             self.changed.notify_all()
-
-    async def close(self) -> None:
-        """Stop asking, let the answers in flight be stored (a resumed run does not ask them again), then
-        cancel what is still running after `DRAIN_S`."""
-        self._stopping = True
-        if self._active:
-            await asyncio.wait(list(self._active.values()), timeout=DRAIN_S)
-        for task in list(self._active.values()):
-            task.cancel()
-        for task in list(self._active.values()):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-
-    async def _execute_safely(self, pk: int) -> None:
-        try:
-            await self.execute(pk)
-        except asyncio.CancelledError:
-            raise
-        except Exception as error:
-            log.error("share-of-voice run failed", run_pk=pk, error=repr(error))
-            await asyncio.to_thread(self.store.finish_run, pk, FAILED, b"", "INTERNAL_ERROR", repr(error)[:500])
 
     async def execute(self, pk: int) -> None:
         row = await asyncio.to_thread(self.store.run_by_pk, pk)
@@ -213,7 +173,7 @@ class RunExecutor:
         async def worker() -> None:
             # Each worker checks for a cancel or a stop before every answer it asks.
             nonlocal cancelled
-            while queue and not cancelled and not self._stopping:
+            while queue and not cancelled and not self.stopping:
                 qi, engine, sample = queue.popleft()
                 await self._answer(pk, name, project_row.tenant, spec.queries[qi], qi, engine, sample, brands)
                 current = await asyncio.to_thread(self.store.run_by_pk, pk)
@@ -221,7 +181,7 @@ class RunExecutor:
 
         with ctx.bind(tenant=project_row.tenant, request_id=f"sov/{project_row.project_id}/{row.run_id}"):
             await asyncio.gather(*(worker() for _ in range(min(self.settings.engine_concurrency, len(todo)))))
-        if self._stopping:
+        if self.stopping:
             return  # the service is stopping: the run stays RUNNING and resumes on the next start
         current = await asyncio.to_thread(self.store.run_by_pk, pk)
         if current is None:

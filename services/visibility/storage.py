@@ -508,25 +508,36 @@ class VisibilityStore:
             ).order_by(crawls.c.end_us.desc()).limit(1)).first()
             return None if row is None else self._crawl_row(conn, row)
 
-    def runnable_crawls(self) -> list[int]:
-        """Pks of crawls to execute: RUNNING ones (interrupted by a restart) first, then PENDING, oldest first."""
+    # --- job lifecycle, the same for crawls and runs -----------------------------------------------
+
+    def _runnable(self, jobs: sa.Table) -> list[int]:
+        """Pks of jobs to execute: RUNNING ones (interrupted by a restart) first, then PENDING, oldest first."""
         with self.engine.connect() as conn:
-            rows = conn.execute(sa.select(crawls.c.pk).where(crawls.c.state.in_(ACTIVE_STATES)).order_by(
-                crawls.c.state.desc(), crawls.c.create_us)).all()
+            rows = conn.execute(sa.select(jobs.c.pk).where(jobs.c.state.in_(ACTIVE_STATES)).order_by(
+                jobs.c.state.desc(), jobs.c.create_us)).all()
             return [int(r[0]) for r in rows]
 
-    def start_crawl(self, pk: int) -> None:
+    def _start(self, jobs: sa.Table, pk: int) -> None:
         with self.engine.begin() as conn:
-            conn.execute(crawls.update().where(crawls.c.pk == pk, crawls.c.state == PENDING).values(
+            conn.execute(jobs.update().where(jobs.c.pk == pk, jobs.c.state == PENDING).values(
                 state=RUNNING, start_us=now_us()))
 
-    def request_crawl_cancel(self, pk: int) -> None:
+    def _request_cancel(self, jobs: sa.Table, pk: int) -> None:
         with self.engine.begin() as conn:
-            conn.execute(crawls.update().where(crawls.c.pk == pk, crawls.c.state.in_(ACTIVE_STATES)).values(
+            conn.execute(jobs.update().where(jobs.c.pk == pk, jobs.c.state.in_(ACTIVE_STATES)).values(
                 cancel_requested=True))
-            # A crawl nobody executes yet ends at once.
-            conn.execute(crawls.update().where(crawls.c.pk == pk, crawls.c.state == PENDING).values(
+            # A job nobody executes yet ends at once.
+            conn.execute(jobs.update().where(jobs.c.pk == pk, jobs.c.state == PENDING).values(
                 state=CANCELLED, end_us=now_us()))
+
+    def runnable_crawls(self) -> list[int]:
+        return self._runnable(crawls)
+
+    def start_crawl(self, pk: int) -> None:
+        self._start(crawls, pk)
+
+    def request_crawl_cancel(self, pk: int) -> None:
+        self._request_cancel(crawls, pk)
 
     def _add_urls(self, conn: Connection, crawl_pk: int, urls: Iterable[tuple[str, str, int]]) -> int:
         urls = list({h: (h, u, d) for h, u, d in urls}.values())
@@ -731,22 +742,13 @@ class VisibilityStore:
             return [_row(RunRow, runs, r) for r in conn.execute(q.order_by(runs.c.end_us, runs.c.pk))]
 
     def runnable_runs(self) -> list[int]:
-        with self.engine.connect() as conn:
-            rows = conn.execute(sa.select(runs.c.pk).where(runs.c.state.in_(ACTIVE_STATES)).order_by(
-                runs.c.state.desc(), runs.c.create_us)).all()
-            return [int(r[0]) for r in rows]
+        return self._runnable(runs)
 
     def start_run(self, pk: int) -> None:
-        with self.engine.begin() as conn:
-            conn.execute(runs.update().where(runs.c.pk == pk, runs.c.state == PENDING).values(
-                state=RUNNING, start_us=now_us()))
+        self._start(runs, pk)
 
     def request_run_cancel(self, pk: int) -> None:
-        with self.engine.begin() as conn:
-            conn.execute(runs.update().where(runs.c.pk == pk, runs.c.state.in_(ACTIVE_STATES)).values(
-                cancel_requested=True))
-            conn.execute(runs.update().where(runs.c.pk == pk, runs.c.state == PENDING).values(
-                state=CANCELLED, end_us=now_us()))
+        self._request_cancel(runs, pk)
 
     def answer_keys(self, run_pk: int) -> set[tuple[int, str, int]]:
         with self.engine.connect() as conn:
