@@ -86,6 +86,13 @@ def brand_facts(project: pb.Project) -> BrandFacts:
                       logo=project.brand.logo_url, domains=list(project.domains))
 
 
+def query_similarity(query_vectors: np.ndarray, passage_vectors: np.ndarray) -> list[float]:
+    """Per query, the cosine similarity of the page's best passage (0 for a page without passages)."""
+    if not len(passage_vectors):
+        return [0.0] * len(query_vectors)
+    return [float(v) for v in (query_vectors @ passage_vectors.T).max(axis=1)]
+
+
 def origin_of(url: str) -> str:
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.netloc}"
@@ -366,10 +373,7 @@ class CrawlExecutor(JobExecutor):
             canonical = urls.normalize_url(result.final_url) or item.url
         # Without tracked queries nothing needs the vectors now; coverage gaps embed what they read later.
         vectors = await self.batcher.encode(extracted.passages) if len(plan.query_vectors) else None
-        similarity = None
-        if vectors is not None:
-            similarity = [0.0] * len(plan.query_vectors) if not len(vectors) else \
-                [float(v) for v in (plan.query_vectors @ vectors.T).max(axis=1)]
+        similarity = None if vectors is None else query_similarity(plan.query_vectors, vectors)
         rules = await self.robots.rules(item.url)
         context = ScoringContext(
             brand=brand_facts(plan.project), prompt_similarity=similarity,

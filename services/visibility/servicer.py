@@ -49,6 +49,7 @@ from llmo.visibility.crawl import (
     http_date,
     merged_config,
     new_crawl_id,
+    query_similarity,
     x_robots_noindex,
 )
 from llmo.visibility.entity import PageEntity, consistency_report
@@ -368,7 +369,7 @@ class VisibilityServicer(pb_grpc.VisibilityServiceServicer):
             if queries:
                 qv = await asyncio.to_thread(self.embedder.encode, queries)
                 pv = await asyncio.to_thread(self.embedder.encode, extracted.passages)
-                similarity = [float(v) for v in (qv @ pv.T).max(axis=1)] if len(pv) else [0.0] * len(queries)
+                similarity = query_similarity(qv, pv)
         noindex = extracted.noindex or x_robots_noindex(headers)
         scoring = ScoringContext(brand=brand_facts(project) if project is not None else None,
                                  prompt_similarity=similarity, noindex=noindex, ai_bots_blocked=blocked,
