@@ -7,10 +7,11 @@ evaluating on the same data embeds every prompt once.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,30 @@ def model_path() -> Path:
 
 def text_key(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+PRECISIONS = ("fp32", "bf16", "auto")
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux reports them (empty where /proc/cpuinfo is missing)."""
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def resolve_precision(precision: str, flags: Iterable[str] | None = None) -> str:
+    """"auto" is bf16 where the CPU multiplies bf16 natively (AVX512-BF16 or AMX), fp32 elsewhere: on
+    other CPUs bf16 is emulated and slower than fp32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"embedding precision must be one of {PRECISIONS}, not {precision!r}")
+    if precision != "auto":
+        return precision
+    return "bf16" if NATIVE_BF16_FLAGS & set(cpu_flags() if flags is None else flags) else "fp32"
 
 
 _MODELS: dict[int, Any] = {}
@@ -58,16 +83,22 @@ def _shared_model(max_seq_length: int) -> Any:
 
 
 class Embedder:
-    """Thread-safe lazy wrapper around the SentenceTransformer model (CPU)."""
+    """Thread-safe lazy wrapper around the SentenceTransformer model (CPU).
+
+    `precision` "bf16" runs the model under bf16 autocast (measured on an AVX512-BF16 CPU: 2.4x faster,
+    cosine >= 0.9999 to the fp32 vector of the same text); "auto" picks it where the CPU has native bf16.
+    Vectors are float32 and L2-normalised either way."""
 
     def __init__(
-        self, cache_dir: Path | None = None, batch_size: int = 64, max_seq_length: int = 256, progress: bool = False
+        self, cache_dir: Path | None = None, batch_size: int = 64, max_seq_length: int = 256, progress: bool = False,
+        precision: str = "fp32",
     ) -> None:
         self._model: Any = None
         self.cache_dir = cache_dir
         self.batch_size = batch_size
         self.max_seq_length = max_seq_length
         self.progress = progress  # a progress bar on stderr while embedding (the CLI, for people)
+        self.precision = resolve_precision(precision)
 
     def _load(self) -> Any:
         if self._model is None:
@@ -84,18 +115,28 @@ class Embedder:
 
     def _encode_uncached(self, texts: Sequence[str]) -> np.ndarray:
         model = self._load()
-        vectors = model.encode(
-            list(texts),
-            batch_size=self.batch_size,
-            normalize_embeddings=True,
-            convert_to_numpy=True,
-            show_progress_bar=self.progress,
-        )
-        return np.asarray(vectors, dtype=np.float32)
+        autocast: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+        if self.precision == "bf16":
+            import torch
+
+            autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+        with autocast:
+            vectors = model.encode(
+                list(texts),
+                batch_size=self.batch_size,
+                normalize_embeddings=self.precision == "fp32",
+                convert_to_numpy=True,
+                show_progress_bar=self.progress,
+            )
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if self.precision != "fp32":  # normalised in float32, not in the autocast dtype
+            vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        return vectors
 
     def _cache_file(self) -> Path:
         assert self.cache_dir is not None
-        return self.cache_dir / f"minilm-l6-v2-{self.max_seq_length}.npz"
+        suffix = "" if self.precision == "fp32" else f"-{self.precision}"
+        return self.cache_dir / f"minilm-l6-v2-{self.max_seq_length}{suffix}.npz"
 
     def _encode_cached(self, texts: Sequence[str]) -> np.ndarray:
         path = self._cache_file()

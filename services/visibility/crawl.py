@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import email.utils
 import hashlib
 import time
@@ -37,7 +38,8 @@ from llmo.visibility import sitemaps, urls
 from llmo.visibility.batching import EmbeddingBatcher, WriteBatcher
 from llmo.visibility.convert import page_id, project_queries, score_proto, url_hash
 from llmo.visibility.events import EventAnnouncer, event_row
-from llmo.visibility.extract import ExtractedPage, extract_page
+from llmo.visibility.extract import ExtractedPage
+from llmo.visibility.extract_pool import ExtractionFailed, ExtractionPool
 from llmo.visibility.fetcher import Fetcher, FetchResult
 from llmo.visibility.jobs import JobExecutor
 from llmo.visibility.llms_txt import parse_llms_txt
@@ -149,9 +151,11 @@ class CrawlExecutor(JobExecutor):
     kind = "crawl"
 
     def __init__(self, store: VisibilityStore, settings: VisibilitySettings, fetcher: Fetcher, robots: RobotsCache,
-                 embedder: Embedder, announcer: EventAnnouncer, publisher: Publisher | None = None) -> None:
+                 embedder: Embedder, announcer: EventAnnouncer, publisher: Publisher | None = None,
+                 extraction: ExtractionPool | None = None) -> None:
         super().__init__(settings.crawl_workers)
         self.store, self.settings, self.fetcher, self.robots = store, settings, fetcher, robots
+        self.extraction = extraction or ExtractionPool(0)
         self.embedder, self.announcer, self.publisher = embedder, announcer, publisher
         self.batcher = EmbeddingBatcher(embedder)
         self._listeners: dict[int, list[asyncio.Queue[pb.Page | None]]] = {}
@@ -188,6 +192,7 @@ class CrawlExecutor(JobExecutor):
         fetch them again), then cancel what still runs."""
         await super().close()
         await self.batcher.close()
+        await self.extraction.close()
 
     async def _plan(self, pk: int) -> CrawlPlan | None:
         row = await asyncio.to_thread(self.store.crawl_by_pk, pk)
@@ -213,7 +218,11 @@ class CrawlExecutor(JobExecutor):
         pacer = HostPacer(requests_per_second=config.requests_per_second, concurrency=config.concurrency,
                           min_delay_s=self.settings.min_delay_s, polite=self.settings.politeness)
         site = await self._discover(plan, pacer)
-        in_flight: dict[str, asyncio.Task[str]] = {}
+        # URLs being fetched, extracted and scored; then, apart, being written: a page waiting for its
+        # batch's transaction does not hold one of the fetch slots. Both are kept out of frontier refills.
+        in_flight: dict[str, asyncio.Task[PageOutcome]] = {}
+        recording: dict[str, asyncio.Task[None]] = {}
+        visiting: dict[str, FrontierUrl] = {}  # the frontier entry of each fetch in flight
         # Across hosts at most this many fetches run at once; each host is bounded by its pacer.
         width = max(1, config.concurrency) * max(1, len(plan.project.domains))
         row = await asyncio.to_thread(self.store.crawl_by_pk, pk)
@@ -230,7 +239,7 @@ class CrawlExecutor(JobExecutor):
             if time.monotonic() - checked >= CONTROL_INTERVAL_S:
                 control = await asyncio.to_thread(self.store.crawl_cancel_requested, pk)
                 if control is None:  # the crawl was deleted under us
-                    for task in in_flight.values():
+                    for task in [*in_flight.values(), *recording.values()]:
                         task.cancel()
                     await writer.close()
                     return
@@ -241,28 +250,45 @@ class CrawlExecutor(JobExecutor):
             if self.stopping:
                 break
             budget = config.max_pages - attempted - len(in_flight)
-            while budget > 0 and len(in_flight) < width:
+            # Pages wait at most a few batches to be written: past that backlog no new fetch starts.
+            while budget > 0 and len(in_flight) < width and len(recording) < 4 * width:
                 if not queue:
                     queue.extend(await asyncio.to_thread(self.store.queued_urls, pk, max(4 * width, 64),
-                                                         list(in_flight)))
+                                                         [*in_flight, *recording]))
                     if not queue:
                         break
                 item = queue.popleft()
-                if item.url_hash not in in_flight:
-                    in_flight[item.url_hash] = asyncio.create_task(self._visit(plan, item, pacer, site, writer))
+                if item.url_hash not in in_flight and item.url_hash not in recording:
+                    in_flight[item.url_hash] = asyncio.create_task(self._fetch_and_score(plan, item, pacer, site))
+                    visiting[item.url_hash] = item
                     budget -= 1
-            if not in_flight:
+            if not in_flight and not recording:
                 break
-            done, _ = await asyncio.wait(in_flight.values(), return_when=asyncio.FIRST_COMPLETED,
-                                         timeout=CONTROL_INTERVAL_S)
-            for key in [k for k, task in in_flight.items() if task in done]:
-                task = in_flight.pop(key)
-                if task.exception() is not None:
-                    log.error("page processing failed", crawl=plan.name, error=repr(task.exception()))
-                elif task.result() in ATTEMPTED:
+            done, _ = await asyncio.wait([*in_flight.values(), *recording.values()],
+                                         return_when=asyncio.FIRST_COMPLETED, timeout=CONTROL_INTERVAL_S)
+            for key in [k for k, task in recording.items() if task in done]:
+                task = recording.pop(key)
+                if task.exception() is not None:  # the URL stays queued in the frontier
+                    log.error("page recording failed", crawl=plan.name, error=repr(task.exception()))
+            for key in [k for k, fetching in in_flight.items() if fetching in done]:
+                fetching, item = in_flight.pop(key), visiting.pop(key)
+                error = fetching.exception()
+                if error is not None:  # a bug, not the page: it fails with a reason instead of coming back
+                    log.error("page processing failed", crawl=plan.name, url=item.url, error=repr(error))
+                    outcome = self._failed(plan, item, FetchResult(url=item.url, final_url=item.url,
+                                                                   error_reason="PROCESSING_FAILED",
+                                                                   error_message=repr(error)))
+                else:
+                    outcome = fetching.result()
+                if outcome.outcome in ATTEMPTED:
                     attempted += 1
-        if in_flight:
+                recording[key] = asyncio.create_task(self._record(plan, outcome, writer))
+        if in_flight or recording:
             await asyncio.gather(*in_flight.values(), return_exceptions=True)
+            for key, fetching in in_flight.items():  # fetched while stopping: record them, they are done
+                if not fetching.cancelled() and fetching.exception() is None:
+                    recording[key] = asyncio.create_task(self._record(plan, fetching.result(), writer))
+            await asyncio.gather(*recording.values(), return_exceptions=True)
         await writer.close()
         if self.stopping and not cancelled:
             return  # the service is stopping: the crawl stays RUNNING and resumes on the next start
@@ -309,13 +335,10 @@ class CrawlExecutor(JobExecutor):
             return False
         return not any(path_only.startswith(p) for p in plan.config.exclude_paths)
 
-    async def _visit(self, plan: CrawlPlan, item: FrontierUrl, pacer: HostPacer, site: dict[str, Any],
-                     writer: WriteBatcher[PageOutcome]) -> str:
-        outcome = await self._fetch_and_score(plan, item, pacer, site)
+    async def _record(self, plan: CrawlPlan, outcome: PageOutcome, writer: WriteBatcher[PageOutcome]) -> None:
         await writer.submit(outcome)
         if outcome.page is not None and self._listeners.get(plan.pk):
             self._notify(plan.pk, pb.Page.FromString(outcome.page.body))
-        return outcome.outcome
 
     async def _fetch_and_score(self, plan: CrawlPlan, item: FrontierUrl, pacer: HostPacer,
                                site: dict[str, Any]) -> PageOutcome:
@@ -365,7 +388,11 @@ class CrawlExecutor(JobExecutor):
 
     async def _scored(self, plan: CrawlPlan, item: FrontierUrl, result: FetchResult, site: dict[str, Any],
                       previous: UrlVersion | None) -> PageOutcome:
-        extracted = await asyncio.to_thread(extract_page, result.body, result.final_url)
+        try:
+            extracted = await self.extraction.extract(result.body, result.final_url)
+        except ExtractionFailed as exc:
+            return self._failed(plan, item, dataclasses.replace(result, error_reason="EXTRACT_FAILED",
+                                                                error_message=str(exc)))
         noindex = extracted.noindex or x_robots_noindex(result.headers)
         canonical = urls.normalize_url(extracted.canonical_url or "", result.final_url) if extracted.canonical_url \
             else None

@@ -17,6 +17,7 @@ from llmo.embedding import Embedder
 from llmo.protos.visibility.v1 import visibility_service_pb2_grpc
 from llmo.visibility.crawl import CrawlExecutor
 from llmo.visibility.events import EventAnnouncer
+from llmo.visibility.extract_pool import ExtractionPool, auto_processes
 from llmo.visibility.fetcher import Fetcher
 from llmo.visibility.netguard import AddressPolicy
 from llmo.visibility.robots import RobotsCache
@@ -67,11 +68,12 @@ async def build(kit: Kit[VisibilitySettings]) -> None:
     robots = RobotsCache(fetcher, ttl_s=settings.robots_ttl_s)
     # MiniLM loads on first use (seconds), not at start. 128 tokens is the window all-MiniLM-L6-v2 was
     # trained with; passages are 40-200 words, so a longer window costs time and adds little.
-    embedder = Embedder(max_seq_length=128)
+    embedder = Embedder(max_seq_length=128, precision=settings.embed_precision)
     announcer = EventAnnouncer(store, publisher)
     engines = EngineClients(settings)
     kit.on_stop(engines.close)
-    crawls = CrawlExecutor(store, settings, fetcher, robots, embedder, announcer)
+    extraction = ExtractionPool(auto_processes() if settings.extract_processes < 0 else settings.extract_processes)
+    crawls = CrawlExecutor(store, settings, fetcher, robots, embedder, announcer, extraction=extraction)
     runs = RunExecutor(store, settings, engines, announcer)
     servicer = VisibilityServicer(store, settings, crawls, runs, fetcher, robots, embedder,
                                   RouterModels(settings) if settings.engine_url else None)

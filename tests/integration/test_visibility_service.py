@@ -10,13 +10,16 @@ import itertools
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import grpc
 import pytest
+from aiohttp import web
 from google.protobuf import field_mask_pb2, timestamp_pb2
 
 from llmo.protos.visibility.v1 import visibility_service_pb2 as pb
 from llmo.protos.visibility.v1 import visibility_service_pb2_grpc as pb_grpc
+from llmo.visibility.extract_pool import ExtractionPool
 from tests.integration.visibility_harness import (
     A,
     B,
@@ -30,7 +33,8 @@ from tests.integration.visibility_harness import (
     watch_crawl,
     watch_run,
 )
-from tests.unit.visibility.site import make_site, serve_site
+from tests.unit.visibility.crashing_extract import CRASH_MARK, extract_or_die
+from tests.unit.visibility.site import article_html, make_site, serve_site
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -421,3 +425,57 @@ async def test_gaps_embed_the_pages_of_a_crawl_made_before_any_query_was_tracked
     again = {g.query: g for g in (await stub.ListCoverageGaps(pb.ListCoverageGapsRequest(parent="projects/acme"),
                                                               metadata=A)).coverage_gaps}
     assert again["recipe for sourdough bread with rye flour"].best_page_similarity == bread.best_page_similarity
+
+
+async def test_a_page_that_kills_the_extraction_worker_fails_alone_and_the_crawl_goes_on(tmp_path: Path) -> None:
+    app = make_site(pages=6)
+
+    async def crashing(_: web.Request) -> web.Response:
+        html = article_html(2, 6).replace("<body>", "<body>" + CRASH_MARK.decode(), 1)
+        return web.Response(text=html, content_type="text/html")
+
+    app.router.add_get("/crash", crashing)
+    async with serve_site(app) as base:
+        running, channel, stub = await started(settings(f"sqlite:///{tmp_path / 'v.db'}", tmp_path,
+                                                        politeness=False))
+        running.crawls.extraction = ExtractionPool(1, function=extract_or_die)
+        try:
+            await stub.CreateProject(pb.CreateProjectRequest(project_id="acme", project=project()), metadata=A)
+            final = await crawl_site(stub, base, "c1", "/crash", concurrency=4)
+            pages = {urlsplit(p.url).path: p for p in await all_pages(stub, final.name)}
+        finally:
+            await channel.close()
+            await running.stop()
+    assert final.state == pb.JOB_STATE_SUCCEEDED
+    assert pages["/crash"].error_reason == "EXTRACT_FAILED" and pages["/crash"].http_status == 200
+    articles = [p for path, p in pages.items() if path.startswith("/articles/")]
+    assert len(articles) == 6 and all(not p.error_reason and p.score.overall > 0 for p in articles)
+
+
+async def test_a_page_whose_handling_raises_fails_with_a_reason_instead_of_being_fetched_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from llmo.visibility import crawl as crawl_module
+
+    real_score = crawl_module.score_page
+
+    def score_or_raise(extracted: Any, context: Any) -> Any:
+        if extracted.url.endswith("/articles/3"):
+            raise RuntimeError("a scoring bug")
+        return real_score(extracted, context)
+
+    monkeypatch.setattr(crawl_module, "score_page", score_or_raise)
+    app = make_site(pages=5)
+    async with serve_site(app) as base:
+        running, channel, stub = await started(settings(f"sqlite:///{tmp_path / 'v.db'}", tmp_path,
+                                                        politeness=False))
+        try:
+            await stub.CreateProject(pb.CreateProjectRequest(project_id="acme", project=project()), metadata=A)
+            final = await crawl_site(stub, base, "c1", concurrency=4)
+            pages = {urlsplit(p.url).path: p for p in await all_pages(stub, final.name)}
+        finally:
+            await channel.close()
+            await running.stop()
+    assert final.state == pb.JOB_STATE_SUCCEEDED
+    assert pages["/articles/3"].error_reason == "PROCESSING_FAILED"
+    assert app["hits"]["/articles/3"] == 1
+    assert all(not p.error_reason for path, p in pages.items() if path.startswith("/articles/") and path != "/articles/3")
