@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+from llmo.chat_client import ChatClient
 from llmo.core import kit as service_kit
 from llmo.core.kit import Kit, ServiceSpec
 from llmo.embedding import Embedder
@@ -12,6 +13,7 @@ from llmo.protos.retrieval.v1 import retrieval_service_pb2_grpc
 from llmo.retrieval import backends
 from llmo.retrieval.backends import pgvector
 from llmo.retrieval.generator import Generator
+from llmo.retrieval.graph.llm import LlmExtractor
 from llmo.retrieval.indexes import DenseConfig, IndexManager
 from llmo.retrieval.rerank import load_reranker
 from llmo.retrieval.search import Searcher
@@ -39,12 +41,21 @@ async def build(kit: Kit[RetrievalSettings]) -> None:
         generator = Generator(settings.generator_url, api_key=settings.generator_api_key, model=settings.generator_model,
                               timeout_s=settings.generator_timeout_s, max_tokens=settings.generator_max_tokens)
         kit.on_stop(generator.close)
+    llm_extractor = None
+    if settings.generator_url:  # the "llm" entity extractor: same endpoint and key, its own deadline and budget
+        extractor_client = ChatClient(settings.generator_url, api_key=settings.generator_api_key,
+                                      model=settings.graph_extractor_model or settings.generator_model,
+                                      timeout_s=settings.graph_extractor_timeout_s,
+                                      max_tokens=settings.graph_extractor_max_tokens)
+        kit.on_stop(extractor_client.close)
+        llm_extractor = LlmExtractor(extractor_client, concurrency=settings.graph_extractor_concurrency,
+                                     document_timeout_s=settings.graph_extractor_document_timeout_s)
     first_stage = None
     if settings.backend == "pgvector":
         first_stage = await asyncio.to_thread(pgvector.PgvectorFirstStage.open, store, embedder, settings)
     searcher = Searcher(store, indexes, embedder, settings, publisher, generator=generator,
                         reranker=load_reranker(settings), first_stage=first_stage)
-    servicer = RetrievalServicer(store, indexes, embedder, settings, publisher, searcher)
+    servicer = RetrievalServicer(store, indexes, embedder, settings, publisher, searcher, llm_extractor)
     kit.grpc(retrieval_service_pb2_grpc.add_RetrievalServiceServicer_to_server, servicer, SERVICE_NAME)
     kit.expose(store=store, indexes=indexes, servicer=servicer, searcher=searcher, generator=generator)
 

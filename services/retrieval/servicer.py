@@ -29,7 +29,9 @@ from llmo.retrieval.chunking import MAX_CHUNK_TOKENS, Chunker
 from llmo.retrieval.convert import chunk_proto, struct_of
 from llmo.retrieval.extract import ExtractError, extract
 from llmo.retrieval.graph.extract import chunk_graphs
+from llmo.retrieval.graph.llm import LlmExtractor
 from llmo.retrieval.indexes import IndexManager
+from llmo.retrieval.quotas import QuotaExceeded, Quotas
 from llmo.retrieval.search import Searcher
 from llmo.retrieval.settings import RetrievalSettings
 from llmo.retrieval.storage import (
@@ -40,6 +42,7 @@ from llmo.retrieval.storage import (
     EtagMismatch,
     NotEmpty,
     RetrievalStore,
+    VersionMismatch,
     now_us,
 )
 
@@ -58,7 +61,6 @@ MAX_MIME_LEN = 128
 MUTABLE = ("display_name", "description", "labels")
 IMMUTABLE_ONCE_FILLED = ("embedding_model", "chunking", "knowledge_graph_enabled", "entity_extractor")
 ENTITY_EXTRACTORS = ("", "local", "llm")
-BUILT_EXTRACTORS = ("", "local")  # "llm" (through the generator) is not built yet
 
 
 def collection_id_of(name: str) -> str:
@@ -111,10 +113,6 @@ def _entity_extractor(c: pb.Collection) -> str:
     if c.entity_extractor not in ENTITY_EXTRACTORS:
         raise invalid_argument("INVALID_ENTITY_EXTRACTOR", f"entity_extractor must be one of \"\", \"local\" or "
                                f"\"llm\"; got {preview(c.entity_extractor)!r}", entity_extractor=preview(c.entity_extractor))
-    if c.entity_extractor not in BUILT_EXTRACTORS:
-        raise invalid_argument("INVALID_ENTITY_EXTRACTOR", "entity_extractor \"llm\" is not available in this "
-                               "retrieval service; use \"local\" (the built-in extractor)",
-                               entity_extractor=c.entity_extractor)
     return c.entity_extractor or ("local" if c.knowledge_graph_enabled else "")
 
 
@@ -150,9 +148,19 @@ def principals_of(principal: pb.Principal) -> frozenset[str]:
 
 class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
     def __init__(self, store: RetrievalStore, indexes: IndexManager, embedder: Embedder,
-                 settings: RetrievalSettings, publisher: Publisher | None, searcher: Searcher) -> None:
+                 settings: RetrievalSettings, publisher: Publisher | None, searcher: Searcher,
+                 llm_extractor: LlmExtractor | None = None) -> None:
         self.store, self.indexes, self.embedder = store, indexes, embedder
         self.settings, self.publisher, self.searcher = settings, publisher, searcher
+        # Without a generator, "llm" collections are refused; one made before falls back chunk by chunk.
+        self.llm_extractor = llm_extractor or LlmExtractor(None)
+        self.quotas = Quotas.of(settings)
+
+    def _check_extractor_available(self, extractor: str) -> None:
+        if extractor == "llm" and self.llm_extractor.client is None:
+            raise failed_precondition("GENERATOR_UNAVAILABLE", "entity_extractor \"llm\": this service runs without "
+                                      "a generator (LLMO_RETRIEVAL_GENERATOR_URL and LLMO_ROUTER_HTTP_URL are empty)",
+                                      field="entity_extractor")
 
     async def _collection(self, name: str) -> CollectionRow:
         cid = collection_id_of(name)
@@ -171,6 +179,7 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
         model = _embedding_model(c.embedding_model)
         if len(request.request_id) > MAX_ID_LEN:
             raise invalid_argument("INVALID_REQUEST_ID", f"request_id is at most {MAX_ID_LEN} characters")
+        self._check_extractor_available(c.entity_extractor)
         stamp = now_us()
         row = CollectionRow(pk=0, uid=uuid.uuid4().hex, tenant=_tenant(), collection_id=cid,
                             display_name=c.display_name, description=c.description, labels=dict(c.labels),
@@ -220,6 +229,7 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
                 changes[path] = getattr(c, path)
         if len(c.etag) > MAX_ID_LEN:
             raise invalid_argument("INVALID_ETAG", "etag is malformed")
+        self._check_extractor_available(changes.get("entity_extractor", ""))
         try:
             row = await asyncio.to_thread(
                 self.store.update_collection, _tenant(), cid, changes, c.etag, uuid.uuid4().hex[:16],
@@ -298,6 +308,34 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
             raise not_found("DOCUMENT_NOT_FOUND", f"document {request.name} not found", name=request.name)
         return pb.DeleteDocumentResponse()
 
+    async def UpdateDocumentAccess(self, request: pb.UpdateDocumentAccessRequest, context: Any
+                                   ) -> pb.UpdateDocumentAccessResponse:
+        document_name_of(request.name)
+        if not request.HasField("access_control"):
+            raise invalid_argument("INVALID_ACCESS_CONTROL", "access_control is required; send it with no "
+                                   "allowed_principals to make the document readable by every principal of the tenant",
+                                   field="access_control")
+        acl = list(request.access_control.allowed_principals)
+        problem = _acl_problem(acl)
+        if problem is not None:
+            raise invalid_argument("INVALID_ACCESS_CONTROL", problem, field="access_control.allowed_principals",
+                                   max_entries=MAX_ACL_ENTRIES, max_length=MAX_ID_LEN)
+        if request.expected_version < 0:
+            raise invalid_argument("INVALID_EXPECTED_VERSION", "expected_version is a document version (>= 1) or 0 "
+                                   "for none", field="expected_version")
+        coll, did = await self._document_of(request.name)
+        try:
+            doc, changed = await asyncio.to_thread(self.store.update_document_access, coll.pk, did, acl,
+                                                   request.expected_version)
+        except VersionMismatch:
+            raise ServiceError(grpc.StatusCode.ABORTED, "VERSION_MISMATCH", f"document {request.name} is no longer "
+                               f"at version {request.expected_version}; read it again") from None
+        if doc is None:
+            raise not_found("DOCUMENT_NOT_FOUND", f"document {request.name} not found", name=request.name)
+        if changed:
+            await self._publish_ingested(coll, request.name, doc.chunk_count, doc.version)
+        return pb.UpdateDocumentAccessResponse(document=_document_proto(coll.collection_id, doc))
+
     # --- ingestion -----------------------------------------------------------------------------
 
     async def IngestDocuments(self, request_iterator: AsyncIterator[Any], context: Any
@@ -326,6 +364,7 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
             if last.stage == pb.INGEST_STAGE_INDEXED:
                 summary.documents_indexed += 1
                 summary.chunks_indexed += last.chunks
+                summary.graph_fallback_chunks += last.graph_fallback_chunks
             elif last.stage == pb.INGEST_STAGE_SKIPPED:
                 summary.documents_skipped += 1
             else:
@@ -383,6 +422,11 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
             yield _failed(position, name, "DOCUMENT_TOO_LARGE", f"the document makes {len(pieces)} chunks; the limit "
                           f"is {self.settings.max_chunks_per_document}")
             return
+        over = await asyncio.to_thread(self.quotas.check, self.store, coll.tenant, coll.pk, did, len(pieces)) \
+            if self.quotas.enabled else None
+        if over is not None:
+            yield _failed(position, name, "INGEST_QUOTA_EXCEEDED", over)
+            return
         yield pb.DocumentProgress(index=position, document=name, stage=pb.INGEST_STAGE_CHUNKED, chunks=len(pieces))
         try:
             vectors = await asyncio.to_thread(self.embedder.encode, [p.text for p in pieces])
@@ -395,12 +439,27 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
                                end_offset=p.end, token_count=p.token_count,
                                embedding=np.asarray(v, dtype=np.float32).tobytes())
                       for i, (p, v) in enumerate(zip(pieces, vectors, strict=True))]
+        fallbacks = 0
         if coll.knowledge_graph_enabled:  # written with the chunks, in their transaction
-            graphs = await asyncio.to_thread(chunk_graphs, extracted.text, [(p.start, p.end) for p in pieces])
+            spans = [(p.start, p.end) for p in pieces]
+            if coll.entity_extractor == "llm":
+                found = await self.llm_extractor.chunk_graphs(extracted.text, spans, tenant=coll.tenant,
+                                                              purpose=f"graph_extract:{position}")
+                graphs, fallbacks = found.graphs, found.fallback_chunks
+            else:
+                graphs = await asyncio.to_thread(chunk_graphs, extracted.text, spans)
             for chunk, graph in zip(row.chunks, graphs, strict=True):
                 chunk.graph = graph
-        version = await asyncio.to_thread(self.store.replace_document, coll.pk, row)
-        yield await self._indexed(coll, position, name, len(pieces), version)
+        guard = self.quotas.guard(self.store, coll.tenant, coll.pk, did, len(pieces))
+        try:
+            version = await asyncio.to_thread(self.store.replace_document, coll.pk, row, guard)
+        except QuotaExceeded as exceeded:  # another stream filled the quota since the check above
+            yield _failed(position, name, "INGEST_QUOTA_EXCEEDED", exceeded.message)
+            return
+        progress = await self._indexed(coll, position, name, len(pieces), version)
+        if progress.stage == pb.INGEST_STAGE_INDEXED:
+            progress.graph_fallback_chunks = fallbacks
+        yield progress
 
     def _check_input(self, doc: pb.DocumentInput, raw: bytes) -> tuple[str, str] | None:
         if len(raw) > self.settings.max_document_bytes:
@@ -412,10 +471,9 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
             return "INVALID_DOCUMENT", "display_name and source_uri may not contain NUL characters"
         if doc.metadata.ByteSize() > MAX_METADATA_BYTES:
             return "INVALID_DOCUMENT", f"metadata is at most {MAX_METADATA_BYTES} bytes serialized"
-        acl = doc.access_control.allowed_principals
-        if len(acl) > MAX_ACL_ENTRIES or not all(is_identifier(p) for p in acl):
-            return "INVALID_DOCUMENT", f"access_control lists at most {MAX_ACL_ENTRIES} principals, each an " \
-                                       f"identifier of at most {MAX_ID_LEN} characters"
+        acl_problem = _acl_problem(doc.access_control.allowed_principals)
+        if acl_problem is not None:
+            return "INVALID_DOCUMENT", acl_problem
         if _has_non_finite(doc.metadata):
             return "INVALID_DOCUMENT", "metadata numbers must be finite"
         return None
@@ -424,11 +482,15 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
                        ) -> pb.DocumentProgress:
         if version is None:
             return _failed(position, name, "COLLECTION_NOT_FOUND", "the collection was deleted during the ingest")
+        await self._publish_ingested(coll, name, chunks, version)
+        return pb.DocumentProgress(index=position, document=name, stage=pb.INGEST_STAGE_INDEXED, chunks=chunks)
+
+    async def _publish_ingested(self, coll: CollectionRow, name: str, chunks: int, version: int) -> None:
+        """`document_ingested` for a new version of a document (new content, metadata or access list)."""
         if self.publisher is not None:
             event = events_pb2.DocumentIngested(document=name, chunks=chunks, tenant=coll.tenant)
             event.occurred_at.GetCurrentTime()
             await self.publisher.publish(event, event_id=f"retrieval-ingested:{coll.uid}:{name}:v{version}")
-        return pb.DocumentProgress(index=position, document=name, stage=pb.INGEST_STAGE_INDEXED, chunks=chunks)
 
     # --- search --------------------------------------------------------------------------------
 
@@ -438,6 +500,14 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
         principals = principals_of(request.principal)
         coll = await self._collection(request.collection)
         return await self.searcher.search(request, coll, principals)
+
+
+def _acl_problem(acl: Any) -> str | None:
+    """Why an access list is out of bounds (the same for ingestion and UpdateDocumentAccess), or None."""
+    if len(acl) > MAX_ACL_ENTRIES or not all(is_identifier(p) for p in acl):
+        return f"access_control lists at most {MAX_ACL_ENTRIES} principals, each an identifier of at most " \
+               f"{MAX_ID_LEN} characters"
+    return None
 
 
 def _failed(position: int, name: str, reason: str, message: str) -> pb.DocumentProgress:

@@ -25,6 +25,16 @@ class RetrievalSettings(ServiceSettings):
     """Largest document accepted (raw bytes or UTF-8 text); past it the document fails with DOCUMENT_TOO_LARGE."""
     max_chunks_per_document: int = 4096
     """Most chunks one document may produce; past it the document fails with DOCUMENT_TOO_LARGE."""
+    max_documents_per_collection: int = Field(default=0, ge=0)
+    """Ingest quota: most documents one collection may hold (0: no limit). A new document past it
+    fails with INGEST_QUOTA_EXCEEDED in its progress and the stream goes on; replacing a document
+    counts only the difference."""
+    max_chunks_per_collection: int = Field(default=0, ge=0)
+    """Ingest quota: most chunks one collection may hold, over all its documents (0: no limit)."""
+    max_documents_per_tenant: int = Field(default=0, ge=0)
+    """Ingest quota: most documents one tenant may hold over all its collections (0: no limit)."""
+    max_chunks_per_tenant: int = Field(default=0, ge=0)
+    """Ingest quota: most chunks one tenant may hold over all its collections (0: no limit)."""
     max_query_chars: int = 4096
     """Longest search query accepted."""
     backend: str = "local"
@@ -57,6 +67,20 @@ class RetrievalSettings(ServiceSettings):
     goes on with the plain query and the stage reports GENERATOR_TIMEOUT."""
     generator_max_tokens: int = 256
     """Most tokens the generator may write per call."""
+    graph_extractor_model: str = ""
+    """Model the "llm" entity extractor of knowledge-graph collections asks, through the generator
+    endpoint (empty: `generator_model`)."""
+    graph_extractor_timeout_s: float = Field(default=20.0, gt=0)
+    """Deadline of one chunk's extraction call (never past the ingest stream's own deadline); past
+    it, or on an answer that is not the JSON asked for, the chunk's graph comes from the local
+    extractor and the fallback is counted."""
+    graph_extractor_document_timeout_s: float = Field(default=120.0, gt=0)
+    """Time all the extraction calls of one document may take together; chunks not extracted by
+    then fall back to the local extractor."""
+    graph_extractor_concurrency: int = Field(default=4, ge=1, le=64)
+    """Extraction calls in flight per document."""
+    graph_extractor_max_tokens: int = Field(default=1024, ge=64)
+    """Most tokens the generator may write per chunk's extraction."""
     embed_batch_size: int = 32
     """Chunks per MiniLM forward pass at ingestion."""
     bm25_k1: float = 1.2
@@ -78,6 +102,10 @@ class RetrievalSettings(ServiceSettings):
     hnsw_exact_below: int = 4096
     """With HNSW, an access/filter-allowed subset of at most this many chunks is searched exactly
     instead of through the graph (a selective filter would starve the graph walk)."""
+    index_rebuild_tombstone_share: float = Field(default=0.2, ge=0.0, le=1.0)
+    """A changed document's old chunks stay in the local dense index as tombstones (masked out of
+    every search); once they are more than this share of its chunks, the next change rebuilds the
+    index from the live chunks (also when the live count crosses `hnsw_min_chunks`)."""
 
     def resolved_index_dir(self) -> Path:
         return Path(self.index_dir) if self.index_dir else self.platform.data_dir / "retrieval" / "indexes"

@@ -2,9 +2,10 @@
 
 Collections belong to a tenant; documents to a collection; chunks (text, heading path,
 offsets and the MiniLM vector) to a document. The BM25 and FAISS indexes are derived
-from these rows and rebuilt from them (llmo.retrieval.indexes): every write that changes
-what a search may return bumps the collection's `generation` in the same transaction,
-and an index built at an older generation is stale.
+from these rows (llmo.retrieval.indexes): every write that changes what a search may
+return bumps the collection's `generation` in the same transaction and records in
+`index_changes` which document it changed; an index at an older generation is stale and
+applies the documents changed since (or is rebuilt when that record is gone).
 
 A document is replaced in one transaction (old row and chunks deleted, new ones
 inserted), so a reader or a crash mid-ingest sees the old document or the new one,
@@ -135,7 +136,22 @@ graph_relations = sa.Table(
     sa.Index("ix_graph_relations_document", "collection_pk", "document_id"),
 )
 
+# Which document each generation changed: `content` when its chunks changed (replaced or deleted),
+# not when only its access list / metadata did. Written by `_bump` in the writing transaction; an
+# index at generation g applies the rows after g (llmo.retrieval.indexes). Rows older than
+# INDEX_CHANGES_KEPT generations are pruned: an index that far behind is rebuilt instead.
+index_changes = sa.Table(
+    "index_changes",
+    metadata,
+    sa.Column("collection_pk", _ID, sa.ForeignKey("collections.pk", ondelete="CASCADE"), primary_key=True),
+    sa.Column("generation", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("document_id", sa.String(63), nullable=False),
+    sa.Column("content", sa.Boolean, nullable=False),
+)
+
+INDEX_CHANGES_KEPT = 10_000
 _IN_BATCH = 500  # values per IN (...) list
+_TENANT_QUOTA_LOCK = 0x6C6C6D71  # advisory lock space (first key) of the per-tenant quota lock
 
 
 def now_us() -> int:
@@ -236,6 +252,33 @@ class IndexedChunk:
     metadata: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class IndexChanges:
+    """What changed in a collection between two generations, as an index applies it: the documents
+    whose chunks changed lose their old chunks and get `chunks` (their current ones, by id; none
+    when deleted); `access` holds the current (access list, metadata) of every changed document
+    that still exists."""
+
+    since: int
+    generation: int
+    content: frozenset[str]
+    chunks: list[IndexedChunk]
+    access: dict[str, tuple[tuple[str, ...], dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What a collection and its tenant (all its collections) hold, for ingest quotas, not counting
+    one document (the one being written); `document_chunks` is that document's current chunk
+    count, None when it does not exist."""
+
+    collection_documents: int
+    collection_chunks: int
+    tenant_documents: int
+    tenant_chunks: int
+    document_chunks: int | None
+
+
 class AlreadyExists(Exception):
     pass
 
@@ -246,6 +289,17 @@ class EtagMismatch(Exception):
 
 class NotEmpty(Exception):
     pass
+
+
+class VersionMismatch(Exception):
+    pass
+
+
+class _NoWrite(Exception):
+    """Rolls back a transaction that found nothing to write; carries what to answer."""
+
+    def __init__(self, doc: DocumentRow | None) -> None:
+        self.doc = doc
 
 
 _COLLECTION_FIELDS = [c for c in collections.columns]
@@ -393,12 +447,16 @@ class RetrievalStore:
                 return
             after = rows[-1].document_id
 
-    def replace_document(self, collection_pk: int, doc: DocumentRow) -> int | None:
+    def replace_document(self, collection_pk: int, doc: DocumentRow,
+                         check: Callable[[Connection], None] | None = None) -> int | None:
         """Write `doc`, its chunks and their graph (`ChunkRow.graph`) in place of any earlier version,
-        in one transaction; the new version, or None when the collection is gone."""
+        in one transaction; the new version, or None when the collection is gone. `check` runs once
+        the collection's write lock is held, before anything is written; what it raises rolls back."""
         with self.engine.begin() as conn:
-            if not self._bump(conn, collection_pk):
+            if not self._bump(conn, collection_pk, doc.document_id):
                 return None
+            if check is not None:
+                check(conn)
             old = conn.execute(sa.select(documents.c.version, documents.c.create_us).where(
                 documents.c.collection_pk == collection_pk, documents.c.document_id == doc.document_id)).first()
             stamp = now_us()
@@ -465,7 +523,7 @@ class RetrievalStore:
     def update_document_fields(self, collection_pk: int, doc: DocumentRow) -> int | None:
         """Same content, new metadata / access list / names: no re-chunking; the new version."""
         with self.engine.begin() as conn:
-            if not self._bump(conn, collection_pk):
+            if not self._bump(conn, collection_pk, doc.document_id, content=False):
                 return None
             version = conn.execute(sa.select(documents.c.version).where(
                 documents.c.collection_pk == collection_pk, documents.c.document_id == doc.document_id)).scalar()
@@ -478,13 +536,42 @@ class RetrievalStore:
                      metadata=doc.metadata, acl=doc.acl, mime_type=doc.mime_type, update_us=now_us()))
             return doc.version
 
+    def update_document_access(self, collection_pk: int, document_id: str, acl: list[str], expected_version: int = 0
+                               ) -> tuple[DocumentRow | None, bool]:
+        """Replace a document's access list only (content, chunks, graph and metadata kept): a new
+        version and a bump that names the document (`content=False`), so every index applies the new
+        list at its next search. One transaction that takes the collection's write lock first, so a
+        concurrent ingest is never overwritten. (document, changed): (None, False) when there is no
+        such document; an unchanged list writes nothing. VersionMismatch when `expected_version` is
+        set and is not the current version."""
+        try:
+            with self.engine.begin() as conn:
+                if not self._bump(conn, collection_pk, document_id, content=False):
+                    raise _NoWrite(None)
+                row = conn.execute(sa.select(documents).where(
+                    documents.c.collection_pk == collection_pk, documents.c.document_id == document_id)).first()
+                if row is None:
+                    raise _NoWrite(None)
+                doc = _document(row)
+                if expected_version and doc.version != expected_version:
+                    raise VersionMismatch(document_id)
+                if doc.acl == acl:
+                    raise _NoWrite(doc)
+                doc.acl, doc.version, doc.update_us = list(acl), doc.version + 1, now_us()
+                conn.execute(documents.update().where(
+                    documents.c.collection_pk == collection_pk, documents.c.document_id == document_id
+                ).values(acl=doc.acl, version=doc.version, update_us=doc.update_us))
+                return doc, True
+        except _NoWrite as nothing:
+            return nothing.doc, False
+
     def delete_document(self, collection_pk: int, document_id: str) -> bool:
         with self.engine.begin() as conn:
             exists = conn.execute(sa.select(documents.c.version).where(
                 documents.c.collection_pk == collection_pk, documents.c.document_id == document_id)).first()
             if exists is None:
                 return False
-            self._bump(conn, collection_pk)
+            self._bump(conn, collection_pk, document_id)
             self._delete_document(conn, collection_pk, document_id)
             return True
 
@@ -508,11 +595,52 @@ class RetrievalStore:
             documents.c.collection_pk == collection_pk, documents.c.document_id == document_id))
 
     @staticmethod
-    def _bump(conn: Connection, collection_pk: int) -> bool:
-        """Mark the collection's indexes stale (and lock its row until commit on PostgreSQL)."""
+    def _bump(conn: Connection, collection_pk: int, document_id: str | None = None, *, content: bool = True) -> bool:
+        """Mark the collection's indexes stale (and lock its row until commit on PostgreSQL), and
+        record in `index_changes` which document the new generation changed (`content`: its chunks,
+        else only its access list / metadata). A bump naming no document makes indexes rebuild."""
         result = conn.execute(collections.update().where(collections.c.pk == collection_pk).values(
             generation=collections.c.generation + 1))
-        return bool(result.rowcount)
+        if not result.rowcount:
+            return False
+        if document_id is not None:
+            current = sa.select(collections.c.generation).where(collections.c.pk == collection_pk).scalar_subquery()
+            conn.execute(index_changes.insert().from_select(
+                ["collection_pk", "generation", "document_id", "content"],
+                sa.select(collections.c.pk, collections.c.generation, sa.literal(document_id, sa.String),
+                          sa.literal(content, sa.Boolean)).where(collections.c.pk == collection_pk)))
+            conn.execute(index_changes.delete().where(
+                index_changes.c.collection_pk == collection_pk,
+                index_changes.c.generation <= current - INDEX_CHANGES_KEPT))
+        return True
+
+    # --- ingest quotas (llmo.retrieval.quotas) -----------------------------------------------
+
+    def usage(self, tenant: str, collection_pk: int, document_id: str, *, tenant_wide: bool,
+              conn: Connection | None = None) -> Usage:
+        """Documents and chunks of the collection and (with `tenant_wide`; else 0) of the tenant, not
+        counting `document_id`, read in `conn`'s transaction when given."""
+        if conn is None:
+            with self.engine.connect() as own:
+                return self.usage(tenant, collection_pk, document_id, tenant_wide=tenant_wide, conn=own)
+        totals = sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(documents.c.chunk_count), 0))
+        this = sa.and_(documents.c.collection_pk == collection_pk, documents.c.document_id == document_id)
+        c_docs, c_chunks = conn.execute(totals.where(documents.c.collection_pk == collection_pk, ~this)).one()
+        t_docs, t_chunks = 0, 0
+        if tenant_wide:
+            t_docs, t_chunks = conn.execute(totals.select_from(documents.join(
+                collections, collections.c.pk == documents.c.collection_pk)).where(
+                collections.c.tenant == tenant, ~this)).one()
+        current = conn.execute(sa.select(documents.c.chunk_count).where(this)).scalar()
+        return Usage(int(c_docs), int(c_chunks), int(t_docs), int(t_chunks), None if current is None else int(current))
+
+    @staticmethod
+    def lock_tenant(conn: Connection, tenant: str) -> None:
+        """Serialise the quota-checked writes of one tenant across its collections until commit
+        (PostgreSQL advisory lock; SQLite serialises every write already)."""
+        if conn.dialect.name == "postgresql":
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:space, hashtext(:tenant))"),
+                         {"space": _TENANT_QUOTA_LOCK, "tenant": tenant})
 
     # --- what the indexes are built from -------------------------------------------------------
 
@@ -529,6 +657,41 @@ class RetrievalStore:
                 chunks.c.collection_pk == collection_pk).order_by(chunks.c.id)).all()
         return int(generation or 0), [IndexedChunk(r.id, r.document_id, r.text, bytes(r.embedding),
                                                    tuple(r.acl or ()), dict(r.metadata or {})) for r in rows]
+
+    def index_changes(self, collection_pk: int, since: int) -> IndexChanges | None:
+        """What changed after generation `since`, read in one transaction; None when that is not
+        known (the collection is gone, `since` is ahead, or a generation in between has no
+        `index_changes` row: pruned, or bumped without naming a document), then rebuild."""
+        with self.engine.connect() as conn, conn.begin():
+            generation = conn.execute(sa.select(collections.c.generation).where(
+                collections.c.pk == collection_pk)).scalar()
+            if generation is None or int(generation) < since:
+                return None
+            rows = conn.execute(sa.select(index_changes.c.document_id, index_changes.c.content).where(
+                index_changes.c.collection_pk == collection_pk, index_changes.c.generation > since,
+                index_changes.c.generation <= generation)).all()
+            if len(rows) != int(generation) - since:
+                return None
+            content = sorted({r.document_id for r in rows if r.content})
+            changed = sorted({r.document_id for r in rows})
+            found: list[IndexedChunk] = []
+            for start in range(0, len(content), _IN_BATCH):
+                found += [IndexedChunk(r.id, r.document_id, r.text, bytes(r.embedding), tuple(r.acl or ()),
+                                       dict(r.metadata or {})) for r in conn.execute(sa.select(
+                    chunks.c.id, chunks.c.document_id, chunks.c.text, chunks.c.embedding, documents.c.acl,
+                    documents.c.metadata).join(documents, sa.and_(
+                        documents.c.collection_pk == chunks.c.collection_pk,
+                        documents.c.document_id == chunks.c.document_id)).where(
+                    chunks.c.collection_pk == collection_pk,
+                    chunks.c.document_id.in_(content[start:start + _IN_BATCH])))]
+            access: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {}
+            for start in range(0, len(changed), _IN_BATCH):
+                for r in conn.execute(sa.select(documents.c.document_id, documents.c.acl, documents.c.metadata).where(
+                        documents.c.collection_pk == collection_pk,
+                        documents.c.document_id.in_(changed[start:start + _IN_BATCH]))):
+                    access[r.document_id] = (tuple(r.acl or ()), dict(r.metadata or {}))
+        found.sort(key=lambda c: c.id)
+        return IndexChanges(since, int(generation), frozenset(content), found, access)
 
     def chunks_by_id(self, collection_pk: int, ids: Sequence[int]) -> dict[int, tuple[ChunkRow, DocumentRow]]:
         if not ids:

@@ -125,9 +125,12 @@ async def test_graph_search_returns_chunks_with_their_evidence(svc: tuple[Runnin
 
 async def test_knowledge_graph_bad_input_and_disabled_collections(svc: tuple[RunningRetrieval, Any]) -> None:
     _, stub = svc
-    for extractor in ("llm", "spacy"):
-        assert await _code(_create(stub, f"x-{extractor}", extractor=extractor)) == (
+    for extractor in ("spacy", "LOCAL"):
+        assert await _code(_create(stub, f"x-{extractor.lower()}", extractor=extractor)) == (
             grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ENTITY_EXTRACTOR")
+    # "llm" needs a generator, which this service has none of (test_retrieval_graph_llm.py)
+    assert await _code(_create(stub, "x-llm", extractor="llm")) == (
+        grpc.StatusCode.FAILED_PRECONDITION, "GENERATOR_UNAVAILABLE")
     await _create(stub, "plain", graph=False)
     assert await _code(_kg(stub, "plain", "Ada Lovelace")) == (
         grpc.StatusCode.FAILED_PRECONDITION, "KNOWLEDGE_GRAPH_DISABLED")

@@ -1,8 +1,9 @@
 """The retrieval service with `backend=pgvector` over a real PostgreSQL with pgvector (pgserver, a
 server in a temp dir, requirements/dev.txt), real gRPC and the real MiniLM model: the three search
 modes, metadata filters decided exactly as the local backend decides them, the access-control
-canary, writes visible to the next search without any rebuild, two replicas sharing one index,
-and a database written by the local backend taken over by pgvector."""
+canary (also after access lists change through UpdateDocumentAccess), writes visible to the next
+search without any rebuild, two replicas sharing one index, and a database written by the local
+backend taken over by pgvector."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from llmo.protos.retrieval.v1 import retrieval_service_pb2 as pb
 from llmo.protos.retrieval.v1 import retrieval_service_pb2_grpc as pb_grpc
 from llmo.retrieval.main import RunningRetrieval, start
 from llmo.retrieval.settings import RetrievalSettings
+from tests.integration.test_retrieval_access import access_canary
 from tests.integration.test_retrieval_service import (
     A,
     _code,
@@ -239,3 +241,10 @@ async def test_a_local_database_is_taken_over(pg_url: str, tmp_path: Path) -> No
         for mode in MODES:
             assert _docs_of(await _search(stub, "old", "penguins flightless birds", mode=mode))[0] == "p1"
         assert running.indexes.builds == 0
+
+
+async def test_access_update_canary(pg_url: str, tmp_path: Path) -> None:
+    """UpdateDocumentAccess on pgvector: access lists are read from `documents` at query time, so a
+    revoke or grant applies to the next search with nothing else written (scores compared too: no
+    IDF here)."""
+    await access_canary(_pg_settings(pg_url, tmp_path), exact_scores=True)

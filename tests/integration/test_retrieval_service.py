@@ -263,8 +263,12 @@ async def test_unsupported_options_and_bad_queries_are_refused_clearly(svc: Harn
     assert await _code(_search(stub, "q", "x", fusion=pb.FusionOptions(dense_weight=-1))) == (
         grpc.StatusCode.INVALID_ARGUMENT, "INVALID_FUSION")
     assert await _code(stub.CreateCollection(pb.CreateCollectionRequest(
-        collection_id="kg", collection=pb.Collection(knowledge_graph_enabled=True, entity_extractor="llm")),
+        collection_id="kg", collection=pb.Collection(knowledge_graph_enabled=True, entity_extractor="spacy")),
         metadata=A)) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ENTITY_EXTRACTOR")
+    # the LLM extractor asks the generator, which this service has none of (test_retrieval_graph_llm.py)
+    assert await _code(stub.CreateCollection(pb.CreateCollectionRequest(
+        collection_id="kg", collection=pb.Collection(knowledge_graph_enabled=True, entity_extractor="llm")),
+        metadata=A)) == (grpc.StatusCode.FAILED_PRECONDITION, "GENERATOR_UNAVAILABLE")
     assert await _code(_create(stub, "bad", chunk_size_tokens=16, chunk_overlap_tokens=16)) == (
         grpc.StatusCode.INVALID_ARGUMENT, "INVALID_CHUNKING")
 

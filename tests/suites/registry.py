@@ -250,6 +250,9 @@ def _retrieval_seed(stack: Stack) -> None:
     done = ingest(stack, "k-probe", SUITE_COLLECTION, [ret_pb.DocumentInput(
         document_id="probe-doc", text="Penguins are flightless birds of the southern hemisphere.")])
     assert [d.stage for d in done] == [ret_pb.INGEST_STAGE_INDEXED], done
+    # A document under the hinted name, so generated document requests (UpdateDocumentAccess...) reach one.
+    done = ingest(stack, "k1", SUITE_COLLECTION, [ret_pb.DocumentInput(document_id="d1", text="Glaciers carve valleys.")])
+    assert [d.stage for d in done] == [ret_pb.INGEST_STAGE_INDEXED], done
 
 
 def _retrieval_verify(stack: Stack, state: Any) -> None:

@@ -292,6 +292,9 @@ RETRIEVAL_PLAN = Plan(
         _pair("GetDocument", lambda k: ret_pb.GetDocumentRequest(name=_rdoc(k), view=ret_pb.DOCUMENT_VIEW_FULL)),
         _pair("ListDocuments", lambda k: ret_pb.ListDocumentsRequest(parent=_coll(k))),
         _pair("DeleteDocument", lambda k: ret_pb.DeleteDocumentRequest(name=_rdoc(k))),
+        # A success would hide tenantA's document from tenantA's own search (verify catches it).
+        _pair("UpdateDocumentAccess", lambda k: ret_pb.UpdateDocumentAccessRequest(
+            name=_rdoc(k), access_control=ret_pb.AccessControl(allowed_principals=["user:b"]))),
         _pair("Search", lambda k: ret_pb.SearchRequest(collection=_coll(k), query="penguin census")),
         Probe("ListCollections", "ListCollections", lambda s: ret_pb.ListCollectionsRequest()),
         # Squatting: tenantB creating a collection with tenantA's id gets a fresh one of its own.

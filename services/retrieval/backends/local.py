@@ -1,5 +1,6 @@
 """The local first stage: the collection's in-memory BM25 and FAISS indexes (llmo.retrieval.indexes),
-current with the database's generation, searched inside a per-position access/filter mask."""
+current with the database's generation (updated with the documents changed since, or rebuilt),
+searched inside a per-position access/filter mask that also masks out tombstones."""
 
 from __future__ import annotations
 
@@ -50,11 +51,15 @@ class LocalFirstStage:
 def allowed_mask(index: CollectionIndex, principals: frozenset[str], matches: ranking.Predicate,
                  filtered: bool = True) -> np.ndarray:
     """Which positions the caller may see and the filters keep, decided per document; the filters
-    are evaluated only on readable documents, and not at all when the request has none."""
+    are evaluated only on readable documents, and not at all when the request has none.
+    Tombstones (positions of replaced or deleted chunks) are never allowed."""
     if index.size == 0:
         return np.zeros(0, dtype=bool)
     per_doc = index.readable_documents(principals)
     if filtered:
         readable = np.flatnonzero(per_doc)
         per_doc[readable] = [matches(index.docs[int(i)][2]) for i in readable]
-    return per_doc[index.doc_of]
+    allowed = per_doc[index.doc_of]
+    if index.tombstones:
+        allowed &= index.live
+    return allowed

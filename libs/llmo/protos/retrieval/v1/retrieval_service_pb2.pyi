@@ -345,34 +345,38 @@ class IngestDocumentsRequest(_message.Message):
     def __init__(self, config: _Optional[_Union[IngestConfig, _Mapping]] = ..., document: _Optional[_Union[DocumentInput, _Mapping]] = ...) -> None: ...
 
 class DocumentProgress(_message.Message):
-    __slots__ = ("index", "document", "stage", "chunks", "error_reason", "error_message")
+    __slots__ = ("index", "document", "stage", "chunks", "error_reason", "error_message", "graph_fallback_chunks")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     DOCUMENT_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
     ERROR_REASON_FIELD_NUMBER: _ClassVar[int]
     ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_FALLBACK_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     index: int
     document: str
     stage: IngestStage
     chunks: int
     error_reason: str
     error_message: str
-    def __init__(self, index: _Optional[int] = ..., document: _Optional[str] = ..., stage: _Optional[_Union[IngestStage, str]] = ..., chunks: _Optional[int] = ..., error_reason: _Optional[str] = ..., error_message: _Optional[str] = ...) -> None: ...
+    graph_fallback_chunks: int
+    def __init__(self, index: _Optional[int] = ..., document: _Optional[str] = ..., stage: _Optional[_Union[IngestStage, str]] = ..., chunks: _Optional[int] = ..., error_reason: _Optional[str] = ..., error_message: _Optional[str] = ..., graph_fallback_chunks: _Optional[int] = ...) -> None: ...
 
 class IngestSummary(_message.Message):
-    __slots__ = ("documents_received", "documents_indexed", "documents_skipped", "documents_failed", "chunks_indexed")
+    __slots__ = ("documents_received", "documents_indexed", "documents_skipped", "documents_failed", "chunks_indexed", "graph_fallback_chunks")
     DOCUMENTS_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     DOCUMENTS_INDEXED_FIELD_NUMBER: _ClassVar[int]
     DOCUMENTS_SKIPPED_FIELD_NUMBER: _ClassVar[int]
     DOCUMENTS_FAILED_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_INDEXED_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_FALLBACK_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     documents_received: int
     documents_indexed: int
     documents_skipped: int
     documents_failed: int
     chunks_indexed: int
-    def __init__(self, documents_received: _Optional[int] = ..., documents_indexed: _Optional[int] = ..., documents_skipped: _Optional[int] = ..., documents_failed: _Optional[int] = ..., chunks_indexed: _Optional[int] = ...) -> None: ...
+    graph_fallback_chunks: int
+    def __init__(self, documents_received: _Optional[int] = ..., documents_indexed: _Optional[int] = ..., documents_skipped: _Optional[int] = ..., documents_failed: _Optional[int] = ..., chunks_indexed: _Optional[int] = ..., graph_fallback_chunks: _Optional[int] = ...) -> None: ...
 
 class IngestDocumentsResponse(_message.Message):
     __slots__ = ("progress", "summary")
@@ -427,6 +431,22 @@ class DeleteDocumentRequest(_message.Message):
 class DeleteDocumentResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class UpdateDocumentAccessRequest(_message.Message):
+    __slots__ = ("name", "access_control", "expected_version")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ACCESS_CONTROL_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    access_control: AccessControl
+    expected_version: int
+    def __init__(self, name: _Optional[str] = ..., access_control: _Optional[_Union[AccessControl, _Mapping]] = ..., expected_version: _Optional[int] = ...) -> None: ...
+
+class UpdateDocumentAccessResponse(_message.Message):
+    __slots__ = ("document",)
+    DOCUMENT_FIELD_NUMBER: _ClassVar[int]
+    document: Document
+    def __init__(self, document: _Optional[_Union[Document, _Mapping]] = ...) -> None: ...
 
 class MetadataFilter(_message.Message):
     __slots__ = ("key", "operator", "values")

@@ -98,6 +98,11 @@ class RetrievalServiceStub:
                 request_serializer=llmo_dot_retrieval_dot_v1_dot_retrieval__service__pb2.DeleteDocumentRequest.SerializeToString,
                 response_deserializer=llmo_dot_retrieval_dot_v1_dot_retrieval__service__pb2.DeleteDocumentResponse.FromString,
                 _registered_method=True)
+        self.UpdateDocumentAccess = channel.unary_unary(
+                '/llmo.retrieval.v1.RetrievalService/UpdateDocumentAccess',
+                request_serializer=llmo_dot_retrieval_dot_v1_dot_retrieval__service__pb2.UpdateDocumentAccessRequest.SerializeToString,
+                response_deserializer=llmo_dot_retrieval_dot_v1_dot_retrieval__service__pb2.UpdateDocumentAccessResponse.FromString,
+                _registered_method=True)
         self.Search = channel.unary_unary(
                 '/llmo.retrieval.v1.RetrievalService/Search',
                 request_serializer=llmo_dot_retrieval_dot_v1_dot_retrieval__service__pb2.SearchRequest.SerializeToString,
@@ -135,6 +140,8 @@ class RetrievalServiceServicer:
         description or labels past their bounds),
         INVALID_ENTITY_EXTRACTOR (not "", "local" or "llm")
         ALREADY_EXISTS    COLLECTION_ALREADY_EXISTS
+        FAILED_PRECONDITION GENERATOR_UNAVAILABLE (`entity_extractor` "llm" on a service
+        without a generator endpoint)
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -167,7 +174,9 @@ class RetrievalServiceServicer:
         INVALID_ARGUMENT     INVALID_NAME, INVALID_UPDATE_MASK (unknown or immutable path)
         NOT_FOUND            COLLECTION_NOT_FOUND
         ABORTED              ETAG_MISMATCH (the collection changed since it was read)
-        FAILED_PRECONDITION  COLLECTION_NOT_EMPTY (changing `embedding_model` or `chunking`)
+        FAILED_PRECONDITION  COLLECTION_NOT_EMPTY (changing `embedding_model`, `chunking`,
+        `knowledge_graph_enabled` or `entity_extractor`),
+        GENERATOR_UNAVAILABLE (`entity_extractor` "llm" without a generator)
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -200,10 +209,15 @@ class RetrievalServiceServicer:
         DUPLICATE_INGEST_CONFIG (a later request has one),
         INVALID_NAME
         NOT_FOUND         COLLECTION_NOT_FOUND
-        RESOURCE_EXHAUSTED INGEST_QUOTA_EXCEEDED (tenant's document or byte quota)
         Per-document reasons (in `DocumentProgress.error_reason`):
         INVALID_DOCUMENT_ID, EMPTY_CONTENT, UNSUPPORTED_MIME_TYPE,
-        DOCUMENT_TOO_LARGE, DECODE_FAILED, EMBEDDING_FAILED
+        DOCUMENT_TOO_LARGE, DECODE_FAILED, EMBEDDING_FAILED, INVALID_DOCUMENT,
+        INGEST_QUOTA_EXCEEDED (RESOURCE_EXHAUSTED semantics: writing the document would
+        pass a quota of the deployment, `LLMO_RETRIEVAL_MAX_DOCUMENTS_PER_COLLECTION`,
+        `_MAX_CHUNKS_PER_COLLECTION`, `_MAX_DOCUMENTS_PER_TENANT` or `_MAX_CHUNKS_PER_TENANT`,
+        all unlimited by default; a new document counts one document and its chunks, a
+        replacement only the difference in chunks, so one that does not grow always passes;
+        checked before embedding, nothing of the document is written)
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -235,6 +249,26 @@ class RetrievalServiceServicer:
         Errors:
         INVALID_ARGUMENT  INVALID_NAME
         NOT_FOUND         COLLECTION_NOT_FOUND, DOCUMENT_NOT_FOUND
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateDocumentAccess(self, request, context):
+        """Replaces a document's access list without re-sending its content: its chunks,
+        vectors and graph are kept (no re-chunking, no re-embedding), `version` goes up by
+        one, and the next search on every replica and backend applies the new list
+        (results, snippets, `candidates_considered`, graph evidence, compression). The list
+        has the bounds of ingestion: at most 256 entries, each an identifier of at most 128
+        characters ([A-Za-z0-9._:@/+=-]); empty means every principal of the tenant. The same
+        list as the current one changes nothing (same version, no event). A change
+        publishes `llmo.retrieval.v1.document_ingested`, as an ingest that changes only the
+        access list does. Another tenant's document reads as a missing one.
+        Errors:
+        INVALID_ARGUMENT  INVALID_NAME, INVALID_ACCESS_CONTROL (`access_control` unset or
+        past the bounds above), INVALID_EXPECTED_VERSION (negative)
+        NOT_FOUND         COLLECTION_NOT_FOUND, DOCUMENT_NOT_FOUND
+        ABORTED           VERSION_MISMATCH (`expected_version` set and not the current version)
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -308,6 +342,11 @@ def add_RetrievalServiceServicer_to_server(servicer, server):
                     servicer.DeleteDocument,
                     request_deserializer=llmo_dot_retrieval_dot_v1_dot_retrieval__service__pb2.DeleteDocumentRequest.FromString,
                     response_serializer=llmo_dot_retrieval_dot_v1_dot_retrieval__service__pb2.DeleteDocumentResponse.SerializeToString,
+            ),
+            'UpdateDocumentAccess': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateDocumentAccess,
+                    request_deserializer=llmo_dot_retrieval_dot_v1_dot_retrieval__service__pb2.UpdateDocumentAccessRequest.FromString,
+                    response_serializer=llmo_dot_retrieval_dot_v1_dot_retrieval__service__pb2.UpdateDocumentAccessResponse.SerializeToString,
             ),
             'Search': grpc.unary_unary_rpc_method_handler(
                     servicer.Search,
@@ -576,6 +615,33 @@ class RetrievalService:
             '/llmo.retrieval.v1.RetrievalService/DeleteDocument',
             llmo_dot_retrieval_dot_v1_dot_retrieval__service__pb2.DeleteDocumentRequest.SerializeToString,
             llmo_dot_retrieval_dot_v1_dot_retrieval__service__pb2.DeleteDocumentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateDocumentAccess(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmo.retrieval.v1.RetrievalService/UpdateDocumentAccess',
+            llmo_dot_retrieval_dot_v1_dot_retrieval__service__pb2.UpdateDocumentAccessRequest.SerializeToString,
+            llmo_dot_retrieval_dot_v1_dot_retrieval__service__pb2.UpdateDocumentAccessResponse.FromString,
             options,
             channel_credentials,
             insecure,
