@@ -35,7 +35,8 @@ async def build(kit: Kit[RetrievalSettings]) -> None:
     indexes = IndexManager(store, settings.resolved_index_dir(), k1=settings.bm25_k1, b=settings.bm25_b,
                            cached=settings.cached_collections, dense=DenseConfig.of(settings))
     # The model loads on the first ingest or search (seconds), not at start.
-    embedder = Embedder(batch_size=settings.embed_batch_size, max_seq_length=256)
+    embedder = Embedder(batch_size=settings.embed_batch_size, max_seq_length=256,
+                        precision=settings.embed_precision)
     generator = None
     if settings.generator_url:
         generator = Generator(settings.generator_url, api_key=settings.generator_api_key, model=settings.generator_model,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
@@ -83,6 +83,9 @@ class RetrievalSettings(ServiceSettings):
     """Most tokens the generator may write per chunk's extraction."""
     embed_batch_size: int = 32
     """Chunks per MiniLM forward pass at ingestion."""
+    embed_precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """MiniLM precision for chunk and query embeddings: "auto" is bf16 on CPUs with native bf16
+    (AVX512-BF16, AMX; about 2x faster, cosine >= 0.9999 to fp32), fp32 elsewhere."""
     bm25_k1: float = 1.2
     """BM25 term-frequency saturation (Lucene variant, bm25s)."""
     bm25_b: float = 0.75
