@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 import time
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import numpy as np
@@ -35,12 +37,54 @@ from llmo.retrieval.graph import GraphRetriever
 from llmo.retrieval.indexes import CollectionIndex, IndexManager
 from llmo.retrieval.rerank import Reranker, rerank_input
 from llmo.retrieval.settings import RetrievalSettings
-from llmo.retrieval.storage import CollectionRow, RetrievalStore
+from llmo.retrieval.storage import ChunkRow, CollectionRow, DocumentRow, RetrievalStore
 
 log = get_logger(__name__)
 
 MAX_RERANK_CANDIDATES = 1000
 MAX_HOPS = 3
+ROW_CACHE_ENTRIES = 10_000  # chunks (text and document row); about 25 MB at 256-token chunks
+
+
+class RowCache:
+    """The rows `RetrievalStore.chunks_by_id` read, keyed by (collection uid, generation, chunk id).
+
+    Every write that changes a chunk or its document (content, access list, metadata, names) bumps
+    the collection's generation in its own transaction, and a search reads the generation before
+    its rows, so rows kept under generation g were read at g or later: a search never gets rows
+    older than the generation it read, and one after a write never meets the rows from before it.
+    Rows are shared between searches: nothing downstream modifies them. Thread-safe; LRU."""
+
+    def __init__(self, store: RetrievalStore, entries: int = ROW_CACHE_ENTRIES) -> None:
+        self.store, self.entries = store, entries
+        self._rows: OrderedDict[tuple[str, int, int], tuple[ChunkRow, DocumentRow]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0  # for tests and logs
+
+    def rows(self, coll: CollectionRow, ids: Sequence[int]) -> dict[int, tuple[ChunkRow, DocumentRow]]:
+        out: dict[int, tuple[ChunkRow, DocumentRow]] = {}
+        missing: list[int] = []
+        with self._lock:
+            for chunk_id in ids:
+                found = self._rows.get((coll.uid, coll.generation, chunk_id))
+                if found is None:
+                    missing.append(chunk_id)
+                else:
+                    self._rows.move_to_end((coll.uid, coll.generation, chunk_id))
+                    out[chunk_id] = found
+            self.hits += len(out)
+            self.misses += len(missing)
+        if not missing:
+            return out
+        read = self.store.chunks_by_id(coll.pk, missing)
+        out.update(read)
+        if self.entries:
+            with self._lock:
+                for chunk_id, row in read.items():
+                    self._rows[(coll.uid, coll.generation, chunk_id)] = row
+                while len(self._rows) > self.entries:
+                    self._rows.popitem(last=False)
+        return out
 
 
 class StageLog:
@@ -71,6 +115,7 @@ class Searcher:
         self.publisher, self.generator, self.reranker = publisher, generator, reranker
         self.graph = graph or GraphRetriever(store)
         self.first_stage: FirstStage = first_stage or LocalFirstStage(indexes, embedder, settings)
+        self.row_cache = RowCache(store)
 
     def check(self, request: pb.SearchRequest) -> None:
         """Every bound of the request, before any work (and before the collection is looked up)."""
@@ -129,10 +174,13 @@ class Searcher:
         if mode == pb.SEARCH_MODE_KNOWLEDGE_GRAPH:
             considered, candidates = await self._graph_candidates(request, coll, principals, matches, wanted, stages)
         else:
-            first = await asyncio.to_thread(self.first_stage.run, coll, plan, principals, request.filters, matches,
-                                            mode, fusion, wanted, stages.stage)
+            def first_stage() -> tuple[FirstStageResult, list[ranking.Candidate]]:  # one thread hop for both
+                first = self.first_stage.run(coll, plan, principals, request.filters, matches, mode, fusion, wanted,
+                                             stages.stage)
+                return first, self._fetch(coll, first, principals, matches, stages)
+
+            first, candidates = await asyncio.to_thread(first_stage)
             considered, query_vector, index = first.considered, first.query_vector, first.index
-            candidates = await self._fetch(coll, first, principals, matches, stages)
 
         if request.rerank.enabled and self.reranker is not None and candidates:
             candidates = await asyncio.to_thread(self._rerank, coll, index, plan.query, query_vector, candidates, stages)
@@ -179,10 +227,11 @@ class Searcher:
 
     # --- stages ------------------------------------------------------------------------------
 
-    async def _fetch(self, coll: CollectionRow, first: FirstStageResult, principals: frozenset[str],
-                     matches: ranking.Predicate, stages: StageLog) -> list[ranking.Candidate]:
+    def _fetch(self, coll: CollectionRow, first: FirstStageResult, principals: frozenset[str],
+               matches: ranking.Predicate, stages: StageLog) -> list[ranking.Candidate]:
+        """The rows of the first stage's candidates (blocking)."""
         with stages.stage("fetch") as report:
-            rows = await asyncio.to_thread(self.store.chunks_by_id, coll.pk, first.chunk_ids)
+            rows = self.row_cache.rows(coll, first.chunk_ids)
             out = []
             for item, chunk_id in zip(first.fused, first.chunk_ids, strict=True):
                 found = rows.get(chunk_id)
@@ -202,7 +251,7 @@ class Searcher:
                                            matches=matches, max_hops=request.knowledge_graph.max_hops or 1, k=wanted)
             report.items = len(hits)
         with stages.stage("fetch") as report:
-            rows = await asyncio.to_thread(self.store.chunks_by_id, coll.pk, [h.chunk_id for h in hits])
+            rows = await asyncio.to_thread(self.row_cache.rows, coll, [h.chunk_id for h in hits])
             out = []
             for rank, hit in enumerate(hits, 1):
                 found = rows.get(hit.chunk_id)

@@ -162,9 +162,9 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
                                       "a generator (LLMO_RETRIEVAL_GENERATOR_URL and LLMO_ROUTER_HTTP_URL are empty)",
                                       field="entity_extractor")
 
-    async def _collection(self, name: str) -> CollectionRow:
+    async def _collection(self, name: str, *, counts: bool = True) -> CollectionRow:
         cid = collection_id_of(name)
-        row = await asyncio.to_thread(self.store.get_collection, _tenant(), cid)
+        row = await asyncio.to_thread(self.store.get_collection, _tenant(), cid, counts=counts)
         if row is None:  # another tenant's collection reads exactly like a missing one
             raise not_found("COLLECTION_NOT_FOUND", f"collection {name} not found", name=name)
         return row
@@ -498,7 +498,7 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
         collection_id_of(request.collection)
         self.searcher.check(request)
         principals = principals_of(request.principal)
-        coll = await self._collection(request.collection)
+        coll = await self._collection(request.collection, counts=False)  # a search reads no counts
         return await self.searcher.search(request, coll, principals)
 
 

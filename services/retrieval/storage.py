@@ -358,14 +358,17 @@ class RetrievalStore:
                       ).where(documents.c.collection_pk.in_(pks)).group_by(documents.c.collection_pk)
         return {int(pk): (int(d), int(c)) for pk, d, c in conn.execute(q)}
 
-    def get_collection(self, tenant: str, collection_id: str) -> CollectionRow | None:
+    def get_collection(self, tenant: str, collection_id: str, *, counts: bool = True) -> CollectionRow | None:
+        """The collection; without `counts` its document and chunk counts are left 0 (they are a
+        scan of its documents, which a search does not need)."""
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(collections).where(
                 collections.c.tenant == tenant, collections.c.collection_id == collection_id)).first()
             if row is None:
                 return None
-            counts = self._counts(conn, [row.pk]).get(row.pk, (0, 0))
-            return _collection(row, *counts)
+            if not counts:
+                return _collection(row)
+            return _collection(row, *self._counts(conn, [row.pk]).get(row.pk, (0, 0)))
 
     def list_collections(self, tenant: str, after: str, limit: int) -> list[CollectionRow]:
         with self.engine.connect() as conn:
@@ -698,13 +701,16 @@ class RetrievalStore:
             return {}
         with self.engine.connect() as conn:
             wanted = [c for c in chunks.c if c.name != "embedding"]  # the vectors are the index's business
+            # by primary key only: with `collection_pk = ?` in the WHERE, SQLite walks the collection's
+            # (collection_pk, document_id, idx) index, every chunk of it, instead of looking the ids up
             rows = conn.execute(sa.select(*wanted, documents).join(documents, sa.and_(
                 documents.c.collection_pk == chunks.c.collection_pk,
-                documents.c.document_id == chunks.c.document_id)).where(
-                chunks.c.collection_pk == collection_pk, chunks.c.id.in_(list(ids)))).all()
+                documents.c.document_id == chunks.c.document_id)).where(chunks.c.id.in_(list(ids)))).all()
         out: dict[int, tuple[ChunkRow, DocumentRow]] = {}
         for r in rows:
             m = r._mapping
+            if m[chunks.c.collection_pk] != collection_pk:
+                continue
             out[int(m[chunks.c.id])] = (
                 ChunkRow(idx=m[chunks.c.idx], text=m[chunks.c.text], heading_path=list(m[chunks.c.heading_path] or []),
                          start_offset=m[chunks.c.start_offset], end_offset=m[chunks.c.end_offset],
