@@ -4,21 +4,27 @@ Four areas (`--areas`, all by default), measured side by side in one run on the 
 
 - quality: nDCG@10 and recall@100 on SciFact (BEIR layout, the 809 judged train claims: only
   qrels/train.tsv is here) and CISI (SMART files), for the service's modes sparse, dense, hybrid
-  (RRF) and hybrid + rerank, through the real service (in-process, IngestDocuments and Search over
+  (RRF), hybrid (convex fusion) and hybrid + rerank, through the real service (in-process, IngestDocuments and Search over
   gRPC, `llmo.retrieval.rerank.harness`). Rerank on SciFact is k-fold cross-validated (no query is
   scored by a model trained on it); on CISI the builtin artifact (trained on SciFact train only)
   when it exists, and cross-validation on CISI as well. The plain peers: bm25s directly (same
   k1 / b / stop words / stemmer as the service) and FAISS IndexFlatIP over MiniLM vectors of whole
-  documents, and their RRF; the service chunks documents and fuses per chunk.
+  documents, and their RRF; the service chunks documents and fuses per chunk. The peer a user would
+  pick instead: LangChain's EnsembleRetriever over BM25Retriever (rank_bm25) + a FAISS vectorstore,
+  on the same MiniLM vectors (handed over as .npy files), run as a subprocess of
+  .peers/retrieval-langchain (scripts/peers_retrieval.sh; skipped without it and under --smoke).
+  `goals` checks hybrid >= the better single retriever + 0.02 and hybrid + rerank >= hybrid + 0.02.
 - speed: search latency p50/p99 and queries/s of the service per mode over gRPC, against bm25s and
-  FAISS called directly on the same collection; ingest throughput (docs/s, chunks/s) with the
+  FAISS called directly on the same collection, and LangChain's EnsembleRetriever; ingest throughput (docs/s, chunks/s) with the
   MiniLM vectors memoised (the service's own work) and with real embedding, against the direct
   pipeline (MiniLM encode + bm25s index + FAISS add).
 - bm25: bm25s against tantivy (installed by scripts/peers_retrieval.sh into .peers/retrieval and run
   as a subprocess of that venv; bm25s runs as a subprocess too, so both are measured alike): index
   build time, query p50/p99, nDCG@10 / recall@100, memory, on the same documents and queries.
 - memory: bytes held by the BM25, FAISS flat and HNSW indexes per 10k chunks (the SciFact chunks,
-  built with `CollectionIndex.build`), and HNSW vs flat latency and recall@10 at 10k / 50k / 100k
+  built with `CollectionIndex.build`); for the pgvector backend the bytes of its tables and indexes
+  (pg_total_relation_size) after ingesting a SciFact subset into a pgserver PostgreSQL (skipped
+  when pgserver cannot start), per 10k chunks; and HNSW vs flat latency and recall@10 at 10k / 50k / 100k
   vectors (random unit vectors, and the real chunk vectors resampled with noise).
 
 MiniLM vectors are memoised under `--cache` (default `.llmo/bench-retrieval-cache`): the first run
@@ -42,6 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -49,12 +56,15 @@ from typing import Any
 
 import bm25s
 import faiss
+import grpc
 import numpy as np
+import sqlalchemy as sa
 import Stemmer
 
 from llmo.core.logging import configure_logging
 from llmo.embedding import EMBEDDING_DIM, EMBEDDING_MODEL, text_key
 from llmo.protos.retrieval.v1 import retrieval_service_pb2 as pb
+from llmo.protos.retrieval.v1 import retrieval_service_pb2_grpc as pb_grpc
 from llmo.retrieval.indexes import BM25_METHOD, STEMMER_LANGUAGE, STOPWORDS, CollectionIndex, DenseConfig
 from llmo.retrieval.rerank import BUILTIN_DIR, ArtifactError, LearnedReranker, harness
 from llmo.retrieval.rerank import data as judged
@@ -66,6 +76,9 @@ ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DATA = ROOT.parent / "shared" / "data"
 DEFAULT_CACHE = ROOT / ".llmo" / "bench-retrieval-cache"
 DEFAULT_TANTIVY_PYTHON = ROOT / ".peers" / "retrieval" / "bin" / "python"
+DEFAULT_LANGCHAIN_PYTHON = ROOT / ".peers" / "retrieval-langchain" / "bin" / "python"
+LANGCHAIN_PEER = Path(__file__).resolve().parent / "peers" / "langchain_hybrid.py"
+GOAL_MARGIN = 0.02  # nDCG@10 points: hybrid over the better single retriever, rerank over hybrid
 AREAS = ("quality", "speed", "bm25", "memory")
 DATASETS = {"scifact": "retrieval/scifact", "cisi": "retrieval/cisi"}
 SPLIT = "train"  # SciFact: the only qrels here; CISI has one set of judgements whatever the split
@@ -221,31 +234,33 @@ def doc_vectors(live: harness.MemoEncoder, texts: list[str], cache: Path | None,
 # --- the service over gRPC ----------------------------------------------------------------------
 
 
-async def search(current: harness.Session, query: str, mode: int, top_k: int, *, rerank: bool = False
-                 ) -> pb.SearchResponse:
+async def search(current: harness.Session, query: str, mode: int, top_k: int, *, rerank: bool = False,
+                 fusion: int = 0) -> pb.SearchResponse:
     request = pb.SearchRequest(collection=f"collections/{harness.COLLECTION}",
                                query=query[:current.running.settings.max_query_chars], top_k=top_k, mode=mode)  # type: ignore[arg-type]
     request.rerank.enabled = rerank
+    request.fusion.method = fusion  # type: ignore[assignment]
     return await current.stub.Search(request, metadata=harness.METADATA)
 
 
-async def service_rankings(current: harness.Session, mode: int) -> dict[str, list[str]]:
+async def service_rankings(current: harness.Session, mode: int, fusion: int = 0) -> dict[str, list[str]]:
     out = {}
     for qid in sorted(current.dataset.queries):
-        out[qid] = current.ranking(await search(current, current.dataset.queries[qid], mode, QUALITY_TOP_K))
+        out[qid] = current.ranking(await search(current, current.dataset.queries[qid], mode, QUALITY_TOP_K,
+                                                fusion=fusion))
     return out
 
 
-async def timed_searches(current: harness.Session, queries: list[str], mode: int, *, rerank: bool = False
-                         ) -> dict[str, Any]:
+async def timed_searches(current: harness.Session, queries: list[str], mode: int, *, rerank: bool = False,
+                         fusion: int = 0) -> dict[str, Any]:
     samples: list[float] = []
     server: list[float] = []
     stages: dict[str, list[float]] = {}
     for query in queries[:5]:  # warm
-        await search(current, query, mode, LATENCY_TOP_K, rerank=rerank)
+        await search(current, query, mode, LATENCY_TOP_K, rerank=rerank, fusion=fusion)
     for query in queries:
         started = time.perf_counter()
-        response = await search(current, query, mode, LATENCY_TOP_K, rerank=rerank)
+        response = await search(current, query, mode, LATENCY_TOP_K, rerank=rerank, fusion=fusion)
         samples.append(time.perf_counter() - started)
         server.append(response.latency_ms)
         for stage in response.stages:
@@ -322,10 +337,11 @@ async def bench_collection(dataset: judged.Dataset, args: argparse.Namespace, ar
         vectors = doc_vectors(live, texts, cache, name)
         query_vectors = dict(zip(qids, live.encode(queries), strict=True))
         direct = Direct(ids, texts, vectors)
+        langchain = await asyncio.to_thread(run_langchain, dataset, ids, texts, vectors, query_vectors, args)
         if "quality" in areas:
-            result["quality"] = await quality(current, direct, query_vectors, args)
+            result["quality"] = await quality(current, direct, query_vectors, langchain, args)
         if "speed" in areas:
-            result["speed"] = await speed(current, direct, query_vectors, args)
+            result["speed"] = await speed(current, direct, query_vectors, langchain, args)
         if "memory" in areas and name == "scifact":
             coll = current.running.store.get_collection(harness.TENANT, harness.COLLECTION)
             _, chunks = await asyncio.to_thread(current.running.store.indexed_chunks, coll.pk)
@@ -335,13 +351,18 @@ async def bench_collection(dataset: judged.Dataset, args: argparse.Namespace, ar
 
 
 async def quality(current: harness.Session, direct: Direct, query_vectors: dict[str, np.ndarray],
-                  args: argparse.Namespace) -> dict[str, Any]:
+                  langchain: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     dataset = current.dataset
     name, qrels = dataset.name, dataset.qrels
     service: dict[str, Any] = {}
     for label, mode in MODES.items():
         log(f"{name}: service {label} over {len(dataset.queries)} queries")
         service[label] = quality_of(await service_rankings(current, mode), qrels)
+    log(f"{name}: service hybrid (convex fusion) over {len(dataset.queries)} queries")
+    service["hybrid_convex"] = quality_of(await service_rankings(current, pb.SEARCH_MODE_HYBRID,
+                                                                 pb.FUSION_METHOD_CONVEX), qrels)
+    service["hybrid_convex"]["note"] = ("min-max normalised dense and sparse scores, equal weights "
+                                        "(FusionOptions.method = FUSION_METHOD_CONVEX)")
     log(f"{name}: hybrid + rerank, {args.folds}-fold cross-validation")
     cv = await crossval_session(current, split=SPLIT, k=args.folds, seed=0)
     service["hybrid_rerank_crossval"] = {
@@ -374,6 +395,15 @@ async def quality(current: harness.Session, direct: Direct, query_vectors: dict[
         peers[label] = quality_of(ranked, qrels)
     peers["note"] = ("whole documents (FAISS: MiniLM truncates each to 256 tokens), same k1/b/stop words/stemmer "
                      "as the service; rrf_of_direct fuses the two with k = 60 and the service's over-fetch")
+    if "rankings" in langchain:
+        peers["langchain_ensemble"] = {**quality_of(langchain["rankings"], qrels),
+                                       "bm25_alone": quality_of(langchain["parts"]["bm25"], qrels),
+                                       "faiss_alone": quality_of(langchain["parts"]["faiss"], qrels),
+                                       "versions": langchain["versions"], "note": langchain["note"]}
+    else:
+        peers["langchain_ensemble"] = {k: v for k, v in langchain.items() if k in ("skipped", "failed")}
+    lc_ndcg = peers["langchain_ensemble"].get("ndcg10")
+    lc_recall = peers["langchain_ensemble"].get("recall100")
     ratios = {
         "service_sparse_over_bm25s_ndcg10": ratio(service["sparse"]["ndcg10"], peers["bm25s_direct"]["ndcg10"]),
         "service_dense_over_faiss_ndcg10": ratio(service["dense"]["ndcg10"], peers["faiss_flat_direct"]["ndcg10"]),
@@ -382,12 +412,46 @@ async def quality(current: harness.Session, direct: Direct, query_vectors: dict[
         "service_rerank_crossval_over_best_peer_ndcg10": ratio(
             service["hybrid_rerank_crossval"]["ndcg10"],
             max(peers[p]["ndcg10"] for p in ("bm25s_direct", "faiss_flat_direct", "rrf_of_direct"))),
+        "service_hybrid_over_langchain_ndcg10": ratio(service["hybrid"]["ndcg10"], lc_ndcg),
+        "service_hybrid_convex_over_langchain_ndcg10": ratio(service["hybrid_convex"]["ndcg10"], lc_ndcg),
+        "service_hybrid_over_langchain_recall100": ratio(service["hybrid"]["recall100"], lc_recall),
+        "service_hybrid_convex_over_langchain_recall100": ratio(service["hybrid_convex"]["recall100"], lc_recall),
+        "service_rerank_crossval_over_langchain_ndcg10": ratio(service["hybrid_rerank_crossval"]["ndcg10"], lc_ndcg),
     }
-    return {"service": service, "peers": peers, "ratios": ratios}
+    return {"service": service, "peers": peers, "ratios": ratios, "goals": goals_of(service)}
+
+
+def _goal(value: float, baseline: float, baseline_of: str) -> dict[str, Any]:
+    gain = round(value - baseline, 4)
+    return {"ndcg10": round(value, 4), "baseline_ndcg10": round(baseline, 4), "baseline": baseline_of,
+            "gain": gain, "target_gain": GOAL_MARGIN, "met": bool(gain >= GOAL_MARGIN - 1e-9)}
+
+
+def goals_of(service: dict[str, Any]) -> dict[str, Any]:
+    """The issue's targets on nDCG@10: hybrid (each fusion, and the better of the two) >= the better
+    single retriever + 0.02; hybrid + rerank >= hybrid + 0.02."""
+    single = max(("sparse", "dense"), key=lambda m: service[m]["ndcg10"])
+    best_single = float(service[single]["ndcg10"])
+    fusion = max(("hybrid", "hybrid_convex"), key=lambda m: service[m]["ndcg10"])
+    cv = service["hybrid_rerank_crossval"]
+    out: dict[str, Any] = {
+        "hybrid_rrf_over_best_single": _goal(service["hybrid"]["ndcg10"], best_single, single),
+        "hybrid_convex_over_best_single": _goal(service["hybrid_convex"]["ndcg10"], best_single, single),
+        "hybrid_best_over_best_single": {**_goal(service[fusion]["ndcg10"], best_single, single),
+                                         "fusion": "rrf" if fusion == "hybrid" else "convex"},
+        # the reranker re-orders the RRF hybrid candidates: its baseline is hybrid RRF on the same folds
+        "rerank_crossval_over_hybrid": _goal(cv["ndcg10"], cv["hybrid_ndcg10_same_folds"], "hybrid"),
+        "rerank_crossval_over_best_hybrid": _goal(cv["ndcg10"], service[fusion]["ndcg10"], fusion),
+    }
+    builtin = service.get("hybrid_rerank_builtin", {})
+    if "ndcg10" in builtin:
+        out["rerank_builtin_over_hybrid"] = _goal(builtin["ndcg10"], service["hybrid"]["ndcg10"], "hybrid")
+    out["all_met"] = all(v["met"] for v in out.values() if isinstance(v, dict))
+    return out
 
 
 async def speed(current: harness.Session, direct: Direct, query_vectors: dict[str, np.ndarray],
-                args: argparse.Namespace) -> dict[str, Any]:
+                langchain: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     dataset = current.dataset
     qids = sorted(dataset.queries)[:args.latency_queries]
     queries = [dataset.queries[q] for q in qids]
@@ -402,6 +466,9 @@ async def speed(current: harness.Session, direct: Direct, query_vectors: dict[st
         log(f"{dataset.name}: latency, service {label}")
         service[label] = await timed_searches(current, queries, mode)
         service[label]["qps_concurrent"] = await concurrent_qps(current, queries, mode, args.concurrency)
+    log(f"{dataset.name}: latency, service hybrid (convex fusion)")
+    service["hybrid_convex"] = await timed_searches(current, queries, pb.SEARCH_MODE_HYBRID,
+                                                    fusion=pb.FUSION_METHOD_CONVEX)
     model, version = builtin_reranker()
     if model is None:  # latency does not depend on what the model learned: fit one on these queries
         model = fit(harness.training_set(await current.record(qids), dataset.name))
@@ -422,6 +489,12 @@ async def speed(current: harness.Session, direct: Direct, query_vectors: dict[st
         "build_s": {"bm25s": round(direct.bm25_build_s, 3), "faiss_flat": round(direct.faiss_build_s, 4)},
         "documents": len(direct.ids),
     }
+    if "samples" in langchain:
+        peers["langchain_ensemble"] = {**latency_of(langchain["samples"]), "build_s": round(langchain["build_s"], 3),
+                                       "note": langchain["note"]}
+    else:
+        peers["langchain_ensemble"] = {k: v for k, v in langchain.items() if k in ("skipped", "failed")}
+    lc = peers["langchain_ensemble"]
     out["peers"] = peers
     embed = queries[:50]
     embedding = await asyncio.to_thread(_time_each, lambda i: live.inner.encode([embed[i]]), len(embed))
@@ -437,6 +510,10 @@ async def speed(current: harness.Session, direct: Direct, query_vectors: dict[st
         "sparse_qps_service_over_bm25s": ratio(service["sparse"]["qps"], peers["bm25s_direct"]["qps"]),
         "dense_qps_service_over_faiss": ratio(service["dense"]["qps"], peers["faiss_flat_direct"]["qps"]),
         "hybrid_qps_service_over_rrf_of_direct": ratio(service["hybrid"]["qps"], peers["rrf_of_direct"]["qps"]),
+        "hybrid_p50_service_over_langchain": ratio(service["hybrid"]["p50_ms"], lc.get("p50_ms")),
+        "hybrid_p99_service_over_langchain": ratio(service["hybrid"]["p99_ms"], lc.get("p99_ms")),
+        "hybrid_convex_p50_service_over_langchain": ratio(service["hybrid_convex"]["p50_ms"], lc.get("p50_ms")),
+        "hybrid_qps_service_over_langchain": ratio(service["hybrid"]["qps"], lc.get("qps")),
     }
     if args.ingest_docs > 0 and dataset.name == "scifact":
         out["ingest"] = await ingest_throughput(current, args.ingest_docs)
@@ -485,6 +562,47 @@ async def ingest_throughput(current: harness.Session, n: int) -> dict[str, Any]:
             "note": "the service chunks (RECURSIVE, 256 tokens), embeds each chunk, writes SQLite in one "
                     "transaction per document and streams progress; the direct pipeline embeds whole documents "
                     f"(batch {live.inner.batch_size}) and builds bm25s + FAISS flat in memory, no store of record"}
+
+
+# --- LangChain's EnsembleRetriever, a subprocess of its own venv ------------------------------------
+
+
+def run_langchain(dataset: judged.Dataset, ids: list[str], texts: list[str], vectors: np.ndarray,
+                  query_vectors: dict[str, np.ndarray], args: argparse.Namespace) -> dict[str, Any]:
+    """tests/benchmarks/peers/langchain_hybrid.py in .peers/retrieval-langchain over the whole documents and
+    the same MiniLM vectors as the FAISS peer: its raw output plus a note, or {"skipped"} / {"failed"}."""
+    python = Path(args.langchain_python)
+    if args.smoke:
+        return {"skipped": "--smoke: the LangChain peer is not run"}
+    if not python.is_file():
+        return {"skipped": f"{python} is missing: run scripts/peers_retrieval.sh"}
+    qids = sorted(dataset.queries)
+    queries = [dataset.queries[q] for q in qids]
+    log(f"{dataset.name}: LangChain EnsembleRetriever (BM25Retriever + FAISS) over {len(qids)} queries")
+    with tempfile.TemporaryDirectory(prefix="bench-langchain-") as tmp:
+        np.save(Path(tmp) / "docs.npy", np.ascontiguousarray(vectors, dtype=np.float32))
+        np.save(Path(tmp) / "queries.npy", np.stack([query_vectors[q] for q in qids]).astype(np.float32))
+        spec = {"ids": ids, "texts": texts, "qids": qids, "queries": queries,
+                "doc_vectors": str(Path(tmp) / "docs.npy"), "query_vectors": str(Path(tmp) / "queries.npy"),
+                "k": QUALITY_TOP_K, "fetch": max(OVERFETCH * QUALITY_TOP_K, MIN_CANDIDATES),
+                "latency_k": LATENCY_TOP_K, "latency_fetch": max(OVERFETCH * LATENCY_TOP_K, MIN_CANDIDATES),
+                "latency_queries": args.latency_queries, "weights": [0.5, 0.5]}
+        (Path(tmp) / "spec.json").write_text(json.dumps(spec))
+        try:
+            done = subprocess.run([str(python), str(LANGCHAIN_PEER), str(Path(tmp) / "spec.json")],
+                                  capture_output=True, text=True, check=False, timeout=args.worker_timeout)
+            if done.returncode != 0:
+                raise RuntimeError(done.stderr.strip()[-800:])
+            raw: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+        except (RuntimeError, subprocess.TimeoutExpired, ValueError, IndexError) as error:
+            log(f"{dataset.name}: LangChain peer failed: {error}")
+            return {"failed": str(error)[-800:]}
+    raw["note"] = (f"EnsembleRetriever (weights 0.5 / 0.5, c = {RRF_K}) over BM25Retriever (rank_bm25 BM25Okapi "
+                   "defaults, words lower-cased, no stop words or stemming) and FAISS.from_embeddings (IndexFlatL2 "
+                   "over the unit MiniLM vectors of whole documents, the FAISS peer's), each fetching "
+                   f"{spec['fetch']} for quality and {spec['latency_fetch']} when timed (the service's over-fetch); "
+                   "in-process calls, query vectors looked up (no MiniLM per query, as for the service)")
+    return raw
 
 
 # --- bm25s vs tantivy, each in a subprocess -------------------------------------------------------
@@ -684,6 +802,86 @@ def bm25_bytes(bm25: Any) -> int:
     return int(arrays + vocab)
 
 
+PG_TABLES = ("chunk_vectors", "chunks", "documents")
+
+
+async def bench_pgvector(dataset: judged.Dataset | None, args: argparse.Namespace) -> dict[str, Any]:
+    """Bytes PostgreSQL holds for the pgvector backend after `args.pg_docs` SciFact documents are
+    ingested through the service (pgserver in a temp dir), per 10k chunks."""
+    if dataset is None:
+        return {"skipped": "no SciFact collection"}
+    try:
+        with warnings.catch_warnings():  # platformdirs warns that XDG_RUNTIME_DIR is unset
+            warnings.simplefilter("ignore")
+            import pgserver
+    except ImportError as error:
+        return {"skipped": f"pgserver is not installed ({error})"}
+    from llmo.core.settings import PlatformSettings
+    from llmo.retrieval.main import start
+
+    ids, texts = documents(dataset)
+    docs = list(zip(ids, texts, strict=True))[:args.pg_docs]
+    with tempfile.TemporaryDirectory(prefix="bench-pgvector-") as tmp:
+        try:
+            server = await asyncio.to_thread(pgserver.get_server, Path(tmp) / "pgdata", cleanup_mode="delete")
+        except Exception as error:  # no wheel for this platform, or the server cannot run here
+            return {"skipped": f"pgserver (PostgreSQL with pgvector) cannot start on this machine: {error!r}"}
+        try:
+            settings = RetrievalSettings(
+                database_url=str(server.get_uri()), backend="pgvector", metrics_port=-1, publish_events=False,
+                reranker="", platform=PlatformSettings(data_dir=Path(tmp), api_keys={harness.API_KEY: harness.TENANT},
+                                                       nats_url="nats://127.0.0.1:1", drain_seconds=0.5))
+            running = await start(settings, port=0, metrics=False)
+            try:
+                encoder = harness.MemoEncoder(running.servicer.embedder, args.cache / f"{dataset.name}-minilm.npz"
+                                              if args.cache is not None else None)
+                running.servicer.embedder = running.searcher.embedder = encoder
+                channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
+                try:
+                    current = harness.Session(running, pb_grpc.RetrievalServiceStub(channel), dataset)
+                    log(f"memory: pgvector, ingesting {len(docs)} SciFact documents")
+                    summary = await ingest(current, "bench-pgvector", docs)
+                finally:
+                    await channel.close()
+                sizes = await asyncio.to_thread(_pg_sizes, str(server.get_uri()))
+            finally:
+                await running.stop()
+        finally:
+            await asyncio.to_thread(server.cleanup)
+    chunks = summary["chunks"]
+    per = 10_000 / chunks if chunks else 0.0
+    search = sizes["chunk_vectors"]["total"]
+    return {"documents": summary["documents"], "chunks": chunks, "postgres": sizes["version"],
+            "bytes": {t: sizes[t] for t in PG_TABLES},
+            "search_bytes_per_10k_chunks": int(search * per),
+            "search_parts_per_10k_chunks": {k: int(v * per) for k, v in sizes["chunk_vectors"]["indexes"].items()}
+            | {"table_with_toast": int(sizes["chunk_vectors"]["table"] * per)},
+            "with_store_of_record_per_10k_chunks": int(sum(sizes[t]["total"] for t in PG_TABLES) * per),
+            "note": "pg_total_relation_size (heap + TOAST + indexes) after ingest, on disk in PostgreSQL's pages "
+                    "(shared buffers cache what is read); search = chunk_vectors (vector(384), tsvector, HNSW, GIN "
+                    "and (collection, document) indexes); store of record = + chunks and documents (texts, "
+                    "bytea vectors), which the local backend keeps in its database as well"}
+
+
+def _pg_sizes(url: str) -> dict[str, Any]:
+    from llmo.core.storage import create_engine
+
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            out: dict[str, Any] = {"version": conn.exec_driver_sql("SHOW server_version").scalar()}
+            for table in PG_TABLES:
+                total = int(conn.execute(sa.text("SELECT pg_total_relation_size(:t)"), {"t": table}).scalar() or 0)
+                heap = int(conn.execute(sa.text("SELECT pg_table_size(:t)"), {"t": table}).scalar() or 0)
+                indexes = {str(r[0]): int(r[1]) for r in conn.execute(sa.text(
+                    "SELECT indexrelid::regclass::text, pg_relation_size(indexrelid) FROM pg_index "
+                    "WHERE indrelid = CAST(:t AS regclass)"), {"t": table})}
+                out[table] = {"total": total, "table": heap, "indexes": indexes}
+            return out
+    finally:
+        engine.dispose()
+
+
 def bench_memory(chunks: list[Any], query_vectors: np.ndarray | None, args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if chunks:
@@ -851,7 +1049,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         "options": {"data": str(args.data), "cache": str(args.cache) if args.cache else None,
                     "areas": sorted(areas), "quick": args.quick, "smoke": args.smoke, "folds": args.folds,
                     "queries": args.queries, "latency_queries": args.latency_queries, "ingest_docs": args.ingest_docs,
-                    "scales": args.scales, "concurrency": args.concurrency},
+                    "scales": args.scales, "concurrency": args.concurrency, "pg_docs": args.pg_docs},
         "embedding_model": EMBEDDING_MODEL,
         "anchors": ANCHORS,
     }
@@ -879,8 +1077,29 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         per["verdict"] = bm25_verdict(per)
         result["bm25"] = per
     if "memory" in areas:
-        result["memory"] = await asyncio.to_thread(bench_memory, keep.get("chunks", []), keep.get("query_vectors"), args)
+        memory = await asyncio.to_thread(bench_memory, keep.get("chunks", []), keep.get("query_vectors"), args)
+        memory["pgvector"] = await bench_pgvector(loaded.get("scifact"), args)
+        memory["backends_bytes_per_10k_chunks"] = backends_summary(memory)
+        result["memory"] = memory
     return result
+
+
+def backends_summary(memory: dict[str, Any]) -> dict[str, Any]:
+    """Bytes per 10k chunks of each backend's search structures, side by side."""
+    out: dict[str, Any] = {}
+    local = memory.get("scifact_chunks")
+    if local:
+        out["local_bm25_plus_flat"] = local["bm25_plus_flat_per_10k"]
+        out["local_bm25_plus_hnsw"] = local["bm25_plus_hnsw_per_10k"]
+    pg = memory.get("pgvector", {})
+    if "search_bytes_per_10k_chunks" in pg:
+        out["pgvector_chunk_vectors"] = pg["search_bytes_per_10k_chunks"]
+        out["pgvector_over_local_hnsw"] = ratio(pg["search_bytes_per_10k_chunks"], out.get("local_bm25_plus_hnsw"))
+    else:
+        out["pgvector_chunk_vectors"] = pg
+    out["note"] = ("local: resident bytes of bm25s + FAISS in the service process; pgvector: bytes of chunk_vectors "
+                   "and its indexes in PostgreSQL (disk pages, cached by shared buffers)")
+    return out
 
 
 def _sizes(text: str) -> list[int]:
@@ -908,7 +1127,11 @@ def main(argv: list[str]) -> dict[str, Any]:
     parser.add_argument("--concurrency", type=int, default=4, help="in-flight searches for the concurrent queries/s")
     parser.add_argument("--tantivy-python", default=str(DEFAULT_TANTIVY_PYTHON),
                         help="python of the venv with tantivy (scripts/peers_retrieval.sh makes .peers/retrieval)")
-    parser.add_argument("--worker-timeout", type=float, default=900.0, help="seconds per BM25 library subprocess")
+    parser.add_argument("--langchain-python", default=str(DEFAULT_LANGCHAIN_PYTHON),
+                        help="python of the venv with LangChain (scripts/peers_retrieval.sh makes .peers/retrieval-langchain)")
+    parser.add_argument("--pg-docs", type=int, default=None,
+                        help="SciFact documents ingested into pgvector for its memory (default 1000)")
+    parser.add_argument("--worker-timeout", type=float, default=900.0, help="seconds per peer subprocess")
     args = parser.parse_args(argv)
     args.areas = [a.strip() for a in args.areas.split(",") if a.strip()]
     unknown = set(args.areas) - set(AREAS)
@@ -917,11 +1140,12 @@ def main(argv: list[str]) -> dict[str, Any]:
     preset = "smoke" if args.smoke else "quick" if args.quick else "full"
     defaults = {
         "full": {"folds": 5, "latency_queries": 300, "ingest_docs": 1000, "scales": [10_000, 50_000, 100_000],
-                 "scaling_queries": 200, "bm25_samples": 500, "queries": {}},
+                 "scaling_queries": 200, "bm25_samples": 500, "queries": {}, "pg_docs": 1000},
         "quick": {"folds": 3, "latency_queries": 100, "ingest_docs": 300, "scales": [10_000, 50_000],
-                  "scaling_queries": 100, "bm25_samples": 200, "queries": {"scifact": 200, "cisi": 60}},
+                  "scaling_queries": 100, "bm25_samples": 200, "queries": {"scifact": 200, "cisi": 60},
+                  "pg_docs": 500},
         "smoke": {"folds": 2, "latency_queries": 8, "ingest_docs": 6, "scales": [300, 600], "scaling_queries": 10,
-                  "bm25_samples": 12, "queries": {}},
+                  "bm25_samples": 12, "queries": {}, "pg_docs": 36},
     }[preset]
     if args.cache is None and not args.smoke:
         args.cache = DEFAULT_CACHE
