@@ -157,6 +157,16 @@ def _pages_table(pages: list[Any], limit: int) -> Table:
     return table
 
 
+def _sources_table(summary: Any) -> Table:
+    table = Table("names brand", "status", "source", "as written", "competitors",
+                  title=f"Third-party mentions: {summary.third_party_mentions} of {len(summary.mention_sources)} "
+                        "sources name the brand")
+    for source in summary.mention_sources:
+        table.add_row("yes" if source.mentions_brand else "no", source.error_reason or str(source.http_status),
+                      source.url, source.matched, ", ".join(source.competitors))
+    return table
+
+
 @cli.command()
 @click.argument("project_id")
 @click.option("--seed", "seeds", multiple=True, help="Start URL (repeatable; default: https://{domain}/ per domain).")
@@ -212,6 +222,8 @@ def crawl(ctx: click.Context, project_id: str, seeds: tuple[str, ...], max_pages
         s = final.summary
         out.print(f"mean score {s.mean_overall:.1f}; llms.txt {'found' if s.llms_txt_found else 'missing'}; "
                   f"AI crawlers blocked: {', '.join(s.ai_bots_blocked) or 'none'}")
+    if final.summary.mention_sources:
+        out.print(_sources_table(final.summary))
     if pages:
         out.print(_pages_table(pages, 20))
     if final.state not in (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_PENDING, pb.JOB_STATE_RUNNING):
@@ -255,6 +267,9 @@ def score(ctx: click.Context, url: str | None, html_path: Path | None, project_i
     for name in ("authority", "clarity", "quality"):
         table.add_row(name, f"{getattr(pillars, name):.0f}")
     out.print(table)
+    mentions = next((s for s in page.score.signals if s.name == "third_party_mentions"), None)
+    if mentions is not None:
+        out.print(f"third-party mentions (the project's latest crawl): {mentions.value:.0f}")
     findings = Table("impact", "severity", "code", "recommendation", title="What to fix")
     for finding in page.score.findings:
         findings.add_row(f"{finding.impact:.1f}", pb.Severity.Name(finding.severity).removeprefix("SEVERITY_").lower(),
@@ -530,6 +545,10 @@ async def collect_report(stub: Any, metadata: list[tuple[str, str]], name: str, 
     crawl = next((c for c in crawls if c.state == pb.JOB_STATE_SUCCEEDED), None)
     if crawl is not None:
         data.crawl = crawl.name
+        sources = crawl.summary.mention_sources
+        data.third_party_mentions = crawl.summary.third_party_mentions if sources else None
+        data.mention_sources = [(m.url, m.error_reason or str(m.http_status), m.mentions_brand, m.matched,
+                                 ", ".join(m.competitors)) for m in sources]
         token = ""
         while True:
             reply = await stub.ListPages(pb.ListPagesRequest(parent=crawl.name, page_size=1000, page_token=token),

@@ -7,6 +7,10 @@ store (`frontier`). Each queued URL is checked against robots.txt, fetched withi
 extracted, embedded and scored, and recorded with its links in one transaction. A restart resumes
 RUNNING crawls from their frontier; a cancel stops after the fetches in flight. Every failure is per
 page (`Page.error_reason`), never a dead crawl.
+
+Before the first page, each of the project's third-party `mention_sources` is fetched once through the
+same robots.txt check and host pacing (origins side by side, `SOURCES_IN_FLIGHT` at most); how many name
+the brand is the `third_party_mentions` signal of every page the crawl scores (`third_party.py`).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -34,7 +38,7 @@ from llmo.core.resources import timestamp
 from llmo.embedding import Embedder
 from llmo.protos.events.v1 import events_pb2
 from llmo.protos.visibility.v1 import visibility_service_pb2 as pb
-from llmo.visibility import sitemaps, urls
+from llmo.visibility import sitemaps, third_party, urls
 from llmo.visibility.batching import EmbeddingBatcher, WriteBatcher
 from llmo.visibility.convert import page_id, project_queries, score_proto, url_hash
 from llmo.visibility.events import EventAnnouncer, event_row
@@ -43,10 +47,12 @@ from llmo.visibility.extract_pool import ExtractionFailed, ExtractionPool
 from llmo.visibility.fetcher import Fetcher, FetchResult
 from llmo.visibility.jobs import JobExecutor
 from llmo.visibility.llms_txt import parse_llms_txt
+from llmo.visibility.mentions import MentionDetector
 from llmo.visibility.page_scores import BrandFacts, ScoringContext, score_page
 from llmo.visibility.politeness import HostPacer
-from llmo.visibility.robots import RobotsCache
+from llmo.visibility.robots import RobotsCache, RobotsRules
 from llmo.visibility.settings import VisibilitySettings
+from llmo.visibility.sov_runs import brands_of
 from llmo.visibility.storage import (
     CANCELLED,
     FAILED,
@@ -63,6 +69,7 @@ DEFAULT_MAX_PAGES, DEFAULT_MAX_DEPTH, DEFAULT_RPS, DEFAULT_CONCURRENCY = 500, 5,
 HTML_TYPES = ("text/html", "application/xhtml+xml")
 ATTEMPTED = ("fetched", "unchanged", "failed")  # outcomes that count against max_pages
 CONTROL_INTERVAL_S = 0.5  # how often a running crawl reads its cancel flag
+SOURCES_IN_FLIGHT = 8  # origins of mention sources read at once (each origin's sources one after another)
 
 
 def merged_config(project: pb.CrawlConfig, requested: pb.CrawlConfig, user_agent: str) -> pb.CrawlConfig:
@@ -143,6 +150,8 @@ class CrawlPlan:
     config: pb.CrawlConfig
     seeds: list[str]
     query_vectors: np.ndarray  # (queries, 384)
+    # Mention sources this crawl read before a restart (kept in its summary): not fetched again.
+    sources_read: list[pb.MentionSource] = field(default_factory=list)
 
 
 class CrawlExecutor(JobExecutor):
@@ -205,9 +214,10 @@ class CrawlExecutor(JobExecutor):
         spec = pb.Crawl.FromString(row.spec)
         queries = [text for text, _ in project_queries(project)]
         vectors = await asyncio.to_thread(self.embedder.encode, queries)
+        read = list(pb.CrawlSummary.FromString(row.summary).mention_sources) if row.summary else []
         return CrawlPlan(pk=pk, project_pk=row.project_pk, tenant=project_row.tenant,
                          name=f"projects/{project_row.project_id}/crawls/{row.crawl_id}", project=project,
-                         config=spec.config, seeds=list(spec.seed_urls), query_vectors=vectors)
+                         config=spec.config, seeds=list(spec.seed_urls), query_vectors=vectors, sources_read=read)
 
     async def execute(self, pk: int) -> None:
         plan = await self._plan(pk)
@@ -218,6 +228,8 @@ class CrawlExecutor(JobExecutor):
         pacer = HostPacer(requests_per_second=config.requests_per_second, concurrency=config.concurrency,
                           min_delay_s=self.settings.min_delay_s, polite=self.settings.politeness)
         site = await self._discover(plan, pacer)
+        sources = await self._mention_sources(plan, pacer)
+        site.update(mention_sources=sources, third_party_mentions=third_party.mentions_count(sources))
         # URLs being fetched, extracted and scored; then, apart, being written: a page waiting for its
         # batch's transaction does not hold one of the fetch slots. Both are kept out of frontier refills.
         in_flight: dict[str, asyncio.Task[PageOutcome]] = {}
@@ -326,6 +338,63 @@ class CrawlExecutor(JobExecutor):
             await asyncio.to_thread(self.store.add_urls, plan.pk, queued)
         return {"lastmod": lastmod, "ai_bots_blocked": sorted(blocked), "llms_txt": llms_found}
 
+    async def _mention_sources(self, plan: CrawlPlan, pacer: HostPacer) -> list[pb.MentionSource]:
+        """Each distinct mention source read once, in the project's order; kept in the crawl's summary at
+        once, so that WatchCrawl shows them and a resumed crawl does not fetch them again."""
+        wanted = third_party.distinct_sources(plan.project.mention_sources)
+        if not wanted:
+            return []
+        if [s.url for s in plan.sources_read] == wanted:
+            return list(plan.sources_read)
+        paced = PacedFetcher(self.fetcher, pacer, self.robots, plan.config.user_agent)
+        detector = MentionDetector(brands_of(plan.project))
+        by_origin: dict[str, list[str]] = {}
+        for url in wanted:
+            by_origin.setdefault(origin_of(url), []).append(url)
+        gate = asyncio.Semaphore(SOURCES_IN_FLIGHT)
+        read: dict[str, pb.MentionSource] = {}
+
+        async def read_origin(origin: str, group: list[str]) -> None:
+            async with gate:
+                rules: RobotsRules | None = None
+                for url in group:
+                    try:
+                        if rules is None:
+                            async with pacer.slot(urls.host_of(origin + "/")):  # paced like any request
+                                rules = await self.robots.rules(origin + "/")
+                        read[url] = await self._mention_source(plan, paced, rules, detector, url)
+                    except Exception as exc:  # a bug, not the source: that source fails, never the crawl
+                        log.error("mention source processing failed", crawl=plan.name, url=url, error=repr(exc))
+                        read[url] = pb.MentionSource(url=url, error_reason="PROCESSING_FAILED")
+
+        await asyncio.gather(*(read_origin(origin, group) for origin, group in by_origin.items()))
+        sources = [read[url] for url in wanted]
+        summary = pb.CrawlSummary(mention_sources=sources, third_party_mentions=third_party.mentions_count(sources) or 0)
+        await asyncio.to_thread(self.store.set_crawl_summary, plan.pk, summary.SerializeToString())
+        log.info("mention sources read", crawl=plan.name, sources=len(sources),
+                 naming_brand=summary.third_party_mentions)
+        return sources
+
+    async def _mention_source(self, plan: CrawlPlan, paced: PacedFetcher, rules: RobotsRules,
+                              detector: MentionDetector, url: str) -> pb.MentionSource:
+        if rules.status == "unreachable":  # RFC 9309: nothing may be fetched; say why, it is not the site's rule
+            return pb.MentionSource(url=url, error_reason="ROBOTS_UNREACHABLE")
+        if not rules.allowed(url, plan.config.user_agent):
+            return pb.MentionSource(url=url, error_reason="ROBOTS_DISALLOWED")
+        result = await paced.fetch(url)
+        if result.error_reason is not None:
+            return pb.MentionSource(url=url, http_status=result.status, error_reason=result.error_reason)
+        if urls.in_domains(result.final_url, plan.project.domains):  # it redirected to the brand's own site
+            return pb.MentionSource(url=url, http_status=result.status, error_reason="OWN_DOMAIN")
+        try:
+            extracted = await self.extraction.extract(result.body, result.final_url)
+        except ExtractionFailed:
+            return pb.MentionSource(url=url, http_status=result.status, error_reason="EXTRACT_FAILED")
+        text = "\n".join(part for part in (extracted.title, extracted.main_text) if part)
+        source = await asyncio.to_thread(third_party.read_source, url, text, detector, plan.project.brand.name)
+        source.http_status = result.status
+        return source
+
     def _wanted(self, plan: CrawlPlan, url: str) -> bool:
         if not urls.in_domains(url, plan.project.domains):
             return False
@@ -355,16 +424,26 @@ class CrawlExecutor(JobExecutor):
                                               last_modified=previous.last_modified or None if previous else None)
         pacer.observe(host, result.elapsed_s, result.status)
         if result.not_modified and previous is not None:
-            return await self._unchanged(plan, item, previous)
+            kept = await self._unchanged(plan, item, previous, site)
+            if kept is not None:
+                return kept
+            # Unchanged, but scored with another third-party count: fetch it whole to score it again.
+            async with pacer.slot(host, rules.crawl_delay(agent)):
+                result = await self.fetcher.fetch(item.url)
+            pacer.observe(host, result.elapsed_s, result.status)
         if result.error_reason is not None:
             return self._failed(plan, item, result)
         return await self._scored(plan, item, result, site, previous)
 
-    async def _unchanged(self, plan: CrawlPlan, item: FrontierUrl, previous: UrlVersion) -> PageOutcome:
+    async def _unchanged(self, plan: CrawlPlan, item: FrontierUrl, previous: UrlVersion,
+                         site: dict[str, Any]) -> PageOutcome | None:
+        """The previous version kept; None when its score counted another number of third-party mentions."""
         old = await asyncio.to_thread(self.store.get_page, previous.crawl_pk, previous.page_id)
         if old is None:  # the old crawl was deleted with its pages: nothing to keep, count it as failed
             return PageOutcome(url_hash=item.url_hash, outcome="failed")
         page = pb.Page.FromString(old.body)
+        if scored_mentions(page) != site.get("third_party_mentions"):
+            return None
         page.not_modified = True
         page.fetch_time.CopyFrom(timestamp(_now_us()))
         page.name = f"{plan.name}/pages/{previous.page_id}"
@@ -406,7 +485,8 @@ class CrawlExecutor(JobExecutor):
             brand=brand_facts(plan.project), prompt_similarity=similarity,
             sitemap_lastmod=site["lastmod"].get(item.url), http_last_modified=http_date(
                 result.headers.get("last-modified", "")),
-            noindex=noindex, ai_bots_blocked=rules.answer_crawlers_blocked(item.url), http_status=result.status)
+            noindex=noindex, ai_bots_blocked=rules.answer_crawlers_blocked(item.url), http_status=result.status,
+            third_party_mentions=site.get("third_party_mentions"))
         score = await asyncio.to_thread(score_page, extracted, context)
         pid = page_id(canonical)
         content_hash = hashlib.sha256(extracted.main_text.encode()).hexdigest()
@@ -451,8 +531,10 @@ class CrawlExecutor(JobExecutor):
 
 def crawl_summary(rows: Sequence[PageRow], site: dict[str, Any]) -> pb.CrawlSummary:
     scored = [pb.Page.FromString(r.body) for r in rows if not r.failed]
+    sources = list(site.get("mention_sources", []))
     summary = pb.CrawlSummary(llms_txt_found=bool(site.get("llms_txt")),
-                              ai_bots_blocked=list(site.get("ai_bots_blocked", [])))
+                              ai_bots_blocked=list(site.get("ai_bots_blocked", [])), mention_sources=sources,
+                              third_party_mentions=third_party.mentions_count(sources) or 0)
     if not scored:
         return summary
     n = len(scored)
@@ -466,6 +548,12 @@ def crawl_summary(rows: Sequence[PageRow], site: dict[str, Any]) -> pb.CrawlSumm
     codes = Counter(f.code for p in scored for f in p.score.findings)
     summary.top_finding_codes[:] = [code for code, _ in codes.most_common(10)]
     return summary
+
+
+def scored_mentions(page: pb.Page) -> int | None:
+    """The third-party mention count a stored page was scored with (None: the signal was left out)."""
+    value = next((s.value for s in page.score.signals if s.name == "third_party_mentions"), None)
+    return None if value is None else int(value)
 
 
 def page_proto(extracted: ExtractedPage, result: FetchResult, item: FrontierUrl, score: pb.PageScore, *,

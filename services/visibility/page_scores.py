@@ -30,10 +30,11 @@ Authority.
   Findings MISSING_ORGANIZATION_SCHEMA / ENTITY_INCONSISTENT.
 * `author_present` (0.2): 100 when a person author is named (JSON-LD, meta author, rel=author), else 0.
   Finding NO_AUTHOR.
-* `third_party_mentions` (0.25): n crawled pages on other domains naming the brand;
-  score = 100 x min(1, ln(1 + n) / ln(21)), so 20 mentions score 100. Finding FEW_THIRD_PARTY_MENTIONS.
-  Left out (the other weights rescaled) when `context.third_party_mentions` is None: the crawler stays
-  on the project's domains, so it cannot count them; a caller who can passes the count.
+* `third_party_mentions` (0.25): n crawled pages on other domains naming the brand (the crawl counts the
+  project's `mention_sources`, see `third_party`); score = 100 x min(1, ln(1 + n) / ln(21)), so 20
+  mentions score 100. Finding FEW_THIRD_PARTY_MENTIONS. Left out (the other weights rescaled) when
+  `context.third_party_mentions` is None: nothing was counted (the project lists no sources), which is
+  not the same as none found.
 * `topical_depth` (0.2): 100 x (0.6 x min(1, words / 1000) + 0.4 x min(1, h2/h3 sections / 4)).
   Finding THIN_CONTENT.
 

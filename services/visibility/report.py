@@ -2,7 +2,8 @@
 
 The page holds share of voice over time per engine with its 95% bands, the latest run's shares per
 engine and brand with intervals, the four pillar scores of the lowest-scoring pages, the coverage
-gaps by opportunity, and AI referral visits per engine over time. Plots are matplotlib figures
+gaps by opportunity, and AI referral visits per engine over time; under the page scores, the crawl's
+third-party mention sources (which name the brand). Plots are matplotlib figures
 inlined as SVG (no scripts, no network: the file opens anywhere and archives as is).
 """
 
@@ -40,6 +41,10 @@ class ReportData:
     # (url, overall, relevance or None, authority, clarity, quality, top finding)
     pages: list[tuple[str, float, float | None, float, float, float, str]] = field(default_factory=list)
     crawl: str = ""
+    # The crawl's third-party mention sources: (url, http status or error reason, names the brand, first
+    # brand mention as written, competitors named); None: the project lists no sources.
+    third_party_mentions: int | None = None
+    mention_sources: list[tuple[str, str, bool, str, str]] = field(default_factory=list)
     # (query, kind, opportunity, engines missing, competitors present, best page, similarity, recommendation)
     gaps: list[tuple[str, str, float, str, str, str, float, str]] = field(default_factory=list)
     # (bucket ISO time, engine, visits)
@@ -207,6 +212,12 @@ def _render_html(data: ReportData) -> str:
                             [list(r) for r in sorted(data.pages, key=lambda p: p[1])[:50]]))
     else:
         parts.append("<p class=note>No succeeded crawl yet.</p>")
+    if data.mention_sources:
+        parts.append(f"<h3>Third-party mentions</h3><p>{data.third_party_mentions or 0} of "
+                     f"{len(data.mention_sources)} mention sources name the brand.</p>")
+        parts.append(_table(["source", "status", "names the brand", "as written", "competitors named"],
+                            [[u, st, "yes" if named else "no", matched, others]
+                             for u, st, named, matched, others in data.mention_sources]))
     parts.append("<h2>Coverage gaps</h2>")
     if data.gaps:
         parts.append(gaps_plot(data))
@@ -255,7 +266,10 @@ def write_exports(data: ReportData, directory: Path) -> list[Path]:
     payload.update(project=data.project, brand=data.brand, generated=data.generated.isoformat(), run=data.run,
                    crawl=data.crawl, referral_totals=data.referral_totals, ai_share_of_visits=data.ai_share_of_visits,
                    crawlers=[dict(zip(["token", "operator", "purpose", "fetches"], c, strict=True))
-                             for c in data.crawlers], lower_bound_note=data.lower_bound_note)
+                             for c in data.crawlers], lower_bound_note=data.lower_bound_note,
+                   third_party_mentions=data.third_party_mentions,
+                   mention_sources=[dict(zip(["url", "status", "mentions_brand", "matched", "competitors"], m,
+                                             strict=True)) for m in data.mention_sources])
     path.write_text(json.dumps(payload, indent=2), encoding="utf-8")
     written.append(path)
     return written

@@ -87,7 +87,7 @@ from llmo.visibility.traffic import bucket_start_us, referral_report
 from llmo.visibility.validate import check_crawl_config, check_http_url, check_project
 
 PROJECT_FIELDS = ("display_name", "brand", "domains", "competitors", "tracked_queries", "queries", "default_engines",
-                  "engines", "crawl_config", "labels")
+                  "engines", "crawl_config", "labels", "mention_sources")
 MAX_VISITS = 10_000
 WATCH_INTERVAL_S = 0.1  # at most ten crawl snapshots a second per watcher
 MAX_HTML_BYTES = 5 * 2**20
@@ -335,8 +335,15 @@ class VisibilityServicer(pb_grpc.VisibilityServiceServicer):
 
     async def ScorePage(self, request: pb.ScorePageRequest, context: grpc.aio.ServicerContext) -> pb.ScorePageResponse:
         project = None
+        third_party_mentions = None  # not counted unless the project's latest succeeded crawl read its sources
         if request.project:
-            project = pb.Project.FromString((await self._project(request.project, "project")).body)
+            project_row = await self._project(request.project, "project")
+            project = pb.Project.FromString(project_row.body)
+            latest = await asyncio.to_thread(self.store.latest_succeeded_crawl, project_row.pk)
+            if latest is not None and latest.summary:
+                summary = pb.CrawlSummary.FromString(latest.summary)
+                if summary.mention_sources:
+                    third_party_mentions = summary.third_party_mentions
         source = request.WhichOneof("source")
         if source is None or (source == "url" and not request.url) or (source == "html" and not request.html):
             raise invalid_argument("MISSING_PAGE_SOURCE", "set url or html", field="source")
@@ -373,6 +380,7 @@ class VisibilityServicer(pb_grpc.VisibilityServiceServicer):
         noindex = extracted.noindex or x_robots_noindex(headers)
         scoring = ScoringContext(brand=brand_facts(project) if project is not None else None,
                                  prompt_similarity=similarity, noindex=noindex, ai_bots_blocked=blocked,
+                                 third_party_mentions=third_party_mentions,
                                  http_status=status, http_last_modified=http_date(headers.get("last-modified", "")))
         score = await asyncio.to_thread(score_page, extracted, scoring)
         page = pb.Page(url=url, canonical_url=extracted.canonical_url or url, http_status=status,

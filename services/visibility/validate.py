@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 from llmo.core.errors import invalid_argument
 from llmo.core.limits import preview
 from llmo.protos.visibility.v1 import visibility_service_pb2 as pb
+from llmo.visibility import urls
 
 HOST = re.compile(r"^(?=.{1,253}$)(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))+$")
 ENGINE_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
@@ -24,6 +25,8 @@ MAX_DOMAINS = 50
 MAX_ENGINES = 20
 MAX_LABELS = 64
 MAX_PATHS = 100
+MAX_MENTION_SOURCES = 200
+MAX_URL = 2048
 
 
 def _text(value: str, field: str, limit: int = MAX_TEXT) -> None:
@@ -37,10 +40,10 @@ def check_domain(domain: str, field: str) -> None:
                                f"\"example.com\"; got {preview(domain)!r}", field=field, value=preview(domain))
 
 
-def check_http_url(url: str, field: str, reason: str) -> None:
+def check_http_url(url: str, field: str, reason: str, limit: int = MAX_TEXT) -> None:
     try:
         parts = urlsplit(url)
-        ok = parts.scheme in ("http", "https") and bool(parts.hostname) and len(url) <= MAX_TEXT
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname) and len(url) <= limit
         parts.port  # noqa: B018 - raises ValueError for a malformed port
     except ValueError:
         ok = False
@@ -127,7 +130,25 @@ def check_project(project: pb.Project) -> None:
     for key, value in project.labels.items():
         _text(key, "project.labels", 63)
         _text(value, "project.labels", 256)
+    check_mention_sources(project)
     check_crawl_config(project.crawl_config, "project.crawl_config")
+
+
+def check_mention_sources(project: pb.Project) -> None:
+    """At most 200 absolute http(s) URLs of at most 2048 characters, none within the project's domains."""
+    if len(project.mention_sources) > MAX_MENTION_SOURCES:
+        raise invalid_argument("INVALID_MENTION_SOURCE", f"at most {MAX_MENTION_SOURCES} mention sources",
+                               field="project.mention_sources")
+    for i, source in enumerate(project.mention_sources):
+        field = f"project.mention_sources[{i}]"
+        check_http_url(source, field, "INVALID_MENTION_SOURCE", MAX_URL)
+        normal = urls.normalize_url(source)
+        if normal is None:
+            raise invalid_argument("INVALID_MENTION_SOURCE", f"{field} is not a URL the crawler can fetch; got "
+                                   f"{preview(source)!r}", field=field, value=preview(source))
+        if urls.in_domains(normal, project.domains):
+            raise invalid_argument("INVALID_MENTION_SOURCE", f"{field} is within the project's own domains; "
+                                   "mention sources are pages on other sites", field=field, value=preview(source))
 
 
 def check_crawl_config(config: pb.CrawlConfig, field: str) -> None:

@@ -178,7 +178,7 @@ class CrawlConfig(_message.Message):
     def __init__(self, max_pages: _Optional[int] = ..., max_depth: _Optional[int] = ..., requests_per_second: _Optional[float] = ..., concurrency: _Optional[int] = ..., include_paths: _Optional[_Iterable[str]] = ..., exclude_paths: _Optional[_Iterable[str]] = ..., user_agent: _Optional[str] = ...) -> None: ...
 
 class Project(_message.Message):
-    __slots__ = ("name", "display_name", "brand", "domains", "competitors", "tracked_queries", "default_engines", "crawl_config", "labels", "create_time", "update_time", "etag", "queries", "query_set_version", "engines")
+    __slots__ = ("name", "display_name", "brand", "domains", "competitors", "tracked_queries", "default_engines", "crawl_config", "labels", "create_time", "update_time", "etag", "queries", "query_set_version", "engines", "mention_sources")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -201,6 +201,7 @@ class Project(_message.Message):
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     QUERY_SET_VERSION_FIELD_NUMBER: _ClassVar[int]
     ENGINES_FIELD_NUMBER: _ClassVar[int]
+    MENTION_SOURCES_FIELD_NUMBER: _ClassVar[int]
     name: str
     display_name: str
     brand: Brand
@@ -216,7 +217,8 @@ class Project(_message.Message):
     queries: _containers.RepeatedCompositeFieldContainer[TrackedQuery]
     query_set_version: int
     engines: _containers.RepeatedCompositeFieldContainer[AnswerEngine]
-    def __init__(self, name: _Optional[str] = ..., display_name: _Optional[str] = ..., brand: _Optional[_Union[Brand, _Mapping]] = ..., domains: _Optional[_Iterable[str]] = ..., competitors: _Optional[_Iterable[_Union[Competitor, _Mapping]]] = ..., tracked_queries: _Optional[_Iterable[str]] = ..., default_engines: _Optional[_Iterable[str]] = ..., crawl_config: _Optional[_Union[CrawlConfig, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., etag: _Optional[str] = ..., queries: _Optional[_Iterable[_Union[TrackedQuery, _Mapping]]] = ..., query_set_version: _Optional[int] = ..., engines: _Optional[_Iterable[_Union[AnswerEngine, _Mapping]]] = ...) -> None: ...
+    mention_sources: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., display_name: _Optional[str] = ..., brand: _Optional[_Union[Brand, _Mapping]] = ..., domains: _Optional[_Iterable[str]] = ..., competitors: _Optional[_Iterable[_Union[Competitor, _Mapping]]] = ..., tracked_queries: _Optional[_Iterable[str]] = ..., default_engines: _Optional[_Iterable[str]] = ..., crawl_config: _Optional[_Union[CrawlConfig, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., etag: _Optional[str] = ..., queries: _Optional[_Iterable[_Union[TrackedQuery, _Mapping]]] = ..., query_set_version: _Optional[int] = ..., engines: _Optional[_Iterable[_Union[AnswerEngine, _Mapping]]] = ..., mention_sources: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CreateProjectRequest(_message.Message):
     __slots__ = ("project_id", "project", "request_id")
@@ -411,18 +413,42 @@ class Page(_message.Message):
     def __init__(self, name: _Optional[str] = ..., url: _Optional[str] = ..., canonical_url: _Optional[str] = ..., http_status: _Optional[int] = ..., title: _Optional[str] = ..., depth: _Optional[int] = ..., content_bytes: _Optional[int] = ..., word_count: _Optional[int] = ..., schema_types: _Optional[_Iterable[str]] = ..., score: _Optional[_Union[PageScore, _Mapping]] = ..., fetch_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error_reason: _Optional[str] = ..., noindex: _Optional[bool] = ..., content_hash: _Optional[str] = ..., not_modified: _Optional[bool] = ..., version: _Optional[int] = ..., sitemap_lastmod: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., main_text: _Optional[str] = ...) -> None: ...
 
 class CrawlSummary(_message.Message):
-    __slots__ = ("mean_overall", "mean_pillars", "top_finding_codes", "llms_txt_found", "ai_bots_blocked")
+    __slots__ = ("mean_overall", "mean_pillars", "top_finding_codes", "llms_txt_found", "ai_bots_blocked", "third_party_mentions", "mention_sources")
     MEAN_OVERALL_FIELD_NUMBER: _ClassVar[int]
     MEAN_PILLARS_FIELD_NUMBER: _ClassVar[int]
     TOP_FINDING_CODES_FIELD_NUMBER: _ClassVar[int]
     LLMS_TXT_FOUND_FIELD_NUMBER: _ClassVar[int]
     AI_BOTS_BLOCKED_FIELD_NUMBER: _ClassVar[int]
+    THIRD_PARTY_MENTIONS_FIELD_NUMBER: _ClassVar[int]
+    MENTION_SOURCES_FIELD_NUMBER: _ClassVar[int]
     mean_overall: float
     mean_pillars: PillarScores
     top_finding_codes: _containers.RepeatedScalarFieldContainer[str]
     llms_txt_found: bool
     ai_bots_blocked: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, mean_overall: _Optional[float] = ..., mean_pillars: _Optional[_Union[PillarScores, _Mapping]] = ..., top_finding_codes: _Optional[_Iterable[str]] = ..., llms_txt_found: _Optional[bool] = ..., ai_bots_blocked: _Optional[_Iterable[str]] = ...) -> None: ...
+    third_party_mentions: int
+    mention_sources: _containers.RepeatedCompositeFieldContainer[MentionSource]
+    def __init__(self, mean_overall: _Optional[float] = ..., mean_pillars: _Optional[_Union[PillarScores, _Mapping]] = ..., top_finding_codes: _Optional[_Iterable[str]] = ..., llms_txt_found: _Optional[bool] = ..., ai_bots_blocked: _Optional[_Iterable[str]] = ..., third_party_mentions: _Optional[int] = ..., mention_sources: _Optional[_Iterable[_Union[MentionSource, _Mapping]]] = ...) -> None: ...
+
+class MentionSource(_message.Message):
+    __slots__ = ("url", "http_status", "error_reason", "mentions_brand", "brand_mentions", "matched", "snippet", "competitors")
+    URL_FIELD_NUMBER: _ClassVar[int]
+    HTTP_STATUS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_REASON_FIELD_NUMBER: _ClassVar[int]
+    MENTIONS_BRAND_FIELD_NUMBER: _ClassVar[int]
+    BRAND_MENTIONS_FIELD_NUMBER: _ClassVar[int]
+    MATCHED_FIELD_NUMBER: _ClassVar[int]
+    SNIPPET_FIELD_NUMBER: _ClassVar[int]
+    COMPETITORS_FIELD_NUMBER: _ClassVar[int]
+    url: str
+    http_status: int
+    error_reason: str
+    mentions_brand: bool
+    brand_mentions: int
+    matched: str
+    snippet: str
+    competitors: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, url: _Optional[str] = ..., http_status: _Optional[int] = ..., error_reason: _Optional[str] = ..., mentions_brand: _Optional[bool] = ..., brand_mentions: _Optional[int] = ..., matched: _Optional[str] = ..., snippet: _Optional[str] = ..., competitors: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Crawl(_message.Message):
     __slots__ = ("name", "seed_urls", "config", "state", "progress", "summary", "error_reason", "error_message", "create_time", "start_time", "end_time")

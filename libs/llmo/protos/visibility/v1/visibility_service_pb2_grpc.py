@@ -228,7 +228,8 @@ class VisibilityServiceServicer:
         """Creates a project.
         Errors:
         INVALID_ARGUMENT  INVALID_PROJECT_ID, MISSING_BRAND, NO_DOMAINS,
-        INVALID_DOMAIN (not a bare host name such as "example.com")
+        INVALID_DOMAIN (not a bare host name such as "example.com"),
+        INVALID_MENTION_SOURCE (see `Project.mention_sources`)
         ALREADY_EXISTS    PROJECT_ALREADY_EXISTS
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -257,7 +258,7 @@ class VisibilityServiceServicer:
         """Updates the fields named in `update_mask`.
         Errors:
         INVALID_ARGUMENT  INVALID_NAME, INVALID_UPDATE_MASK, MISSING_BRAND, NO_DOMAINS,
-        INVALID_DOMAIN
+        INVALID_DOMAIN, INVALID_MENTION_SOURCE
         NOT_FOUND         PROJECT_NOT_FOUND
         ABORTED           ETAG_MISMATCH
         """
@@ -360,7 +361,9 @@ class VisibilityServiceServicer:
 
     def ScorePage(self, request, context):
         """Scores one page outside a crawl: fetched from `url` (obeying robots.txt)
-        or given as `html`.
+        or given as `html`. With `project`, the brand facts and tracked queries are the
+        project's, and the `third_party_mentions` signal is the count of the project's
+        latest succeeded crawl when that crawl read mention sources (else left out).
         Errors:
         INVALID_ARGUMENT     MISSING_PAGE_SOURCE (neither url nor html), INVALID_URL,
         PAGE_TOO_LARGE (html above 5 MiB)
