@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import uuid
 import warnings
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +20,9 @@ from google.protobuf import struct_pb2
 
 from llmo.core.storage import create_engine
 from llmo.protos.retrieval.v1 import retrieval_service_pb2 as pb
-from llmo.protos.retrieval.v1 import retrieval_service_pb2_grpc as pb_grpc
-from llmo.retrieval.main import RunningRetrieval, start
+from llmo.retrieval.main import start
 from llmo.retrieval.settings import RetrievalSettings
-from tests.integration.test_retrieval_access import access_canary
+from tests.integration.test_retrieval_access import _service, access_canary
 from tests.integration.test_retrieval_service import (
     A,
     _code,
@@ -70,16 +68,6 @@ def pg_url(pgvector_server: Any) -> str:
 
 def _pg_settings(url: str, data: Path, **knobs: Any) -> RetrievalSettings:
     return _settings(url, data).model_copy(update={"backend": "pgvector", **knobs})
-
-
-@asynccontextmanager
-async def _service(settings: RetrievalSettings) -> AsyncIterator[tuple[RunningRetrieval, pb_grpc.RetrievalServiceStub]]:
-    running = await start(settings, port=0, metrics=False)
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-            yield running, pb_grpc.RetrievalServiceStub(channel)
-    finally:
-        await running.stop()
 
 
 def _rows(url: str, table: str) -> int:
