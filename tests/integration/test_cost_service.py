@@ -299,6 +299,14 @@ async def test_events_are_ingested_and_bad_events_dead_lettered(svc: Harness) ->
         event_id="inf-2", occurred_at=now, attribution=attribution, model="llmo-demo", usage=common_pb2.Usage(input_tokens=10, output_tokens=10)
     )
     await svc.bus.publish(after)
+
+    async def inference_recorded() -> bool:
+        return await asyncio.to_thread(store.get_record, "inf-1") is not None
+
+    # The inference and router consumers commit concurrently: whichever event of a model
+    # call lands first keeps the row (test_cost_storage covers both orders). This test is
+    # about the router's event enriching a recorded call, so it waits for that call first.
+    await eventually(inference_recorded)
     routed = events_pb2.RouterCompleted(
         event_id="rt-1", request_id="req-1", occurred_at=now, attribution=attribution, model="gpt-4o", route_reason="quality-floor",
         prompt_version="support@3", usage=common_pb2.Usage(input_tokens=2000, output_tokens=1000, cached_input_tokens=1000),
