@@ -7,7 +7,10 @@ Measures, in one run and with the same thread count for both sides:
   torch's own int8 dynamic-quantized linear (fbgemm) at decode (M = 1, 4, 16)
   and prefill (M = 256) shapes;
 * paged decode attention vs ``scaled_dot_product_attention`` over a contiguous
-  cache of the same length.
+  cache of the same length;
+* batched multi-adapter LoRA (``llmo.ops.batched_lora``): the native kernel vs the
+  reference one-adapter-at-a-time loop, at 1 / 8 / 32 distinct adapters for decode
+  rows (one per request, shuffled) and prefill rows (each adapter's tokens a run).
 
 Weights and caches smaller than ``--rotate-mb`` (by default 1.5x the last-level
 cache read from sysfs) are replicated and rotated so every call streams from DRAM
@@ -41,7 +44,7 @@ Timed = dict[str, Callable[[], Any]]
 
 def _parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="llmo bench kernels", description=__doc__.split("\n")[0])
-    p.add_argument("--sections", default="stream,gemm,attention", help="comma list of stream,gemm,attention")
+    p.add_argument("--sections", default="stream,gemm,attention,lora", help="comma list of stream,gemm,attention,lora")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="threads for torch and llmo_native")
     p.add_argument("--rounds", type=int, default=12, help="interleaved timing rounds per case (decode shapes)")
     p.add_argument("--prefill-rounds", type=int, default=3, help="timing rounds for M >= 256")
@@ -55,6 +58,11 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--kv-dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--lora-rows", default="32,256", help="batched_lora token rows (decode 32, prefill 256)")
+    p.add_argument("--lora-adapters", default="1,8,32", help="distinct adapters in the batch")
+    p.add_argument("--lora-dim", type=int, default=896, help="LoRA input and output features (K = M)")
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--lora-dtypes", default="float32,bfloat16")
     llc = llc_mib()
     p.add_argument("--rotate-mb", type=float, default=max(96.0, 1.5 * llc),
                    help=f"replicate buffers up to this size (default 1.5x the {llc:.0f} MiB LLC)")
@@ -266,6 +274,58 @@ def bench_attention(args: argparse.Namespace, dram_gbps: float) -> list[dict[str
     return results
 
 
+def _lora_case(args: argparse.Namespace, rows: int, adapters: int, dtype: torch.dtype) -> dict[str, Any]:
+    k = m = args.lora_dim
+    r = args.lora_rank
+    # Decode: one row per request, requests of different adapters interleaved. Prefill:
+    # the adapters' prompts one after the other (runs of equal index).
+    if rows <= 64:
+        indices = (torch.arange(rows) % adapters)[torch.randperm(rows)]
+    else:
+        indices = torch.arange(rows) * adapters // rows
+    x = torch.randn(rows, k).to(dtype)
+    scaling = torch.full((adapters,), 2.0)
+    weight_bytes = adapters * r * (k + m) * torch.finfo(dtype).bits // 8
+    stacks = _Rotor([
+        ((torch.randn(adapters, r, k) / k**0.5).to(dtype), (torch.randn(adapters, m, r) * 0.01).to(dtype))
+        for _ in range(_copies(weight_bytes, args.rotate_mb))
+    ])
+    outs = {"llmo_native": torch.zeros(rows, m, dtype=dtype), "torch_reference_loop": torch.zeros(rows, m, dtype=dtype)}
+
+    def call(side: str, backend: str) -> Callable[[], torch.Tensor]:
+        def fn() -> torch.Tensor:
+            a, b = stacks.next()
+            with force_backend(backend, "batched_lora"):
+                return ops.batched_lora(x, a, b, indices, scaling, outs[side])
+        return fn
+
+    cases = {"llmo_native": call("llmo_native", "cpu"), "torch_reference_loop": call("torch_reference_loop", "reference")}
+    a, b = stacks.items[0]
+    got, want = torch.zeros(rows, m, dtype=dtype), torch.zeros(rows, m, dtype=dtype)
+    with force_backend("cpu", "batched_lora"):
+        ops.batched_lora(x, a, b, indices, scaling, got)
+    with force_backend("reference", "batched_lora"):
+        ops.batched_lora(x, a, b, indices, scaling, want)
+    err = float((got.float() - want.float()).abs().max())
+    timing = _time(cases, args.rounds)
+    row: dict[str, Any] = {"N": rows, "K": k, "M": m, "R": r, "adapters": adapters, "dtype": str(dtype).removeprefix("torch."),
+                           "layout": "decode_shuffled" if rows <= 64 else "prefill_runs", "max_abs_diff": err}
+    for name, t in timing.items():
+        row[name] = {**t, "weight_gbps": weight_bytes / t["min_ms"] / 1e6}
+    row["native_speedup_vs_reference"] = timing["torch_reference_loop"]["min_ms"] / timing["llmo_native"]["min_ms"]
+    print(json.dumps(_brief(row)), file=sys.stderr)
+    return row
+
+
+def bench_lora(args: argparse.Namespace) -> list[dict[str, Any]]:
+    results = []
+    for dtype_name in args.lora_dtypes.split(","):
+        for rows in (int(v) for v in args.lora_rows.split(",")):
+            for adapters in (int(v) for v in args.lora_adapters.split(",")):
+                results.append(_lora_case(args, rows, adapters, getattr(torch, dtype_name)))
+    return results
+
+
 def main(argv: list[str]) -> dict[str, Any]:
     args = _parse(argv)
     configure_logging("bench", level="warning")
@@ -289,6 +349,8 @@ def main(argv: list[str]) -> dict[str, Any]:
         out["gemm"] = bench_gemm(args, dram)
     if "attention" in sections:
         out["attention"] = bench_attention(args, dram)
+    if "lora" in sections:
+        out["lora"] = bench_lora(args)
     return out
 
 

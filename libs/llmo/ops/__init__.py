@@ -18,6 +18,10 @@ KV cache layout (paged):
   context are ignored. ``context_lens[B]`` counts cached tokens per sequence.
 * Query heads ``H`` must be a multiple of ``num_kv_heads`` (MHA, GQA, MQA).
 
+LoRA adapter stacks (:func:`batched_lora`): ``lora_a[S, R, K]``, ``lora_b[S, M, R]``
+(lower ranks zero-padded to R), ``scaling[S]`` fp32, one slot index per token row
+(-1: no adapter); the delta is added to ``out[N, M]`` in place.
+
 Index ranges are validated for CPU tensors; CUDA callers must pass valid
 indices (checking them would synchronise the GPU on every call).
 """
@@ -25,6 +29,7 @@ indices (checking them would synchronise the GPU on every call).
 from llmo.ops import backends as _backends
 from llmo.ops.api import (
     INT8_MAX_K,
+    batched_lora,
     chunked_prefill_attention,
     int4_gemm,
     int8_gemm,
@@ -46,6 +51,7 @@ _backends.register_all()
 __all__ = [
     "INT8_MAX_K",
     "Platform",
+    "batched_lora",
     "chunked_prefill_attention",
     "current_platform",
     "dequantize_int4",

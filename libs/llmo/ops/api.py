@@ -21,12 +21,13 @@ _int4_gemm = define("int4_gemm", reference.int4_gemm)
 _rms_norm = define("rms_norm", reference.rms_norm)
 _rotary = define("rotary_embedding", reference.rotary_embedding)
 _silu_mul = define("silu_and_mul", reference.silu_and_mul)
+_lora = define("batched_lora", reference.batched_lora)
 
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # int8_linear accumulates in int32: K * 127 * 128 must stay below 2^31.
 INT8_MAX_K = 131072
-# The native CPU attention checks block-table indices itself (far cheaper than
-# the equivalent torch ops on the decode hot path).
+# The native CPU attention checks block-table indices itself, as batched_lora does
+# its slot indices (far cheaper than the equivalent torch ops on the decode hot path).
 NATIVE_CHECKED = "cpu"
 
 
@@ -312,3 +313,59 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if x.dim() < 1 or x.shape[-1] % 2:
         raise ValueError(f"last dimension must be even, got shape {tuple(x.shape)}")
     return _silu_mul(x.contiguous())  # type: ignore[no-any-return]
+
+
+def batched_lora(
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    indices: torch.Tensor,
+    scaling: torch.Tensor,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """Multi-adapter LoRA (S-LoRA / Punica): for every row ``i`` with ``s = indices[i] >= 0``,
+    ``out[i] += scaling[s] * lora_b[s] @ (lora_a[s] @ x[i])``, accumulated in fp32; rows with
+    index -1 are left alone. Updates ``out`` in place and returns it.
+
+    ``x[N, K]``, ``lora_a[S, R, K]``, ``lora_b[S, M, R]`` and ``out[N, M]`` share one float
+    dtype (adapters of a lower rank are zero-padded to R); ``indices[N]`` int64 (or int32),
+    ``scaling[S]`` float32. ``out`` must be contiguous; the other inputs are made so."""
+    checks.tensor("x", x)
+    checks.dims("x", x, 2)
+    checks.dtype_in("x", x, checks.FLOAT_DTYPES)
+    n, k = x.shape
+    checks.tensor("lora_a", lora_a)
+    checks.dims("lora_a", lora_a, 3)
+    slots, rank = lora_a.shape[0], lora_a.shape[1]
+    if lora_a.shape[2] != k:
+        raise ValueError(f"lora_a must be [S, R, K] with K = {k} (x's features), got shape {tuple(lora_a.shape)}")
+    checks.tensor("lora_b", lora_b)
+    checks.dims("lora_b", lora_b, 3)
+    m = lora_b.shape[1]
+    if lora_b.shape[0] != slots or lora_b.shape[2] != rank:
+        raise ValueError(
+            f"lora_b must be [S, M, R] = [{slots}, M, {rank}] to match lora_a {tuple(lora_a.shape)}, "
+            f"got shape {tuple(lora_b.shape)}"
+        )
+    checks.tensor("indices", indices)
+    checks.dims("indices", indices, 1)
+    checks.dtype_in("indices", indices, checks.INDEX_DTYPES)
+    checks.shape_eq("indices", indices.shape, (n,))
+    checks.tensor("scaling", scaling)
+    checks.shape_eq("scaling", scaling.shape, (slots,))
+    checks.dtype_in("scaling", scaling, (torch.float32,))
+    checks.tensor("out", out)
+    checks.shape_eq("out", out.shape, (n, m))
+    for name, t in (("lora_a", lora_a), ("lora_b", lora_b), ("out", out)):
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} dtype {t.dtype} must match x dtype {x.dtype}")
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous (it is updated in place)")
+    checks.same_device(x=x, lora_a=lora_a, lora_b=lora_b, indices=indices, scaling=scaling, out=out)
+    args = (x.contiguous(), lora_a.contiguous(), lora_b.contiguous(), indices.contiguous(), scaling.contiguous(), out)
+    backend, impl = _lora.dispatch(*args)
+    if backend != NATIVE_CHECKED and checks.host_checked(indices) and n:
+        lo, hi = torch.aminmax(indices)
+        if int(lo) < -1 or int(hi) >= slots:
+            raise ValueError(f"indices must lie in [-1, {slots}) (the adapter slots), got [{int(lo)}, {int(hi)}]")
+    return impl(*args)  # type: ignore[no-any-return]

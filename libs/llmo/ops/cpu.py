@@ -255,6 +255,33 @@ def int4_gemm(
     return out if x.dtype == torch.float32 else out.to(x.dtype)
 
 
+# The native LoRA kernel reads and writes fp32 or bf16 (fp16 runs the reference).
+LORA_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def batched_lora(
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    indices: torch.Tensor,
+    scaling: torch.Tensor,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    idx = indices if indices.dtype == torch.int64 else indices.to(torch.int64)
+    n, k = x.shape
+    slots, rank = lora_a.shape[0], lora_a.shape[1]
+    # The native side checks every slot index while it groups the rows.
+    _lib().batched_lora(
+        x.data_ptr(), lora_a.data_ptr(), lora_b.data_ptr(), idx.data_ptr(), scaling.data_ptr(), out.data_ptr(),
+        _DTYPE_CODE[x.dtype], n, k, out.shape[1], rank, slots,
+    )
+    return out
+
+
+def _lora_fits(x: torch.Tensor, *args: object, **kwargs: object) -> bool:
+    return x.dtype in LORA_DTYPES and _on_cpu(x, *args, **kwargs)
+
+
 def _on_cpu(*args: object, **kwargs: object) -> bool:
     for value in args:
         if isinstance(value, torch.Tensor) and not value.is_cpu:
@@ -273,3 +300,4 @@ def register_cpu() -> None:
         ("int4_gemm", int4_gemm),
     ):
         register(name, "cpu", fn, available, _on_cpu)
+    register("batched_lora", "cpu", batched_lora, available, _lora_fits)

@@ -192,6 +192,27 @@ def int4_gemm(
     return out if x.dtype == torch.float32 else out.to(x.dtype)
 
 
+def batched_lora(
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    indices: torch.Tensor,
+    scaling: torch.Tensor,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """Shrink into an fp32 ``[N, R]`` scratch (torch's allocator), then expand into ``out``."""
+    n, k = x.shape
+    slots, rank = lora_a.shape[0], lora_a.shape[1]
+    idx = indices if indices.dtype == torch.int64 else indices.to(torch.int64)
+    t = torch.empty(n, rank, dtype=torch.float32, device=x.device)
+    device, stream = _launch(x)
+    _lib().batched_lora(
+        device, stream, x.data_ptr(), lora_a.data_ptr(), lora_b.data_ptr(), idx.data_ptr(), scaling.data_ptr(),
+        t.data_ptr(), out.data_ptr(), _DTYPE_CODE[x.dtype], n, k, out.shape[1], rank, slots,
+    )
+    return out
+
+
 def _on_cuda(*args: object, **kwargs: object) -> bool:
     return all(t.device.type == "cuda" for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor))
 
@@ -210,5 +231,6 @@ def register_cuda() -> None:
         ("int8_gemm", int8_gemm),
         ("int8_linear", int8_linear),
         ("int4_gemm", int4_gemm),
+        ("batched_lora", batched_lora),
     ):
         register(name, "cuda", fn, available, _on_cuda)

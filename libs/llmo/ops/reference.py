@@ -202,3 +202,27 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     d = x.shape[-1] // 2
     xf = x.to(torch.float32)
     return (F.silu(xf[..., :d]) * xf[..., d:]).to(x.dtype)
+
+
+def batched_lora(
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    indices: torch.Tensor,
+    scaling: torch.Tensor,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """One adapter at a time: for each slot present, its rows' ``scaling * (x A^T) B^T``
+    (fp32) is added to ``out`` in place. Rows with index -1 are left alone."""
+    idx = indices.long()
+    for slot in torch.unique(idx).tolist():
+        if slot < 0:
+            continue
+        rows = (idx == slot).nonzero().squeeze(1)
+        shrunk = (x.index_select(0, rows).float() @ lora_a[slot].float().t()) * scaling[slot]
+        delta = shrunk @ lora_b[slot].float().t()
+        if out.dtype == torch.float32:
+            out.index_add_(0, rows, delta)
+        else:  # index_add_ would round the delta to out's dtype before adding it
+            out.index_copy_(0, rows, (out.index_select(0, rows).float() + delta).to(out.dtype))
+    return out

@@ -6,9 +6,11 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "common.h"
 #include "cpu/dispatch.h"
+#include "cpu/lora.h"
 
 namespace py = pybind11;
 using llmo::AttnArgs;
@@ -146,6 +148,23 @@ void write_kv_cache(uintptr_t key, uintptr_t value, uintptr_t key_cache, uintptr
                        ptr<const int64_t>(slots), tokens, row_bytes, num_slots);
 }
 
+// The slot indices are checked while the rows are grouped (ValueError on a bad one).
+void batched_lora(uintptr_t x, uintptr_t a, uintptr_t b, uintptr_t indices, uintptr_t scaling, uintptr_t out,
+                  int dtype, int64_t N, int64_t K, int64_t M, int64_t R, int64_t S) {
+  if (dtype != llmo::kF32 && dtype != llmo::kBF16) throw std::invalid_argument("batched_lora: dtype must be f32 or bf16");
+  if (N < 0 || K < 0 || M < 0 || R < 0 || S < 0) throw std::invalid_argument("batched_lora: negative size");
+  std::vector<int64_t> rows;
+  std::vector<llmo::LoraGroup> groups;
+  llmo::group_lora_rows(ptr<const int64_t>(indices), N, S, rows, groups);
+  if (groups.empty() || K == 0 || M == 0 || R == 0) return;  // nothing to add
+  std::vector<float> t(rows.size() * static_cast<size_t>(R));
+  llmo::LoraArgs p{ptr<const void>(x), ptr<const void>(a), ptr<const void>(b), ptr<const float>(scaling),
+                   ptr<void>(out), dtype, N, K, M, R, rows.data(), groups.data(),
+                   static_cast<int64_t>(groups.size()), t.data()};
+  py::gil_scoped_release release;
+  llmo::lora_kernel()(p);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -169,4 +188,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("int4_gemm", &int4_gemm, "Weight-only INT4 GEMM (llmo-int4-v1 layout).");
   m.def("int4_dequantize", &int4_dequantize, "Dequantize llmo-int4-v1 weights to f32 or bf16.");
   m.def("write_kv_cache", &write_kv_cache, "Copy K/V rows into cache slots.");
+  m.def("batched_lora", &batched_lora, "Multi-adapter LoRA delta added to out in place (see llmo.ops).");
 }

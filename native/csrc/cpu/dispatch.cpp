@@ -1,5 +1,5 @@
 // Run-time choice of the CPU kernel table (cpuid), thread count, and the
-// ISA-independent KV-cache write.
+// ISA-independent parts: the KV-cache write and the batched LoRA row grouping.
 #include <omp.h>
 
 #include <atomic>
@@ -11,6 +11,7 @@
 
 #include "common.h"
 #include "cpu/dispatch.h"
+#include "cpu/lora.h"
 
 namespace llmo {
 namespace {
@@ -97,6 +98,35 @@ void write_kv_cache(const char* key, const char* value, char* key_cache, char* v
     std::memcpy(key_cache + s * row_bytes, key + t * row_bytes, row_bytes);
     std::memcpy(value_cache + s * row_bytes, value + t * row_bytes, row_bytes);
   }
+}
+
+LoraKernel lora_kernel() {
+  const KernelTable* t = &kernels();
+#if LLMO_X86
+  if (t == &avx512vnni::table) return &avx512vnni::batched_lora;
+  if (t == &avx2::table) return &avx2::batched_lora;
+#endif
+  (void)t;
+  return &generic::batched_lora;
+}
+
+void group_lora_rows(const int64_t* indices, int64_t N, int64_t S, std::vector<int64_t>& rows,
+                     std::vector<LoraGroup>& groups) {
+  std::vector<int64_t> start(S + 1, 0);
+  for (int64_t i = 0; i < N; ++i) {
+    const int64_t s = indices[i];
+    if (s < -1 || s >= S)
+      throw std::invalid_argument("indices must lie in [-1, " + std::to_string(S) + ") (the adapter slots), got " +
+                                  std::to_string(s) + " at row " + std::to_string(i));
+    if (s >= 0) ++start[s + 1];
+  }
+  for (int64_t s = 0; s < S; ++s) {
+    if (start[s + 1] > 0) groups.push_back({s, start[s], start[s + 1]});
+    start[s + 1] += start[s];
+  }
+  rows.resize(start[S]);
+  for (int64_t i = 0; i < N; ++i)
+    if (indices[i] >= 0) rows[start[indices[i]]++] = i;
 }
 
 }  // namespace llmo

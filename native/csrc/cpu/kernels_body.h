@@ -14,6 +14,7 @@
 #endif
 
 #include "common.h"
+#include "cpu/lora.h"
 
 namespace llmo {
 namespace LLMO_NS {
@@ -1198,7 +1199,304 @@ void int4_dequant(const uint8_t* packed, const void* scales, int scale_dtype, co
   }
 }
 
+// ------------------------------------------------------------ batched LoRA
+
+template <int DT>
+inline float lora_ld(const void* base, int64_t i) {
+  if constexpr (DT == kF32) {
+    return static_cast<const float*>(base)[i];
+  } else {
+    return bf16_to_f32(static_cast<const uint16_t*>(base)[i]);
+  }
+}
+
+template <int DT>
+inline void lora_st(void* base, int64_t i, float v) {
+  if constexpr (DT == kF32) {
+    static_cast<float*>(base)[i] = v;
+  } else {
+    static_cast<uint16_t*>(base)[i] = f32_to_bf16(v);
+  }
+}
+
+#if LLMO_ISA >= 1
+inline __m256 bf16x8_to_f32(const uint16_t* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+// f32_to_bf16 on 8 lanes, bit for bit: round to nearest even, NaN stays a quiet NaN.
+inline __m128i f32x8_to_bf16(__m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i high = _mm256_srli_epi32(bits, 16);
+  const __m256i bias = _mm256_add_epi32(_mm256_and_si256(high, _mm256_set1_epi32(1)), _mm256_set1_epi32(0x7fff));
+  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, bias), 16);
+  const __m256i quiet = _mm256_or_si256(high, _mm256_set1_epi32(0x40));
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  const __m256i r = _mm256_blendv_epi8(rounded, quiet, nan);
+  return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+}
+
+// kVecF values of type DT from base[i...] as fp32.
+template <int DT>
+inline VecF lora_vload(const void* base, int64_t i) {
+  if constexpr (DT == kF32) {
+    return vload(static_cast<const float*>(base) + i);
+  } else {
+    const uint16_t* p = static_cast<const uint16_t*>(base) + i;
+#if LLMO_ISA == 2
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+#else
+    return bf16x8_to_f32(p);
+#endif
+  }
+}
+
+// The sums of v[0], ..., v[7] as one vector (lane q = sum of v[q]).
+inline __m256 sum8x8(const __m256 (&v)[8]) {
+  const __m256 h01 = _mm256_hadd_ps(v[0], v[1]), h23 = _mm256_hadd_ps(v[2], v[3]);
+  const __m256 h45 = _mm256_hadd_ps(v[4], v[5]), h67 = _mm256_hadd_ps(v[6], v[7]);
+  const __m256 lo = _mm256_hadd_ps(h01, h23), hi = _mm256_hadd_ps(h45, h67);  // per 128-bit half
+  return _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
+}
+#endif
+
+inline void bf16_to_f32_span(const uint16_t* src, float* dst, int64_t n) {
+  int64_t i = 0;
+#if LLMO_ISA >= 1
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, bf16x8_to_f32(src + i));
+#endif
+  for (; i < n; ++i) dst[i] = bf16_to_f32(src[i]);
+}
+
+// Shrink of MT rows of one slot by RT ranks: t[i * R + r0 + j] = scale * dot(x[rows[i]],
+// A[slot, r0 + j]) (a_off = the slot's offset in A). Each A vector serves MT rows.
+template <int DT, int MT, int RT>
+inline void lora_shrink_tile(const LoraArgs& p, const int64_t* rows, int64_t a_off, int64_t r0, float scale, float* t) {
+  const int64_t K = p.K;
+  float res[MT][RT];
+  int64_t k = 0;
+#if LLMO_ISA >= 1
+  VecF acc[MT][RT];
+  for (int i = 0; i < MT; ++i)
+    for (int j = 0; j < RT; ++j) acc[i][j] = vzero();
+  for (; k + kVecF <= K; k += kVecF) {
+    VecF xv[MT];
+    for (int i = 0; i < MT; ++i) xv[i] = lora_vload<DT>(p.x, rows[i] * K + k);
+    for (int j = 0; j < RT; ++j) {
+      const VecF av = lora_vload<DT>(p.a, a_off + (r0 + j) * K + k);
+      for (int i = 0; i < MT; ++i) acc[i][j] = vfma(xv[i], av, acc[i][j]);
+    }
+  }
+  for (int i = 0; i < MT; ++i)
+    for (int j = 0; j < RT; ++j) res[i][j] = vsum(acc[i][j]);
+#else
+  for (int i = 0; i < MT; ++i)
+    for (int j = 0; j < RT; ++j) res[i][j] = 0.f;
+#endif
+  for (int i = 0; i < MT; ++i)
+    for (int j = 0; j < RT; ++j) {
+      float s = res[i][j];
+      for (int64_t kk = k; kk < K; ++kk)
+        s += lora_ld<DT>(p.x, rows[i] * K + kk) * lora_ld<DT>(p.a, a_off + (r0 + j) * K + kk);
+      t[i * p.R + r0 + j] = s * scale;
+    }
+}
+
+template <int DT, int MT>
+inline void lora_shrink_ranks(const LoraArgs& p, const int64_t* rows, int64_t a_off, int64_t r_begin, int64_t r_end,
+                              float scale, float* t) {
+  // MT x RT accumulators plus MT activation vectors within AVX2's 16 registers.
+  constexpr int RT = (LLMO_ISA == 2 || MT <= 2) ? 4 : 2;
+  int64_t r = r_begin;
+  for (; r + RT <= r_end; r += RT) lora_shrink_tile<DT, MT, RT>(p, rows, a_off, r, scale, t);
+  for (; r < r_end; ++r) lora_shrink_tile<DT, MT, 1>(p, rows, a_off, r, scale, t);
+}
+
+#if LLMO_ISA >= 1
+// out[off, off + 8) += v.
+template <int DT>
+inline void lora_add8(void* out, int64_t off, __m256 v) {
+  if constexpr (DT == kF32) {
+    float* o = static_cast<float*>(out) + off;
+    _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), v));
+  } else {
+    uint16_t* o = static_cast<uint16_t*>(out) + off;
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(o), f32x8_to_bf16(_mm256_add_ps(bf16x8_to_f32(o), v)));
+  }
+}
+
+inline void transpose8x8(__m256 (&v)[8]) {
+  const __m256 t0 = _mm256_unpacklo_ps(v[0], v[1]), t1 = _mm256_unpackhi_ps(v[0], v[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(v[2], v[3]), t3 = _mm256_unpackhi_ps(v[2], v[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(v[4], v[5]), t5 = _mm256_unpackhi_ps(v[4], v[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(v[6], v[7]), t7 = _mm256_unpackhi_ps(v[6], v[7]);
+  const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  v[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
+  v[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+  v[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
+  v[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+  v[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
+  v[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+  v[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
+  v[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
+}
+#endif
+
+// Expand of one row: out[o_off + c] += dot(b[c * R, c * R + R), t[0, R)) for c < cols, b
+// the fp32 rows of B for these columns. Eight columns at a time, reduced together.
+template <int DT>
+inline void lora_expand_row(const float* b, const float* t, int64_t R, void* out, int64_t o_off, int64_t cols) {
+  int64_t c = 0;
+#if LLMO_ISA >= 1
+  for (; c + 8 <= cols; c += 8) {
+    __m256 acc[8];
+    for (int q = 0; q < 8; ++q) acc[q] = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= R; j += 8) {
+      const __m256 tv = _mm256_loadu_ps(t + j);
+      for (int q = 0; q < 8; ++q) acc[q] = _mm256_fmadd_ps(_mm256_loadu_ps(b + (c + q) * R + j), tv, acc[q]);
+    }
+    __m256 sums = sum8x8(acc);
+    if (j < R) {
+      alignas(32) float tail[8];
+      for (int q = 0; q < 8; ++q) {
+        float s = 0.f;
+        for (int64_t jj = j; jj < R; ++jj) s += b[(c + q) * R + jj] * t[jj];
+        tail[q] = s;
+      }
+      sums = _mm256_add_ps(sums, _mm256_load_ps(tail));
+    }
+    lora_add8<DT>(out, o_off + c, sums);
+  }
+#endif
+  for (; c < cols; ++c) {
+    float s = 0.f;
+    for (int64_t j = 0; j < R; ++j) s += b[c * R + j] * t[j];
+    lora_st<DT>(out, o_off + c, lora_ld<DT>(out, o_off + c) + s);
+  }
+}
+
+#if LLMO_ISA >= 1
+// Expand of 4..8 rows of one slot over `cols` columns: lanes run over the rows (tt[j * 8 + i]
+// = t of row i, rank j, zero past nrows) and each B value is a broadcast, so no reduction
+// and no transposed copy of B are needed; an 8 x 8 transpose turns the columns into rows.
+template <int DT>
+inline void lora_expand_block(const LoraArgs& p, const float* b, const float* t, const int64_t* rows, int64_t nrows,
+                              int64_t m0, int64_t cols, float* tt) {
+  const int64_t R = p.R, M = p.M;
+  for (int64_t j = 0; j < R; ++j)
+    for (int64_t i = 0; i < 8; ++i) tt[j * 8 + i] = i < nrows ? t[i * R + j] : 0.f;
+  int64_t c = 0;
+  for (; c + 8 <= cols; c += 8) {
+    __m256 acc[8];  // acc[q] lane i: row i, column c + q
+    for (int q = 0; q < 8; ++q) acc[q] = _mm256_setzero_ps();
+    const float* bc = b + c * R;
+    for (int64_t j = 0; j < R; ++j) {
+      const __m256 tv = _mm256_loadu_ps(tt + j * 8);
+      for (int q = 0; q < 8; ++q) acc[q] = _mm256_fmadd_ps(_mm256_broadcast_ss(bc + q * R + j), tv, acc[q]);
+    }
+    transpose8x8(acc);  // acc[i] lane q: row i, column c + q
+    for (int64_t i = 0; i < nrows; ++i) lora_add8<DT>(p.out, rows[i] * M + m0 + c, acc[i]);
+  }
+  if (c < cols)
+    for (int64_t i = 0; i < nrows; ++i) lora_expand_row<DT>(b + c * R, t + i * R, R, p.out, rows[i] * M + m0 + c, cols - c);
+}
+#endif
+
+// Rows [row0, row0 + rows) of the grouped row list, all of slot `slot`.
+struct LoraChunk {
+  int64_t slot, row0, rows;
+};
+
+constexpr int64_t kLoraShrinkRows = 4;   // the shrink micro-kernel's row block
+constexpr int64_t kLoraExpandRows = 32;  // rows sharing one (converted) block of B columns
+constexpr int64_t kLoraMaxCols = 256;    // columns per expand item: B block <= 256 x R fp32
+constexpr int64_t kLoraParallelMacs = 1 << 16;
+
+// Two passes over the grouped rows: shrink (t = scaling * x A^T, per tile of rows of one
+// slot and range of ranks), then, after the barrier, expand (out += t B^T, per chunk of
+// rows and range of columns). Each adapter's A and B are read once per tile / chunk.
+template <int DT>
+void batched_lora_impl(const LoraArgs& p) {
+  const int64_t R = p.R, K = p.K, M = p.M;
+  std::vector<LoraChunk> shrink, expand;
+  int64_t active = 0;
+  for (int64_t g = 0; g < p.num_groups; ++g) {
+    const LoraGroup& gr = p.groups[g];
+    active += gr.count;
+    for (int64_t i = 0; i < gr.count; i += kLoraShrinkRows)
+      shrink.push_back({gr.slot, gr.begin + i, std::min(kLoraShrinkRows, gr.count - i)});
+    for (int64_t i = 0; i < gr.count; i += kLoraExpandRows)
+      expand.push_back({gr.slot, gr.begin + i, std::min(kLoraExpandRows, gr.count - i)});
+  }
+  if (shrink.empty() || R == 0 || M == 0) return;
+  const int threads = num_threads();
+  const bool parallel = threads > 1 && active * R * (K + M) >= kLoraParallelMacs;
+  // About four items per thread: a decode step (a row or two per slot) splits its ranks
+  // and columns, a prefill has enough row chunks already.
+  const int64_t want = parallel ? 4 * static_cast<int64_t>(threads) : 1;
+  const int64_t n_sh = static_cast<int64_t>(shrink.size()), n_ex = static_cast<int64_t>(expand.size());
+  const int64_t rank_parts = std::max<int64_t>(1, std::min((R + 3) / 4, (want + n_sh - 1) / n_sh));
+  const int64_t rank_step = ((R + rank_parts - 1) / rank_parts + 3) / 4 * 4;
+  const int64_t col_parts =
+      std::max((M + kLoraMaxCols - 1) / kLoraMaxCols, std::min((M + 63) / 64, (want + n_ex - 1) / n_ex));
+  const int64_t col_step = ((M + col_parts - 1) / col_parts + 7) / 8 * 8;
+  const int64_t rank_chunks = (R + rank_step - 1) / rank_step, col_chunks = (M + col_step - 1) / col_step;
+#pragma omp parallel num_threads(threads) if (parallel)
+  {
+    std::vector<float> bbuf(DT == kF32 ? 0 : col_step * R), tt(8 * R);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < n_sh * rank_chunks; ++it) {
+      const LoraChunk& w = shrink[it / rank_chunks];
+      const int64_t r0 = (it % rank_chunks) * rank_step, r1 = std::min(R, r0 + rank_step);
+      const int64_t* rows = p.rows + w.row0;
+      float* t = p.t + w.row0 * R;
+      const int64_t a_off = w.slot * R * K;
+      const float scale = p.scaling[w.slot];
+      switch (w.rows) {
+        case 4: lora_shrink_ranks<DT, 4>(p, rows, a_off, r0, r1, scale, t); break;
+        case 3: lora_shrink_ranks<DT, 3>(p, rows, a_off, r0, r1, scale, t); break;
+        case 2: lora_shrink_ranks<DT, 2>(p, rows, a_off, r0, r1, scale, t); break;
+        default: lora_shrink_ranks<DT, 1>(p, rows, a_off, r0, r1, scale, t); break;
+      }
+    }
+#pragma omp for schedule(dynamic, 1) nowait
+    for (int64_t it = 0; it < n_ex * col_chunks; ++it) {
+      const LoraChunk& w = expand[it / col_chunks];
+      const int64_t m0 = (it % col_chunks) * col_step, cols = std::min(col_step, M - m0);
+      const int64_t b_off = (w.slot * M + m0) * R;  // B[slot, m0:m0 + cols, :] is contiguous
+      const float* b;
+      if constexpr (DT == kF32) {
+        b = static_cast<const float*>(p.b) + b_off;
+      } else {
+        bf16_to_f32_span(static_cast<const uint16_t*>(p.b) + b_off, bbuf.data(), cols * R);
+        b = bbuf.data();
+      }
+      int64_t i = 0;
+#if LLMO_ISA >= 1
+      for (int64_t nb; (nb = std::min<int64_t>(8, w.rows - i)) >= 4; i += nb)
+        lora_expand_block<DT>(p, b, p.t + (w.row0 + i) * R, p.rows + w.row0 + i, nb, m0, cols, tt.data());
+#endif
+      for (; i < w.rows; ++i)
+        lora_expand_row<DT>(b, p.t + (w.row0 + i) * R, R, p.out, p.rows[w.row0 + i] * M + m0, cols);
+    }
+  }
+}
+
 }  // namespace
+
+void batched_lora(const LoraArgs& p) {
+  if (p.dtype == kBF16) {
+    batched_lora_impl<kBF16>(p);
+  } else {
+    batched_lora_impl<kF32>(p);
+  }
+}
 
 extern const KernelTable table = {LLMO_ISA_NAME, attention,   quantize_rows, int8_gemm,   int4_gemm,
                                   int4_dequant,  int8_pack,   quantize_rows_u7, int8_linear};

@@ -98,6 +98,23 @@ void int4_dequantize(int device, uintptr_t stream, uintptr_t packed, uintptr_t s
         "int4_dequantize");
 }
 
+// Slot indices are the caller's to check (reading them here would synchronise the GPU);
+// the kernels skip rows whose index is not in [0, S).
+void batched_lora(int device, uintptr_t stream, uintptr_t x, uintptr_t a, uintptr_t b, uintptr_t indices,
+                  uintptr_t scaling, uintptr_t t, uintptr_t out, int dtype, int64_t N, int64_t K, int64_t M, int64_t R,
+                  int64_t S) {
+  if (dtype != llmo::kF32 && dtype != llmo::kBF16 && dtype != llmo::kF16)
+    throw std::invalid_argument("unknown dtype code");
+  if (N < 0 || K < 0 || M < 0 || R < 0 || S < 0) throw std::invalid_argument("batched_lora: negative size");
+  if (N > 0x7fffffffLL || (M + 127) / 128 > 65535 || (R + 7) / 8 > 65535)
+    throw std::invalid_argument("batched_lora: shape exceeds the CUDA grid limits");
+  cudaStream_t s = use(device, stream);
+  py::gil_scoped_release release;
+  check(lc::batched_lora(ptr<const void>(x), ptr<const void>(a), ptr<const void>(b), ptr<const int64_t>(indices),
+                         ptr<const float>(scaling), ptr<float>(t), ptr<void>(out), dtype, N, K, M, R, S, s),
+        "batched_lora");
+}
+
 int device_count() {
   int n = 0;
   return cudaGetDeviceCount(&n) == cudaSuccess ? n : 0;
@@ -115,4 +132,5 @@ PYBIND11_MODULE(_cuda, m) {
   m.def("int8_gemm", &int8_gemm);
   m.def("int4_gemm", &int4_gemm);
   m.def("int4_dequantize", &int4_dequantize);
+  m.def("batched_lora", &batched_lora);
 }

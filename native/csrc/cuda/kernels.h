@@ -41,6 +41,11 @@ cudaError_t int4_gemm(const float* x, const uint8_t* packed, const void* scales,
                       const float* bias, float* out, int64_t M, int64_t N, int64_t K, int group, cudaStream_t stream);
 cudaError_t int4_dequantize(const uint8_t* packed, const void* scales, int scale_dtype, const uint8_t* zeros, void* out,
                             int out_dtype, int64_t N, int64_t K, int group, cudaStream_t stream);
+// out[row] += scaling[s] * B[s] @ (A[s] @ x[row]) for s = indices[row] in [0, S), in place;
+// x [N, K], A [S, R, K], B [S, M, R], out [N, M] of one dtype; t: [N, R] fp32 scratch.
+cudaError_t batched_lora(const void* x, const void* a, const void* b, const int64_t* indices, const float* scaling,
+                         float* t, void* out, int dtype, int64_t N, int64_t K, int64_t M, int64_t R, int64_t S,
+                         cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace llmo
