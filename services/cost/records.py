@@ -177,6 +177,9 @@ class UsageInput:
     ttft_ms: float | None
     latency_ms: float | None
     free: bool = False
+    # The base model a LoRA adapter `model` runs on: its price prices the adapter's tokens when the
+    # catalog has no entry of the adapter's own.
+    base_model: str = ""
 
 
 def price_usage(usage: UsageInput, catalog: PriceCatalog) -> LedgerRecord:
@@ -200,6 +203,7 @@ def price_usage(usage: UsageInput, catalog: PriceCatalog) -> LedgerRecord:
         usage.ttft_ms,
         usage.latency_ms,
         usage.free,
+        usage.base_model,
     )
 
 
@@ -222,6 +226,7 @@ def _priced(
     ttft_ms: float | None,
     latency_ms: float | None,
     free: bool,
+    base_model: str = "",
 ) -> LedgerRecord:
     # positional and flat on purpose: the event consumers call this tens of thousands of times a second
     if not event_id:
@@ -240,7 +245,7 @@ def _priced(
         cost = 0
     else:
         try:
-            version = catalog.lookup_us(model, occurred_at_us)
+            version = catalog.lookup_us(model if not base_model or catalog.knows(model) else base_model, occurred_at_us)
         except UnknownModelError as exc:
             raise RecordRejected(RejectReason.UNKNOWN_MODEL, str(exc), "model") from exc
         except NoPriceAtTimeError as exc:
@@ -271,7 +276,7 @@ def _priced(
 
 def price_inference_event(event: events_pb2.InferenceCompleted, catalog: PriceCatalog) -> LedgerRecord:
     """``price_usage(usage_from_inference(event))`` without the intermediate object."""
-    return _priced(catalog, *_inference_fields(event, _INFERENCE), False)
+    return _priced(catalog, *_inference_fields(event, _INFERENCE), False, event.base_model)
 
 
 def price_router_event(event: events_pb2.RouterCompleted, catalog: PriceCatalog) -> LedgerRecord:
@@ -297,7 +302,7 @@ def api_ledger_keys(tenant: str, event_id: str, request_id: str, model: str) -> 
 
 
 def usage_from_inference(event: events_pb2.InferenceCompleted) -> UsageInput:
-    return UsageInput(*_inference_fields(event, Source.INFERENCE))
+    return UsageInput(*_inference_fields(event, Source.INFERENCE), base_model=event.base_model)
 
 
 # UsageInput's fields in order, without `free` (an inference event is never free).
@@ -354,6 +359,7 @@ def usage_from_router(event: events_pb2.RouterCompleted) -> UsageInput:
         ttft,
         e2e,
         event.cache_hit,
+        event.base_model,
     )
 
 

@@ -249,13 +249,21 @@ class OpenAIApp:
         return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     def _model_json(self, model_id: str) -> dict[str, Any]:
-        info = self.service.registry.get(model_id).info()
-        return {"id": info.model_id, "object": "model", "created": 0, "owned_by": "llmo",
-                "engine": info.engine, "context_length": info.context_length, "quantization": info.quantization}
+        backend, adapter = self.service.registry.resolve(model_id)
+        info = backend.info()
+        entry = {"id": adapter or info.model_id, "object": "model", "created": 0, "owned_by": "llmo",
+                 "engine": info.engine, "context_length": info.context_length, "quantization": info.quantization}
+        found = self.service.registry.find_adapter(adapter) if adapter else None
+        if found is not None:
+            handle = found[1]
+            # as vLLM lists LoRA adapters: `parent` is the base model's id
+            entry.update(created=int(handle.loaded_at), parent=info.model_id, lora_rank=handle.rank)
+        return entry
 
     async def list_models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list",
-                                  "data": [self._model_json(m) for m in self.service.registry.ids()]})
+        registry = self.service.registry
+        ids = registry.ids() + [handle.name for _, handle in registry.adapters()]
+        return web.json_response({"object": "list", "data": [self._model_json(m) for m in ids]})
 
     async def get_model(self, request: web.Request) -> web.Response:
         return web.json_response(self._model_json(request.match_info["model"]))
@@ -300,10 +308,10 @@ class OpenAIApp:
         model = _field(body, "model", str, "")
         streaming = _field(body, "stream", bool, False)
         include_usage = _include_usage(body)
-        backend = self.service.registry.get(model)
+        backend, adapter = self.service.registry.resolve(model)
         stream = self.service.generate(model, gen, caller, names)
         prefix = "chatcmpl" if chat else "cmpl"
-        base = {"id": f"{prefix}-{gen.request_id}", "created": int(time.time()), "model": backend.model_id}
+        base = {"id": f"{prefix}-{gen.request_id}", "created": int(time.time()), "model": adapter or backend.model_id}
         if streaming:
             return await self._stream(request, stream, base, chat, include_usage, gen.params.n, echo,
                                       gen.params.logprobs is not None)

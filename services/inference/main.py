@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,6 +21,10 @@ from llmo.inference.service import InferenceService
 from llmo.inference.servicer import InferenceServicer
 from llmo.inference.settings import InferenceSettings
 from llmo.protos.inference.v1 import inference_service_pb2_grpc
+
+if TYPE_CHECKING:
+    from llmo.inference.engine.adapters import AdapterRegistry
+    from llmo.inference.models.loader import LoadedModel
 
 log = get_logger(__name__)
 
@@ -43,6 +49,7 @@ def build_backend(settings: InferenceSettings) -> Backend:
     from llmo.inference.backends.native import NativeBackend
     from llmo.inference.engine.engine import EngineConfig, LLMEngine
     from llmo.inference.models.loader import load_model
+    from llmo.inference.models.lora import read_adapter
 
     if settings.torch_threads > 0:
         torch.set_num_threads(settings.torch_threads)
@@ -55,8 +62,34 @@ def build_backend(settings: InferenceSettings) -> Backend:
         block_size=settings.block_size, num_blocks=settings.num_kv_blocks, max_num_seqs=settings.max_num_seqs,
         max_num_batched_tokens=settings.max_num_batched_tokens, enable_prefix_caching=settings.enable_prefix_caching,
         max_queue=settings.max_queue,
-    ))
-    return NativeBackend(loaded, engine, settings.model_name)
+    ), adapters=_adapter_registry(settings, loaded))
+    adapter_dir = Path(settings.adapter_dir) if settings.adapter_dir else settings.platform.data_dir / "adapters"
+    backend = NativeBackend(loaded, engine, settings.model_name, adapter_dir=adapter_dir)
+    if settings.adapters and engine.adapters is None:
+        raise ValueError("LLMO_INFERENCE_ADAPTERS names adapters but LLMO_INFERENCE_MAX_ADAPTERS is 0")
+    for name, path in settings.adapters.items():
+        assert engine.adapters is not None
+        engine.adapters.load(name, read_adapter(path, loaded.config, max_rank=settings.max_adapter_rank), path)
+        log.info("adapter loaded", adapter=name, source=path)
+    return backend
+
+
+def _adapter_registry(settings: InferenceSettings, loaded: LoadedModel) -> AdapterRegistry | None:
+    """The adapter slots of the native model, sized by the settings (None when adapters are off)."""
+    from llmo.inference.engine.adapters import AdapterRegistry
+    from llmo.inference.models.lora import AdapterSlots
+
+    if settings.max_adapters == 0:
+        return None
+    need = AdapterSlots.bytes_needed(loaded.config, settings.max_adapters, settings.max_adapter_rank, loaded.dtype)
+    if need > settings.adapter_memory_mb * (1 << 20):
+        raise ValueError(
+            f"{settings.max_adapters} adapter slots of rank {settings.max_adapter_rank} need {need / (1 << 20):.0f} MiB "
+            f"for this model, over LLMO_INFERENCE_ADAPTER_MEMORY_MB={settings.adapter_memory_mb}; lower "
+            "LLMO_INFERENCE_MAX_ADAPTERS or LLMO_INFERENCE_MAX_ADAPTER_RANK, or raise the limit"
+        )
+    slots = AdapterSlots(loaded.model, loaded.config, settings.max_adapters, settings.max_adapter_rank, loaded.dtype)
+    return AdapterRegistry(slots, settings.model_name)
 
 
 async def build(kit: Kit[InferenceSettings], backends: list[Backend] | None = None) -> None:

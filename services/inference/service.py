@@ -73,7 +73,9 @@ class InferenceService:
                        param_names: Mapping[str, str] | None = None) -> AsyncGenerator[GenerationChunk, None]:
         """`request.request_id` is the platform's id of the call (minted, or a trusted service's), used as
         the event's request id; `param_names` as in `check_sampling`."""
-        backend = self.registry.get(model)
+        backend, adapter = self.registry.resolve(model)
+        request.adapter = adapter
+        served = adapter or backend.model_id
         request.check_input()
         check_sampling(request.params, backend.vocab_size, param_names)
         if request.params.prompt_logprobs is not None and backend.engine_name != "native":
@@ -107,16 +109,17 @@ class InferenceService:
                 timings = Timings(e2e_s=time.monotonic() - started)
             assert timings is not None
             if finish != "error" or usage.completion_tokens:
-                metrics.record_request(backend.model_id, usage, timings, finish)
+                metrics.record_request(served, usage, timings, finish)
             info = backend.info()
             content = None
             if keep_text and finish not in ("error", "cancelled"):
                 content = completion_content(_asked(request), "".join(text))
-            self._emit(request.request_id, backend.model_id, backend.engine_name, info.quantization, caller,
-                       usage, timings, finish, content)
+            self._emit(request.request_id, served, backend.engine_name, info.quantization, caller,
+                       usage, timings, finish, content, base_model=backend.model_id if adapter else "")
 
     def _emit(self, request_id: str, model: str, engine: str, quantization: str, caller: Caller, usage: Usage,
-              timings: Timings, finish: str, content: events_pb2.CompletionContent | None = None) -> None:
+              timings: Timings, finish: str, content: events_pb2.CompletionContent | None = None,
+              base_model: str = "") -> None:
         if self.bus is None:
             return
         occurred = timestamp_pb2.Timestamp()
@@ -132,7 +135,7 @@ class InferenceService:
                                    output_tokens=usage.completion_tokens, cached_input_tokens=usage.cached_tokens),
             latency=common_pb2.Latency(queue_ms=timings.queue_s * 1000, ttft_ms=timings.ttft_s * 1000,
                                        tpot_ms=timings.tpot_s * 1000, e2e_ms=timings.e2e_s * 1000),
-            finish_reason=finish, quantization=quantization,
+            finish_reason=finish, quantization=quantization, base_model=base_model,
         )
         if content is not None:
             event.content.CopyFrom(content)

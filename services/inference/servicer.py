@@ -8,11 +8,18 @@ from typing import Any
 import grpc
 
 from llmo.core import context as ctx
-from llmo.core.errors import invalid_argument
+from llmo.core.errors import (
+    already_exists,
+    failed_precondition,
+    invalid_argument,
+    not_found,
+    permission_denied,
+)
 from llmo.core.limits import MAX_ID_LEN, check_identifier, preview
 from llmo.core.logging import get_logger
 from llmo.core.pagination import decode_page_token, encode_page_token, page_size
-from llmo.inference.backends.base import GenerationRequest, ModelInfo
+from llmo.inference.backends.base import Backend, GenerationRequest, ModelInfo
+from llmo.inference.engine.adapters import AdapterHandle
 from llmo.inference.engine.params import SamplingParams
 from llmo.inference.service import Caller, InferenceService
 from llmo.protos.inference.v1 import inference_service_pb2 as pb
@@ -52,6 +59,19 @@ def model_to_proto(info: ModelInfo) -> pb.Model:
     )
 
 
+def adapter_to_proto(handle: AdapterHandle, base_model: str) -> pb.Adapter:
+    return pb.Adapter(
+        name=handle.name, base_model=base_model, source=handle.source, rank=handle.rank, alpha=handle.alpha,
+        target_modules=handle.target_modules, size_bytes=handle.nbytes, loaded_at_unix_ms=int(handle.loaded_at * 1000),
+        active_requests=handle.users,
+    )
+
+
+def _require_admin(action: str) -> None:
+    if not ctx.is_admin():
+        raise permission_denied("ADMIN_REQUIRED", f"{action} needs an admin key (a tenant in LLMO_ADMIN_TENANTS)")
+
+
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
     def __init__(self, service: InferenceService) -> None:
         self.service = service
@@ -68,7 +88,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         # The interceptor resolved the tenant (the end tenant when a service key acts for one); a tenant
         # the request body names is never trusted.
         caller = Caller(ctx.current_tenant() or "", request.attribution.application, request.attribution.user)
-        model_id = self.registry.get(request.model).model_id
+        backend, adapter = self.registry.resolve(request.model)
+        model_id = adapter or backend.model_id
         async for chunk in self.service.generate(request.model, gen, caller):
             out = pb.GenerateResponse(request_id=request_id, model=model_id)
             # The first prompt token has no logprob; the proto lists the others.
@@ -121,18 +142,70 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         return pb.CountTokensResponse(token_count=len(ids), token_ids=ids,
                                       context_length=backend.info().context_length)
 
+    def _model(self, model_id: str) -> pb.Model:
+        backend, adapter = self.registry.resolve(model_id)
+        model = model_to_proto(backend.info())
+        if adapter:
+            model.name, model.model_id, model.base_model = f"models/{adapter}", adapter, backend.model_id
+        return model
+
     async def ListModels(self, request: pb.ListModelsRequest, context: Any) -> pb.ListModelsResponse:
         size = page_size(request.page_size)
         position = decode_page_token(request.page_token, query="models")
-        ids = self.registry.ids()
+        ids = sorted(self.registry.ids() + [handle.name for _, handle in self.registry.adapters()])
         start = 0
         if position is not None:
             start = next((i for i, m in enumerate(ids) if m > str(position.get("after", ""))), len(ids))
         page = ids[start:start + size]
-        response = pb.ListModelsResponse(models=[model_to_proto(self.registry.get(m).info()) for m in page])
+        response = pb.ListModelsResponse(models=[self._model(m) for m in page])
         if start + size < len(ids):
             response.next_page_token = encode_page_token({"after": page[-1]}, query="models")
         return response
 
     async def GetModel(self, request: pb.GetModelRequest, context: Any) -> pb.GetModelResponse:
-        return pb.GetModelResponse(model=model_to_proto(self.registry.by_name(request.name).info()))
+        self.registry.by_name(request.name)
+        return pb.GetModelResponse(model=self._model(request.name))
+
+    def _adapter_host(self, base_model: str) -> Backend:
+        backend, adapter = self.registry.resolve(base_model)
+        if adapter is not None or getattr(backend, "adapters", None) is None:
+            raise failed_precondition("ADAPTERS_UNSUPPORTED",
+                                      f"model {backend.model_id!r} serves no adapters (native backend with "
+                                      "LLMO_INFERENCE_MAX_ADAPTERS > 0 only)")
+        return backend
+
+    async def LoadAdapter(self, request: pb.LoadAdapterRequest, context: Any) -> pb.LoadAdapterResponse:
+        _require_admin("LoadAdapter")
+        if not request.name:
+            raise invalid_argument("INVALID_ADAPTER_NAME", "name is required", field="name")
+        if self.registry.is_model_id(request.name):
+            raise invalid_argument("INVALID_ADAPTER_NAME", f"{preview(request.name)!r} is a served model's id",
+                                   field="name")
+        if self.registry.adapter_owner(request.name) is not None:
+            raise already_exists("ADAPTER_EXISTS", f"an adapter named {preview(request.name)!r} is already loaded; "
+                                 "unload it first")
+        backend = self._adapter_host(request.base_model)
+        path = backend.resolve_adapter_path(request.path)  # type: ignore[attr-defined]
+        handle = await backend.load_adapter(request.name, path)  # type: ignore[attr-defined]
+        log.info("adapter loaded", adapter=handle.name, base_model=backend.model_id, source=handle.source,
+                 rank=handle.rank, slot=handle.slot)
+        return pb.LoadAdapterResponse(adapter=adapter_to_proto(handle, backend.model_id))
+
+    async def UnloadAdapter(self, request: pb.UnloadAdapterRequest, context: Any) -> pb.UnloadAdapterResponse:
+        _require_admin("UnloadAdapter")
+        backend = self.registry.adapter_owner(request.name)
+        if backend is None:
+            raise not_found("ADAPTER_NOT_FOUND", f"no adapter named {preview(request.name)!r} is loaded")
+        handle = backend.unload_adapter(request.name)  # type: ignore[attr-defined]
+        log.info("adapter unloaded", adapter=handle.name, base_model=backend.model_id,
+                 running_requests=handle.users)
+        return pb.UnloadAdapterResponse(adapter=adapter_to_proto(handle, backend.model_id))
+
+    async def ListAdapters(self, request: pb.ListAdaptersRequest, context: Any) -> pb.ListAdaptersResponse:
+        response = pb.ListAdaptersResponse(
+            adapters=[adapter_to_proto(handle, backend.model_id) for backend, handle in self.registry.adapters()])
+        for backend in self.registry.all():
+            adapters = getattr(backend, "adapters", None)
+            if adapters is not None:
+                response.free_slots[backend.model_id] = adapters.capacity - len(adapters.names())
+        return response

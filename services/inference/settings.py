@@ -35,6 +35,18 @@ class InferenceSettings(ServiceSettings):
     max_num_batched_tokens: int = 512
     max_queue: int = 256
     enable_prefix_caching: bool = True
+    # LoRA adapters served beside the native model, in one batch with the base (0 turns adapters off).
+    max_adapters: int = Field(default=8, ge=0, le=256)
+    # Largest adapter rank a slot holds (lower ranks are zero-padded to it: each slot's compute is this rank's).
+    max_adapter_rank: int = Field(default=16, ge=1, le=256)
+    # The adapter slots (max_adapters x max_adapter_rank over the seven projections of every layer) must fit
+    # in this many MiB, or the service refuses to start and says how much they need.
+    adapter_memory_mb: int = Field(default=1024, ge=1)
+    # LoadAdapter reads adapters from under this directory only; empty: `<data_dir>/adapters`.
+    adapter_dir: str = ""
+    # Adapters served from start, name -> PEFT adapter directory (operator config: any path),
+    # e.g. LLMO_INFERENCE_ADAPTERS='{"math": "/models/math-lora"}'.
+    adapters: dict[str, str] = Field(default_factory=dict)
     # CPU threads torch may use (0 leaves torch's default).
     torch_threads: int = 0
     # openai backend: any OpenAI-compatible server.

@@ -122,6 +122,11 @@ class NatsEventSink:
         found = self.portfolio().model(model) if self.portfolio is not None else None
         return found.provider if found is not None else ""
 
+    def base_model_of(self, model: str) -> str:
+        """The base model a portfolio LoRA adapter runs on ("" for a model of its own)."""
+        found = self.portfolio().model(model) if self.portfolio is not None else None
+        return (found.base_model or "") if found is not None else ""
+
     def served_name(self, model: str) -> str:
         """The name the upstream serves a portfolio model under (what prices and the
         upstream's own usage events use)."""
@@ -156,6 +161,7 @@ class NatsEventSink:
             request_id=prepared.request_id,
             attribution=common_pb2.Attribution(tenant=request.tenant, application=request.application, user=request.user),
             model=self.served_name(finished.model),
+            base_model=self.base_model_of(finished.model),
             provider=self.provider_of(finished.model),
             usage=common_pb2.Usage(input_tokens=finished.usage.uncached_prompt_tokens,
                                    cached_input_tokens=finished.usage.cached_tokens,

@@ -21,6 +21,13 @@ Example::
         latency: {ttft_ms: 40, tokens_per_s: 120}
         quality: 0.62
         fallbacks: [big]
+      - name: small-support              # a LoRA adapter loaded on the inference service
+        provider: local
+        provider_model: support-lora     # the adapter's name there
+        base_model: llmo-demo
+        input_price_micros_per_mtok: 100000
+        output_price_micros_per_mtok: 200000
+        context_window: 4096
     routing:
       weak_model: small
       strong_model: big
@@ -109,6 +116,9 @@ class Model(_Strict):
     latency: Latency = Latency()
     quality: float = Field(default=0.5, ge=0.0, le=1.0)
     fallbacks: tuple[str, ...] = ()
+    # A LoRA adapter served by the upstream (our inference service's LoadAdapter): the upstream name of
+    # the model it runs on, carried in RouterCompleted.base_model so the cost ledger prices it like that.
+    base_model: str | None = None
 
     @property
     def upstream_name(self) -> str:

@@ -10,6 +10,13 @@ KV-cache waste, and the ratios ours / transformers.
 
     llmo bench inference --model demo --requests 48 --rate 8
     llmo bench inference --model random-0.5b --requests 32 --quantization none,int8,int4
+    llmo bench inference --model demo --adapters 1,8,32 --skip-transformers
+
+`--adapters` serves the same workload with that many distinct LoRA adapters (random
+weights, rank `--adapter-rank` on every projection), spread uniformly over the
+requests, all in the same engine steps, next to the base model alone; and times one
+`llmo.ops.batched_lora` call against the one-adapter-at-a-time loop at the model's
+shapes.
 """
 
 from __future__ import annotations
@@ -28,9 +35,13 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from llmo import ops
+from llmo.inference.engine.adapters import AdapterRegistry
 from llmo.inference.engine.engine import EngineConfig, LLMEngine
 from llmo.inference.engine.params import SamplingParams
-from llmo.inference.models.loader import DEMO_MODEL_DIR, load_model
+from llmo.inference.models.loader import DEMO_MODEL_DIR, LoadedModel, load_model
+from llmo.inference.models.lora import TARGETS, AdapterSlots, LoraAdapter, projection_shapes
+from llmo.ops import reference
 
 
 @dataclass
@@ -81,11 +92,33 @@ def summarize(reqs: list[Req], wall: float, slo_ttft: float, slo_tpot: float) ->
     }
 
 
-def run_ours(model_path: Path, quantization: str, reqs: list[Req], args: argparse.Namespace) -> dict[str, Any]:
+def random_adapter(loaded: LoadedModel, rank: int, seed: int) -> LoraAdapter:
+    gen = torch.Generator().manual_seed(seed)
+    adapter = LoraAdapter(rank, float(2 * rank), 2.0)
+    for layer in range(loaded.config.num_layers):
+        for module, (fan_in, fan_out) in projection_shapes(loaded.config).items():
+            adapter.weights[(layer, module)] = (torch.randn(rank, fan_in, generator=gen) * 0.02,
+                                                torch.randn(fan_out, rank, generator=gen) * 0.02)
+    return adapter
+
+
+def with_adapters(loaded: LoadedModel, count: int, rank: int) -> AdapterRegistry:
+    registry = AdapterRegistry(AdapterSlots(loaded.model, loaded.config, count, rank, loaded.dtype), "base")
+    for i in range(count):
+        registry.load(f"adapter-{i}", random_adapter(loaded, rank, seed=1000 + i), "random")
+    return registry
+
+
+def run_ours(model_path: Path, quantization: str, reqs: list[Req], args: argparse.Namespace,
+             adapters: int = 0) -> dict[str, Any]:
+    """Our engine on the workload; `adapters` > 0 gives request i adapter i % adapters."""
     loaded = load_model(model_path, quantization=quantization)
     num_blocks = args.kv_blocks
+    registry = with_adapters(loaded, adapters, args.adapter_rank) if adapters else None
     engine = LLMEngine(loaded, EngineConfig(block_size=args.block_size, num_blocks=num_blocks, max_num_seqs=args.concurrency,
-                                            max_num_batched_tokens=args.batched_tokens, max_queue=10**6))
+                                            max_num_batched_tokens=args.batched_tokens, max_queue=10**6),
+                       adapters=registry)
+    adapter_of = {r.rid: (f"adapter-{i % adapters}" if adapters else None) for i, r in enumerate(reqs)}
     params = {r.rid: SamplingParams(max_tokens=r.output_len, temperature=0, ignore_eos=True) for r in reqs}
     by_id = {r.rid: r for r in reqs}
     pending = list(reqs)
@@ -97,7 +130,7 @@ def run_ours(model_path: Path, quantization: str, reqs: list[Req], args: argpars
         now = time.perf_counter() - start
         while pending and pending[0].arrival <= now and len(in_flight) < args.concurrency:
             r = pending.pop(0)
-            engine.add_request(r.rid, r.prompt, params[r.rid])
+            engine.add_request(r.rid, r.prompt, params[r.rid], adapter=adapter_of[r.rid])
             in_flight.add(r.rid)
         if not in_flight:
             time.sleep(max(0.0, pending[0].arrival - now))
@@ -118,6 +151,36 @@ def run_ours(model_path: Path, quantization: str, reqs: list[Req], args: argpars
     result["kv_cache_waste"] = round(waste_num / waste_den, 4) if waste_den else 0.0
     result["preemptions"] = engine.stats().num_preemptions
     return result
+
+
+def time_lora_op(loaded: LoadedModel, rows: int, adapters: int, rank: int, repeats: int = 50) -> dict[str, Any]:
+    """One batched_lora call vs the one-adapter-at-a-time loop, summed over the seven projections of one layer."""
+    dtype = loaded.dtype
+    gen = torch.Generator().manual_seed(7)
+    cases = []
+    for fan_in, fan_out in projection_shapes(loaded.config).values():
+        x = torch.randn(rows, fan_in, generator=gen).to(dtype)
+        a = (torch.randn(adapters, rank, fan_in, generator=gen) * 0.02).to(dtype)
+        b = (torch.randn(adapters, fan_out, rank, generator=gen) * 0.02).to(dtype)
+        idx = torch.arange(rows, dtype=torch.int64) % adapters
+        cases.append((x, a, b, idx, torch.full((adapters,), 2.0), torch.zeros(rows, fan_out, dtype=dtype)))
+
+    def timed(fn: Any) -> float:
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            for _ in range(repeats):
+                for x, a, b, idx, scale, out in cases:
+                    fn(x, a, b, idx, scale, out)
+            best = min(best, (time.perf_counter() - start) / repeats)
+        return best
+
+    with torch.inference_mode():
+        batched = timed(ops.batched_lora)
+        loop = timed(reference.batched_lora)
+    return {"rows": rows, "adapters": adapters, "rank": rank, "backend": ops.selected_backend("batched_lora", *cases[0]),
+            "batched_us": round(batched * 1e6, 1), "loop_us": round(loop * 1e6, 1),
+            "speedup_vs_loop": round(loop / batched, 2)}
 
 
 def run_transformers(model_path: Path, reqs: list[Req], args: argparse.Namespace) -> dict[str, Any]:
@@ -197,6 +260,38 @@ def random_llama(out: Path, hidden: int, layers: int, intermediate: int, heads: 
     return out
 
 
+def run_adapters(path: Path, args: argparse.Namespace, vocab: int) -> dict[str, Any]:
+    """Base alone vs 1..N distinct adapters on the same workload, runs alternated so drift hits both."""
+    counts = [int(c) for c in args.adapters.split(",")]
+    section: dict[str, Any] = {"rank": args.adapter_rank, "targets": list(TARGETS), "base": [], "mixed": {}}
+    for count in counts:
+        section["mixed"][str(count)] = []
+    for _ in range(args.repeats):
+        section["base"].append(run_ours(path, "none", workload(args, vocab), args))
+        for count in counts:
+            section["mixed"][str(count)].append(run_ours(path, "none", workload(args, vocab), args, adapters=count))
+    base_tok = statistics.median(r["output_token_throughput"] for r in section["base"])
+    summary: dict[str, Any] = {"base_output_tok_s": round(base_tok, 2)}
+    for count in counts:
+        runs = section["mixed"][str(count)]
+        tok = statistics.median(r["output_token_throughput"] for r in runs)
+        summary[f"adapters_{count}"] = {
+            "output_tok_s": round(tok, 2), "ratio_vs_base": round(tok / base_tok, 3),
+            "ttft_p99_s": statistics.median(r["ttft_p99_s"] for r in runs),
+            "tpot_p50_s": statistics.median(r["tpot_p50_s"] for r in runs),
+        }
+    loaded = load_model(path)
+    section["op"] = [time_lora_op(loaded, rows, count, args.adapter_rank)
+                     for rows in (args.concurrency, args.batched_tokens // 2) for count in counts]
+    top = max(counts)
+    summary["goal_32_adapters_ge_0.8x_base"] = summary.get("adapters_32", {}).get("ratio_vs_base", 0) >= 0.8 \
+        if 32 in counts else None
+    summary[f"op_speedup_vs_loop_at_{top}_adapters_decode"] = next(
+        o["speedup_vs_loop"] for o in section["op"] if o["adapters"] == top and o["rows"] == args.concurrency)
+    section["summary"] = summary
+    return section
+
+
 def main(argv: list[str]) -> dict[str, Any]:
     p = argparse.ArgumentParser(prog="llmo bench inference", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -218,6 +313,9 @@ def main(argv: list[str]) -> dict[str, Any]:
                    help="torch threads for both engines (1 is fastest on a shared 2-core VM)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-transformers", action="store_true")
+    p.add_argument("--adapters", default="", help="comma list of distinct LoRA adapter counts, e.g. 1,8,32")
+    p.add_argument("--adapter-rank", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=1, help="--adapters: runs of each configuration (medians reported)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -239,6 +337,9 @@ def main(argv: list[str]) -> dict[str, Any]:
         del params
         if not args.skip_transformers:
             result["transformers"] = run_transformers(path, workload(args, vocab), args)
+        if args.adapters:
+            result["adapters"] = run_adapters(path, args, vocab)
+            return result
         for q in args.quantization.split(","):
             ours = run_ours(path, q, workload(args, vocab), args)
             key = "ours" if q == "none" else f"ours_{q}"

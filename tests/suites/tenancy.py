@@ -503,9 +503,11 @@ VISIBILITY_PLAN = Plan(
 )
 
 
-# Models are the platform's, not a tenant's: inference names no tenant resource.
+# Models and their LoRA adapters are the platform's, not a tenant's: inference names no tenant resource
+# (only admin keys load and unload adapters: tests/integration/test_inference_adapters.py).
 INFERENCE_PLAN = Plan(setup=lambda stack: {}, verify=lambda stack, state: None, probes=[],
-                      tenant_free=frozenset({"Generate", "CountTokens", "ListModels", "GetModel"}))
+                      tenant_free=frozenset({"Generate", "CountTokens", "ListModels", "GetModel", "LoadAdapter",
+                                             "UnloadAdapter", "ListAdapters"}))
 
 PLANS: dict[str, Plan] = {"cost": COST_PLAN, "router": ROUTER_PLAN, "inference": INFERENCE_PLAN,
                          "retrieval": RETRIEVAL_PLAN, "evaluation": EVALUATION_PLAN, "visibility": VISIBILITY_PLAN}

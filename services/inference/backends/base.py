@@ -19,6 +19,8 @@ class GenerationRequest:
     messages: list[dict[str, Any]] | None = None
     prompt_token_ids: list[int] | None = None
     priority: int = 0
+    # A LoRA adapter loaded on the backend's model (None: the base model); set by the model registry.
+    adapter: str | None = None
     # What an engine knows this generation by: unique even when two calls share a request id.
     engine_id: str = field(default_factory=lambda: secrets.token_hex(8))
 

@@ -5,11 +5,20 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
 
-from llmo.core.errors import ServiceError, invalid_argument, resource_exhausted
+from llmo.core.errors import (
+    ServiceError,
+    already_exists,
+    failed_precondition,
+    invalid_argument,
+    not_found,
+    permission_denied,
+    resource_exhausted,
+)
 from llmo.inference.backends.base import (
     ChoiceChunk,
     GenerationChunk,
@@ -20,11 +29,13 @@ from llmo.inference.backends.base import (
     TokenInfo,
     Usage,
 )
+from llmo.inference.engine.adapters import AdapterHandle, AdapterRegistry
 from llmo.inference.engine.async_engine import AsyncEngine
 from llmo.inference.engine.engine import ContextLengthError, LLMEngine, QueueFullError
 from llmo.inference.engine.params import SamplingError
 from llmo.inference.engine.sequence import Request, SequenceDelta
 from llmo.inference.models.loader import LoadedModel
+from llmo.inference.models.lora import AdapterError, read_adapter
 from llmo.inference.tokenizer import ChatTemplateError
 
 
@@ -32,6 +43,8 @@ def to_service_error(exc: Exception) -> ServiceError:
     """Engine exceptions as the API's errors (reasons documented in inference_service.proto)."""
     if isinstance(exc, ServiceError):
         return exc
+    if isinstance(exc, AdapterError):
+        return adapter_error(exc)
     if isinstance(exc, ContextLengthError):
         return invalid_argument("CONTEXT_LENGTH_EXCEEDED", str(exc), limit=exc.limit, requested=exc.requested)
     if isinstance(exc, QueueFullError):
@@ -50,13 +63,27 @@ def to_service_error(exc: Exception) -> ServiceError:
     return invalid_argument("INVALID_REQUEST", message)
 
 
+def adapter_error(exc: AdapterError) -> ServiceError:
+    """Adapter errors as the API's (reasons documented in inference_service.proto)."""
+    if exc.reason == "ADAPTER_NOT_FOUND":
+        return not_found(exc.reason, str(exc))
+    if exc.reason == "ADAPTER_EXISTS":
+        return already_exists(exc.reason, str(exc))
+    if exc.reason == "ADAPTER_LIMIT":
+        return resource_exhausted(exc.reason, str(exc))
+    return invalid_argument(exc.reason, str(exc))
+
+
 class NativeBackend:
     engine_name = "native"
 
-    def __init__(self, loaded: LoadedModel, engine: LLMEngine, model_id: str | None = None) -> None:
+    def __init__(self, loaded: LoadedModel, engine: LLMEngine, model_id: str | None = None,
+                 adapter_dir: Path | None = None) -> None:
         self.loaded = loaded
         self.model_id = model_id or loaded.name
         self.engine = engine
+        # LoadAdapter reads adapters from under this directory only (None: from anywhere, for embedding/tests).
+        self.adapter_dir = adapter_dir.resolve() if adapter_dir is not None else None
         self.async_engine = AsyncEngine(engine)
         self.tokenizer = loaded.tokenizer
         self.vocab_size = loaded.config.vocab_size
@@ -78,6 +105,47 @@ class NativeBackend:
             kv_blocks_free=stats.kv_blocks_free, num_running=stats.num_running,
             num_waiting=self.async_engine.num_waiting(), prefix_cache_hit_rate=stats.prefix_hit_rate,
         )
+
+    @property
+    def adapters(self) -> AdapterRegistry | None:
+        return self.engine.adapters
+
+    def _registry(self) -> AdapterRegistry:
+        if self.engine.adapters is None:
+            raise failed_precondition("ADAPTERS_UNSUPPORTED",
+                                      f"model {self.model_id!r} serves no adapters (LLMO_INFERENCE_MAX_ADAPTERS=0)")
+        return self.engine.adapters
+
+    def resolve_adapter_path(self, path: str) -> Path:
+        """An adapter directory named by a client: relative to the adapter directory, or absolute inside it."""
+        if not path or "\x00" in path:
+            raise invalid_argument("ADAPTER_INVALID", "path must name an adapter directory", field="path")
+        if self.adapter_dir is None:
+            return Path(path).resolve()
+        resolved = (self.adapter_dir / path).resolve()
+        if not resolved.is_relative_to(self.adapter_dir):
+            raise permission_denied("ADAPTER_PATH_FORBIDDEN",
+                                    f"adapters are loaded from under {self.adapter_dir} (LLMO_INFERENCE_ADAPTER_DIR) only")
+        return resolved
+
+    async def load_adapter(self, name: str, path: Path) -> AdapterHandle:
+        """Read, check and serve an adapter under `name` (reading and writing its slot run off the event loop)."""
+        registry = self._registry()
+        try:
+            registry.check_name(name)
+            return await asyncio.to_thread(self._load_adapter_blocking, registry, name, path)
+        except AdapterError as exc:
+            raise adapter_error(exc) from exc
+
+    def _load_adapter_blocking(self, registry: AdapterRegistry, name: str, path: Path) -> AdapterHandle:
+        adapter = read_adapter(path, self.loaded.config, max_rank=registry.slots.rank)
+        return registry.load(name, adapter, str(path))
+
+    def unload_adapter(self, name: str) -> AdapterHandle:
+        try:
+            return self._registry().unload(name)
+        except AdapterError as exc:
+            raise adapter_error(exc) from exc
 
     def encode(self, text: str | None, messages: list[dict[str, Any]] | None) -> list[int]:
         try:
@@ -128,7 +196,8 @@ class NativeBackend:
             self._check_text_length(request)
             prompt_ids = await asyncio.to_thread(self.encode, request.prompt, request.messages)
         try:
-            stream = self.async_engine.generate(request.engine_id, prompt_ids, request.params, request.priority)
+            stream = self.async_engine.generate(request.engine_id, prompt_ids, request.params, request.priority,
+                                                request.adapter)
             start = time.monotonic()
             first_token: float | None = None
             completion = 0

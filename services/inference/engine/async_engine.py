@@ -15,6 +15,7 @@ from llmo.core.logging import get_logger
 from llmo.inference.engine.engine import LLMEngine, QueueFullError
 from llmo.inference.engine.params import SamplingParams
 from llmo.inference.engine.sequence import Request, SequenceDelta
+from llmo.inference.models.lora import AdapterError
 
 log = get_logger(__name__)
 
@@ -26,6 +27,7 @@ class _Stream:
     params: SamplingParams
     priority: int
     submitted: float
+    adapter: str | None = None
     queue: asyncio.Queue[list[SequenceDelta] | BaseException] = field(default_factory=asyncio.Queue)
     request: Request | None = None
     finished: set[int] = field(default_factory=set)
@@ -72,8 +74,10 @@ class AsyncEngine:
     def num_waiting(self) -> int:
         return len(self.engine.scheduler.waiting) + len(self._inbox)
 
-    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams, priority: int = 0) -> _Stream:
-        """Validate now (errors raise here) and queue the request for the engine thread."""
+    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams, priority: int = 0,
+               adapter: str | None = None) -> _Stream:
+        """Validate now (errors raise here) and queue the request for the engine thread; `adapter` names
+        a loaded LoRA adapter (an unload before the request reaches the engine fails it there)."""
         vocab = self.engine.loaded.config.vocab_size
         params.validate(vocab)
         if not prompt_ids:
@@ -84,9 +88,11 @@ class AsyncEngine:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
+        if adapter is not None and (self.engine.adapters is None or self.engine.adapters.get(adapter) is None):
+            raise AdapterError("ADAPTER_NOT_FOUND", f"no adapter named {adapter!r} is loaded")
         if self.num_waiting() >= self.engine.config.max_queue:
             raise QueueFullError(self.engine.config.max_queue)
-        stream = _Stream(request_id, list(prompt_ids), params, priority, time.monotonic())
+        stream = _Stream(request_id, list(prompt_ids), params, priority, time.monotonic(), adapter)
         self._streams[request_id] = stream
         self._inbox.append(stream)
         self._wake.set()
@@ -105,8 +111,8 @@ class AsyncEngine:
             self._aborts.append(request_id)
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                       priority: int = 0) -> AsyncIterator[StreamResult]:
-        stream = self.submit(request_id, prompt_ids, params, priority)
+                       priority: int = 0, adapter: str | None = None) -> AsyncIterator[StreamResult]:
+        stream = self.submit(request_id, prompt_ids, params, priority, adapter)
         done = False
         try:
             while not done:
@@ -130,7 +136,8 @@ class AsyncEngine:
                 continue  # aborted before it reached the engine
             try:
                 stream.request = self.engine.add_request(
-                    stream.request_id, stream.prompt_ids, stream.params, stream.priority, stream.submitted
+                    stream.request_id, stream.prompt_ids, stream.params, stream.priority, stream.submitted,
+                    stream.adapter,
                 )
             except Exception as exc:
                 self._post(stream, exc)

@@ -80,17 +80,19 @@ class BlockManager:
                 else:
                     self._free.append(block)
 
-    def match_prefix(self, token_ids: list[int]) -> tuple[list[int], list[bytes]]:
+    def match_prefix(self, token_ids: list[int], salt: bytes = b"") -> tuple[list[int], list[bytes]]:
         """Longest run of cached full blocks for `token_ids`, referenced for the caller.
 
         At least one token is always left uncached so the model computes logits for it.
+        `salt` starts the hash chain: blocks computed under another salt (another LoRA
+        adapter) never match.
         """
         if not self.enable_prefix_caching:
             return [], []
         usable = (len(token_ids) - 1) // self.block_size
         blocks: list[int] = []
         hashes: list[bytes] = []
-        parent = b""
+        parent = salt
         for i in range(usable):
             h = block_hash(parent, token_ids[i * self.block_size:(i + 1) * self.block_size])
             block = self._block_of.get(h)

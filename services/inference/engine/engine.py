@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from llmo.inference.engine.adapters import AdapterRegistry
 from llmo.inference.engine.block_manager import BlockManager, block_hash
 from llmo.inference.engine.params import SamplingParams
 from llmo.inference.engine.sampler import prompt_token_logprobs, sample
@@ -16,6 +17,7 @@ from llmo.inference.engine.scheduler import Scheduler, SchedulerConfig
 from llmo.inference.engine.sequence import Request, SeqStatus, Sequence, SequenceDelta, TokenLogprob
 from llmo.inference.models.llama import KVCache, PagedBatch
 from llmo.inference.models.loader import LoadedModel
+from llmo.inference.models.lora import AdapterError
 from llmo.inference.tokenizer import IncrementalDetokenizer
 
 
@@ -65,8 +67,10 @@ class _Rows:
 
 
 class LLMEngine:
-    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None) -> None:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None,
+                 adapters: AdapterRegistry | None = None) -> None:
         self.loaded = loaded
+        self.adapters = adapters
         self.config = config or EngineConfig()
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -110,7 +114,8 @@ class LLMEngine:
             )
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                    priority: int = 0, arrival_time: float | None = None) -> Request:
+                    priority: int = 0, arrival_time: float | None = None, adapter: str | None = None) -> Request:
+        """Queue a request; `adapter` names a loaded LoRA adapter to run it with (None: the base model)."""
         vocab = self.loaded.config.vocab_size
         params.validate(vocab)
         if not prompt_ids:
@@ -125,6 +130,10 @@ class LLMEngine:
         request = Request(request_id, list(prompt_ids), params, priority)
         if arrival_time is not None:
             request.arrival_time = arrival_time
+        if adapter is not None:
+            if self.adapters is None:
+                raise AdapterError("ADAPTER_NOT_FOUND", f"no adapter named {adapter!r}: this engine serves no adapters")
+            request.adapter = self.adapters.acquire(adapter)
         seq = self._new_sequence(request, 0)
         self.requests[request_id] = request
         self.scheduler.add(seq)
@@ -144,6 +153,7 @@ class LLMEngine:
         request = self.requests.pop(request_id, None)
         if request is None:
             return False
+        self._release_adapter(request)
         for seq in request.sequences:
             if seq.status is not SeqStatus.FINISHED:
                 self.scheduler.remove(seq)
@@ -164,9 +174,18 @@ class LLMEngine:
         single = [(s, n) for s, n in plan.scheduled if n == 1]
         ordered = multi + single
         batch, rows = self._build_batch(ordered, len(multi))
+        lora_rows = self._lora_rows(ordered)
         with torch.inference_mode():
-            # Sampling runs on the CPU so per-request seeded generators work on every device.
-            logits = self.model.forward_paged(batch, self.cache).cpu()
+            if lora_rows is not None:
+                assert self.adapters is not None
+                self.adapters.slots.context.indices = lora_rows
+            try:
+                # Sampling runs on the CPU so per-request seeded generators work on every device.
+                logits = self.model.forward_paged(batch, self.cache).cpu()
+            finally:
+                if lora_rows is not None:
+                    assert self.adapters is not None
+                    self.adapters.slots.context.indices = None
         to_sample: list[tuple[Sequence, int]] = []
         for (seq, n), where in zip(ordered, rows, strict=True):
             if where.prompt_rows:
@@ -195,7 +214,23 @@ class LLMEngine:
             if stepped is not None and stepped.finished:
                 stepped.finished_time = now
                 self.requests.pop(stepped.request_id, None)
+                self._release_adapter(stepped)
         return deltas
+
+    def _release_adapter(self, request: Request) -> None:
+        if request.adapter is not None and self.adapters is not None:
+            self.adapters.release(request.adapter)
+            request.adapter = None
+
+    def _lora_rows(self, ordered: list[tuple[Sequence, int]]) -> torch.Tensor | None:
+        """The adapter slot of every token row of the step (-1: base), or None when no row has one."""
+        if self.adapters is None or not any(seq.request.adapter is not None for seq, _ in ordered):
+            return None
+        slots: list[int] = []
+        for seq, n in ordered:
+            handle = seq.request.adapter
+            slots.extend([handle.slot if handle is not None else -1] * n)
+        return torch.tensor(slots, dtype=torch.int64, device=self.device)
 
     def _build_batch(self, ordered: list[tuple[Sequence, int]], num_prefills: int
                      ) -> tuple[PagedBatch, list[_Rows]]:
@@ -276,7 +311,7 @@ class LLMEngine:
         ids = seq.all_ids
         while len(seq.block_hashes) < full:
             i = len(seq.block_hashes)
-            parent = seq.block_hashes[-1] if seq.block_hashes else b""
+            parent = seq.block_hashes[-1] if seq.block_hashes else seq.request.cache_salt
             h = block_hash(parent, ids[i * bs:(i + 1) * bs])
             seq.block_hashes.append(h)
             self.blocks.register(seq.block_ids[i], h)

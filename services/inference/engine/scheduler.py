@@ -146,7 +146,7 @@ class Scheduler:
                 if not seq.request.needs_prompt_logprobs:
                     # Prompt logprobs need logits at every prompt position, so such a request recomputes its
                     # whole prompt instead of reusing cached blocks (its own blocks are still cached for others).
-                    seq.block_ids, seq.block_hashes = self.blocks.match_prefix(seq.all_ids)
+                    seq.block_ids, seq.block_hashes = self.blocks.match_prefix(seq.all_ids, seq.request.cache_salt)
                 seq.num_computed = len(seq.block_ids) * self.blocks.block_size
                 if seq.request.first_scheduled_time is None:
                     seq.request.num_cached_tokens = seq.num_computed

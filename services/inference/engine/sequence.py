@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from llmo.inference.engine.adapters import AdapterHandle
 from llmo.inference.engine.params import SamplingParams
 from llmo.inference.tokenizer import IncrementalDetokenizer
 
@@ -41,6 +42,12 @@ class Request:
     # Prompt logprobs collected so far: entry i is for prompt token i + 1 given tokens 0..i.
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs_sent: bool = False
+    adapter: AdapterHandle | None = None  # the LoRA adapter it runs with (None: the base model)
+
+    @property
+    def cache_salt(self) -> bytes:
+        """Starts the prefix-cache hash chain: KV computed under one adapter is never reused for another."""
+        return self.adapter.salt if self.adapter is not None else b""
 
     @property
     def needs_prompt_logprobs(self) -> bool:

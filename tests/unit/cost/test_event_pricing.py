@@ -98,3 +98,22 @@ def test_non_finite_or_absurd_event_latency_reads_as_missing(bad: float) -> None
     record = price_inference_event(event(latency=common_pb2.Latency(ttft_ms=bad, e2e_ms=bad)), CATALOG)
     assert (record.ttft_ms, record.latency_ms) == (None, None)
     assert price_usage(usage_from_inference(event(latency=common_pb2.Latency(ttft_ms=bad, e2e_ms=bad))), CATALOG) == record
+
+
+def test_a_lora_adapter_is_priced_at_its_base_model_and_keyed_by_its_own_name() -> None:
+    from llmo.cost.records import price_router_event
+
+    adapter = price_inference_event(event(model="support-lora", base_model="gpt-4o"), CATALOG)
+    base = price_inference_event(event(), CATALOG)
+    assert adapter.cost_micros == base.cost_micros > 0
+    assert adapter.model == "support-lora" and adapter.request_key == "r-1/support-lora"
+    assert price_usage(usage_from_inference(event(model="support-lora", base_model="gpt-4o")), CATALOG) == adapter
+    routed = events_pb2.RouterCompleted(event_id="rt-1", request_id="r-1", model="support-lora", base_model="gpt-4o",
+                                        usage=common_pb2.Usage(input_tokens=10, output_tokens=10))
+    routed.occurred_at.FromSeconds(1_764_000_000)
+    assert price_router_event(routed, CATALOG).request_key == adapter.request_key  # joined: charged once
+    # an adapter with a price of its own keeps it; neither known: unknown_model
+    assert price_inference_event(event(base_model="claude-haiku-4-5"), CATALOG).cost_micros == base.cost_micros
+    with pytest.raises(RecordRejected) as info:
+        price_inference_event(event(model="support-lora", base_model="no-such-base"), CATALOG)
+    assert info.value.reason.value == "unknown_model"

@@ -15,7 +15,7 @@ SUBJECT_FIELD_NUMBER: _ClassVar[int]
 subject: _descriptor.FieldDescriptor
 
 class InferenceCompleted(_message.Message):
-    __slots__ = ("event_id", "request_id", "occurred_at", "attribution", "model", "engine", "provider", "usage", "latency", "finish_reason", "quantization", "content")
+    __slots__ = ("event_id", "request_id", "occurred_at", "attribution", "model", "engine", "provider", "usage", "latency", "finish_reason", "quantization", "content", "base_model")
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     OCCURRED_AT_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +28,7 @@ class InferenceCompleted(_message.Message):
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
     CONTENT_FIELD_NUMBER: _ClassVar[int]
+    BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     event_id: str
     request_id: str
     occurred_at: _timestamp_pb2.Timestamp
@@ -40,7 +41,8 @@ class InferenceCompleted(_message.Message):
     finish_reason: str
     quantization: str
     content: CompletionContent
-    def __init__(self, event_id: _Optional[str] = ..., request_id: _Optional[str] = ..., occurred_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attribution: _Optional[_Union[_common_pb2.Attribution, _Mapping]] = ..., model: _Optional[str] = ..., engine: _Optional[str] = ..., provider: _Optional[str] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., latency: _Optional[_Union[_common_pb2.Latency, _Mapping]] = ..., finish_reason: _Optional[str] = ..., quantization: _Optional[str] = ..., content: _Optional[_Union[CompletionContent, _Mapping]] = ...) -> None: ...
+    base_model: str
+    def __init__(self, event_id: _Optional[str] = ..., request_id: _Optional[str] = ..., occurred_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attribution: _Optional[_Union[_common_pb2.Attribution, _Mapping]] = ..., model: _Optional[str] = ..., engine: _Optional[str] = ..., provider: _Optional[str] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., latency: _Optional[_Union[_common_pb2.Latency, _Mapping]] = ..., finish_reason: _Optional[str] = ..., quantization: _Optional[str] = ..., content: _Optional[_Union[CompletionContent, _Mapping]] = ..., base_model: _Optional[str] = ...) -> None: ...
 
 class CompletionContent(_message.Message):
     __slots__ = ("input", "output", "contexts", "truncated")
@@ -83,7 +85,7 @@ class RouterRouted(_message.Message):
     def __init__(self, event_id: _Optional[str] = ..., request_id: _Optional[str] = ..., occurred_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attribution: _Optional[_Union[_common_pb2.Attribution, _Mapping]] = ..., policy: _Optional[str] = ..., model: _Optional[str] = ..., provider: _Optional[str] = ..., reason: _Optional[str] = ..., estimated_cost: _Optional[_Union[_common_pb2.Money, _Mapping]] = ..., prompt_version: _Optional[str] = ..., experiment: _Optional[str] = ..., arm: _Optional[str] = ...) -> None: ...
 
 class RouterCompleted(_message.Message):
-    __slots__ = ("event_id", "request_id", "occurred_at", "attribution", "model", "provider", "usage", "estimated_cost", "latency", "cache_hit", "route_reason", "prompt_version", "fallbacks", "status", "tokens_saved", "content")
+    __slots__ = ("event_id", "request_id", "occurred_at", "attribution", "model", "provider", "usage", "estimated_cost", "latency", "cache_hit", "route_reason", "prompt_version", "fallbacks", "status", "tokens_saved", "content", "base_model")
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     OCCURRED_AT_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +102,7 @@ class RouterCompleted(_message.Message):
     STATUS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_SAVED_FIELD_NUMBER: _ClassVar[int]
     CONTENT_FIELD_NUMBER: _ClassVar[int]
+    BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     event_id: str
     request_id: str
     occurred_at: _timestamp_pb2.Timestamp
@@ -116,7 +119,8 @@ class RouterCompleted(_message.Message):
     status: str
     tokens_saved: int
     content: CompletionContent
-    def __init__(self, event_id: _Optional[str] = ..., request_id: _Optional[str] = ..., occurred_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attribution: _Optional[_Union[_common_pb2.Attribution, _Mapping]] = ..., model: _Optional[str] = ..., provider: _Optional[str] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., estimated_cost: _Optional[_Union[_common_pb2.Money, _Mapping]] = ..., latency: _Optional[_Union[_common_pb2.Latency, _Mapping]] = ..., cache_hit: _Optional[bool] = ..., route_reason: _Optional[str] = ..., prompt_version: _Optional[str] = ..., fallbacks: _Optional[int] = ..., status: _Optional[str] = ..., tokens_saved: _Optional[int] = ..., content: _Optional[_Union[CompletionContent, _Mapping]] = ...) -> None: ...
+    base_model: str
+    def __init__(self, event_id: _Optional[str] = ..., request_id: _Optional[str] = ..., occurred_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attribution: _Optional[_Union[_common_pb2.Attribution, _Mapping]] = ..., model: _Optional[str] = ..., provider: _Optional[str] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., estimated_cost: _Optional[_Union[_common_pb2.Money, _Mapping]] = ..., latency: _Optional[_Union[_common_pb2.Latency, _Mapping]] = ..., cache_hit: _Optional[bool] = ..., route_reason: _Optional[str] = ..., prompt_version: _Optional[str] = ..., fallbacks: _Optional[int] = ..., status: _Optional[str] = ..., tokens_saved: _Optional[int] = ..., content: _Optional[_Union[CompletionContent, _Mapping]] = ..., base_model: _Optional[str] = ...) -> None: ...
 
 class EvaluationScored(_message.Message):
     __slots__ = ("event_id", "request_id", "occurred_at", "attribution", "model", "prompt_version", "metric", "score", "experiment", "arm", "source", "run", "example", "judged_by")

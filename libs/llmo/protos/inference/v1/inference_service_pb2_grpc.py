@@ -41,12 +41,24 @@ class InferenceServiceStub:
     CHAT_TEMPLATE_ERROR      the messages cannot be rendered with the model's chat template
     INVALID_MODEL_NAME       `name` is not "models/{model}"
     INVALID_PAGE_SIZE / INVALID_PAGE_TOKEN  (ListModels)
+    INVALID_ADAPTER_NAME     LoadAdapter: a name outside [A-Za-z0-9._:/@-] (1-128), or the base model's id
+    ADAPTER_INVALID          LoadAdapter: not a readable PEFT LoRA directory (config, safetensors, NaN weights)
+    ADAPTER_INCOMPATIBLE     LoadAdapter: rank, layers, projections or shapes do not fit the base model
+    ADAPTER_UNSUPPORTED      LoadAdapter: DoRA, trained biases, modules_to_save, rank/alpha patterns
     FAILED_PRECONDITION:
     TOKENIZER_UNAVAILABLE    CountTokens on an openai backend whose server has no /tokenize endpoint
+    ADAPTERS_UNSUPPORTED     the model's backend serves no adapters (not native, or LLMO_INFERENCE_MAX_ADAPTERS=0)
+    PERMISSION_DENIED:
+    ADMIN_REQUIRED           LoadAdapter / UnloadAdapter from a key that is not an admin tenant's
+    ADAPTER_PATH_FORBIDDEN   LoadAdapter: the path is outside LLMO_INFERENCE_ADAPTER_DIR
     NOT_FOUND:
-    MODEL_NOT_FOUND          no served model has that id (metadata: model)
+    MODEL_NOT_FOUND          no served model or adapter has that id (metadata: model)
+    ADAPTER_NOT_FOUND        UnloadAdapter: no adapter of that name is loaded
+    ALREADY_EXISTS:
+    ADAPTER_EXISTS           LoadAdapter: an adapter of that name is loaded (unload it first)
     RESOURCE_EXHAUSTED:
     QUEUE_FULL               the engine's waiting queue is at its limit (metadata: limit); retry later
+    ADAPTER_LIMIT            LoadAdapter: every adapter slot is taken (LLMO_INFERENCE_MAX_ADAPTERS)
     INTERNAL:
     ENGINE_ERROR             an engine step failed; the request was aborted and its KV blocks freed
     UNAVAILABLE:
@@ -80,6 +92,21 @@ class InferenceServiceStub:
                 request_serializer=llmo_dot_inference_dot_v1_dot_inference__service__pb2.GetModelRequest.SerializeToString,
                 response_deserializer=llmo_dot_inference_dot_v1_dot_inference__service__pb2.GetModelResponse.FromString,
                 _registered_method=True)
+        self.LoadAdapter = channel.unary_unary(
+                '/llmo.inference.v1.InferenceService/LoadAdapter',
+                request_serializer=llmo_dot_inference_dot_v1_dot_inference__service__pb2.LoadAdapterRequest.SerializeToString,
+                response_deserializer=llmo_dot_inference_dot_v1_dot_inference__service__pb2.LoadAdapterResponse.FromString,
+                _registered_method=True)
+        self.UnloadAdapter = channel.unary_unary(
+                '/llmo.inference.v1.InferenceService/UnloadAdapter',
+                request_serializer=llmo_dot_inference_dot_v1_dot_inference__service__pb2.UnloadAdapterRequest.SerializeToString,
+                response_deserializer=llmo_dot_inference_dot_v1_dot_inference__service__pb2.UnloadAdapterResponse.FromString,
+                _registered_method=True)
+        self.ListAdapters = channel.unary_unary(
+                '/llmo.inference.v1.InferenceService/ListAdapters',
+                request_serializer=llmo_dot_inference_dot_v1_dot_inference__service__pb2.ListAdaptersRequest.SerializeToString,
+                response_deserializer=llmo_dot_inference_dot_v1_dot_inference__service__pb2.ListAdaptersResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
@@ -97,12 +124,24 @@ class InferenceServiceServicer:
     CHAT_TEMPLATE_ERROR      the messages cannot be rendered with the model's chat template
     INVALID_MODEL_NAME       `name` is not "models/{model}"
     INVALID_PAGE_SIZE / INVALID_PAGE_TOKEN  (ListModels)
+    INVALID_ADAPTER_NAME     LoadAdapter: a name outside [A-Za-z0-9._:/@-] (1-128), or the base model's id
+    ADAPTER_INVALID          LoadAdapter: not a readable PEFT LoRA directory (config, safetensors, NaN weights)
+    ADAPTER_INCOMPATIBLE     LoadAdapter: rank, layers, projections or shapes do not fit the base model
+    ADAPTER_UNSUPPORTED      LoadAdapter: DoRA, trained biases, modules_to_save, rank/alpha patterns
     FAILED_PRECONDITION:
     TOKENIZER_UNAVAILABLE    CountTokens on an openai backend whose server has no /tokenize endpoint
+    ADAPTERS_UNSUPPORTED     the model's backend serves no adapters (not native, or LLMO_INFERENCE_MAX_ADAPTERS=0)
+    PERMISSION_DENIED:
+    ADMIN_REQUIRED           LoadAdapter / UnloadAdapter from a key that is not an admin tenant's
+    ADAPTER_PATH_FORBIDDEN   LoadAdapter: the path is outside LLMO_INFERENCE_ADAPTER_DIR
     NOT_FOUND:
-    MODEL_NOT_FOUND          no served model has that id (metadata: model)
+    MODEL_NOT_FOUND          no served model or adapter has that id (metadata: model)
+    ADAPTER_NOT_FOUND        UnloadAdapter: no adapter of that name is loaded
+    ALREADY_EXISTS:
+    ADAPTER_EXISTS           LoadAdapter: an adapter of that name is loaded (unload it first)
     RESOURCE_EXHAUSTED:
     QUEUE_FULL               the engine's waiting queue is at its limit (metadata: limit); retry later
+    ADAPTER_LIMIT            LoadAdapter: every adapter slot is taken (LLMO_INFERENCE_MAX_ADAPTERS)
     INTERNAL:
     ENGINE_ERROR             an engine step failed; the request was aborted and its KV blocks freed
     UNAVAILABLE:
@@ -138,6 +177,31 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadAdapter(self, request, context):
+        """Serve a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors)
+        next to its base model, under its own model id; admins only. Requests for
+        different adapters and the base run in the same engine steps.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadAdapter(self, request, context):
+        """Stop serving an adapter; admins only. New requests for it get
+        MODEL_NOT_FOUND at once; requests already running finish with it, then
+        its slot is freed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAdapters(self, request, context):
+        """The adapters loaded on every model of this server.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -160,6 +224,21 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.GetModel,
                     request_deserializer=llmo_dot_inference_dot_v1_dot_inference__service__pb2.GetModelRequest.FromString,
                     response_serializer=llmo_dot_inference_dot_v1_dot_inference__service__pb2.GetModelResponse.SerializeToString,
+            ),
+            'LoadAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadAdapter,
+                    request_deserializer=llmo_dot_inference_dot_v1_dot_inference__service__pb2.LoadAdapterRequest.FromString,
+                    response_serializer=llmo_dot_inference_dot_v1_dot_inference__service__pb2.LoadAdapterResponse.SerializeToString,
+            ),
+            'UnloadAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadAdapter,
+                    request_deserializer=llmo_dot_inference_dot_v1_dot_inference__service__pb2.UnloadAdapterRequest.FromString,
+                    response_serializer=llmo_dot_inference_dot_v1_dot_inference__service__pb2.UnloadAdapterResponse.SerializeToString,
+            ),
+            'ListAdapters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAdapters,
+                    request_deserializer=llmo_dot_inference_dot_v1_dot_inference__service__pb2.ListAdaptersRequest.FromString,
+                    response_serializer=llmo_dot_inference_dot_v1_dot_inference__service__pb2.ListAdaptersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -184,12 +263,24 @@ class InferenceService:
     CHAT_TEMPLATE_ERROR      the messages cannot be rendered with the model's chat template
     INVALID_MODEL_NAME       `name` is not "models/{model}"
     INVALID_PAGE_SIZE / INVALID_PAGE_TOKEN  (ListModels)
+    INVALID_ADAPTER_NAME     LoadAdapter: a name outside [A-Za-z0-9._:/@-] (1-128), or the base model's id
+    ADAPTER_INVALID          LoadAdapter: not a readable PEFT LoRA directory (config, safetensors, NaN weights)
+    ADAPTER_INCOMPATIBLE     LoadAdapter: rank, layers, projections or shapes do not fit the base model
+    ADAPTER_UNSUPPORTED      LoadAdapter: DoRA, trained biases, modules_to_save, rank/alpha patterns
     FAILED_PRECONDITION:
     TOKENIZER_UNAVAILABLE    CountTokens on an openai backend whose server has no /tokenize endpoint
+    ADAPTERS_UNSUPPORTED     the model's backend serves no adapters (not native, or LLMO_INFERENCE_MAX_ADAPTERS=0)
+    PERMISSION_DENIED:
+    ADMIN_REQUIRED           LoadAdapter / UnloadAdapter from a key that is not an admin tenant's
+    ADAPTER_PATH_FORBIDDEN   LoadAdapter: the path is outside LLMO_INFERENCE_ADAPTER_DIR
     NOT_FOUND:
-    MODEL_NOT_FOUND          no served model has that id (metadata: model)
+    MODEL_NOT_FOUND          no served model or adapter has that id (metadata: model)
+    ADAPTER_NOT_FOUND        UnloadAdapter: no adapter of that name is loaded
+    ALREADY_EXISTS:
+    ADAPTER_EXISTS           LoadAdapter: an adapter of that name is loaded (unload it first)
     RESOURCE_EXHAUSTED:
     QUEUE_FULL               the engine's waiting queue is at its limit (metadata: limit); retry later
+    ADAPTER_LIMIT            LoadAdapter: every adapter slot is taken (LLMO_INFERENCE_MAX_ADAPTERS)
     INTERNAL:
     ENGINE_ERROR             an engine step failed; the request was aborted and its KV blocks freed
     UNAVAILABLE:
@@ -295,6 +386,87 @@ class InferenceService:
             '/llmo.inference.v1.InferenceService/GetModel',
             llmo_dot_inference_dot_v1_dot_inference__service__pb2.GetModelRequest.SerializeToString,
             llmo_dot_inference_dot_v1_dot_inference__service__pb2.GetModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmo.inference.v1.InferenceService/LoadAdapter',
+            llmo_dot_inference_dot_v1_dot_inference__service__pb2.LoadAdapterRequest.SerializeToString,
+            llmo_dot_inference_dot_v1_dot_inference__service__pb2.LoadAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmo.inference.v1.InferenceService/UnloadAdapter',
+            llmo_dot_inference_dot_v1_dot_inference__service__pb2.UnloadAdapterRequest.SerializeToString,
+            llmo_dot_inference_dot_v1_dot_inference__service__pb2.UnloadAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAdapters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmo.inference.v1.InferenceService/ListAdapters',
+            llmo_dot_inference_dot_v1_dot_inference__service__pb2.ListAdaptersRequest.SerializeToString,
+            llmo_dot_inference_dot_v1_dot_inference__service__pb2.ListAdaptersResponse.FromString,
             options,
             channel_credentials,
             insecure,
