@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from llmo.cli.config import config
+from llmo.cli.tune import tune
 from llmo.core.settings import SERVICES, CommandSettings, PlatformSettings
 
 console = Console(stderr=True)
@@ -306,6 +307,7 @@ def _demo_order(services: list[str]) -> list[str]:
 
 
 cli.add_command(config)
+cli.add_command(tune)
 
 
 def main() -> None:
