@@ -92,20 +92,22 @@ def summarize(reqs: list[Req], wall: float, slo_ttft: float, slo_tpot: float) ->
     }
 
 
-def random_adapter(loaded: LoadedModel, rank: int, seed: int) -> LoraAdapter:
+def random_adapter(loaded: LoadedModel, rank: int, seed: int, targets: tuple[str, ...] = TARGETS) -> LoraAdapter:
     gen = torch.Generator().manual_seed(seed)
     adapter = LoraAdapter(rank, float(2 * rank), 2.0)
     for layer in range(loaded.config.num_layers):
         for module, (fan_in, fan_out) in projection_shapes(loaded.config).items():
+            if module not in targets:
+                continue
             adapter.weights[(layer, module)] = (torch.randn(rank, fan_in, generator=gen) * 0.02,
                                                 torch.randn(fan_out, rank, generator=gen) * 0.02)
     return adapter
 
 
-def with_adapters(loaded: LoadedModel, count: int, rank: int) -> AdapterRegistry:
+def with_adapters(loaded: LoadedModel, count: int, rank: int, targets: tuple[str, ...] = TARGETS) -> AdapterRegistry:
     registry = AdapterRegistry(AdapterSlots(loaded.model, loaded.config, count, rank, loaded.dtype), "base")
     for i in range(count):
-        registry.load(f"adapter-{i}", random_adapter(loaded, rank, seed=1000 + i), "random")
+        registry.load(f"adapter-{i}", random_adapter(loaded, rank, seed=1000 + i, targets=targets), "random")
     return registry
 
 
@@ -114,7 +116,8 @@ def run_ours(model_path: Path, quantization: str, reqs: list[Req], args: argpars
     """Our engine on the workload; `adapters` > 0 gives request i adapter i % adapters."""
     loaded = load_model(model_path, quantization=quantization)
     num_blocks = args.kv_blocks
-    registry = with_adapters(loaded, adapters, args.adapter_rank) if adapters else None
+    registry = with_adapters(loaded, adapters, args.adapter_rank, tuple(args.adapter_targets.split(","))) \
+        if adapters else None
     engine = LLMEngine(loaded, EngineConfig(block_size=args.block_size, num_blocks=num_blocks, max_num_seqs=args.concurrency,
                                             max_num_batched_tokens=args.batched_tokens, max_queue=10**6),
                        adapters=registry)
@@ -153,12 +156,15 @@ def run_ours(model_path: Path, quantization: str, reqs: list[Req], args: argpars
     return result
 
 
-def time_lora_op(loaded: LoadedModel, rows: int, adapters: int, rank: int, repeats: int = 50) -> dict[str, Any]:
-    """One batched_lora call vs the one-adapter-at-a-time loop, summed over the seven projections of one layer."""
+def time_lora_op(loaded: LoadedModel, rows: int, adapters: int, rank: int, targets: list[str],
+                 repeats: int = 50) -> dict[str, Any]:
+    """One batched_lora call vs the one-adapter-at-a-time loop, summed over the adapted projections of one layer."""
     dtype = loaded.dtype
     gen = torch.Generator().manual_seed(7)
     cases = []
-    for fan_in, fan_out in projection_shapes(loaded.config).values():
+    for module, (fan_in, fan_out) in projection_shapes(loaded.config).items():
+        if module not in targets:
+            continue
         x = torch.randn(rows, fan_in, generator=gen).to(dtype)
         a = (torch.randn(adapters, rank, fan_in, generator=gen) * 0.02).to(dtype)
         b = (torch.randn(adapters, fan_out, rank, generator=gen) * 0.02).to(dtype)
@@ -263,7 +269,11 @@ def random_llama(out: Path, hidden: int, layers: int, intermediate: int, heads: 
 def run_adapters(path: Path, args: argparse.Namespace, vocab: int) -> dict[str, Any]:
     """Base alone vs 1..N distinct adapters on the same workload, runs alternated so drift hits both."""
     counts = [int(c) for c in args.adapters.split(",")]
-    section: dict[str, Any] = {"rank": args.adapter_rank, "targets": list(TARGETS), "base": [], "mixed": {}}
+    targets = args.adapter_targets.split(",")
+    unknown = set(targets) - set(TARGETS)
+    if unknown:
+        raise SystemExit(f"--adapter-targets: unknown projections {sorted(unknown)}; choose from {', '.join(TARGETS)}")
+    section: dict[str, Any] = {"rank": args.adapter_rank, "targets": targets, "base": [], "mixed": {}}
     for count in counts:
         section["mixed"][str(count)] = []
     for _ in range(args.repeats):
@@ -281,7 +291,7 @@ def run_adapters(path: Path, args: argparse.Namespace, vocab: int) -> dict[str, 
             "tpot_p50_s": statistics.median(r["tpot_p50_s"] for r in runs),
         }
     loaded = load_model(path)
-    section["op"] = [time_lora_op(loaded, rows, count, args.adapter_rank)
+    section["op"] = [time_lora_op(loaded, rows, count, args.adapter_rank, targets)
                      for rows in (args.concurrency, args.batched_tokens // 2) for count in counts]
     top = max(counts)
     summary["goal_32_adapters_ge_0.8x_base"] = summary.get("adapters_32", {}).get("ratio_vs_base", 0) >= 0.8 \
@@ -315,6 +325,8 @@ def main(argv: list[str]) -> dict[str, Any]:
     p.add_argument("--skip-transformers", action="store_true")
     p.add_argument("--adapters", default="", help="comma list of distinct LoRA adapter counts, e.g. 1,8,32")
     p.add_argument("--adapter-rank", type=int, default=16)
+    p.add_argument("--adapter-targets", default=",".join(TARGETS),
+                   help="projections each adapter adapts (PEFT's Llama default is q_proj,v_proj)")
     p.add_argument("--repeats", type=int, default=1, help="--adapters: runs of each configuration (medians reported)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -192,11 +192,12 @@ class LoraLinear(nn.Module):
         self.register_buffer("lora_b", torch.zeros(slots, fan_out, rank, dtype=dtype, device=device), persistent=False)
         self.register_buffer("scaling", torch.zeros(slots, dtype=torch.float32, device=device), persistent=False)
         self.loaded = [False] * slots  # which slots hold weights for this projection
+        self.active = False  # any of them: a projection no loaded adapter adapts costs nothing
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         indices = self.context.indices
-        if indices is None or x.dim() != 2 or not any(self.loaded):
+        if indices is None or not self.active or x.dim() != 2:
             return out
         return ops.batched_lora(x, self.lora_a, self.lora_b, indices, self.scaling, out.contiguous())
 
@@ -206,6 +207,7 @@ class LoraLinear(nn.Module):
         self.lora_b[slot].zero_()
         self.scaling[slot] = 0.0
         self.loaded[slot] = a is not None
+        self.active = any(self.loaded)
         if a is None or b is None:
             return
         rank = a.shape[0]
