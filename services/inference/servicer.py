@@ -202,8 +202,18 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         return pb.UnloadAdapterResponse(adapter=adapter_to_proto(handle, backend.model_id))
 
     async def ListAdapters(self, request: pb.ListAdaptersRequest, context: Any) -> pb.ListAdaptersResponse:
+        size = page_size(request.page_size)
+        position = decode_page_token(request.page_token, query="adapters")
+        loaded = self.registry.adapters()
+        start = 0
+        if position is not None:
+            after = str(position.get("after", ""))
+            start = next((i for i, (_, h) in enumerate(loaded) if h.name > after), len(loaded))
+        page = loaded[start:start + size]
         response = pb.ListAdaptersResponse(
-            adapters=[adapter_to_proto(handle, backend.model_id) for backend, handle in self.registry.adapters()])
+            adapters=[adapter_to_proto(handle, backend.model_id) for backend, handle in page])
+        if start + size < len(loaded):
+            response.next_page_token = encode_page_token({"after": page[-1][1].name}, query="adapters")
         for backend in self.registry.all():
             adapters = getattr(backend, "adapters", None)
             if adapters is not None:

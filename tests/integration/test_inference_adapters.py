@@ -101,6 +101,10 @@ async def test_adapters_load_serve_list_bill_and_unload(running: RunningInferenc
 
         listed = await stub.ListAdapters(pb.ListAdaptersRequest(), metadata=TENANT)
         assert [a.name for a in listed.adapters] == ["legal", "math"] and listed.free_slots[DEMO] == 0
+        first = await stub.ListAdapters(pb.ListAdaptersRequest(page_size=1), metadata=TENANT)
+        rest = await stub.ListAdapters(pb.ListAdaptersRequest(page_size=1, page_token=first.next_page_token),
+                                       metadata=TENANT)
+        assert [a.name for a in [*first.adapters, *rest.adapters]] == ["legal", "math"] and not rest.next_page_token
         models = await stub.ListModels(pb.ListModelsRequest(), metadata=TENANT)
         by_id = {m.model_id: m for m in models.models}
         assert set(by_id) == {DEMO, "legal", "math"} and by_id["legal"].base_model == DEMO
