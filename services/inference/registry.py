@@ -31,10 +31,9 @@ class ModelRegistry:
         backend = self._backends.get(model_id)
         if backend is not None:
             return backend, None
-        for candidate in self._backends.values():
-            adapters = getattr(candidate, "adapters", None)
-            if adapters is not None and adapters.get(model_id) is not None:
-                return candidate, model_id
+        found = self.find_adapter(model_id)
+        if found is not None:
+            return found[0], model_id
         raise not_found("MODEL_NOT_FOUND", f"model {preview(model_id)!r} is not served here; see ListModels",
                         model=preview(model_id))
 

@@ -67,6 +67,19 @@ def adapter_to_proto(handle: AdapterHandle, base_model: str) -> pb.Adapter:
     )
 
 
+def _page_by_name(names: list[str], size: int, token: str, query: str) -> tuple[list[str], str]:
+    """One page of sorted `names` after the page token's name, and the next page's token ("" at the end)."""
+    size = page_size(size)
+    position = decode_page_token(token, query=query)
+    start = 0
+    if position is not None:
+        after = str(position.get("after", ""))
+        start = next((i for i, name in enumerate(names) if name > after), len(names))
+    page = names[start:start + size]
+    more = start + size < len(names)
+    return page, encode_page_token({"after": page[-1]}, query=query) if more else ""
+
+
 def _require_admin(action: str) -> None:
     if not ctx.is_admin():
         raise permission_denied("ADMIN_REQUIRED", f"{action} needs an admin key (a tenant in LLMO_ADMIN_TENANTS)")
@@ -150,17 +163,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         return model
 
     async def ListModels(self, request: pb.ListModelsRequest, context: Any) -> pb.ListModelsResponse:
-        size = page_size(request.page_size)
-        position = decode_page_token(request.page_token, query="models")
         ids = sorted(self.registry.ids() + [handle.name for _, handle in self.registry.adapters()])
-        start = 0
-        if position is not None:
-            start = next((i for i, m in enumerate(ids) if m > str(position.get("after", ""))), len(ids))
-        page = ids[start:start + size]
-        response = pb.ListModelsResponse(models=[self._model(m) for m in page])
-        if start + size < len(ids):
-            response.next_page_token = encode_page_token({"after": page[-1]}, query="models")
-        return response
+        page, token = _page_by_name(ids, request.page_size, request.page_token, "models")
+        return pb.ListModelsResponse(models=[self._model(m) for m in page], next_page_token=token)
 
     async def GetModel(self, request: pb.GetModelRequest, context: Any) -> pb.GetModelResponse:
         self.registry.by_name(request.name)
@@ -202,18 +207,10 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         return pb.UnloadAdapterResponse(adapter=adapter_to_proto(handle, backend.model_id))
 
     async def ListAdapters(self, request: pb.ListAdaptersRequest, context: Any) -> pb.ListAdaptersResponse:
-        size = page_size(request.page_size)
-        position = decode_page_token(request.page_token, query="adapters")
-        loaded = self.registry.adapters()
-        start = 0
-        if position is not None:
-            after = str(position.get("after", ""))
-            start = next((i for i, (_, h) in enumerate(loaded) if h.name > after), len(loaded))
-        page = loaded[start:start + size]
+        loaded = {handle.name: (backend, handle) for backend, handle in self.registry.adapters()}
+        names, token = _page_by_name(sorted(loaded), request.page_size, request.page_token, "adapters")
         response = pb.ListAdaptersResponse(
-            adapters=[adapter_to_proto(handle, backend.model_id) for backend, handle in page])
-        if start + size < len(loaded):
-            response.next_page_token = encode_page_token({"after": page[-1][1].name}, query="adapters")
+            adapters=[adapter_to_proto(loaded[n][1], loaded[n][0].model_id) for n in names], next_page_token=token)
         for backend in self.registry.all():
             adapters = getattr(backend, "adapters", None)
             if adapters is not None:
